@@ -1,0 +1,19 @@
+//! ebpf-proxy's datapath. One module per hook; entry points are thin and only map the
+//! pipeline's result to a verdict.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod nat;
+mod parse;
+mod pod;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

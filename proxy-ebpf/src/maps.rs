@@ -1,0 +1,39 @@
+//! The maps, declared once. Names come from `proxy_common::maps` (checked by the agent at
+//! load time); sizes are defaults the agent may override with `map_max_entries`.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use proxy_common::{Backend4, Ct4Key, Ct4Value, NodeConfig, Svc4Key, Svc4Value, counter, sizes};
+
+#[btf_map]
+pub static LB4_SVC_V1: HashMap<Svc4Key, Svc4Value, { sizes::SVC4 as usize }> = HashMap::new();
+
+#[btf_map]
+pub static LB4_BE_V1: HashMap<u32, Backend4, { sizes::BACKEND4 as usize }> = HashMap::new();
+
+#[btf_map]
+pub static CT4_V1: LruHashMap<Ct4Key, Ct4Value, { sizes::CT4 as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static CNT_V1: PerCpuArray<u64, { counter::MAX as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static CFG_V1: Array<NodeConfig, 1> = Array::new();
+
+/// Counts one verdict. Per-CPU, so no atomics; the agent sums at read time.
+#[inline(always)]
+pub fn count(reason: u32) {
+    if let Some(c) = CNT_V1.get_ptr_mut(reason) {
+        // SAFETY: a per-CPU slot that only this CPU writes.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn node_config() -> NodeConfig {
+    match CFG_V1.get(0) {
+        Some(c) => *c,
+        None => NodeConfig::default(),
+    }
+}

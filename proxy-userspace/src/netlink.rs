@@ -1,0 +1,134 @@
+//! Interface discovery over rtnetlink: the pod bridge's ports and addresses, and link
+//! events so ports that appear later get attached.
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context as _, Result, anyhow};
+use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::{LinkAttribute, LinkMessage},
+};
+use netlink_sys::AsyncSocket as _;
+use rtnetlink::Handle;
+
+/// A network interface by index and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Iface {
+    pub index: u32,
+    pub name: String,
+}
+
+fn link_name(m: &LinkMessage) -> Option<String> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+fn link_controller(m: &LinkMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(c) => Some(*c),
+        _ => None,
+    })
+}
+
+/// A netlink client for queries.
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    pub fn connect() -> Result<Self> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("opening an rtnetlink socket")?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// The interface called `name`, if it exists.
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Iface>> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match s.try_next().await {
+            Ok(Some(m)) => Ok(Some(Iface {
+                index: m.header.index,
+                name: name.to_owned(),
+            })),
+            Ok(None) => Ok(None),
+            // The kernel answers ENODEV for a name that does not exist.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(anyhow!(e)).with_context(|| format!("looking up interface {name}")),
+        }
+    }
+
+    /// Every interface enslaved to the bridge with index `bridge`.
+    pub async fn bridge_ports(&self, bridge: u32) -> Result<Vec<Iface>> {
+        let mut s = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(m) = s.try_next().await.context("listing interfaces")? {
+            if link_controller(&m) == Some(bridge)
+                && let Some(name) = link_name(&m)
+            {
+                out.push(Iface {
+                    index: m.header.index,
+                    name,
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The IPv4 addresses on interface `index`.
+    pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<Ipv4Addr>> {
+        let mut s = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(m) = s.try_next().await.context("listing addresses")? {
+            for a in &m.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) = a
+                    && !out.contains(ip)
+                {
+                    out.push(*ip);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A stream that yields whenever a link is added, changed or removed.
+pub struct LinkEvents {
+    rx: UnboundedReceiver<(
+        netlink_packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
+        netlink_sys::SocketAddr,
+    )>,
+}
+
+impl LinkEvents {
+    pub fn subscribe() -> Result<Self> {
+        const RTMGRP_LINK: u32 = 1;
+        let (mut conn, _handle, rx) =
+            rtnetlink::new_connection().context("opening an rtnetlink socket for link events")?;
+        conn.socket_mut()
+            .socket_mut()
+            .bind(&netlink_sys::SocketAddr::new(0, RTMGRP_LINK))
+            .context("subscribing to rtnetlink link events")?;
+        tokio::spawn(conn);
+        Ok(Self { rx })
+    }
+
+    /// Waits for the next link event; `None` if the socket closed.
+    pub async fn next(&mut self) -> Option<()> {
+        self.rx.next().await.map(|_| ())
+    }
+}

@@ -1,0 +1,115 @@
+//! Building the eBPF object and the agent.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Builds the eBPF object the same way aya-build does for the agent (nightly, build-std=core,
+/// BTF), and checks that it carries BTF. Returns its path.
+pub fn build_ebpf() -> Result<PathBuf> {
+    let root = workspace_root();
+    eprintln!("build: eBPF object (nightly, bpfel-unknown-none, with BTF)");
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--package",
+            "proxy-ebpf",
+            "--bins",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            [
+                "--cfg=bpf_target_arch=\"x86_64\"",
+                "-Cdebuginfo=2",
+                "-Clink-arg=--btf",
+            ]
+            .join("\x1f"),
+        ))?;
+    let obj = root.join("target/bpfel-unknown-none/release/proxy-ebpf");
+    let bytes = std::fs::read(&obj).with_context(|| format!("reading {}", obj.display()))?;
+    if !bytes.windows(5).any(|w| w == b".BTF\0") {
+        bail!(
+            "{} has no .BTF section: bpftool could not show map fields",
+            obj.display()
+        );
+    }
+    eprintln!(
+        "build: {} ({} bytes, BTF present)",
+        obj.display(),
+        bytes.len()
+    );
+    Ok(obj)
+}
+
+/// Builds the agent (its build.rs embeds the eBPF object). Returns the binary's path.
+pub fn build_all() -> Result<PathBuf> {
+    let root = workspace_root();
+    build_ebpf()?;
+    eprintln!("build: ebpf-proxy and xtask (release)");
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--release", "--bins"]))?;
+    let bin = root.join("target/release/ebpf-proxy");
+    if !bin.is_file() {
+        bail!("{} was not produced", bin.display());
+    }
+    Ok(bin)
+}
+
+pub fn lint() -> Result<()> {
+    let root = workspace_root();
+    eprintln!("lint: cargo fmt --check");
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["fmt", "--all", "--check"]))?;
+    eprintln!("lint: cargo clippy --all-targets -- -D warnings");
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    Ok(())
+}
+
+/// The README's test command: unit tests, packet-fixture tests (BPF_PROG_TEST_RUN) and lab
+/// end-to-end tests. Needs root.
+pub fn test(extra: &[String]) -> Result<()> {
+    let root = workspace_root();
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the test suite loads BPF programs and builds network namespaces: run it as root (sudo -E cargo xtask test)"
+        );
+    }
+    let bin = build_all()?;
+    eprintln!("test: cargo test --workspace --release (unit, packet fixtures, lab end-to-end)");
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["test", "--release", "--no-fail-fast"])
+        .args(extra)
+        .env("EBPF_PROXY_BIN", &bin))?;
+    eprintln!("test: all passed");
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! `cargo xtask`: bootstrap, build, the lab, the demo, tests.
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bootstrap;
+mod build;
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "ebpf-proxy developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (Debian packages, nightly rust-src,
+    /// bpf-linker against the nightly libLLVM). Quick when already done.
+    Bootstrap,
+    /// Build the eBPF object (with BTF).
+    BuildEbpf,
+    /// Build everything (eBPF object embedded in the ebpf-proxy binary).
+    Build,
+    /// cargo fmt --check and clippy -D warnings.
+    Lint,
+    /// Run every test: unit, packet fixtures through BPF_PROG_TEST_RUN, lab end to end (root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The network-namespace lab (two nodes, router, external client, pods).
+    Lab {
+        #[command(subcommand)]
+        action: LabCmd,
+    },
+    /// The demo: ClusterIP load balancing across pods on two nodes, in the lab.
+    Demo {
+        /// Connections per round.
+        #[arg(long, default_value_t = 300)]
+        connections: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Create a lab and leave it running (pods serve their names on :9376).
+    Up {
+        /// Lab name prefix (short; default: generated).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Tear down a lab (all labs if no name is given).
+    Down {
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List labs and their namespaces.
+    Status,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Bootstrap => bootstrap::bootstrap(),
+        Cmd::BuildEbpf => {
+            bootstrap::bootstrap()?;
+            build::build_ebpf().map(|_| ())
+        }
+        Cmd::Build => {
+            bootstrap::bootstrap()?;
+            build::build_all().map(|_| ())
+        }
+        Cmd::Lint => {
+            bootstrap::bootstrap()?;
+            build::lint()
+        }
+        Cmd::Test { args } => {
+            bootstrap::bootstrap()?;
+            build::test(&args)
+        }
+        Cmd::Lab { action } => demo::lab_cli(action_to_args(action)),
+        Cmd::Demo { connections } => {
+            bootstrap::bootstrap()?;
+            let bin = build::build_all()?;
+            demo::demo(&bin, connections)
+        }
+    }
+}
+
+fn action_to_args(a: LabCmd) -> demo::LabAction {
+    match a {
+        LabCmd::Up { name } => demo::LabAction::Up(name),
+        LabCmd::Down { name } => demo::LabAction::Down(name),
+        LabCmd::Status => demo::LabAction::Status,
+    }
+}
