@@ -21,9 +21,24 @@ pub mod maps {
     /// Per-CPU verdict counters indexed by `counter::*`.
     pub const COUNTERS: &str = "CNT_V1";
     /// Per-node configuration: index 0 -> `NodeConfig`.
-    pub const CONFIG: &str = "CFG_V1";
+    pub const CONFIG: &str = "CFG_V2";
+    /// ClusterIPs (`u32` address, network order) -> `VipValue`: a ClusterIP hit on a port no
+    /// service uses is rejected, not passed.
+    pub const VIP4: &str = "LB4_VIP_V1";
+    /// loadBalancerSourceRanges (LPM trie): `SrcRange4Key` -> `u8` (1 = allowed).
+    pub const SRC_RANGE4: &str = "LB4_SRC_V1";
+    /// sessionAffinity ClientIP (LRU): `Aff4Key` -> `Aff4Value`.
+    pub const AFFINITY4: &str = "LB4_AFF_V1";
+    /// Socket-level balancing, reverse (LRU): `SockKey4` (socket cookie, backend) ->
+    /// `SockXlate4` (the service address the process asked for).
+    pub const SOCK_REV4: &str = "LB4_RSK_V1";
+    /// Socket-level balancing, forward (LRU): `SockKey4` (socket cookie, service address) ->
+    /// `SockXlate4` (the backend an unconnected UDP socket keeps using).
+    pub const SOCK_FWD4: &str = "LB4_FSK_V1";
     /// Every map the agent pins, in the order `ebpf-proxy inspect` shows them.
-    pub const ALL: [&str; 5] = [SVC4, BACKEND4, CT4, COUNTERS, CONFIG];
+    pub const ALL: [&str; 10] = [
+        SVC4, BACKEND4, CT4, COUNTERS, CONFIG, VIP4, SRC_RANGE4, AFFINITY4, SOCK_REV4, SOCK_FWD4,
+    ];
 }
 
 /// Program names as the kernel sees them.
@@ -32,13 +47,22 @@ pub mod programs {
     pub const POD_INGRESS: &str = "lb_pod_in";
     /// tc egress on a pod's host-side veth: packets delivered to the pod.
     pub const POD_EGRESS: &str = "lb_pod_out";
+    /// tc ingress on the node's uplink(s): traffic from outside the node (NodePort, LB IPs,
+    /// externalIPs, IPIP/GUE-wrapped DSR traffic, replies of masqueraded flows).
+    pub const UPLINK_INGRESS: &str = "lb_up_in";
 }
+
+/// GUE (Katran style) UDP destination port of encapsulated service traffic.
+pub const GUE_PORT: u16 = 6080;
 
 /// Default map sizes; the agent can override them at load time.
 pub mod sizes {
     pub const SVC4: u32 = 65_536;
     pub const BACKEND4: u32 = 65_536;
     pub const CT4: u32 = 262_144;
+    pub const VIP4: u32 = 16_384;
+    pub const SRC_RANGE4: u32 = 16_384;
+    pub const AFFINITY4: u32 = 65_536;
 }
 
 /// IP protocol numbers as they appear in the IPv4 header.
@@ -73,10 +97,26 @@ pub mod counter {
     pub const PASS_MALFORMED: u32 = 9;
     /// Non-first IPv4 fragment to a service port: passed untouched (no L4 header).
     pub const PASS_FRAGMENT: u32 = 10;
-    pub const MAX: u32 = 16;
+    /// Service (or ClusterIP) exists but no endpoint anywhere: TCP RST / ICMP unreachable.
+    pub const REJECT: u32 = 11;
+    /// externalTrafficPolicy/internalTrafficPolicy Local with no local endpoint: dropped.
+    pub const DROP_NO_LOCAL_BACKEND: u32 = 12;
+    /// Source outside loadBalancerSourceRanges: dropped.
+    pub const DROP_SOURCE_RANGE: u32 = 13;
+    /// No free SNAT port for a masqueraded flow: dropped.
+    pub const DROP_SNAT_EXHAUSTED: u32 = 14;
+    /// IPIP/GUE packet for a service decapsulated.
+    pub const DECAP: u32 = 15;
+    /// Masqueraded (SNAT to a node address) new flow.
+    pub const MASQUERADE: u32 = 16;
+    /// ICMP error about a translated flow, translated back.
+    pub const ICMP_ERROR_XLATED: u32 = 17;
+    /// Socket-level (cgroup hook) translation of a host process's connect/sendmsg.
+    pub const SOCK_XLATE: u32 = 18;
+    pub const MAX: u32 = 32;
 
     /// Human names for `inspect` and metrics, indexed by counter.
-    pub const NAMES: [&str; 11] = [
+    pub const NAMES: [&str; 19] = [
         "forward_new",
         "forward_established",
         "reply_reverse_nat",
@@ -88,6 +128,14 @@ pub mod counter {
         "rebalanced_stale_flow",
         "pass_malformed",
         "pass_fragment",
+        "reject",
+        "drop_no_local_backend",
+        "drop_source_range",
+        "drop_snat_exhausted",
+        "decapsulated",
+        "masquerade",
+        "icmp_error_translated",
+        "socket_translated",
     ];
 }
 
@@ -105,28 +153,158 @@ pub struct Svc4Key {
 }
 const _: () = assert!(core::mem::size_of::<Svc4Key>() == 12);
 
+/// `Svc4Key::scope` values. Every service address has an `EXTERNAL` entry; an `INTERNAL`
+/// entry exists only when traffic from inside the node (pods, host processes) may use a
+/// different endpoint set (externalTrafficPolicy Local: the short-circuit to all endpoints),
+/// and the external entry then carries `svc_flags::TWO_SCOPES`.
+pub mod scope {
+    pub const EXTERNAL: u8 = 0;
+    pub const INTERNAL: u8 = 1;
+}
+
 impl Svc4Key {
     pub const fn new(addr_be: u32, port_be: u16, proto: u8, slot: u16) -> Self {
+        Self::scoped(addr_be, port_be, proto, scope::EXTERNAL, slot)
+    }
+    pub const fn scoped(addr_be: u32, port_be: u16, proto: u8, scope: u8, slot: u16) -> Self {
         Self {
             addr_be,
             port_be,
             slot,
             proto,
-            scope: 0,
+            scope,
             _pad: [0; 2],
         }
     }
     /// The same service, another slot.
     pub const fn with_slot(self, slot: u16) -> Self {
-        Self::new(self.addr_be, self.port_be, self.proto, slot)
+        Self::scoped(self.addr_be, self.port_be, self.proto, self.scope, slot)
+    }
+    /// The same service address, another scope, slot 0.
+    pub const fn with_scope(self, scope: u8) -> Self {
+        Self::scoped(self.addr_be, self.port_be, self.proto, scope, 0)
     }
 }
 
 /// Service flags (`Svc4Value::flags` of the slot-0 entry).
 pub mod svc_flags {
-    /// The service is a ClusterIP.
+    /// A ClusterIP entry.
+    pub const CLUSTER_IP: u32 = 1 << 0;
+    /// A NodePort entry (keyed by a node address and the nodePort).
+    pub const NODE_PORT: u32 = 1 << 1;
+    /// An externalIPs entry.
+    pub const EXTERNAL_IP: u32 = 1 << 2;
+    /// A LoadBalancer ingress IP entry.
+    pub const LOAD_BALANCER: u32 = 1 << 3;
+    /// externalTrafficPolicy: Local (this entry's endpoints are the node's own).
+    pub const ETP_LOCAL: u32 = 1 << 4;
+    /// internalTrafficPolicy: Local.
+    pub const ITP_LOCAL: u32 = 1 << 5;
+    /// sessionAffinity: ClientIP (timeout in `Svc4Value::affinity_timeout_s`).
+    pub const AFFINITY: u32 = 1 << 6;
+    /// loadBalancerSourceRanges apply: the source must match `LB4_SRC_V1` for this svc_id.
+    pub const SOURCE_RANGES: u32 = 1 << 7;
+    /// `count == 0` because a Local policy left no local endpoint: DROP, not REJECT.
+    pub const DROP_IF_EMPTY: u32 = 1 << 8;
+    /// An `INTERNAL` scope entry exists for this address (see `scope`).
+    pub const TWO_SCOPES: u32 = 1 << 9;
+    /// Any of the "external destination" kinds (masquerade rules differ from ClusterIP).
+    pub const EXTERNAL_KINDS: u32 = NODE_PORT | EXTERNAL_IP | LOAD_BALANCER;
+}
+
+/// `VipValue::flags`.
+pub mod vip_flags {
     pub const CLUSTER_IP: u32 = 1 << 0;
 }
+
+/// Value of the ClusterIP map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipValue {
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipValue>() == 4);
+
+/// LPM key of the source-range map. The first 32 bits of data (svc_id and padding) always
+/// match fully, so `prefixlen = 32 + range prefix length`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SrcRange4Key {
+    pub prefixlen: u32,
+    pub svc_id_be: u16,
+    pub _pad: u16,
+    pub addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<SrcRange4Key>() == 12);
+
+impl SrcRange4Key {
+    pub const fn new(svc_id: u16, addr_be: u32, prefix: u8) -> Self {
+        Self {
+            prefixlen: 32 + prefix as u32,
+            svc_id_be: svc_id.to_be(),
+            _pad: 0,
+            addr_be,
+        }
+    }
+    /// The LPM data part (what follows `prefixlen`).
+    pub const fn data(&self) -> SrcRange4Data {
+        SrcRange4Data {
+            svc_id_be: self.svc_id_be,
+            _pad: 0,
+            addr_be: self.addr_be,
+        }
+    }
+}
+
+/// The data part of `SrcRange4Key`, for LPM APIs that carry the prefix length separately.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SrcRange4Data {
+    pub svc_id_be: u16,
+    pub _pad: u16,
+    pub addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<SrcRange4Data>() == 8);
+
+impl SrcRange4Data {
+    pub const fn new(svc_id: u16, addr_be: u32) -> Self {
+        Self {
+            svc_id_be: svc_id.to_be(),
+            _pad: 0,
+            addr_be,
+        }
+    }
+}
+
+/// Session-affinity key: service and client address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Aff4Key {
+    pub svc_id: u16,
+    pub _pad: u16,
+    pub client_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<Aff4Key>() == 8);
+
+impl Aff4Key {
+    pub const fn new(svc_id: u16, client_be: u32) -> Self {
+        Self {
+            svc_id,
+            _pad: 0,
+            client_be,
+        }
+    }
+}
+
+/// Session-affinity value: the backend a client was given and when it last used it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Aff4Value {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Aff4Value>() == 16);
 
 /// Service-map value. For slot 0: `count` backends and the service's flags/ID. For slots
 /// `1..=count`: `backend_id`.
@@ -135,10 +313,11 @@ pub mod svc_flags {
 pub struct Svc4Value {
     pub backend_id: u32,
     pub count: u16,
-    /// Stable per-service ID (for counters and reverse NAT).
+    /// Stable per-service ID (for counters, affinity and source ranges).
     pub svc_id: u16,
     pub flags: u32,
-    pub _reserved: u32,
+    /// sessionAffinity timeout (slot 0 with `svc_flags::AFFINITY`).
+    pub affinity_timeout_s: u32,
 }
 const _: () = assert!(core::mem::size_of::<Svc4Value>() == 16);
 
@@ -149,8 +328,12 @@ impl Svc4Value {
             count,
             svc_id,
             flags,
-            _reserved: 0,
+            affinity_timeout_s: 0,
         }
+    }
+    pub const fn with_affinity(mut self, timeout_s: u32) -> Self {
+        self.affinity_timeout_s = timeout_s;
+        self
     }
     pub const fn slot(backend_id: u32, svc_id: u16) -> Self {
         Self {
@@ -158,7 +341,7 @@ impl Svc4Value {
             count: 0,
             svc_id,
             flags: 0,
-            _reserved: 0,
+            affinity_timeout_s: 0,
         }
     }
 }
@@ -241,6 +424,11 @@ pub mod ct_flags {
     /// After rewriting, send the packet straight back out of the interface it came in on
     /// (hairpin: the client is its own backend, so the host stack must not see it).
     pub const REDIRECT_BACK: u16 = 1 << 4;
+    /// After rewriting, route the packet ourselves (FIB lookup + redirect): its source is now
+    /// a node address, which the host stack would drop as martian on forward.
+    pub const FIB_REDIRECT: u16 = 1 << 5;
+    /// The flow was masqueraded (SNAT to a node address with an allocated port).
+    pub const MASQUERADED: u16 = 1 << 6;
 }
 
 /// Conntrack value: the rewrite to apply to packets matching the key. One shape for both
@@ -263,16 +451,39 @@ pub struct Ct4Value {
 }
 const _: () = assert!(core::mem::size_of::<Ct4Value>() == 32);
 
+/// `NodeConfig::flags`.
+pub mod cfg_flags {
+    /// `--masquerade-all`: every service flow is masqueraded.
+    pub const MASQUERADE_ALL: u32 = 1 << 0;
+}
+
 /// Per-node configuration, written by the agent at start.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NodeConfig {
-    /// Source address used when a pod reaches itself through a service (hairpin SNAT), in
-    /// network byte order. 0 disables hairpin SNAT.
+    /// Source address used when a pod reaches itself through a service (hairpin SNAT) and for
+    /// masquerading towards local pods (the pod bridge's address). 0 disables hairpin SNAT.
     pub hairpin_addr_be: u32,
-    pub _reserved: [u32; 3],
+    /// The node's primary address: the masquerade source towards other nodes.
+    pub node_addr_be: u32,
+    /// The cluster (pod) CIDR: sources inside it are pods.
+    pub cluster_cidr_be: u32,
+    pub cluster_mask_be: u32,
+    pub flags: u32,
+    /// SNAT port range for masqueraded flows (host byte order, inclusive).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _reserved: [u32; 2],
 }
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 32);
+
+impl NodeConfig {
+    /// Whether `addr_be` is inside the cluster CIDR.
+    #[inline(always)]
+    pub const fn in_cluster(&self, addr_be: u32) -> bool {
+        self.cluster_mask_be != 0 && addr_be & self.cluster_mask_be == self.cluster_cidr_be
+    }
+}
 
 /// Uniform slot choice: `rand` from `bpf_get_prandom_u32()`, `count >= 1` backends.
 /// Returns a slot in `1..=count`.
@@ -291,6 +502,11 @@ mod pod_impls {
     unsafe impl aya::Pod for Ct4Key {}
     unsafe impl aya::Pod for Ct4Value {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for SrcRange4Key {}
+    unsafe impl aya::Pod for SrcRange4Data {}
+    unsafe impl aya::Pod for Aff4Key {}
+    unsafe impl aya::Pod for Aff4Value {}
 }
 
 #[cfg(test)]
@@ -326,4 +542,126 @@ mod tests {
         }
         assert!(counter::NAMES.len() as u32 <= counter::MAX);
     }
+}
+
+/// Socket-level load balancing for host processes (cgroup v2 `connect4`/`sendmsg4`/
+/// `recvmsg4`/`getpeername4` hooks): the keys and values of `maps::SOCK_REV4` and
+/// `maps::SOCK_FWD4`, and their sizes. The socket cookie (`bpf_get_socket_cookie`, unique per
+/// socket for the kernel's life) ties an entry to one socket, like Cilium's
+/// `cilium_lb4_reverse_sk`.
+pub mod sock {
+    /// Default size of `maps::SOCK_REV4` and `maps::SOCK_FWD4`.
+    pub const MAP_ENTRIES: u32 = 65_536;
+}
+
+/// Key of the socket-level maps: a socket and an address/port. In `SOCK_REV4` the address is
+/// the backend the socket was sent to; in `SOCK_FWD4` the service address it asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey4 {
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockKey4>() == 16);
+
+impl SockKey4 {
+    pub const fn new(cookie: u64, addr_be: u32, port_be: u16) -> Self {
+        Self {
+            cookie,
+            addr_be,
+            port_be,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of the socket-level maps: the address/port to show (`SOCK_REV4`: the service) or to
+/// use (`SOCK_FWD4`: the backend, with its ID so a removed backend is noticed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockXlate4 {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub svc_id: u16,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockXlate4>() == 16);
+
+impl SockXlate4 {
+    pub const fn new(addr_be: u32, port_be: u16, svc_id: u16, backend_id: u32) -> Self {
+        Self {
+            addr_be,
+            port_be,
+            svc_id,
+            backend_id,
+            _pad: 0,
+        }
+    }
+}
+
+/// Program names of the socket-level hooks (see `programs` for the tc ones).
+pub mod sock_programs {
+    /// cgroup `connect4`: TCP and connected-UDP sockets to a service address.
+    pub const CONNECT4: &str = "lb_sock_conn4";
+    /// cgroup `sendmsg4`: unconnected UDP datagrams to a service address.
+    pub const SENDMSG4: &str = "lb_sock_send4";
+    /// cgroup `recvmsg4`: UDP datagrams from a backend, shown as from the service.
+    pub const RECVMSG4: &str = "lb_sock_recv4";
+    /// cgroup `getpeername4`: the connected peer, shown as the service.
+    pub const GETPEERNAME4: &str = "lb_sock_peer4";
+    pub const ALL: [&str; 4] = [CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
+}
+
+#[cfg(feature = "user")]
+mod sock_pod_impls {
+    use super::*;
+    // SAFETY: repr(C), integers only, explicit padding.
+    unsafe impl aya::Pod for SockKey4 {}
+    unsafe impl aya::Pod for SockXlate4 {}
+}
+
+#[cfg(test)]
+mod sock_tests {
+    use super::*;
+
+    #[test]
+    fn sock_names_fit_the_kernel_limit_and_keys_have_no_hidden_padding() {
+        for n in sock_programs::ALL
+            .iter()
+            .chain([maps::SOCK_REV4, maps::SOCK_FWD4].iter())
+        {
+            assert!(n.len() <= 15, "{n} is longer than 15 characters");
+        }
+        let k = SockKey4::new(u64::MAX, 0x0a60_000a, 80u16.to_be());
+        assert_eq!(k._pad, 0);
+        assert_ne!(k, SockKey4::new(u64::MAX - 1, k.addr_be, k.port_be));
+    }
+}
+
+/// Lab tooling only: the encapsulating "load balancer" used to test IPIP/GUE ingress.
+pub mod lab {
+    /// Map of the lab encapsulator: index 0 -> `EncapConfig`.
+    pub const ENCAP_MAP: &str = "LAB_ENC_V1";
+    /// The encapsulating tc egress program.
+    pub const ENCAP_PROGRAM: &str = "lab_encap";
+    pub const MODE_IPIP: u32 = 1;
+    pub const MODE_GUE: u32 = 2;
+
+    /// Packets to `vip_be` leave wrapped in an outer header `outer_src_be -> outer_dst_be`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub struct EncapConfig {
+        pub vip_be: u32,
+        pub outer_src_be: u32,
+        pub outer_dst_be: u32,
+        pub mode: u32,
+    }
+    const _: () = assert!(core::mem::size_of::<EncapConfig>() == 16);
+
+    #[cfg(feature = "user")]
+    // SAFETY: repr(C) integers, no padding.
+    unsafe impl aya::Pod for EncapConfig {}
 }

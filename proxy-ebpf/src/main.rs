@@ -3,10 +3,17 @@
 #![no_std]
 #![no_main]
 
+mod fib;
+mod icmp;
+mod labencap;
+mod lb;
 mod maps;
 mod nat;
 mod parse;
 mod pod;
+mod reject;
+mod sock;
+mod uplink;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,10 +1,13 @@
 //! The maps, declared once. Names come from `proxy_common::maps` (checked by the agent at
 //! load time); sizes are defaults the agent may override with `map_max_entries`.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
-use proxy_common::{Backend4, Ct4Key, Ct4Value, NodeConfig, Svc4Key, Svc4Value, counter, sizes};
+use proxy_common::{
+    Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, NodeConfig, SrcRange4Data, Svc4Key, Svc4Value,
+    VipValue, counter, sizes,
+};
 
 #[btf_map]
 pub static LB4_SVC_V1: HashMap<Svc4Key, Svc4Value, { sizes::SVC4 as usize }> = HashMap::new();
@@ -19,7 +22,17 @@ pub static CT4_V1: LruHashMap<Ct4Key, Ct4Value, { sizes::CT4 as usize }> = LruHa
 pub static CNT_V1: PerCpuArray<u64, { counter::MAX as usize }> = PerCpuArray::new();
 
 #[btf_map]
-pub static CFG_V1: Array<NodeConfig, 1> = Array::new();
+pub static CFG_V2: Array<NodeConfig, 1> = Array::new();
+
+#[btf_map]
+pub static LB4_VIP_V1: HashMap<u32, VipValue, { sizes::VIP4 as usize }> = HashMap::new();
+
+#[btf_map]
+pub static LB4_SRC_V1: LpmTrie<SrcRange4Data, u8, { sizes::SRC_RANGE4 as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static LB4_AFF_V1: LruHashMap<Aff4Key, Aff4Value, { sizes::AFFINITY4 as usize }> =
+    LruHashMap::new();
 
 /// Counts one verdict. Per-CPU, so no atomics; the agent sums at read time.
 #[inline(always)]
@@ -32,8 +45,15 @@ pub fn count(reason: u32) {
 
 #[inline(always)]
 pub fn node_config() -> NodeConfig {
-    match CFG_V1.get(0) {
+    match CFG_V2.get(0) {
         Some(c) => *c,
         None => NodeConfig::default(),
     }
+}
+
+/// Whether `src` is allowed by the service's loadBalancerSourceRanges.
+#[inline(always)]
+pub fn source_allowed(svc_id: u16, src_be: u32) -> bool {
+    let key = Key::new(64, SrcRange4Data::new(svc_id, src_be));
+    LB4_SRC_V1.get(&key).is_some()
 }

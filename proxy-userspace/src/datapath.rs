@@ -9,11 +9,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, MapInfo, MapType, PerCpuArray},
-    programs::{ProgramError, SchedClassifier},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapError, MapInfo, MapType, PerCpuArray, lpm_trie::Key,
+    },
+    programs::{Program, ProgramError, SchedClassifier},
 };
 use proxy_common::{
-    Backend4, Ct4Key, Ct4Value, NodeConfig, Svc4Key, Svc4Value, counter, maps, programs, sizes,
+    Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, NodeConfig, SrcRange4Data, SrcRange4Key,
+    Svc4Key, Svc4Value, VipValue, counter, maps, sizes,
 };
 
 /// The eBPF object built by `build.rs` (aya-build, with BTF).
@@ -63,6 +66,8 @@ pub enum DatapathError {
         name: &'static str,
         source: ProgramError,
     },
+    #[error("loading program {name} into the kernel: {source}")]
+    ProgramLoad { name: String, source: ProgramError },
 }
 
 /// The expected layout of each map, checked before a pin is reused (aya does not check).
@@ -93,9 +98,9 @@ impl Default for MapSizes {
 }
 
 impl MapSizes {
-    pub fn layouts(&self) -> [MapLayout; 5] {
+    pub fn layouts(&self) -> Vec<MapLayout> {
         use core::mem::size_of;
-        [
+        vec![
             MapLayout {
                 name: maps::SVC4,
                 map_type: MapType::Hash,
@@ -130,6 +135,43 @@ impl MapSizes {
                 key_size: 4,
                 value_size: size_of::<NodeConfig>() as u32,
                 max_entries: 1,
+            },
+            MapLayout {
+                name: maps::VIP4,
+                map_type: MapType::Hash,
+                key_size: 4,
+                value_size: size_of::<VipValue>() as u32,
+                max_entries: sizes::VIP4,
+            },
+            MapLayout {
+                name: maps::SRC_RANGE4,
+                map_type: MapType::LpmTrie,
+                key_size: size_of::<SrcRange4Key>() as u32,
+                value_size: 1,
+                max_entries: sizes::SRC_RANGE4,
+            },
+            MapLayout {
+                name: maps::AFFINITY4,
+                map_type: MapType::LruHash,
+                key_size: size_of::<Aff4Key>() as u32,
+                value_size: size_of::<Aff4Value>() as u32,
+                max_entries: sizes::AFFINITY4,
+            },
+            // Socket-level balancing (host processes): pinned so a restart keeps showing
+            // existing sockets the service address (recvmsg/getpeername).
+            MapLayout {
+                name: maps::SOCK_REV4,
+                map_type: MapType::LruHash,
+                key_size: size_of::<proxy_common::SockKey4>() as u32,
+                value_size: size_of::<proxy_common::SockXlate4>() as u32,
+                max_entries: proxy_common::sock::MAP_ENTRIES,
+            },
+            MapLayout {
+                name: maps::SOCK_FWD4,
+                map_type: MapType::LruHash,
+                key_size: size_of::<proxy_common::SockKey4>() as u32,
+                value_size: size_of::<proxy_common::SockXlate4>() as u32,
+                max_entries: proxy_common::sock::MAP_ENTRIES,
             },
         ]
     }
@@ -210,14 +252,22 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for name in [programs::POD_INGRESS, programs::POD_EGRESS] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
+        // Load every program in the object; attaching is up to the caller.
+        let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+        for name in names {
+            let Some(prog) = ebpf.program_mut(&name) else {
+                continue;
+            };
+            let r = match prog {
+                Program::SchedClassifier(p) => p.load(),
+                Program::Xdp(p) => p.load(),
+                Program::CgroupSockAddr(p) => p.load(),
+                _ => continue,
+            };
+            r.map_err(|source| DatapathError::ProgramLoad {
+                name: name.clone(),
+                source,
+            })?;
         }
         Ok(Self { ebpf, adopted })
     }
@@ -243,10 +293,22 @@ impl Datapath {
 
     /// Typed handles on the service and backend maps (for the writer and for restore).
     pub fn lb_maps(&mut self) -> Result<LbMaps<'_>, DatapathError> {
-        let [svc, be] = self.ebpf.maps_disjoint_mut([maps::SVC4, maps::BACKEND4]);
+        let [svc, be, vip, src] =
+            self.ebpf
+                .maps_disjoint_mut([maps::SVC4, maps::BACKEND4, maps::VIP4, maps::SRC_RANGE4]);
         let svc = svc.ok_or(DatapathError::MissingMap(maps::SVC4))?;
         let be = be.ok_or(DatapathError::MissingMap(maps::BACKEND4))?;
+        let vip = vip.ok_or(DatapathError::MissingMap(maps::VIP4))?;
+        let src = src.ok_or(DatapathError::MissingMap(maps::SRC_RANGE4))?;
         Ok(LbMaps {
+            vips: HashMap::try_from(vip).map_err(|source| DatapathError::Map {
+                name: maps::VIP4,
+                source,
+            })?,
+            src_ranges: LpmTrie::try_from(src).map_err(|source| DatapathError::Map {
+                name: maps::SRC_RANGE4,
+                source,
+            })?,
             services: HashMap::try_from(svc).map_err(|source| DatapathError::Map {
                 name: maps::SVC4,
                 source,
@@ -299,6 +361,8 @@ impl Datapath {
 pub struct LbMaps<'a> {
     pub services: HashMap<&'a mut MapData, Svc4Key, Svc4Value>,
     pub backends: HashMap<&'a mut MapData, u32, Backend4>,
+    pub vips: HashMap<&'a mut MapData, u32, VipValue>,
+    pub src_ranges: LpmTrie<&'a mut MapData, SrcRange4Data, u8>,
 }
 
 impl LbMaps<'_> {
@@ -307,6 +371,24 @@ impl LbMaps<'_> {
     }
     pub fn read_backends(&self) -> Vec<(u32, Backend4)> {
         self.backends.iter().filter_map(Result::ok).collect()
+    }
+    pub fn read_vips(&self) -> Vec<(u32, VipValue)> {
+        self.vips.iter().filter_map(Result::ok).collect()
+    }
+    pub fn read_src_ranges(&self) -> Vec<SrcRange4Key> {
+        self.src_ranges
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, _)| {
+                let d = k.data();
+                SrcRange4Key {
+                    prefixlen: k.prefix_len(),
+                    svc_id_be: d.svc_id_be,
+                    _pad: 0,
+                    addr_be: d.addr_be,
+                }
+            })
+            .collect()
     }
 }
 
@@ -325,6 +407,8 @@ pub struct WriteError {
     pub map: &'static str,
     pub source: MapError,
 }
+
+use crate::plan::ExtWriteError;
 
 impl crate::plan::MapWriter for LbMaps<'_> {
     type Error = WriteError;
@@ -359,6 +443,50 @@ impl crate::plan::MapWriter for LbMaps<'_> {
                 map: maps::BACKEND4,
                 source: e,
             }),
+            _ => Ok(()),
+        }
+    }
+    fn put_vip(&mut self, addr_be: u32, v: &VipValue) -> Result<(), ExtWriteError<WriteError>> {
+        self.vips.insert(addr_be, v, 0).map_err(|source| {
+            WriteError {
+                op: "insert",
+                map: maps::VIP4,
+                source,
+            }
+            .into()
+        })
+    }
+    fn delete_vip(&mut self, addr_be: u32) -> Result<(), ExtWriteError<WriteError>> {
+        match self.vips.remove(&addr_be) {
+            Err(e) if !is_enoent(&e) => Err(WriteError {
+                op: "delete",
+                map: maps::VIP4,
+                source: e,
+            }
+            .into()),
+            _ => Ok(()),
+        }
+    }
+    fn put_src_range(&mut self, k: &SrcRange4Key) -> Result<(), ExtWriteError<WriteError>> {
+        self.src_ranges
+            .insert(&Key::new(k.prefixlen, k.data()), 1, 0)
+            .map_err(|source| {
+                WriteError {
+                    op: "insert",
+                    map: maps::SRC_RANGE4,
+                    source,
+                }
+                .into()
+            })
+    }
+    fn delete_src_range(&mut self, k: &SrcRange4Key) -> Result<(), ExtWriteError<WriteError>> {
+        match self.src_ranges.remove(&Key::new(k.prefixlen, k.data())) {
+            Err(e) if !is_enoent(&e) => Err(WriteError {
+                op: "delete",
+                map: maps::SRC_RANGE4,
+                source: e,
+            }
+            .into()),
             _ => Ok(()),
         }
     }

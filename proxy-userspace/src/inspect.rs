@@ -29,7 +29,7 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, maps::COUNTERS)?))?;
 
     let backends: BTreeMap<u32, Backend4> = be.iter().filter_map(Result::ok).collect();
-    let entries: BTreeMap<(u32, u16, u8, u16), Svc4Value> = svc
+    let entries: BTreeMap<(u32, u16, u8, u8, u16), Svc4Value> = svc
         .iter()
         .filter_map(Result::ok)
         .map(|(k, v)| {
@@ -38,6 +38,7 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
                     u32::from_be(k.addr_be),
                     u16::from_be(k.port_be),
                     k.proto,
+                    k.scope,
                     k.slot,
                 ),
                 v,
@@ -45,14 +46,14 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         })
         .collect();
     let mut services = Vec::new();
-    for (&(addr, port, proto, slot), v) in &entries {
+    for (&(addr, port, proto, scope, slot), v) in &entries {
         if slot != 0 {
             continue;
         }
         let mut eps = Vec::new();
         for s in 1..=v.count {
             let ep = entries
-                .get(&(addr, port, proto, s))
+                .get(&(addr, port, proto, scope, s))
                 .and_then(|sv| backends.get(&sv.backend_id))
                 .map(|b| {
                     format!(
@@ -67,8 +68,17 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         let proto = abi::Protocol::from_number(proto)
             .map(|p| p.to_string())
             .unwrap_or_else(|| proto.to_string());
+        // The internal-scope twin (externalTrafficPolicy Local short-circuit) is marked.
+        let internal = if scope == proxy_common::scope::INTERNAL {
+            " internal"
+        } else {
+            ""
+        };
         services.push((
-            format!("{}:{port}/{proto}", std::net::Ipv4Addr::from(addr)),
+            format!(
+                "{}:{port}/{proto}{internal}",
+                std::net::Ipv4Addr::from(addr)
+            ),
             v.svc_id,
             eps,
         ));
@@ -79,10 +89,26 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         .map(|(i, n)| Ok((*n, cnt.get(&(i as u32), 0)?.iter().sum())))
         .collect::<Result<_>>()?;
     let flows = ct.keys().filter_map(Result::ok).count();
+    let links: Vec<serde_json::Value> = crate::links::list_pinned(pin_dir)
+        .with_context(|| format!("listing {}", crate::links::links_dir(pin_dir).display()))?
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "pin": l.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                "interface": l.ifname,
+                "ifindex": l.ifindex,
+                "direction": l.dir.suffix(),
+                "attached": l.is_live(),
+                "link_id": l.info.map(|i| i.id),
+                "prog_id": l.info.map(|i| i.prog_id),
+            })
+        })
+        .collect();
     if json {
         let v = serde_json::json!({
             "services": services.iter().map(|(s, id, eps)| serde_json::json!({"service": s, "id": id, "endpoints": eps})).collect::<Vec<_>>(),
             "conntrack_entries": flows,
+            "links": links,
             "counters": counters.iter().map(|(n, c)| (n.to_string(), *c)).collect::<BTreeMap<_, _>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -99,6 +125,26 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
             );
         }
         println!("CONNTRACK ENTRIES {flows}");
+        println!(
+            "LINKS ({}, pinned under {})",
+            links.len(),
+            crate::links::links_dir(pin_dir).display()
+        );
+        for l in &links {
+            println!(
+                "  {:<16} ifindex {:<5} {:<4} {} link {} prog {}",
+                l["interface"].as_str().unwrap_or(""),
+                l["ifindex"],
+                l["direction"].as_str().unwrap_or(""),
+                if l["attached"] == true {
+                    "attached"
+                } else {
+                    "DEFUNCT "
+                },
+                l["link_id"],
+                l["prog_id"],
+            );
+        }
         println!("COUNTERS");
         for (n, c) in counters {
             println!("  {n:<24} {c}");
@@ -107,18 +153,58 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Removes every pin the agent owns under `pin_dir`.
-pub fn cleanup(pin_dir: &Path) -> Result<usize> {
-    let mut removed = 0;
-    for name in maps::ALL {
-        let p = pin_dir.join(name);
-        if p.exists() {
+/// What `cleanup` removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Detaches and unpins every program link, then removes every map pin the agent owns under
+/// `pin_dir`. Links go first so no program is left running against maps that are gone.
+/// Everything under `pin_dir` is the agent's: link pins in any sub-directory (`links/`,
+/// `sock-links/`, and those of other hooks such as `uplinks/`) are detached explicitly
+/// (`BPF_LINK_DETACH`) before being removed; files at the top are maps.
+pub fn cleanup(pin_dir: &Path) -> Result<Cleanup> {
+    let mut links = crate::links::cleanup(pin_dir).with_context(|| {
+        format!(
+            "detaching the program links pinned under {}",
+            crate::links::links_dir(pin_dir).display()
+        )
+    })?;
+    links += crate::sockhooks::cleanup(pin_dir).with_context(|| {
+        format!(
+            "detaching the cgroup links pinned under {}",
+            crate::sockhooks::sock_links_dir(pin_dir).display()
+        )
+    })?;
+    // Other link directories (every sub-directory holds link pins), before any map goes.
+    let mut entries: Vec<std::path::PathBuf> = std::fs::read_dir(pin_dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    entries.sort_by_key(|p| !p.is_dir());
+    let mut maps = 0;
+    for p in entries {
+        if p.is_dir() {
+            for f in std::fs::read_dir(&p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .flatten()
+            {
+                crate::links::detach_and_unpin(&f.path())
+                    .with_context(|| format!("detaching {}", f.path().display()))?;
+                links += 1;
+            }
+            std::fs::remove_dir(&p).with_context(|| format!("removing {}", p.display()))?;
+        } else {
             std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-            removed += 1;
+            maps += 1;
         }
     }
-    if pin_dir.exists() {
-        let _ = std::fs::remove_dir(pin_dir);
+    match std::fs::remove_dir(pin_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", pin_dir.display()))?
+        }
+        _ => {}
     }
-    Ok(removed)
+    Ok(Cleanup { links, maps })
 }

@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Address to bind.
     #[arg(long, default_value_t = Ipv4Addr::UNSPECIFIED)]
     pub bind: Ipv4Addr,
+    /// Keep TCP connections open: after the reply line, echo back everything the client
+    /// sends until it closes (long-lived connections for `canary`). UDP is unchanged.
+    #[arg(long)]
+    pub echo: bool,
 }
 
 /// `probe`: connect-per-request client for serve-hostname.
@@ -227,6 +231,7 @@ pub struct HostnameServer {
     name: String,
     tcp: TcpListener,
     udp: UdpSocket,
+    echo: bool,
 }
 
 impl HostnameServer {
@@ -249,7 +254,14 @@ impl HostnameServer {
                 .with_context(|| format!("binding TCP {}:{}", args.bind, args.port))?;
             let port = tcp.local_addr().context("TCP local address")?.port();
             match UdpSocket::bind((args.bind, port)).await {
-                Ok(udp) => return Ok(HostnameServer { name, tcp, udp }),
+                Ok(udp) => {
+                    return Ok(HostnameServer {
+                        name,
+                        tcp,
+                        udp,
+                        echo: args.echo,
+                    });
+                }
                 Err(e)
                     if args.port == 0 && attempts < 10 && e.kind() == io::ErrorKind::AddrInUse =>
                 {
@@ -274,7 +286,12 @@ impl HostnameServer {
 
     /// Serves until `shutdown` completes.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let HostnameServer { name, tcp, udp } = self;
+        let HostnameServer {
+            name,
+            tcp,
+            udp,
+            echo,
+        } = self;
         let name: Arc<str> = name.into();
         tokio::pin!(shutdown);
         let mut buf = vec![0u8; 65536];
@@ -287,6 +304,10 @@ impl HostnameServer {
                         tokio::spawn(async move {
                             // Best effort: the client may already be gone.
                             let _ = stream.write_all(line.as_bytes()).await;
+                            if echo {
+                                let (mut r, mut w) = stream.split();
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            }
                             let _ = stream.shutdown().await;
                         });
                     }
@@ -529,6 +550,7 @@ mod tests {
             name: Some("test-pod".into()),
             port: 0,
             bind: Ipv4Addr::LOCALHOST,
+            echo: true,
         };
         let server = HostnameServer::bind(&args).await.expect("bind");
         let SocketAddr::V4(addr) = server.local_addr().expect("addr") else {

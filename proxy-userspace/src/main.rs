@@ -2,8 +2,8 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
-use proxy_userspace::{agent, inspect, labtools};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use proxy_userspace::{agent, canary, config, inspect, labencap, labtools, trace};
 
 #[derive(Parser)]
 #[command(
@@ -34,7 +34,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove every map the agent pinned (drops connection state). Run after stopping it.
+    /// Detach the programs and remove every link and map the agent pinned (drops connection
+    /// state): how ebpf-proxy is removed from a node. Stopping the agent (SIGTERM, SIGKILL)
+    /// deliberately leaves the programs attached, so restarts and upgrades drop nothing; run
+    /// this after stopping it for good (e.g. before handing the node back to kube-proxy).
     Cleanup {
         /// The bpffs directory the agent was started with.
         #[arg(long, default_value = "/sys/fs/bpf")]
@@ -46,6 +49,17 @@ enum Command {
     /// A connect-per-request client: N connections (or datagrams) to an address, and a count of
     /// who answered.
     Probe(labtools::ProbeArgs),
+    /// Where does this packet go? Runs the real programs on synthesized packets against
+    /// private maps programmed from the manifests; prints the verdict, the endpoints reached,
+    /// and whether the backend sees the client's address. Exit 0 whatever the verdict.
+    Trace(trace::TraceArgs),
+    /// Lab tooling: wrap packets to a VIP in IPIP/GUE towards a node (a stand-in for a
+    /// Katran-style balancer).
+    #[command(hide = true)]
+    LabEncap(labencap::EncapArgs),
+    /// Long-lived TCP connections and UDP flows through a service, checked continuously;
+    /// reports "connections lost: L of N" (exit 1 if any was lost).
+    Canary(canary::CanaryArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,8 +69,15 @@ fn main() -> ExitCode {
     )
     .format_target(false)
     .init();
-    let cli = Cli::parse();
-    match real_main(cli) {
+    // Parsed through ArgMatches so `run --config` can tell flags given on the command line
+    // (which override the file) from defaults.
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let run_matches = matches.subcommand_matches("run").cloned();
+    match real_main(cli, run_matches.as_ref()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -65,23 +86,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn real_main(cli: Cli) -> Result<ExitCode> {
+fn real_main(cli: Cli, run_matches: Option<&clap::ArgMatches>) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Run(args) => rt.block_on(agent::run(args))?,
+        Command::Run(mut args) => {
+            for note in config::resolve(&mut args, run_matches)? {
+                log::info!("{note}");
+            }
+            rt.block_on(agent::run(args))?
+        }
         Command::Inspect { bpffs, json } => inspect::inspect(&agent::pin_dir(&bpffs), json)?,
         Command::Cleanup { bpffs } => {
             let dir = agent::pin_dir(&bpffs);
             let n = inspect::cleanup(&dir)?;
-            println!("removed {n} pinned maps from {}", dir.display());
+            println!(
+                "detached and unpinned {} program links, removed {} pinned maps from {}",
+                n.links,
+                n.maps,
+                dir.display()
+            );
         }
         Command::ServeHostname(args) => rt.block_on(labtools::serve(args))?,
+        Command::Canary(args) => {
+            let code = rt.block_on(canary::run_cli(args))?;
+            return Ok(ExitCode::from(code as u8));
+        }
         Command::Probe(args) => {
             let code = rt.block_on(labtools::run_probe_cli(args))?;
             return Ok(ExitCode::from(code as u8));
         }
+        Command::Trace(args) => trace::run(&args)?,
+        Command::LabEncap(args) => rt.block_on(labencap::run(args))?,
     }
     Ok(ExitCode::SUCCESS)
 }

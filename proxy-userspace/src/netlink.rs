@@ -83,6 +83,22 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Every interface in this network namespace.
+    pub async fn all_links(&self) -> Result<Vec<Iface>> {
+        let mut s = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(m) = s.try_next().await.context("listing interfaces")? {
+            if let Some(name) = link_name(&m) {
+                out.push(Iface {
+                    index: m.header.index,
+                    name,
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// The IPv4 addresses on interface `index`.
     pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<Ipv4Addr>> {
         let mut s = self

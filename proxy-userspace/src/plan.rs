@@ -7,11 +7,23 @@
 //! differences, and delete everything else; and lets [`apply_plan`] stop at any error with the
 //! model still describing the maps.
 //!
-//! Ordering (make before break): new backends, then slots, then service entries (so a count
-//! only grows after its slots exist and only shrinks after the slots below it are final), then
-//! slots above the new counts, then removed services (entry first, so the count disappears
-//! before its slots), then unreferenced backends. At every step, each slot `1..=count` of every
-//! service entry points at an existing backend.
+//! Besides the service and backend maps it plans the ClusterIP set (`LB4_VIP_V1`: every
+//! ClusterIP, so a hit on an unused port is rejected) and the loadBalancerSourceRanges trie
+//! (`LB4_SRC_V1`, keyed by the service ID of the EXTERNAL entry carrying
+//! `svc_flags::SOURCE_RANGES`).
+//!
+//! Ordering (make before break): new backends, then new source ranges, then slots, then
+//! service entries (so a count only grows after its slots exist and only shrinks after the
+//! slots below it are final; a `SOURCE_RANGES` flag only appears once its ranges exist; and
+//! INTERNAL-scope entries before EXTERNAL ones, so `TWO_SCOPES` never points at a missing
+//! twin), then new ClusterIPs, then slots above the new counts, then removed services (entry
+//! first, so the count disappears before its slots), then source ranges no entry uses any
+//! more, then removed ClusterIPs, then unreferenced backends (a backend listed in some entry's
+//! `DesiredService::terminating` counts as referenced, so a draining endpoint's established
+//! flows keep their backend until it stops serving or vanishes). At every step, each slot
+//! `1..=count` of every service entry points at an existing backend, and every EXTERNAL entry
+//! with `TWO_SCOPES` has its INTERNAL twin. While a service's ranges change, old and new ones
+//! are both allowed for a moment (never neither).
 //!
 //! IDs: backend IDs are shared by every service slot leading to the same address, start at 1,
 //! and are not reused within a run (a flow tracked with a deleted backend's ID never lands on a
@@ -24,36 +36,116 @@
 //! write) instead of shifting every slot after a removal. The datapath picks slots uniformly,
 //! so the order of backends in slots carries no meaning.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
+use std::net::Ipv4Addr;
 
-use proxy_common::{Backend4, Svc4Key, Svc4Value, svc_flags};
+use proxy_common::{
+    Backend4, SrcRange4Key, Svc4Key, Svc4Value, VipValue, scope, svc_flags, vip_flags,
+};
 
 use crate::abi::{self, Protocol};
 use crate::translate::{BackendAddr, Desired, DesiredService, ServiceKey};
 
 /// The service-map key of `key`'s slot `slot` (0 = the service entry).
 pub fn svc4_key(key: &ServiceKey, slot: u16) -> Svc4Key {
-    Svc4Key::new(
+    Svc4Key::scoped(
         abi::addr_be(key.ip),
         abi::port_be(key.port),
         key.protocol.number(),
+        key.scope,
         slot,
     )
 }
 
 /// The service a service-map key belongs to, if it is one this agent writes (known protocol,
-/// scope 0, zero padding).
+/// scope `EXTERNAL` or `INTERNAL`, zero padding).
 pub fn service_key(key: &Svc4Key) -> Option<ServiceKey> {
-    if key.scope != 0 || key._pad != [0; 2] {
+    if !matches!(key.scope, scope::EXTERNAL | scope::INTERNAL) || key._pad != [0; 2] {
         return None;
     }
     Some(ServiceKey {
         ip: abi::addr_from_be(key.addr_be),
         port: abi::port_from_be(key.port_be),
         protocol: Protocol::from_number(key.proto)?,
+        scope: key.scope,
     })
+}
+
+/// The ClusterIP-map value this agent writes.
+pub const CLUSTER_IP_VIP: VipValue = VipValue {
+    flags: vip_flags::CLUSTER_IP,
+};
+
+/// The source-range value this agent writes (1 = allowed).
+pub const SRC_RANGE_ALLOWED: u8 = 1;
+
+/// A source-range key in a sortable form (`SrcRange4Key` is a raw LPM key), lossless both
+/// ways.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRange {
+    pub svc_id: u16,
+    pub addr: Ipv4Addr,
+    /// The LPM prefix length: 32 + the range's prefix length when written by this agent.
+    pub prefixlen: u32,
+    pub pad: u16,
+}
+
+impl SrcRange {
+    /// The key this agent writes for range `net/prefix` of service `svc_id` (host bits of
+    /// `net` cleared).
+    pub fn new(svc_id: u16, net: Ipv4Addr, prefix: u8) -> Self {
+        let prefix = prefix.min(32);
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        Self {
+            svc_id,
+            addr: Ipv4Addr::from(u32::from(net) & mask),
+            prefixlen: 32 + u32::from(prefix),
+            pad: 0,
+        }
+    }
+
+    pub fn from_key(k: &SrcRange4Key) -> Self {
+        Self {
+            svc_id: u16::from_be(k.svc_id_be),
+            addr: abi::addr_from_be(k.addr_be),
+            prefixlen: k.prefixlen,
+            pad: k._pad,
+        }
+    }
+
+    pub fn key(&self) -> SrcRange4Key {
+        SrcRange4Key {
+            prefixlen: self.prefixlen,
+            svc_id_be: self.svc_id.to_be(),
+            _pad: self.pad,
+            addr_be: abi::addr_be(self.addr),
+        }
+    }
+
+    /// Whether this is a key this agent could have written.
+    fn is_canonical(&self) -> bool {
+        (32..=64).contains(&self.prefixlen)
+            && self.pad == 0
+            && *self == Self::new(self.svc_id, self.addr, (self.prefixlen - 32) as u8)
+    }
+}
+
+impl fmt::Display for SrcRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{} of service ID {}",
+            self.addr,
+            i64::from(self.prefixlen) - 32,
+            self.svc_id
+        )?;
+        if self.pad != 0 {
+            write!(f, " (pad {:#x})", self.pad)?;
+        }
+        Ok(())
+    }
 }
 
 /// The backend-map value for `b`.
@@ -75,10 +167,9 @@ pub fn backend_addr(b: &Backend4) -> Option<BackendAddr> {
     (backend4(&addr) == *b).then_some(addr)
 }
 
-/// The slot-0 flags of a desired service.
-fn service_flags(_: &DesiredService) -> u32 {
-    // Every entry is a ClusterIP for now; NodePort/LB/externalIP entries will set their own.
-    svc_flags::CLUSTER_IP
+/// The slot-0 value of a desired service with `count` slots.
+fn service_value(ds: &DesiredService, count: u16, svc_id: u16) -> Svc4Value {
+    Svc4Value::service(count, svc_id, ds.flags).with_affinity(ds.affinity_timeout_s)
 }
 
 /// The most slots a service can have (slot numbers are `u16`, slot 0 is the entry).
@@ -89,6 +180,7 @@ pub const MAX_BACKENDS_PER_SERVICE: usize = u16::MAX as usize;
 pub struct ProgrammedService {
     pub svc_id: u16,
     pub flags: u32,
+    pub affinity_timeout_s: u32,
     /// Backend ID of slot `i + 1`, for `i < count`. 0 marks a slot that is missing or does not
     /// hold `Svc4Value::slot(id, svc_id)` (only after a crash or by another writer).
     pub backend_ids: Vec<u32>,
@@ -110,6 +202,9 @@ struct Group {
 pub struct MapState {
     groups: BTreeMap<Svc4Key, Group>,
     raw_backends: BTreeMap<u32, Backend4>,
+    /// The ClusterIP map, keyed by `addr_be`.
+    vips: BTreeMap<u32, VipValue>,
+    src_ranges: BTreeMap<SrcRange, u8>,
     services: BTreeMap<ServiceKey, ProgrammedService>,
     backends: BTreeMap<u32, BackendAddr>,
     next_backend_id: u32,
@@ -145,6 +240,7 @@ fn derive(key0: &Svc4Key, g: &Group) -> Option<(ServiceKey, ProgrammedService)> 
         ProgrammedService {
             svc_id: e.svc_id,
             flags: e.flags,
+            affinity_timeout_s: e.affinity_timeout_s,
             backend_ids,
         },
     ))
@@ -158,7 +254,9 @@ fn fmt_key(k: &Svc4Key) -> String {
         None => format!("proto {}", k.proto),
     };
     let mut s = format!("{ip}:{port}/{proto}");
-    if k.scope != 0 || k._pad != [0; 2] {
+    if k.scope == scope::INTERNAL && k._pad == [0; 2] {
+        s.push_str(" (internal)");
+    } else if k.scope != scope::EXTERNAL || k._pad != [0; 2] {
         s.push_str(&format!(" (scope {}, pad {:?})", k.scope, k._pad));
     }
     s
@@ -195,6 +293,8 @@ impl MapState {
         Self {
             groups: BTreeMap::new(),
             raw_backends: BTreeMap::new(),
+            vips: BTreeMap::new(),
+            src_ranges: BTreeMap::new(),
             services: BTreeMap::new(),
             backends: BTreeMap::new(),
             next_backend_id: 1,
@@ -209,6 +309,8 @@ impl MapState {
     pub fn from_maps(
         services: impl IntoIterator<Item = (Svc4Key, Svc4Value)>,
         backends: impl IntoIterator<Item = (u32, Backend4)>,
+        vips: impl IntoIterator<Item = (u32, VipValue)>,
+        src_ranges: impl IntoIterator<Item = (SrcRange4Key, u8)>,
     ) -> (MapState, Vec<String>) {
         let mut state = MapState::new();
         for (key, value) in services {
@@ -224,6 +326,12 @@ impl MapState {
         for (id, b) in backends {
             state.raw_backends.insert(id, b);
             state.bump_backend_id(id);
+        }
+        state.vips.extend(vips);
+        for (k, v) in src_ranges {
+            let r = SrcRange::from_key(&k);
+            state.src_ranges.insert(r, v);
+            state.bump_svc_id(r.svc_id);
         }
         state.services = state
             .groups
@@ -266,6 +374,39 @@ impl MapState {
         self.raw_backends.iter().map(|(id, b)| (*id, *b))
     }
 
+    /// Every ClusterIP-map entry, as in the map.
+    pub fn vip_entries(&self) -> impl Iterator<Item = (u32, VipValue)> + '_ {
+        self.vips.iter().map(|(a, v)| (*a, *v))
+    }
+
+    /// The ClusterIPs programmed as this agent writes them.
+    pub fn cluster_ips(&self) -> BTreeSet<Ipv4Addr> {
+        self.vips
+            .iter()
+            .filter(|(_, v)| **v == CLUSTER_IP_VIP)
+            .map(|(a, _)| abi::addr_from_be(*a))
+            .collect()
+    }
+
+    /// Every source-range entry, as in the map.
+    pub fn src_range_entries(&self) -> impl Iterator<Item = (SrcRange4Key, u8)> + '_ {
+        self.src_ranges.iter().map(|(r, v)| (r.key(), *v))
+    }
+
+    /// The allowed source ranges `(network, prefix length)` of each service ID, as this
+    /// agent writes them.
+    pub fn source_ranges(&self) -> BTreeMap<u16, Vec<(Ipv4Addr, u8)>> {
+        let mut out: BTreeMap<u16, Vec<(Ipv4Addr, u8)>> = BTreeMap::new();
+        for (r, v) in &self.src_ranges {
+            if *v == SRC_RANGE_ALLOWED && r.is_canonical() {
+                out.entry(r.svc_id)
+                    .or_default()
+                    .push((r.addr, (r.prefixlen - 32) as u8));
+            }
+        }
+        out
+    }
+
     /// Everything in the maps that is not as this agent would have written it, one line each.
     pub fn inconsistencies(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -299,10 +440,20 @@ impl MapState {
                 ));
                 continue;
             };
-            if e != Svc4Value::service(e.count, e.svc_id, e.flags) {
+            if e != Svc4Value::service(e.count, e.svc_id, e.flags)
+                .with_affinity(e.affinity_timeout_s)
+            {
                 out.push(format!(
-                    "service {name}: entry has non-zero backend_id/reserved fields: {e:?}"
+                    "service {name}: entry has a non-zero backend_id: {e:?}"
                 ));
+            }
+            if k0.scope == scope::EXTERNAL && e.flags & svc_flags::TWO_SCOPES != 0 {
+                let twin = self.groups.get(&k0.with_scope(scope::INTERNAL));
+                if twin.and_then(|g| g.entry).is_none() {
+                    out.push(format!(
+                        "service {name}: flagged TWO_SCOPES without an internal entry"
+                    ));
+                }
             }
             if e.svc_id == 0 {
                 out.push(format!("service {name}: service ID 0 is reserved"));
@@ -346,6 +497,34 @@ impl MapState {
                 ));
             }
         }
+        for (addr, v) in &self.vips {
+            if *v != CLUSTER_IP_VIP || *addr == 0 {
+                out.push(format!(
+                    "ClusterIP {}: entry {v:?} is not a valid ClusterIP entry",
+                    abi::addr_from_be(*addr)
+                ));
+            }
+        }
+        let range_owners: HashSet<u16> = self
+            .groups
+            .iter()
+            .filter(|(k0, _)| k0.scope == scope::EXTERNAL)
+            .filter_map(|(_, g)| g.entry)
+            .filter(|e| e.flags & svc_flags::SOURCE_RANGES != 0)
+            .map(|e| e.svc_id)
+            .collect();
+        for (r, v) in &self.src_ranges {
+            if !r.is_canonical() || *v != SRC_RANGE_ALLOWED {
+                out.push(format!(
+                    "source range {r} (prefixlen {}, value {v}) is not a valid source-range entry",
+                    r.prefixlen
+                ));
+            } else if !range_owners.contains(&r.svc_id) {
+                out.push(format!(
+                    "source range {r}: no service entry with SOURCE_RANGES has that ID"
+                ));
+            }
+        }
         out
     }
 
@@ -371,6 +550,20 @@ impl MapState {
                 self.update_group(&key, Some(value));
             }
             Op::DeleteSlot { key } | Op::DeleteService { key } => self.update_group(&key, None),
+            Op::PutVip { addr_be, value } => {
+                self.vips.insert(addr_be, value);
+            }
+            Op::DeleteVip { addr_be } => {
+                self.vips.remove(&addr_be);
+            }
+            Op::PutSrcRange { key } => {
+                let r = SrcRange::from_key(&key);
+                self.src_ranges.insert(r, SRC_RANGE_ALLOWED);
+                self.bump_svc_id(r.svc_id);
+            }
+            Op::DeleteSrcRange { key } => {
+                self.src_ranges.remove(&SrcRange::from_key(&key));
+            }
         }
     }
 
@@ -441,6 +634,21 @@ pub enum Op {
     DeleteBackend {
         id: u32,
     },
+    /// A ClusterIP (`LB4_VIP_V1`).
+    PutVip {
+        addr_be: u32,
+        value: VipValue,
+    },
+    DeleteVip {
+        addr_be: u32,
+    },
+    /// An allowed source range (`LB4_SRC_V1`); the value is always [`SRC_RANGE_ALLOWED`].
+    PutSrcRange {
+        key: SrcRange4Key,
+    },
+    DeleteSrcRange {
+        key: SrcRange4Key,
+    },
 }
 
 impl fmt::Display for Op {
@@ -469,6 +677,21 @@ impl fmt::Display for Op {
             Op::DeleteSlot { key } => write!(f, "delete slot {} of {}", key.slot, fmt_key(key)),
             Op::DeleteService { key } => write!(f, "delete service {}", fmt_key(key)),
             Op::DeleteBackend { id } => write!(f, "delete backend {id}"),
+            Op::PutVip { addr_be, value } => write!(
+                f,
+                "put ClusterIP {} (flags {:#x})",
+                abi::addr_from_be(*addr_be),
+                value.flags
+            ),
+            Op::DeleteVip { addr_be } => {
+                write!(f, "delete ClusterIP {}", abi::addr_from_be(*addr_be))
+            }
+            Op::PutSrcRange { key } => {
+                write!(f, "put source range {}", SrcRange::from_key(key))
+            }
+            Op::DeleteSrcRange { key } => {
+                write!(f, "delete source range {}", SrcRange::from_key(key))
+            }
         }
     }
 }
@@ -535,8 +758,12 @@ fn assign_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
     layout
 }
 
-/// Computes the writes from `current` to `desired`. Pure; see the module docs for the order.
-pub fn plan(current: &MapState, desired: &Desired) -> Plan {
+/// Computes the writes from `current` to `desired` (service entries) and `cluster_ips` (the
+/// ClusterIP set, `Translation::cluster_ips`). Pure; see the module docs for the order.
+///
+/// Source ranges are written for the entries with `svc_flags::SOURCE_RANGES`, from
+/// `DesiredService::source_ranges`, keyed by that entry's service ID.
+pub fn plan(current: &MapState, desired: &Desired, cluster_ips: &BTreeSet<Ipv4Addr>) -> Plan {
     let mut backend_ids = Alloc {
         next: current.next_backend_id,
         in_use: current
@@ -557,7 +784,10 @@ pub fn plan(current: &MapState, desired: &Desired) -> Plan {
     }
 
     let mut put_backends = Vec::new();
+    let mut put_ranges = Vec::new();
+    let mut wanted_ranges: HashSet<SrcRange> = HashSet::new();
     let mut put_slots = Vec::new();
+    let mut put_internal = Vec::new();
     let mut put_services = Vec::new();
     let mut delete_slots = Vec::new();
     let mut referenced: HashSet<u32> = HashSet::new();
@@ -615,7 +845,21 @@ pub fn plan(current: &MapState, desired: &Desired) -> Plan {
             }
         }
         referenced.extend(ids.iter().copied());
+        // Draining (serving+terminating, not chosen) endpoints keep the backend they already
+        // have, in no slot: established flows to them still validate, new ones never pick
+        // them. One never programmed gets nothing (no flow can refer to it).
+        referenced.extend(ds.terminating.iter().filter_map(|b| id_of.get(b).copied()));
         kept.insert(key0);
+
+        if ds.flags & svc_flags::SOURCE_RANGES != 0 {
+            for (net, prefix) in &ds.source_ranges {
+                let r = SrcRange::new(svc_id, *net, *prefix);
+                if wanted_ranges.insert(r) && current.src_ranges.get(&r) != Some(&SRC_RANGE_ALLOWED)
+                {
+                    put_ranges.push(Op::PutSrcRange { key: r.key() });
+                }
+            }
+        }
 
         let layout = assign_slots(
             old.map(|o| o.backend_ids.as_slice()).unwrap_or_default(),
@@ -634,9 +878,14 @@ pub fn plan(current: &MapState, desired: &Desired) -> Plan {
             }
         }
         let count = layout.len() as u16;
-        let value = Svc4Value::service(count, svc_id, service_flags(ds));
+        let value = service_value(ds, count, svc_id);
         if group.and_then(|g| g.entry) != Some(value) {
-            put_services.push(Op::PutService { key: key0, value });
+            let op = Op::PutService { key: key0, value };
+            if key.scope == scope::EXTERNAL {
+                put_services.push(op);
+            } else {
+                put_internal.push(op);
+            }
         }
         if let Some(g) = group {
             for slot in g.slots.range(count.saturating_add(1)..).map(|(s, _)| *s) {
@@ -666,24 +915,103 @@ pub fn plan(current: &MapState, desired: &Desired) -> Plan {
         .keys()
         .filter(|id| !referenced.contains(*id))
         .map(|id| Op::DeleteBackend { id: *id });
+    let delete_ranges = current
+        .src_ranges
+        .keys()
+        .filter(|r| !wanted_ranges.contains(*r))
+        .map(|r| Op::DeleteSrcRange { key: r.key() });
+
+    let wanted_vips: BTreeSet<u32> = cluster_ips.iter().map(|ip| abi::addr_be(*ip)).collect();
+    let put_vips = wanted_vips
+        .iter()
+        .filter(|a| current.vips.get(*a) != Some(&CLUSTER_IP_VIP))
+        .map(|a| Op::PutVip {
+            addr_be: *a,
+            value: CLUSTER_IP_VIP,
+        });
+    let delete_vips = current
+        .vips
+        .keys()
+        .filter(|a| !wanted_vips.contains(*a))
+        .map(|a| Op::DeleteVip { addr_be: *a });
 
     let mut ops = put_backends;
+    ops.extend(put_ranges);
     ops.extend(put_slots);
+    ops.extend(put_internal);
     ops.extend(put_services);
+    ops.extend(put_vips);
     ops.extend(delete_slots);
     ops.extend(delete_services);
+    ops.extend(delete_ranges);
+    ops.extend(delete_vips);
     ops.extend(delete_backends);
     Plan { ops }
 }
 
-/// Writes to the service and backend maps. Slots and service entries both go through
+/// Writes to the maps. Slots and service entries both go through
 /// `put_service`/`delete_service`. Deleting a key that is not there is `Ok`.
+///
+/// The ClusterIP and source-range methods have default implementations that fail with
+/// [`ExtWriteError::Unsupported`], so writers written before those maps existed keep
+/// compiling (and fail loudly, never silently, when a plan needs them). Their error type is
+/// [`ExtWriteError`] because a default cannot build a `Self::Error`; a writer's own error
+/// goes in [`ExtWriteError::Map`] (`?` converts it), and [`apply_plan`] unwraps it again so
+/// [`ApplyError::source`] is the writer's error type either way.
 pub trait MapWriter {
     type Error: std::error::Error + Send + Sync + 'static;
     fn put_backend(&mut self, id: u32, b: &Backend4) -> Result<(), Self::Error>;
     fn put_service(&mut self, k: &Svc4Key, v: &Svc4Value) -> Result<(), Self::Error>;
     fn delete_service(&mut self, k: &Svc4Key) -> Result<(), Self::Error>;
     fn delete_backend(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// `LB4_VIP_V1[addr_be] = v`.
+    fn put_vip(&mut self, addr_be: u32, v: &VipValue) -> Result<(), ExtWriteError<Self::Error>> {
+        let _ = (addr_be, v);
+        Err(ExtWriteError::Unsupported { op: "put_vip" })
+    }
+    /// Removes `LB4_VIP_V1[addr_be]`.
+    fn delete_vip(&mut self, addr_be: u32) -> Result<(), ExtWriteError<Self::Error>> {
+        let _ = addr_be;
+        Err(ExtWriteError::Unsupported { op: "delete_vip" })
+    }
+    /// `LB4_SRC_V1[k] = 1`.
+    fn put_src_range(&mut self, k: &SrcRange4Key) -> Result<(), ExtWriteError<Self::Error>> {
+        let _ = k;
+        Err(ExtWriteError::Unsupported {
+            op: "put_src_range",
+        })
+    }
+    /// Removes `LB4_SRC_V1[k]`.
+    fn delete_src_range(&mut self, k: &SrcRange4Key) -> Result<(), ExtWriteError<Self::Error>> {
+        let _ = k;
+        Err(ExtWriteError::Unsupported {
+            op: "delete_src_range",
+        })
+    }
+}
+
+/// The error of the [`MapWriter`] methods that have a default implementation.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtWriteError<E> {
+    /// The writer's own error.
+    #[error(transparent)]
+    Map(#[from] E),
+    /// The writer does not implement this method.
+    #[error(
+        "this map writer does not implement {op}; it needs the ClusterIP and source-range maps \
+         (LB4_VIP_V1, LB4_SRC_V1)"
+    )]
+    Unsupported { op: &'static str },
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> ExtWriteError<E> {
+    /// The writer's error as itself, so callers can match it by type.
+    fn boxed(self) -> Box<dyn std::error::Error + Send + Sync> {
+        match self {
+            ExtWriteError::Map(e) => Box::new(e),
+            other => Box::new(other),
+        }
+    }
 }
 
 /// How many writes of each kind [`apply_plan`] made.
@@ -695,6 +1023,10 @@ pub struct ApplyStats {
     pub delete_slots: usize,
     pub delete_services: usize,
     pub delete_backends: usize,
+    pub put_vips: usize,
+    pub delete_vips: usize,
+    pub put_src_ranges: usize,
+    pub delete_src_ranges: usize,
 }
 
 impl ApplyStats {
@@ -705,6 +1037,10 @@ impl ApplyStats {
             + self.delete_slots
             + self.delete_services
             + self.delete_backends
+            + self.put_vips
+            + self.delete_vips
+            + self.put_src_ranges
+            + self.delete_src_ranges
     }
 
     fn count(&mut self, op: &Op) {
@@ -715,6 +1051,10 @@ impl ApplyStats {
             Op::DeleteSlot { .. } => self.delete_slots += 1,
             Op::DeleteService { .. } => self.delete_services += 1,
             Op::DeleteBackend { .. } => self.delete_backends += 1,
+            Op::PutVip { .. } => self.put_vips += 1,
+            Op::DeleteVip { .. } => self.delete_vips += 1,
+            Op::PutSrcRange { .. } => self.put_src_ranges += 1,
+            Op::DeleteSrcRange { .. } => self.delete_src_ranges += 1,
         }
     }
 }
@@ -739,6 +1079,10 @@ pub struct ApplyError {
 
 /// Performs the plan's writes in order, recording each successful one in `state`. Stops at
 /// the first failure.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is built once per failed sync and read whole by the caller"
+)]
 pub fn apply_plan<W: MapWriter>(
     state: &mut MapState,
     plan: &Plan,
@@ -747,10 +1091,20 @@ pub fn apply_plan<W: MapWriter>(
     let mut stats = ApplyStats::default();
     for (index, op) in plan.ops.iter().enumerate() {
         let result = match op {
-            Op::PutBackend { id, backend } => w.put_backend(*id, backend),
-            Op::PutSlot { key, value } | Op::PutService { key, value } => w.put_service(key, value),
-            Op::DeleteSlot { key } | Op::DeleteService { key } => w.delete_service(key),
-            Op::DeleteBackend { id } => w.delete_backend(*id),
+            Op::PutBackend { id, backend } => {
+                w.put_backend(*id, backend).map_err(ExtWriteError::Map)
+            }
+            Op::PutSlot { key, value } | Op::PutService { key, value } => {
+                w.put_service(key, value).map_err(ExtWriteError::Map)
+            }
+            Op::DeleteSlot { key } | Op::DeleteService { key } => {
+                w.delete_service(key).map_err(ExtWriteError::Map)
+            }
+            Op::DeleteBackend { id } => w.delete_backend(*id).map_err(ExtWriteError::Map),
+            Op::PutVip { addr_be, value } => w.put_vip(*addr_be, value),
+            Op::DeleteVip { addr_be } => w.delete_vip(*addr_be),
+            Op::PutSrcRange { key } => w.put_src_range(key),
+            Op::DeleteSrcRange { key } => w.delete_src_range(key),
         };
         if let Err(e) = result {
             return Err(ApplyError {
@@ -758,7 +1112,7 @@ pub fn apply_plan<W: MapWriter>(
                 total: plan.ops.len(),
                 op: *op,
                 applied: stats,
-                source: Box::new(e),
+                source: e.boxed(),
             });
         }
         state.apply(op);
@@ -772,6 +1126,8 @@ pub fn apply_plan<W: MapWriter>(
 pub struct MemMaps {
     pub services: BTreeMap<Svc4Key, Svc4Value>,
     pub backends: BTreeMap<u32, Backend4>,
+    pub vips: BTreeMap<u32, VipValue>,
+    pub src_ranges: HashMap<SrcRange4Key, u8>,
 }
 
 impl MemMaps {
@@ -780,14 +1136,26 @@ impl MemMaps {
         MapState::from_maps(
             self.services.iter().map(|(k, v)| (*k, *v)),
             self.backends.iter().map(|(k, v)| (*k, *v)),
+            self.vips.iter().map(|(k, v)| (*k, *v)),
+            self.src_ranges.iter().map(|(k, v)| (*k, *v)),
         )
     }
 
-    /// Every service entry whose slots `1..=count` do not all lead to an existing backend,
-    /// as messages. Empty when a reader can use every service.
+    /// Every service entry a reader cannot use as flagged, as messages: slots `1..=count`
+    /// that do not all lead to an existing backend, or `TWO_SCOPES` without the internal
+    /// entry. Empty when a reader can use every service.
     pub fn broken_services(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (k, v) in self.services.iter().filter(|(k, _)| k.slot == 0) {
+            if k.scope == scope::EXTERNAL
+                && v.flags & svc_flags::TWO_SCOPES != 0
+                && !self.services.contains_key(&k.with_scope(scope::INTERNAL))
+            {
+                out.push(format!(
+                    "{}: TWO_SCOPES without its internal entry",
+                    fmt_key(k)
+                ));
+            }
             for s in 1..=v.count {
                 match self.services.get(&Svc4Key { slot: s, ..*k }) {
                     None => out.push(format!("{}: slot {s} of {} missing", fmt_key(k), v.count)),
@@ -828,6 +1196,26 @@ impl MapWriter for MemMaps {
         self.backends.remove(&id);
         Ok(())
     }
+
+    fn put_vip(&mut self, addr_be: u32, v: &VipValue) -> Result<(), ExtWriteError<Infallible>> {
+        self.vips.insert(addr_be, *v);
+        Ok(())
+    }
+
+    fn delete_vip(&mut self, addr_be: u32) -> Result<(), ExtWriteError<Infallible>> {
+        self.vips.remove(&addr_be);
+        Ok(())
+    }
+
+    fn put_src_range(&mut self, k: &SrcRange4Key) -> Result<(), ExtWriteError<Infallible>> {
+        self.src_ranges.insert(*k, SRC_RANGE_ALLOWED);
+        Ok(())
+    }
+
+    fn delete_src_range(&mut self, k: &SrcRange4Key) -> Result<(), ExtWriteError<Infallible>> {
+        self.src_ranges.remove(k);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -845,11 +1233,12 @@ mod tests {
     }
 
     fn key(ip_: &str, port: u16) -> ServiceKey {
-        ServiceKey {
-            ip: ip(ip_),
-            port,
-            protocol: TCP,
-        }
+        ServiceKey::external(ip(ip_), port, TCP)
+    }
+
+    /// Plans the service entries only (no ClusterIP set).
+    fn plan_d(state: &MapState, d: &Desired) -> Plan {
+        plan(state, d, &BTreeSet::new())
     }
 
     fn be(ip_: &str, port: u16) -> BackendAddr {
@@ -873,13 +1262,15 @@ mod tests {
             let mut backends = backends.to_vec();
             backends.sort();
             backends.dedup();
-            self.0.insert(
-                k,
-                DesiredService {
-                    name: format!("test/{k}"),
-                    backends,
-                },
-            );
+            self.0
+                .insert(k, DesiredService::new(format!("test/{k}"), backends, CIP));
+            self
+        }
+
+        /// Marks `terminating` as draining endpoints of the (already added) service `k`.
+        fn drain(mut self, k: ServiceKey, terminating: &[BackendAddr]) -> Self {
+            let ds = self.0.get_mut(&k).expect("drain after svc");
+            ds.terminating = terminating.to_vec();
             self
         }
     }
@@ -920,7 +1311,7 @@ mod tests {
     fn programmed(d: &Desired) -> (MemMaps, MapState) {
         let mut maps = MemMaps::default();
         let mut state = MapState::new();
-        let p = plan(&state, d);
+        let p = plan_d(&state, d);
         replay(&mut state, &mut maps, &p);
         (maps, state)
     }
@@ -954,6 +1345,10 @@ mod tests {
         let backends: BTreeMap<_, _> = state.backend_entries().collect();
         assert_eq!(services, maps.services, "{ctx}: raw service entries");
         assert_eq!(backends, maps.backends, "{ctx}: raw backend entries");
+        let vips: BTreeMap<_, _> = state.vip_entries().collect();
+        assert_eq!(vips, maps.vips, "{ctx}: raw ClusterIP entries");
+        let ranges: HashMap<_, _> = state.src_range_entries().collect();
+        assert_eq!(ranges, maps.src_ranges, "{ctx}: raw source-range entries");
         let (restored, _) = maps.state();
         assert_eq!(
             state.services(),
@@ -993,19 +1388,43 @@ mod tests {
     /// Plans, replays with checks, and checks the result: maps lead exactly where `d` says,
     /// are all canonical, and planning again gives nothing.
     fn converge(state: &mut MapState, maps: &mut MemMaps, d: &Desired) -> Plan {
-        let p = plan(state, d);
+        converge_with(state, maps, d, &BTreeSet::new())
+    }
+
+    /// [`converge`] with a ClusterIP set; also checks the ClusterIPs and source ranges.
+    fn converge_with(
+        state: &mut MapState,
+        maps: &mut MemMaps,
+        d: &Desired,
+        vips: &BTreeSet<Ipv4Addr>,
+    ) -> Plan {
+        let plan_d = |s: &MapState, d: &Desired| plan(s, d, vips);
+        let p = plan_d(state, d);
         replay(state, maps, &p);
         assert_eq!(
             resolved(maps),
             wanted(d),
             "maps after the plan lead where desired"
         );
-        assert_eq!(plan(state, d), Plan::default(), "a second plan is empty");
+        assert_eq!(plan_d(state, d), Plan::default(), "a second plan is empty");
         let (restored, _) = maps.state();
         assert_eq!(
-            plan(&restored, d),
+            plan_d(&restored, d),
             Plan::default(),
             "a restarted agent plans nothing"
+        );
+        assert_eq!(&state.cluster_ips(), vips, "ClusterIPs");
+        let want_ranges: BTreeMap<u16, Vec<(Ipv4Addr, u8)>> = d
+            .iter()
+            .filter(|(_, ds)| {
+                ds.flags & svc_flags::SOURCE_RANGES != 0 && !ds.source_ranges.is_empty()
+            })
+            .map(|(k, ds)| (state.services()[k].svc_id, ds.source_ranges.clone()))
+            .collect();
+        assert_eq!(
+            state.source_ranges(),
+            want_ranges,
+            "source ranges by service ID"
         );
         p
     }
@@ -1147,6 +1566,33 @@ mod tests {
                 expected: vec![del_svc(a), del_slot(a, 1), del_slot(a, 2), del_be(1)],
             },
             Case {
+                name: "endpoint turns terminating while others are ready: out of the slots, its backend kept",
+                input: (
+                    desired().svc(a, &[e1, e2, e3]),
+                    desired().svc(a, &[e1, e3]).drain(a, &[e2]),
+                ),
+                expected: vec![put_slot(a, 2, 3, 1), put_svc(a, 2, 1), del_slot(a, 3)],
+            },
+            Case {
+                name: "a draining endpoint never programmed gets no backend",
+                input: (desired(), desired().svc(a, &[e1]).drain(a, &[e2])),
+                expected: vec![put_be(1, e1), put_slot(a, 1, 1, 1), put_svc(a, 1, 1)],
+            },
+            Case {
+                name: "draining for one service keeps the backend another service dropped",
+                input: (
+                    desired().svc(a, &[e1, e2]).svc(b, &[e2, e3]),
+                    desired().svc(a, &[e1]).svc(b, &[e3]).drain(b, &[e2]),
+                ),
+                expected: vec![
+                    put_slot(b, 1, 3, 2),
+                    put_svc(a, 1, 1),
+                    put_svc(b, 1, 2),
+                    del_slot(a, 2),
+                    del_slot(b, 2),
+                ],
+            },
+            Case {
                 name: "service replaced by another: new one made before the old one goes",
                 input: (desired().svc(a, &[e1]), desired().svc(b, &[e2])),
                 expected: vec![
@@ -1171,6 +1617,45 @@ mod tests {
                 p.ops.iter().map(|o| format!("  {o}\n")).collect::<String>()
             );
         }
+    }
+
+    /// An endpoint's life through termination: ready -> terminating+serving (out of the
+    /// slots, backend and ID kept: established flows still validate) -> unchanged (nothing
+    /// to do, also after a restart) -> ready again (same ID, no new backend) -> terminating
+    /// -> no longer serving (backend deleted last, flows re-balance).
+    #[test]
+    fn draining_endpoints_keep_their_backend_until_they_stop_serving() {
+        let a = key("10.96.0.1", 80);
+        let (e1, e2, e3) = (
+            be("10.0.0.1", 8080),
+            be("10.0.0.2", 8080),
+            be("10.0.0.3", 8080),
+        );
+        let all = desired().svc(a, &[e1, e2, e3]);
+        let (mut maps, mut state) = programmed(&all.0);
+        assert_eq!(state.backends()[&2], e2);
+        let draining = desired().svc(a, &[e1, e3]).drain(a, &[e2]);
+        let p = converge(&mut state, &mut maps, &draining.0);
+        assert_eq!(
+            p.ops,
+            vec![put_slot(a, 2, 3, 1), put_svc(a, 2, 1), del_slot(a, 3)]
+        );
+        assert_eq!(state.backends()[&2], e2, "backend kept with its ID");
+        assert_eq!(
+            maps.state().0.backends()[&2],
+            e2,
+            "also as a restart reads it"
+        );
+        // Unchanged input: empty plan (converge also checks a restarted agent's plan).
+        assert!(converge(&mut state, &mut maps, &draining.0).is_empty());
+        // Back to ready: the same ID goes into a slot, no backend write.
+        let p = converge(&mut state, &mut maps, &all.0);
+        assert_eq!(p.ops, vec![put_slot(a, 3, 2, 1), put_svc(a, 3, 1)]);
+        converge(&mut state, &mut maps, &draining.0);
+        // No longer serving (or gone): the backend goes, after everything else.
+        let gone = desired().svc(a, &[e1, e3]);
+        let p = converge(&mut state, &mut maps, &gone.0);
+        assert_eq!(p.ops, vec![del_be(2)]);
     }
 
     #[test]
@@ -1233,10 +1718,11 @@ mod tests {
             ProgrammedService {
                 svc_id: 1,
                 flags: CIP,
+                affinity_timeout_s: 0,
                 backend_ids: vec![1, 2]
             }
         );
-        assert!(plan(&restored, &d.0).is_empty());
+        assert!(plan_d(&restored, &d.0).is_empty());
     }
 
     #[test]
@@ -1318,7 +1804,7 @@ mod tests {
         let b = key("10.96.0.2", 80);
         let e1 = be("10.0.0.1", 80);
         let odd_key = Svc4Key {
-            scope: 1,
+            scope: 7,
             ..svc4_key(&a, 0)
         };
         let cases = vec![
@@ -1349,7 +1835,7 @@ mod tests {
                 ],
                 expected: vec![
                     "service 10.96.0.1:80/TCP: slot 1 of 3 is missing",
-                    "service 10.96.0.1:80/TCP: slot 2 is not a valid slot of service ID 1: Svc4Value { backend_id: 1, count: 0, svc_id: 9, flags: 0, _reserved: 0 }",
+                    "service 10.96.0.1:80/TCP: slot 2 is not a valid slot of service ID 1: Svc4Value { backend_id: 1, count: 0, svc_id: 9, flags: 0, affinity_timeout_s: 0 }",
                 ],
             },
             Case {
@@ -1408,7 +1894,7 @@ mod tests {
                     },
                 ],
                 expected: vec![
-                    "service 10.96.0.1:80/TCP (scope 1, pad [0, 0]): key with unknown protocol, scope or padding",
+                    "service 10.96.0.1:80/TCP (scope 7, pad [0, 0]): key with unknown protocol, scope or padding",
                     "service 10.96.0.2:80/proto 99: key with unknown protocol, scope or padding",
                 ],
             },
@@ -1422,7 +1908,7 @@ mod tests {
                     },
                 }],
                 expected: vec![
-                    "service 10.96.0.1:80/TCP: entry has non-zero backend_id/reserved fields: Svc4Value { backend_id: 5, count: 0, svc_id: 1, flags: 1, _reserved: 0 }",
+                    "service 10.96.0.1:80/TCP: entry has a non-zero backend_id: Svc4Value { backend_id: 5, count: 0, svc_id: 1, flags: 1, affinity_timeout_s: 0 }",
                 ],
             },
         ];
@@ -1442,7 +1928,7 @@ mod tests {
                 let mut maps = maps.clone();
                 let (mut state, _) = maps.state();
                 // The replay checks are not meaningful before the repair: only check the end.
-                let p = plan(&state, &target.0);
+                let p = plan_d(&state, &target.0);
                 apply_plan(&mut state, &p, &mut maps).expect("MemMaps never fails");
                 assert_model_matches(&state, &maps, c.name);
                 assert_eq!(
@@ -1452,7 +1938,7 @@ mod tests {
                     c.name
                 );
                 assert!(
-                    plan(&state, &target.0).is_empty(),
+                    plan_d(&state, &target.0).is_empty(),
                     "{} -> target {i}: converged",
                     c.name
                 );
@@ -1499,6 +1985,30 @@ mod tests {
             self.step()?;
             self.inner.delete_backend(id).map_err(|e| match e {})
         }
+        fn put_vip(&mut self, a: u32, v: &VipValue) -> Result<(), ExtWriteError<Self::Error>> {
+            self.step()?;
+            self.inner
+                .put_vip(a, v)
+                .map_err(|_| unreachable!("MemMaps never fails"))
+        }
+        fn delete_vip(&mut self, a: u32) -> Result<(), ExtWriteError<Self::Error>> {
+            self.step()?;
+            self.inner
+                .delete_vip(a)
+                .map_err(|_| unreachable!("MemMaps never fails"))
+        }
+        fn put_src_range(&mut self, k: &SrcRange4Key) -> Result<(), ExtWriteError<Self::Error>> {
+            self.step()?;
+            self.inner
+                .put_src_range(k)
+                .map_err(|_| unreachable!("MemMaps never fails"))
+        }
+        fn delete_src_range(&mut self, k: &SrcRange4Key) -> Result<(), ExtWriteError<Self::Error>> {
+            self.step()?;
+            self.inner
+                .delete_src_range(k)
+                .map_err(|_| unreachable!("MemMaps never fails"))
+        }
     }
 
     #[test]
@@ -1509,7 +2019,7 @@ mod tests {
         let from = desired().svc(a, &[e1, e2]).svc(b, &[e2]);
         let to = desired().svc(a, &[e3, e2]).svc(key("10.96.0.3", 80), &[e1]);
         let (maps, state) = programmed(&from.0);
-        let total = plan(&state, &to.0).ops.len();
+        let total = plan_d(&state, &to.0).ops.len();
         assert!(total > 5, "the plan exercises several phases");
         for fail_at in 0..total {
             let mut w = Failing {
@@ -1518,7 +2028,7 @@ mod tests {
                 fail_at,
             };
             let mut st = state.clone();
-            let p = plan(&st, &to.0);
+            let p = plan_d(&st, &to.0);
             let err = apply_plan(&mut st, &p, &mut w).expect_err("injected failure");
             assert_eq!(err.index, fail_at);
             assert_eq!(err.applied.total(), fail_at);
@@ -1558,7 +2068,7 @@ mod tests {
                 .svc(key("10.96.0.2", 1), &[])
                 .0,
         );
-        let p = plan(&state, &desired().svc(a, &[be("10.0.0.3", 80)]).0);
+        let p = plan_d(&state, &desired().svc(a, &[be("10.0.0.3", 80)]).0);
         let stats = apply_plan(&mut state, &p, &mut maps).expect("MemMaps never fails");
         assert_eq!(
             stats,
@@ -1568,7 +2078,8 @@ mod tests {
                 put_services: 1,
                 delete_slots: 1,
                 delete_services: 1,
-                delete_backends: 2
+                delete_backends: 2,
+                ..Default::default()
             }
         );
         assert_eq!(stats.total(), p.ops.len());
@@ -1656,17 +2167,23 @@ mod tests {
 
     #[test]
     fn abi_conversions_round_trip() {
-        let k = ServiceKey {
-            ip: ip("10.96.0.1"),
-            port: 53,
-            protocol: Protocol::Udp,
-        };
+        let k = ServiceKey::external(ip("10.96.0.1"), 53, Protocol::Udp);
         let sk = svc4_key(&k, 4);
         assert_eq!(sk.addr_be.to_ne_bytes(), [10, 96, 0, 1]);
         assert_eq!(sk.port_be.to_ne_bytes(), [0, 53]);
         assert_eq!((sk.proto, sk.slot, sk.scope), (17, 4, 0));
         assert_eq!(service_key(&sk), Some(k));
-        assert_eq!(service_key(&Svc4Key { scope: 1, ..sk }), None);
+        assert_eq!(service_key(&Svc4Key { scope: 1, ..sk }), Some(k.internal()));
+        assert_eq!(
+            svc4_key(&k.internal(), 0),
+            Svc4Key {
+                scope: 1,
+                slot: 0,
+                ..sk
+            }
+        );
+        assert_eq!(service_key(&Svc4Key { scope: 2, ..sk }), None);
+        assert_eq!(service_key(&Svc4Key { _pad: [0, 1], ..sk }), None);
         assert_eq!(service_key(&Svc4Key { proto: 1, ..sk }), None);
         let b = BackendAddr {
             ip: ip("10.0.0.1"),
@@ -1734,6 +2251,482 @@ mod tests {
                 "{}",
                 c.name
             );
+        }
+    }
+
+    // ---- scopes, flags, ClusterIPs, source ranges ------------------------------------------
+
+    fn ipset(ips: &[&str]) -> BTreeSet<Ipv4Addr> {
+        ips.iter().map(|s| ip(s)).collect()
+    }
+
+    fn entry(k: ServiceKey, backends: &[BackendAddr], flags: u32) -> (ServiceKey, DesiredService) {
+        (
+            k,
+            DesiredService::new(format!("test/{k}"), backends.to_vec(), flags),
+        )
+    }
+
+    fn put_vip(a: &str) -> Op {
+        Op::PutVip {
+            addr_be: abi::addr_be(ip(a)),
+            value: CLUSTER_IP_VIP,
+        }
+    }
+    fn del_vip(a: &str) -> Op {
+        Op::DeleteVip {
+            addr_be: abi::addr_be(ip(a)),
+        }
+    }
+    fn put_range(svc_id: u16, a: &str, p: u8) -> Op {
+        Op::PutSrcRange {
+            key: SrcRange4Key::new(svc_id, abi::addr_be(ip(a)), p),
+        }
+    }
+    fn del_range(svc_id: u16, a: &str, p: u8) -> Op {
+        Op::DeleteSrcRange {
+            key: SrcRange4Key::new(svc_id, abi::addr_be(ip(a)), p),
+        }
+    }
+
+    /// An LB entry with the given allowed ranges.
+    fn lb(
+        k: ServiceKey,
+        backends: &[BackendAddr],
+        ranges: &[(&str, u8)],
+    ) -> (ServiceKey, DesiredService) {
+        let (k, mut d) = entry(
+            k,
+            backends,
+            svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES,
+        );
+        d.source_ranges = ranges.iter().map(|(a, p)| (ip(a), *p)).collect();
+        (k, d)
+    }
+
+    #[test]
+    fn two_scopes_flags_and_affinity() {
+        let x = key("198.51.100.1", 80);
+        let (e1, e2) = (be("10.0.0.1", 8080), be("10.0.0.2", 8080));
+        let local = svc_flags::NODE_PORT | svc_flags::ETP_LOCAL | svc_flags::TWO_SCOPES;
+        let d_local: Desired = [
+            entry(x, &[e1], local),
+            entry(x.internal(), &[e1, e2], svc_flags::NODE_PORT),
+        ]
+        .into();
+        let d_cluster: Desired = [entry(x, &[e1, e2], svc_flags::NODE_PORT)].into();
+        let mut maps = MemMaps::default();
+        let mut state = MapState::new();
+        // New: the internal twin's entry is written before the external one that points at it.
+        let p = converge(&mut state, &mut maps, &d_local);
+        let internal = Svc4Key::scoped(
+            abi::addr_be(ip("198.51.100.1")),
+            abi::port_be(80),
+            6,
+            scope::INTERNAL,
+            0,
+        );
+        assert_eq!(
+            p.ops,
+            vec![
+                put_be(1, e1),
+                put_be(2, e2),
+                put_slot(x, 1, 1, 1),
+                Op::PutSlot {
+                    key: internal.with_slot(1),
+                    value: Svc4Value::slot(1, 2)
+                },
+                Op::PutSlot {
+                    key: internal.with_slot(2),
+                    value: Svc4Value::slot(2, 2)
+                },
+                Op::PutService {
+                    key: internal,
+                    value: Svc4Value::service(2, 2, svc_flags::NODE_PORT)
+                },
+                Op::PutService {
+                    key: svc4_key(&x, 0),
+                    value: Svc4Value::service(1, 1, local)
+                },
+            ]
+        );
+        assert_eq!(
+            p.ops[6].to_string(),
+            format!(
+                "put service 198.51.100.1:80/TCP = 1 backends (service ID 1, flags {local:#x})"
+            )
+        );
+        assert_eq!(
+            p.ops[5].to_string(),
+            "put service 198.51.100.1:80/TCP (internal) = 2 backends (service ID 2, flags 0x2)"
+        );
+        // Local -> Cluster: the external entry drops TWO_SCOPES before the twin goes.
+        let p = converge(&mut state, &mut maps, &d_cluster);
+        assert_eq!(
+            p.ops,
+            vec![
+                put_slot(x, 2, 2, 1),
+                Op::PutService {
+                    key: svc4_key(&x, 0),
+                    value: Svc4Value::service(2, 1, svc_flags::NODE_PORT)
+                },
+                Op::DeleteService { key: internal },
+                Op::DeleteSlot {
+                    key: internal.with_slot(1)
+                },
+                Op::DeleteSlot {
+                    key: internal.with_slot(2)
+                },
+            ]
+        );
+        // Back again (replay checks TWO_SCOPES never lacks its twin), then a flags/affinity
+        // change alone is one service-entry write.
+        converge(&mut state, &mut maps, &d_local);
+        let mut d_aff = d_local.clone();
+        for d in d_aff.values_mut() {
+            d.flags |= svc_flags::AFFINITY;
+            d.affinity_timeout_s = 60;
+        }
+        let p = converge(&mut state, &mut maps, &d_aff);
+        let ext_id = state.services()[&x].svc_id;
+        let int_id = state.services()[&x.internal()].svc_id;
+        assert_eq!(
+            p.ops,
+            vec![
+                Op::PutService {
+                    key: internal,
+                    value: Svc4Value::service(
+                        2,
+                        int_id,
+                        svc_flags::NODE_PORT | svc_flags::AFFINITY
+                    )
+                    .with_affinity(60),
+                },
+                Op::PutService {
+                    key: svc4_key(&x, 0),
+                    value: Svc4Value::service(1, ext_id, local | svc_flags::AFFINITY)
+                        .with_affinity(60),
+                },
+            ]
+        );
+        assert_eq!(state.services()[&x].affinity_timeout_s, 60);
+        // Removing the service: external entry first, then the twin.
+        let p = converge(&mut state, &mut maps, &Desired::new());
+        let deleted: Vec<Op> = p
+            .ops
+            .iter()
+            .copied()
+            .filter(|o| matches!(o, Op::DeleteService { .. }))
+            .collect();
+        assert_eq!(
+            deleted,
+            vec![
+                Op::DeleteService {
+                    key: svc4_key(&x, 0)
+                },
+                Op::DeleteService { key: internal }
+            ]
+        );
+    }
+
+    #[test]
+    fn cluster_ip_set_follows_the_translation() {
+        let a = key("10.96.0.1", 80);
+        let d: Desired = [entry(a, &[], CIP)].into();
+        let mut maps = MemMaps::default();
+        let mut state = MapState::new();
+        // New ClusterIPs after the service entries; one without any entry still gets its VIP.
+        let p = converge_with(
+            &mut state,
+            &mut maps,
+            &d,
+            &ipset(&["10.96.0.1", "10.96.0.9"]),
+        );
+        assert_eq!(
+            p.ops,
+            vec![put_svc(a, 0, 1), put_vip("10.96.0.1"), put_vip("10.96.0.9")]
+        );
+        assert_eq!(p.ops[1].to_string(), "put ClusterIP 10.96.0.1 (flags 0x1)");
+        // Unchanged: nothing.
+        assert!(
+            converge_with(
+                &mut state,
+                &mut maps,
+                &d,
+                &ipset(&["10.96.0.1", "10.96.0.9"])
+            )
+            .is_empty()
+        );
+        // Service and ClusterIP removed: entry first, VIP after.
+        let p = converge_with(
+            &mut state,
+            &mut maps,
+            &Desired::new(),
+            &ipset(&["10.96.0.9"]),
+        );
+        assert_eq!(p.ops, vec![del_svc(a), del_vip("10.96.0.1")]);
+        assert_eq!(p.ops[1].to_string(), "delete ClusterIP 10.96.0.1");
+        // A foreign value is rewritten; a foreign address deleted; both reported on restart.
+        maps.vips
+            .insert(abi::addr_be(ip("10.96.0.9")), VipValue { flags: 0 });
+        maps.vips
+            .insert(abi::addr_be(ip("10.96.0.7")), CLUSTER_IP_VIP);
+        let (mut restored, warnings) = maps.state();
+        assert_eq!(
+            warnings,
+            vec![
+                "ClusterIP 10.96.0.9: entry VipValue { flags: 0 } is not a valid ClusterIP entry"
+                    .to_string()
+            ]
+        );
+        let p = converge_with(
+            &mut restored,
+            &mut maps,
+            &Desired::new(),
+            &ipset(&["10.96.0.9"]),
+        );
+        assert_eq!(p.ops, vec![put_vip("10.96.0.9"), del_vip("10.96.0.7")]);
+    }
+
+    #[test]
+    fn source_ranges_are_made_before_and_broken_after_the_entry() {
+        let x = key("198.51.100.1", 443);
+        let mut maps = MemMaps::default();
+        let mut state = MapState::new();
+        // New: ranges (keyed by the entry's service ID, host bits cleared) before the entry.
+        let p = converge(
+            &mut state,
+            &mut maps,
+            &[lb(x, &[], &[("10.0.0.0", 8), ("192.168.7.0", 24)])].into(),
+        );
+        let flags = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
+        assert_eq!(
+            p.ops,
+            vec![
+                put_range(1, "10.0.0.0", 8),
+                put_range(1, "192.168.7.0", 24),
+                Op::PutService {
+                    key: svc4_key(&x, 0),
+                    value: Svc4Value::service(0, 1, flags)
+                },
+            ]
+        );
+        assert_eq!(
+            p.ops[0].to_string(),
+            "put source range 10.0.0.0/8 of service ID 1"
+        );
+        // Ranges changed, entry unchanged: the new one before the old one goes.
+        let p = converge(
+            &mut state,
+            &mut maps,
+            &[lb(x, &[], &[("10.0.0.0", 8), ("172.16.0.0", 12)])].into(),
+        );
+        assert_eq!(
+            p.ops,
+            vec![
+                put_range(1, "172.16.0.0", 12),
+                del_range(1, "192.168.7.0", 24)
+            ]
+        );
+        // An empty list with SOURCE_RANGES: no range, every source dropped (fail closed).
+        let p = converge(&mut state, &mut maps, &[lb(x, &[], &[])].into());
+        assert_eq!(
+            p.ops,
+            vec![del_range(1, "10.0.0.0", 8), del_range(1, "172.16.0.0", 12)]
+        );
+        converge(
+            &mut state,
+            &mut maps,
+            &[lb(x, &[], &[("10.0.0.0", 8)])].into(),
+        );
+        // Restrictions lifted: the flag goes first, then the ranges.
+        let p = converge(
+            &mut state,
+            &mut maps,
+            &[entry(x, &[], svc_flags::LOAD_BALANCER)].into(),
+        );
+        assert_eq!(
+            p.ops,
+            vec![
+                Op::PutService {
+                    key: svc4_key(&x, 0),
+                    value: Svc4Value::service(0, 1, svc_flags::LOAD_BALANCER)
+                },
+                del_range(1, "10.0.0.0", 8),
+            ]
+        );
+        // Ranges without the flag are not written.
+        let (k, mut d) = entry(x, &[], svc_flags::LOAD_BALANCER);
+        d.source_ranges = vec![(ip("10.0.0.0"), 8)];
+        assert!(converge(&mut state, &mut maps, &[(k, d)].into()).is_empty());
+        // Service removed: the entry, then its ranges.
+        converge(
+            &mut state,
+            &mut maps,
+            &[lb(x, &[], &[("10.0.0.0", 8)])].into(),
+        );
+        let p = converge(&mut state, &mut maps, &Desired::new());
+        assert_eq!(
+            p.ops,
+            vec![
+                Op::DeleteService {
+                    key: svc4_key(&x, 0)
+                },
+                del_range(1, "10.0.0.0", 8)
+            ]
+        );
+    }
+
+    #[test]
+    fn source_range_entries_this_agent_never_writes_are_reported_and_removed() {
+        let x = key("198.51.100.1", 443);
+        let (mut maps, _) = programmed(&[lb(x, &[], &[("10.0.0.0", 8)])].into());
+        // Host bits set, a range of an unknown service ID, a wrong value.
+        let host_bits = SrcRange4Key::new(1, abi::addr_be(ip("10.1.0.0")), 8);
+        let orphan = SrcRange4Key::new(9, abi::addr_be(ip("10.0.0.0")), 8);
+        maps.src_ranges.insert(host_bits, 1);
+        maps.src_ranges.insert(orphan, 1);
+        maps.src_ranges
+            .insert(SrcRange4Key::new(1, abi::addr_be(ip("10.0.0.0")), 8), 2);
+        let (mut state, warnings) = maps.state();
+        assert_eq!(
+            warnings,
+            vec![
+                "source range 10.0.0.0/8 of service ID 1 (prefixlen 40, value 2) is not a valid source-range entry".to_string(),
+                "source range 10.1.0.0/8 of service ID 1 (prefixlen 40, value 1) is not a valid source-range entry".to_string(),
+                "source range 10.0.0.0/8 of service ID 9: no service entry with SOURCE_RANGES has that ID".to_string(),
+            ]
+        );
+        let p = converge(
+            &mut state,
+            &mut maps,
+            &[lb(x, &[], &[("10.0.0.0", 8)])].into(),
+        );
+        assert_eq!(
+            p.ops,
+            vec![
+                put_range(1, "10.0.0.0", 8),
+                Op::DeleteSrcRange { key: host_bits },
+                Op::DeleteSrcRange { key: orphan },
+            ]
+        );
+        let (_, warnings) = maps.state();
+        assert!(warnings.is_empty(), "{warnings:#?}");
+        // Within the run, a new service gets an ID past every ID seen, including the orphan
+        // range's (a stale range can never apply to it).
+        let d: Desired = [
+            lb(x, &[], &[("10.0.0.0", 8)]),
+            lb(key("198.51.100.2", 443), &[], &[("10.0.0.0", 8)]),
+        ]
+        .into();
+        let p = plan(&state, &d, &BTreeSet::new());
+        assert_eq!(p.ops[0], put_range(10, "10.0.0.0", 8));
+    }
+
+    /// A writer from before the ClusterIP and source-range maps.
+    struct OldWriter(MemMaps);
+    impl MapWriter for OldWriter {
+        type Error = Infallible;
+        fn put_backend(&mut self, id: u32, b: &Backend4) -> Result<(), Infallible> {
+            self.0.put_backend(id, b)
+        }
+        fn put_service(&mut self, k: &Svc4Key, v: &Svc4Value) -> Result<(), Infallible> {
+            self.0.put_service(k, v)
+        }
+        fn delete_service(&mut self, k: &Svc4Key) -> Result<(), Infallible> {
+            self.0.delete_service(k)
+        }
+        fn delete_backend(&mut self, id: u32) -> Result<(), Infallible> {
+            self.0.delete_backend(id)
+        }
+    }
+
+    #[test]
+    fn writers_without_the_new_maps_fail_loudly() {
+        let a = key("10.96.0.1", 80);
+        let d: Desired = [entry(a, &[], CIP)].into();
+        let mut state = MapState::new();
+        let mut w = OldWriter(MemMaps::default());
+        let p = plan(&state, &d, &ipset(&["10.96.0.1"]));
+        let err = apply_plan(&mut state, &p, &mut w).expect_err("no put_vip");
+        assert_eq!(err.index, 1);
+        assert!(matches!(
+            err.source.downcast_ref::<ExtWriteError<Infallible>>(),
+            Some(ExtWriteError::Unsupported { op: "put_vip" })
+        ));
+        assert_eq!(
+            err.source.to_string(),
+            "this map writer does not implement put_vip; it needs the ClusterIP and source-range maps (LB4_VIP_V1, LB4_SRC_V1)"
+        );
+        // Service entries alone still work through it.
+        let mut state = MapState::new();
+        let p = plan_d(&state, &d);
+        apply_plan(&mut state, &p, &mut w).expect("service entries only");
+    }
+
+    #[test]
+    fn random_scopes_ranges_and_cluster_ips_converge() {
+        let mut rng = Lcg(7);
+        let addrs: Vec<Ipv4Addr> = (1..=5).map(|i| Ipv4Addr::new(10, 96, 0, i)).collect();
+        let pool: Vec<BackendAddr> = (1..=8).map(|i| be(&format!("10.0.0.{i}"), 8080)).collect();
+        let range_pool = [
+            ("10.0.0.0", 8),
+            ("192.168.0.0", 16),
+            ("172.16.4.0", 24),
+            ("1.2.3.4", 32),
+        ];
+        let mut maps = MemMaps::default();
+        let mut state = MapState::new();
+        for _ in 0..150 {
+            let mut d = Desired::new();
+            let mut vips = BTreeSet::new();
+            for a in &addrs {
+                if rng.next(3) == 0 {
+                    vips.insert(*a);
+                }
+                if rng.next(4) == 0 {
+                    continue;
+                }
+                let k = ServiceKey::external(*a, 80, TCP);
+                let backends: Vec<BackendAddr> = {
+                    let mut b: Vec<BackendAddr> = (0..rng.next(4))
+                        .map(|_| pool[rng.next(8) as usize])
+                        .collect();
+                    b.sort();
+                    b.dedup();
+                    b
+                };
+                let mut flags = svc_flags::LOAD_BALANCER;
+                let mut ranges = Vec::new();
+                if rng.next(2) == 0 {
+                    flags |= svc_flags::SOURCE_RANGES;
+                    for _ in 0..rng.next(3) {
+                        let (n, p) = range_pool[rng.next(4) as usize];
+                        ranges.push((ip(n), p));
+                    }
+                    ranges.sort();
+                    ranges.dedup();
+                }
+                if rng.next(2) == 0 {
+                    flags |= svc_flags::ETP_LOCAL | svc_flags::TWO_SCOPES;
+                    d.insert(
+                        k.internal(),
+                        DesiredService::new(
+                            "t",
+                            pool[..rng.next(3) as usize].to_vec(),
+                            svc_flags::LOAD_BALANCER,
+                        ),
+                    );
+                }
+                let mut ds = DesiredService::new("t", backends, flags);
+                ds.source_ranges = ranges;
+                if rng.next(3) == 0 {
+                    ds.flags |= svc_flags::AFFINITY;
+                    ds.affinity_timeout_s = 1 + rng.next(100) as u32;
+                }
+                d.insert(k, ds);
+            }
+            converge_with(&mut state, &mut maps, &d, &vips);
         }
     }
 }

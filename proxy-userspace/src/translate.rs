@@ -3,33 +3,84 @@
 //! Pure: no IO, deterministic (objects are processed sorted by namespace/name, so the result
 //! does not depend on the order they were listed in), and total: any input, however malformed,
 //! yields a [`Translation`]. A bad field produces an [`Issue`] and skips only the item it
-//! belongs to (one cluster IP, one port, one endpoint); everything else is still programmed.
+//! belongs to (one address, one port, one endpoint); everything else is still programmed.
 //!
-//! Scope: ClusterIP entries. The pipeline keeps what NodePort, LoadBalancer, externalIPs and
-//! the traffic policies will need (the node name, each endpoint's node and zone, the
-//! ready/serving/terminating conditions) so they can be added as more [`ServiceKey`] sources
-//! and endpoint filters without reshaping it.
+//! Entries, per service port (types ClusterIP, NodePort and LoadBalancer; `spec.externalIPs`
+//! apply to all three):
+//! - every IPv4 cluster IP: flags `CLUSTER_IP`;
+//! - type NodePort/LoadBalancer with a `nodePort`: every address in
+//!   [`Input::nodeport_addresses`] with that port: `NODE_PORT`;
+//! - every IPv4 `spec.externalIPs` address: `EXTERNAL_IP`;
+//! - type LoadBalancer: every IPv4 `status.loadBalancer.ingress[].ip` whose `ipMode` is not
+//!   `Proxy` (a proxying balancer must see the traffic, so the node must not short-circuit it):
+//!   `LOAD_BALANCER`, plus `SOURCE_RANGES` when `loadBalancerSourceRanges` is set.
 //!
-//! kube-proxy behaviours this follows (see `SEMANTICS.md`):
+//! Endpoint sets (kube-proxy's `CategorizeEndpoints`):
+//! - *cluster*: ready endpoints, narrowed by topology hints (below); if none is ready,
+//!   serving+terminating ones (topology ignored: a best effort not to drop connections);
+//! - *local*: the same rule applied to this node's endpoints only (`nodeName ==
+//!   Input::node_name`); never narrowed by topology (Local policies are already node-scoped).
+//!
+//! The ClusterIP entry gets the cluster set, or with `internalTrafficPolicy: Local` the local
+//! set and `ITP_LOCAL`. Each external entry (NodePort, externalIP, LB IP) gets the cluster set
+//! under `externalTrafficPolicy: Cluster`; under `Local` it gets the local set with
+//! `ETP_LOCAL | TWO_SCOPES`, and an [`scope::INTERNAL`] twin with the cluster set serves
+//! traffic from pods and the node itself (kube-proxy's short-circuit). A Local entry whose
+//! local set is empty while the service has usable endpoints elsewhere gets `DROP_IF_EMPTY`
+//! (DROP); an entry with no endpoint because there is none anywhere has plain `count == 0`
+//! (REJECT). The twin carries the kind flag (and `AFFINITY`) only: `SOURCE_RANGES` is checked on
+//! the EXTERNAL entry, which every lookup reads first, whatever the packet's origin.
+//!
+//! Topology (trafficDistribution `PreferClose`/`PreferSameZone`, or the topology-mode
+//! annotation: both act through the zone hints the EndpointSlice controller writes, which is
+//! what kube-proxy reads): when this node's zone is known, every ready endpoint of the port
+//! carries `hints.forZones`, and at least one is hinted for this zone, the cluster set is the
+//! ready endpoints hinted for this zone; otherwise topology is ignored. `forNodes` hints are
+//! not used.
+//!
+//! Decisions where the API allows a choice:
+//! - Two entries claiming the same (address, port, protocol, scope): ClusterIP entries of all
+//!   services are placed first, then NodePorts, then LB IPs, then externalIPs, each kind by
+//!   service namespace/name; a later claimant gets an [`Issue`]. So a user-set externalIP can
+//!   never take over another service's ClusterIP or a NodePort (CVE-2020-8554 style).
+//! - `loadBalancerSourceRanges`: an invalid CIDR is an [`Issue`] and is left out; the entry
+//!   still carries `SOURCE_RANGES` with the valid ranges, so the LB IP fails closed (sources the
+//!   bad range meant to admit are dropped) instead of being open to all. Likewise a list with
+//!   only IPv6 ranges admits no IPv4 source.
+//! - LB ingress IPs are programmed for `type: LoadBalancer` only (a stale status left on a
+//!   service whose type changed is ignored).
+//! - `sessionAffinity: ClientIP`: `AFFINITY` on every entry of the service, timeout
+//!   `sessionAffinityConfig.clientIP.timeoutSeconds` or 10800 (an out-of-range value is an
+//!   issue and the default is used).
+//! - Unknown traffic policy / affinity values are issues and the API default (Cluster / None)
+//!   is used.
+//! - Health checks: eTP Local services of type LoadBalancer with a `healthCheckNodePort` get a
+//!   [`HealthCheck`] whose count is, like kube-proxy's, the distinct local *ready*
+//!   endpoint ip:port pairs over the service's ports: only-terminating local endpoints count
+//!   0 (KEP-1669: the balancer drains the node while they finish).
+//!
+//! Other kube-proxy behaviours this follows (see `SEMANTICS.md`):
 //! - services labelled `service.kubernetes.io/service-proxy-name`, `type: ExternalName` and
 //!   headless services (`clusterIP: None`) get nothing;
 //! - the endpoint port is the EndpointSlice port whose name and protocol equal the Service
 //!   port's, never `targetPort`;
-//! - ready endpoints are used; if none is ready, serving+terminating ones; never non-serving
-//!   ones. A missing `ready`/`serving` condition counts as true, a missing `terminating` as
-//!   false (the API's and kube-proxy's reading);
+//! - a missing `ready`/`serving` condition counts as true, a missing `terminating` as false
+//!   (the API's and kube-proxy's reading);
 //! - only the first address of an endpoint is used (the API says they are fungible, and
 //!   kube-proxy does the same);
-//! - IP addresses are parsed like kube-proxy's `ParseIPSloppy`: leading zeros in an octet are
-//!   accepted as decimal, for objects created before the API server became strict.
+//! - IP addresses and CIDRs are parsed like kube-proxy's `ParseIPSloppy`/`ParseCIDRSloppy`:
+//!   leading zeros in an octet are accepted as decimal, for objects created before the API
+//!   server became strict.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::str::FromStr;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use proxy_common::{scope, svc_flags};
 
 use crate::abi::Protocol;
 
@@ -39,32 +90,79 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// The only EndpointSlice address type used (IPv6 and FQDN slices are skipped).
 pub const ADDRESS_TYPE_IPV4: &str = "IPv4";
+/// Node label holding the node's zone (topology hints).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// sessionAffinity ClientIP timeout when the service sets none (the API default).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The largest sessionAffinity timeout the API allows (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 /// The objects to translate and the node the agent runs on.
 #[derive(Clone, Copy, Debug)]
 pub struct Input<'a> {
     pub services: &'a [Service],
     pub slices: &'a [EndpointSlice],
-    /// The node this agent programs. Not used by ClusterIP translation; kept for the
-    /// node-local traffic policies.
+    /// The node this agent programs: endpoints with this `nodeName` are local.
     pub node_name: &'a str,
+    /// This node's zone ([`node_zone`]); `None` disables topology hints.
+    pub node_zone: Option<&'a str>,
+    /// The node addresses NodePorts are served on, already filtered by
+    /// `--nodeport-addresses` ([`nodeport_addresses`]).
+    pub nodeport_addresses: &'a [Ipv4Addr],
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Translation {
     pub desired: Desired,
     pub issues: Vec<Issue>,
+    /// Every IPv4 ClusterIP of the non-headless, non-ignored services, whether or not any
+    /// port of it made an entry: a ClusterIP hit on a port/protocol without an entry is
+    /// rejected.
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
+    /// healthCheckNodePort -> what it answers, for the eTP Local LoadBalancer services.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// What a healthCheckNodePort responder says: 200 with the count, or 503 when it is 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `namespace/name`.
+    pub service: String,
+    /// This node's ready endpoints of the service (distinct ip:port over its ports).
+    pub local_endpoints: usize,
 }
 
 /// Everything the service and backend maps should hold.
 pub type Desired = BTreeMap<ServiceKey, DesiredService>;
 
-/// What a packet's destination is matched against: one service address, port and protocol.
+/// What a packet's destination is matched against: one service address, port and protocol,
+/// and which traffic the entry is for ([`scope::EXTERNAL`] or [`scope::INTERNAL`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: u8,
+}
+
+impl ServiceKey {
+    /// The entry every packet to this address starts with.
+    pub const fn external(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+        Self {
+            ip,
+            port,
+            protocol,
+            scope: scope::EXTERNAL,
+        }
+    }
+
+    /// The same address's entry for traffic from inside the node.
+    pub const fn internal(self) -> Self {
+        Self {
+            scope: scope::INTERNAL,
+            ..self
+        }
+    }
 }
 
 /// One service address and the backends it may lead to.
@@ -73,8 +171,37 @@ pub struct DesiredService {
     /// `namespace/name:port-name`, or `namespace/name` for an unnamed port (kube-proxy's
     /// spelling), for logs and `inspect`.
     pub name: String,
-    /// Usable endpoints, sorted and without duplicates. Empty means "reject".
+    /// Usable endpoints, sorted and without duplicates. Empty means "reject", or "drop" with
+    /// `svc_flags::DROP_IF_EMPTY`.
     pub backends: Vec<BackendAddr>,
+    /// Serving+terminating endpoints of the entry's scope that are not in `backends` (because
+    /// ready ones exist), sorted and without duplicates. New flows never go to them, but
+    /// [`plan`](crate::plan::plan) keeps their existing backend entries (same ID, in no slot)
+    /// so established flows to them continue while they drain (Cilium's approach); once an
+    /// endpoint is no longer reported here its backend is deleted and its flows re-balance.
+    pub terminating: Vec<BackendAddr>,
+    /// `proxy_common::svc_flags`.
+    pub flags: u32,
+    /// sessionAffinity timeout in seconds with `svc_flags::AFFINITY`, else 0.
+    pub affinity_timeout_s: u32,
+    /// Allowed sources `(network, prefix length)`, normalized (host bits zero), sorted and
+    /// deduplicated; meaningful with `svc_flags::SOURCE_RANGES` only (empty then = allow
+    /// none).
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+impl DesiredService {
+    /// An entry without affinity or source ranges.
+    pub fn new(name: impl Into<String>, backends: Vec<BackendAddr>, flags: u32) -> Self {
+        Self {
+            name: name.into(),
+            backends,
+            terminating: Vec::new(),
+            flags,
+            affinity_timeout_s: 0,
+            source_ranges: Vec::new(),
+        }
+    }
 }
 
 /// Where a connection to a service may be sent.
@@ -87,7 +214,12 @@ pub struct BackendAddr {
 
 impl fmt::Display for ServiceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)?;
+        match self.scope {
+            scope::EXTERNAL => Ok(()),
+            scope::INTERNAL => f.write_str(" (internal)"),
+            other => write!(f, " (scope {other})"),
+        }
     }
 }
 
@@ -118,11 +250,202 @@ impl fmt::Display for Issue {
     }
 }
 
+// ---- node-level inputs -----------------------------------------------------------------
+
+/// The node's zone: its `topology.kubernetes.io/zone` label, if set and non-empty.
+pub fn node_zone(node: &Node) -> Option<String> {
+    node.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ZONE_LABEL))
+        .filter(|z| !z.is_empty())
+        .cloned()
+}
+
+/// kube-proxy's `--nodeport-addresses`: which node addresses serve NodePorts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Unset or empty: every node address.
+    #[default]
+    All,
+    /// `primary`: the node's primary (first) address.
+    Primary,
+    /// The node addresses inside any of these IPv4 CIDRs `(network, prefix length)`. IPv6
+    /// CIDRs are accepted (dual-stack flags) and match no IPv4 address.
+    Cidrs(Vec<(Ipv4Addr, u8)>),
+}
+
+/// A `--nodeport-addresses` value that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NodePortAddressesError {
+    #[error(
+        "--nodeport-addresses: {entry:?} is not a CIDR ({reason}); expected comma-separated \
+         CIDRs such as 10.0.0.0/8,192.168.1.10/32, or the single word \"primary\""
+    )]
+    InvalidCidr { entry: String, reason: String },
+    #[error(
+        "--nodeport-addresses: empty entry in {0:?}; expected comma-separated CIDRs such as \
+         10.0.0.0/8,192.168.1.10/32, or the single word \"primary\""
+    )]
+    EmptyEntry(String),
+    #[error(
+        "--nodeport-addresses: \"primary\" cannot be combined with CIDRs ({0:?}); pass either \
+         \"primary\" or a list of CIDRs"
+    )]
+    PrimaryWithCidrs(String),
+}
+
+impl FromStr for NodePortAddresses {
+    type Err = NodePortAddressesError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(Self::All);
+        }
+        let entries: Vec<&str> = s.split(',').map(str::trim).collect();
+        if entries.contains(&"primary") {
+            return if entries.len() == 1 {
+                Ok(Self::Primary)
+            } else {
+                Err(NodePortAddressesError::PrimaryWithCidrs(s.to_owned()))
+            };
+        }
+        let mut cidrs = Vec::new();
+        for entry in entries {
+            if entry.is_empty() {
+                return Err(NodePortAddressesError::EmptyEntry(s.to_owned()));
+            }
+            match parse_cidr(entry) {
+                Ok(Cidr::V4(net, prefix)) => cidrs.push((net, prefix)),
+                Ok(Cidr::V6) => {}
+                Err(reason) => {
+                    return Err(NodePortAddressesError::InvalidCidr {
+                        entry: entry.to_owned(),
+                        reason,
+                    });
+                }
+            }
+        }
+        Ok(Self::Cidrs(cidrs))
+    }
+}
+
+/// The node addresses NodePorts listen on: `node_ips` (primary first) filtered by the flag,
+/// in order, without duplicates, and never a loopback address (CVE-2020-8558: a NodePort on
+/// 127.0.0.1 is reachable by neighbours that route 127/8 to the node).
+pub fn nodeport_addresses(node_ips: &[Ipv4Addr], flag: &NodePortAddresses) -> Vec<Ipv4Addr> {
+    let chosen: Vec<Ipv4Addr> = match flag {
+        NodePortAddresses::All => node_ips.to_vec(),
+        NodePortAddresses::Primary => node_ips.first().copied().into_iter().collect(),
+        NodePortAddresses::Cidrs(cidrs) => node_ips
+            .iter()
+            .copied()
+            .filter(|ip| cidrs.iter().any(|(net, p)| in_cidr(*ip, *net, *p)))
+            .collect(),
+    };
+    let mut seen = HashSet::new();
+    chosen
+        .into_iter()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified() && seen.insert(*ip))
+        .collect()
+}
+
+fn mask(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+}
+
+fn in_cidr(ip: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
+    u32::from(ip) & mask(prefix) == u32::from(net)
+}
+
+enum Cidr {
+    /// Network (host bits cleared) and prefix length.
+    V4(Ipv4Addr, u8),
+    V6,
+}
+
+/// Parses a CIDR like kube-proxy's `ParseCIDRSloppy`; host bits are cleared. The error is a
+/// reason to show after the value.
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let Some((addr, prefix)) = s.split_once('/') else {
+        return Err("no /prefix-length; a single address is written like 10.0.0.1/32".into());
+    };
+    if addr.contains(':') {
+        let ok = addr.parse::<std::net::Ipv6Addr>().is_ok()
+            && prefix.bytes().all(|b| b.is_ascii_digit())
+            && prefix.parse::<u8>().is_ok_and(|p| p <= 128);
+        return if ok {
+            Ok(Cidr::V6)
+        } else {
+            Err("invalid IPv6 CIDR".into())
+        };
+    }
+    let Some(ip) = parse_octets(addr) else {
+        return Err(format!("invalid IPv4 address {addr:?}"));
+    };
+    let prefix = match prefix.parse::<u8>() {
+        Ok(p) if p <= 32 && !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit()) => p,
+        _ => return Err(format!("invalid prefix length {prefix:?} (must be 0-32)")),
+    };
+    Ok(Cidr::V4(
+        Ipv4Addr::from(u32::from(ip) & mask(prefix)),
+        prefix,
+    ))
+}
+
+// ---- translation -----------------------------------------------------------------------
+
+/// The kinds of entries, in the order they claim keys (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl Kind {
+    const fn flag(self) -> u32 {
+        match self {
+            Kind::ClusterIp => svc_flags::CLUSTER_IP,
+            Kind::NodePort => svc_flags::NODE_PORT,
+            Kind::LoadBalancer => svc_flags::LOAD_BALANCER,
+            Kind::ExternalIp => svc_flags::EXTERNAL_IP,
+        }
+    }
+
+    const fn name(self) -> &'static str {
+        match self {
+            Kind::ClusterIp => "ClusterIP",
+            Kind::NodePort => "NodePort",
+            Kind::LoadBalancer => "LoadBalancer",
+            Kind::ExternalIp => "externalIP",
+        }
+    }
+}
+
+/// An entry (and its INTERNAL twin) a service wants, before keys are claimed.
+struct Wanted {
+    kind: Kind,
+    object: String,
+    field: String,
+    key: ServiceKey,
+    external: DesiredService,
+    internal: Option<DesiredService>,
+}
+
 /// Translates the API objects into the desired map contents.
 pub fn translate(input: &Input) -> Translation {
     let mut issues = Vec::new();
     let endpoints = index_slices(input.slices, &mut issues);
-    let mut desired = Desired::new();
+    let mut cluster_ips = BTreeSet::new();
+    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+    let mut wanted: Vec<Wanted> = Vec::new();
+    let node = NodeView {
+        name: input.node_name,
+        zone: input.node_zone.filter(|z| !z.is_empty()),
+    };
 
     let mut services: Vec<&Service> = input.services.iter().collect();
     services.sort_by(|a, b| object_id(&a.metadata).cmp(&object_id(&b.metadata)));
@@ -134,46 +457,273 @@ pub fn translate(input: &Input) -> Translation {
         let Some(view) = service_view(svc, &mut ctx) else {
             continue;
         };
+        cluster_ips.extend(view.cluster_ips.iter().copied());
         let slices = endpoints
             .get(&(view.namespace.as_str(), view.name.as_str()))
             .map(Vec::as_slice)
             .unwrap_or_default();
+        let mut local_ready: BTreeSet<(Ipv4Addr, u16)> = BTreeSet::new();
         for port in &view.ports {
             let candidates = port_endpoints(slices, port);
-            let backends = usable(&candidates, |_| true);
-            let name = if port.name.is_empty() {
-                format!("{}/{}", view.namespace, view.name)
-            } else {
-                format!("{}/{}:{}", view.namespace, view.name, port.name)
+            local_ready.extend(
+                candidates
+                    .iter()
+                    .filter(|(_, ep)| ep.ready && node.is_local(ep))
+                    .map(|(b, _)| (b.ip, b.port)),
+            );
+            let sets = EndpointSets::new(&candidates, &node);
+            wanted.extend(port_entries(
+                &view,
+                port,
+                &sets,
+                input.nodeport_addresses,
+                &ctx.object,
+            ));
+        }
+        if let Some((field, hc_port)) = &view.health_check_node_port {
+            let check = HealthCheck {
+                service: format!("{}/{}", view.namespace, view.name),
+                local_endpoints: local_ready.len(),
             };
-            for ip in &view.cluster_ips {
-                let key = ServiceKey {
-                    ip: *ip,
-                    port: port.port,
-                    protocol: port.protocol,
-                };
-                match desired.get(&key) {
-                    Some(other) => ctx.issue(
-                        &port.field,
-                        format!(
-                            "{key} is already used by {}; this port is skipped",
-                            other.name
-                        ),
+            match health_checks.get(hc_port) {
+                Some(other) => ctx.issue(
+                    field,
+                    format!(
+                        "healthCheckNodePort {hc_port} is already used by {}; no health check \
+                         is served for this service",
+                        other.service
                     ),
-                    None => {
-                        desired.insert(
-                            key,
-                            DesiredService {
-                                name: name.clone(),
-                                backends: backends.clone(),
-                            },
-                        );
-                    }
+                ),
+                None => {
+                    health_checks.insert(*hc_port, check);
                 }
             }
         }
     }
-    Translation { desired, issues }
+
+    // Claim keys kind by kind (stable: services stay in namespace/name order within a kind).
+    wanted.sort_by_key(|w| w.kind);
+    let mut desired = Desired::new();
+    for w in wanted {
+        let internal_key = w.key.internal();
+        let taken = desired
+            .get(&w.key)
+            .or_else(|| w.internal.as_ref().and_then(|_| desired.get(&internal_key)));
+        if let Some(other) = taken {
+            issues.push(Issue {
+                object: w.object,
+                field: w.field,
+                message: format!(
+                    "{} is already used by {}; this {} entry is skipped",
+                    w.key,
+                    other.name,
+                    w.kind.name()
+                ),
+            });
+            continue;
+        }
+        desired.insert(w.key, w.external);
+        if let Some(internal) = w.internal {
+            desired.insert(internal_key, internal);
+        }
+    }
+    Translation {
+        desired,
+        issues,
+        cluster_ips,
+        health_checks,
+    }
+}
+
+/// Who "local" and "this zone" are.
+struct NodeView<'a> {
+    name: &'a str,
+    zone: Option<&'a str>,
+}
+
+impl NodeView<'_> {
+    fn is_local(&self, ep: &EndpointView) -> bool {
+        !self.name.is_empty() && ep.node_name.as_deref() == Some(self.name)
+    }
+}
+
+/// The endpoint sets of one service port (see the module docs), each with the
+/// serving+terminating endpoints of its scope left out of it ([`DesiredService::terminating`]).
+struct EndpointSets {
+    cluster: Vec<BackendAddr>,
+    local: Vec<BackendAddr>,
+    cluster_terminating: Vec<BackendAddr>,
+    local_terminating: Vec<BackendAddr>,
+}
+
+impl EndpointSets {
+    fn new(candidates: &[(BackendAddr, &EndpointView)], node: &NodeView) -> Self {
+        let zone = node.zone.filter(|zone| {
+            let mut ready = candidates.iter().filter(|(_, ep)| ep.ready).peekable();
+            ready.peek().is_some()
+                && candidates
+                    .iter()
+                    .filter(|(_, ep)| ep.ready)
+                    .all(|(_, ep)| !ep.zone_hints.is_empty())
+                && candidates
+                    .iter()
+                    .any(|(_, ep)| ep.ready && ep.zone_hints.iter().any(|h| h == zone))
+        });
+        let mut cluster: Vec<BackendAddr> = candidates
+            .iter()
+            .filter(|(_, ep)| ep.ready)
+            .filter(|(_, ep)| zone.is_none_or(|z| ep.zone_hints.iter().any(|h| h == z)))
+            .map(|(b, _)| *b)
+            .collect();
+        cluster.sort();
+        cluster.dedup();
+        if cluster.is_empty() {
+            cluster = usable(candidates, |_| true);
+        }
+        let local = usable(candidates, |ep| node.is_local(ep));
+        Self {
+            cluster_terminating: draining(candidates, |_| true, &cluster),
+            local_terminating: draining(candidates, |ep| node.is_local(ep), &local),
+            cluster,
+            local,
+        }
+    }
+
+    /// Whether the service port has a usable endpoint anywhere (the cluster set is never
+    /// emptied by topology).
+    fn any(&self) -> bool {
+        !self.cluster.is_empty()
+    }
+}
+
+/// The entries one service port wants.
+fn port_entries(
+    view: &ServiceView,
+    port: &PortView,
+    sets: &EndpointSets,
+    nodeport_addresses: &[Ipv4Addr],
+    object: &str,
+) -> Vec<Wanted> {
+    let name = if port.name.is_empty() {
+        format!("{}/{}", view.namespace, view.name)
+    } else {
+        format!("{}/{}:{}", view.namespace, view.name, port.name)
+    };
+    let (affinity_flag, affinity_timeout_s) = match view.affinity_timeout_s {
+        Some(t) => (svc_flags::AFFINITY, t),
+        None => (0, 0),
+    };
+    let entry =
+        |backends: &[BackendAddr], terminating: &[BackendAddr], flags: u32| DesiredService {
+            name: name.clone(),
+            backends: backends.to_vec(),
+            terminating: terminating.to_vec(),
+            flags: flags | affinity_flag,
+            affinity_timeout_s,
+            source_ranges: Vec::new(),
+        };
+    // DROP rather than REJECT when a Local policy emptied an otherwise usable service.
+    let local_empty = if sets.local.is_empty() && sets.any() {
+        svc_flags::DROP_IF_EMPTY
+    } else {
+        0
+    };
+    let mut out = Vec::new();
+
+    let cluster_ip_entry = if view.itp_local {
+        entry(
+            &sets.local,
+            &sets.local_terminating,
+            svc_flags::CLUSTER_IP | svc_flags::ITP_LOCAL | local_empty,
+        )
+    } else {
+        entry(
+            &sets.cluster,
+            &sets.cluster_terminating,
+            svc_flags::CLUSTER_IP,
+        )
+    };
+    for ip in &view.cluster_ips {
+        out.push(Wanted {
+            kind: Kind::ClusterIp,
+            object: object.to_owned(),
+            field: port.field.clone(),
+            key: ServiceKey::external(*ip, port.port, port.protocol),
+            external: cluster_ip_entry.clone(),
+            internal: None,
+        });
+    }
+
+    let mut external: Vec<(Kind, String, ServiceKey)> = Vec::new();
+    if let Some(node_port) = port.node_port {
+        for ip in nodeport_addresses {
+            external.push((
+                Kind::NodePort,
+                format!("{}.nodePort", port.field),
+                ServiceKey::external(*ip, node_port, port.protocol),
+            ));
+        }
+    }
+    for (field, ip) in &view.lb_ips {
+        external.push((
+            Kind::LoadBalancer,
+            field.clone(),
+            ServiceKey::external(*ip, port.port, port.protocol),
+        ));
+    }
+    for (field, ip) in &view.external_ips {
+        external.push((
+            Kind::ExternalIp,
+            field.clone(),
+            ServiceKey::external(*ip, port.port, port.protocol),
+        ));
+    }
+    for (kind, field, key) in external {
+        let ranges = match (&view.source_ranges, kind) {
+            (Some(r), Kind::LoadBalancer) => Some(r),
+            _ => None,
+        };
+        let range_flag = if ranges.is_some() {
+            svc_flags::SOURCE_RANGES
+        } else {
+            0
+        };
+        let (mut ext, internal) = if view.etp_local {
+            (
+                entry(
+                    &sets.local,
+                    &sets.local_terminating,
+                    kind.flag()
+                        | svc_flags::ETP_LOCAL
+                        | svc_flags::TWO_SCOPES
+                        | local_empty
+                        | range_flag,
+                ),
+                Some(entry(&sets.cluster, &sets.cluster_terminating, kind.flag())),
+            )
+        } else {
+            (
+                entry(
+                    &sets.cluster,
+                    &sets.cluster_terminating,
+                    kind.flag() | range_flag,
+                ),
+                None,
+            )
+        };
+        if let Some(r) = ranges {
+            ext.source_ranges = r.clone();
+        }
+        out.push(Wanted {
+            kind,
+            object: object.to_owned(),
+            field,
+            key,
+            external: ext,
+            internal,
+        });
+    }
+    out
 }
 
 /// Where issues go, and which object they are about.
@@ -198,6 +748,19 @@ struct ServiceView {
     name: String,
     cluster_ips: Vec<Ipv4Addr>,
     ports: Vec<PortView>,
+    /// `(field, address)`, deduplicated.
+    external_ips: Vec<(String, Ipv4Addr)>,
+    /// LB ingress IPs to program (`(field, address)`, deduplicated); empty unless type
+    /// LoadBalancer.
+    lb_ips: Vec<(String, Ipv4Addr)>,
+    /// `Some` when `loadBalancerSourceRanges` is non-empty: the valid IPv4 ranges.
+    source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
+    etp_local: bool,
+    itp_local: bool,
+    /// `Some(timeout)` with sessionAffinity ClientIP.
+    affinity_timeout_s: Option<u32>,
+    /// `(field, port)` for eTP Local LoadBalancer services.
+    health_check_node_port: Option<(String, u16)>,
 }
 
 struct PortView {
@@ -207,6 +770,15 @@ struct PortView {
     name: String,
     port: u16,
     protocol: Protocol,
+    /// Only for types NodePort and LoadBalancer.
+    node_port: Option<u16>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SvcType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
 }
 
 /// Validates a Service, or returns `None` when it gets nothing (ignored or unusable).
@@ -223,8 +795,10 @@ fn service_view(svc: &Service, ctx: &mut Ctx) -> Option<ServiceView> {
         ctx.issue("spec", "missing; the service is skipped");
         return None;
     };
-    match spec.type_.as_deref() {
-        None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
+    let type_ = match spec.type_.as_deref() {
+        None | Some("ClusterIP") => SvcType::ClusterIp,
+        Some("NodePort") => SvcType::NodePort,
+        Some("LoadBalancer") => SvcType::LoadBalancer,
         Some("ExternalName") => return None,
         Some(other) => {
             ctx.issue(
@@ -233,15 +807,201 @@ fn service_view(svc: &Service, ctx: &mut Ctx) -> Option<ServiceView> {
             );
             return None;
         }
-    }
+    };
     let cluster_ips = cluster_ips(spec, ctx)?;
-    let ports = service_ports(spec, ctx);
+    let ports = service_ports(spec, type_ != SvcType::ClusterIp, ctx);
+    let external_ips = address_list(
+        spec.external_ips.iter().flatten().map(String::as_str),
+        "spec.externalIPs",
+        ctx,
+    );
+    let lb_ips = if type_ == SvcType::LoadBalancer {
+        lb_ingress_ips(svc, ctx)
+    } else {
+        Vec::new()
+    };
+    let source_ranges = source_ranges(spec, ctx);
+    let etp_local = traffic_policy(
+        spec.external_traffic_policy.as_deref(),
+        "spec.externalTrafficPolicy",
+        ctx,
+    );
+    let itp_local = traffic_policy(
+        spec.internal_traffic_policy.as_deref(),
+        "spec.internalTrafficPolicy",
+        ctx,
+    );
+    let affinity_timeout_s = affinity(spec, ctx);
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(p) if p != 0 && etp_local && type_ == SvcType::LoadBalancer => {
+            parse_port(Some(p), "spec.healthCheckNodePort", ctx)
+                .map(|p| ("spec.healthCheckNodePort".to_owned(), p))
+        }
+        _ => None,
+    };
     Some(ServiceView {
         namespace: namespace(&svc.metadata).to_owned(),
         name,
         cluster_ips,
         ports,
+        external_ips,
+        lb_ips,
+        source_ranges,
+        etp_local,
+        itp_local,
+        affinity_timeout_s,
+        health_check_node_port,
     })
+}
+
+/// `Local` -> true; `Cluster` or unset -> false; anything else is an issue and reads as
+/// `Cluster` (the API default).
+fn traffic_policy(value: Option<&str>, field: &str, ctx: &mut Ctx) -> bool {
+    match value {
+        Some("Local") => true,
+        None | Some("" | "Cluster") => false,
+        Some(other) => {
+            ctx.issue(
+                field,
+                format!(
+                    "unknown traffic policy {other:?} (expected Cluster or Local); Cluster is used"
+                ),
+            );
+            false
+        }
+    }
+}
+
+/// The ClientIP affinity timeout, or `None` without affinity.
+fn affinity(spec: &ServiceSpec, ctx: &mut Ctx) -> Option<u32> {
+    match spec.session_affinity.as_deref() {
+        None | Some("" | "None") => return None,
+        Some("ClientIP") => {}
+        Some(other) => {
+            ctx.issue(
+                "spec.sessionAffinity",
+                format!(
+                    "unknown session affinity {other:?} (expected None or ClientIP); None is used"
+                ),
+            );
+            return None;
+        }
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match timeout {
+        None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+        Some(t) => match u32::try_from(t) {
+            Ok(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Some(t),
+            _ => {
+                ctx.issue(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    format!(
+                        "invalid timeout {t} (must be 1-{MAX_AFFINITY_TIMEOUT_S}); \
+                         {DEFAULT_AFFINITY_TIMEOUT_S} is used"
+                    ),
+                );
+                Some(DEFAULT_AFFINITY_TIMEOUT_S)
+            }
+        },
+    }
+}
+
+/// IPv4 addresses of a list field, deduplicated (first occurrence kept); IPv6 ones are
+/// skipped silently (dual-stack), invalid ones are issues.
+fn address_list<'s>(
+    values: impl Iterator<Item = &'s str>,
+    field: &str,
+    ctx: &mut Ctx,
+) -> Vec<(String, Ipv4Addr)> {
+    let mut out: Vec<(String, Ipv4Addr)> = Vec::new();
+    for (i, value) in values.enumerate() {
+        let field = format!("{field}[{i}]");
+        match parse_ip(value) {
+            Ip::V4(ip) => {
+                if !out.iter().any(|(_, o)| *o == ip) {
+                    out.push((field, ip));
+                }
+            }
+            Ip::V6 => {}
+            Ip::Empty => ctx.issue(&field, "empty address; skipped"),
+            Ip::Invalid(why) => {
+                ctx.issue(
+                    &field,
+                    format!("invalid IPv4 address {value:?}{why}; skipped"),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The LB ingress IPs to program: `ip` set, IPv4, `ipMode` not `Proxy`.
+fn lb_ingress_ips(svc: &Service, ctx: &mut Ctx) -> Vec<(String, Ipv4Addr)> {
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref())
+        .unwrap_or_default();
+    let mut out: Vec<(String, Ipv4Addr)> = Vec::new();
+    for (i, ing) in ingress.iter().enumerate() {
+        // Hostname-only ingress: nothing to match packets against.
+        let Some(value) = ing.ip.as_deref() else {
+            continue;
+        };
+        let field = format!("status.loadBalancer.ingress[{i}].ip");
+        let ip = match parse_ip(value) {
+            Ip::V4(ip) => ip,
+            Ip::V6 | Ip::Empty => continue,
+            Ip::Invalid(why) => {
+                ctx.issue(
+                    &field,
+                    format!("invalid IPv4 address {value:?}{why}; skipped"),
+                );
+                continue;
+            }
+        };
+        if ing.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
+        if !out.iter().any(|(_, o)| *o == ip) {
+            out.push((field, ip));
+        }
+    }
+    out
+}
+
+/// `Some(valid IPv4 ranges)` when `loadBalancerSourceRanges` is non-empty (see the module
+/// docs: invalid entries are issues and left out, failing closed).
+fn source_ranges(spec: &ServiceSpec, ctx: &mut Ctx) -> Option<Vec<(Ipv4Addr, u8)>> {
+    let listed = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default();
+    if listed.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (i, value) in listed.iter().enumerate() {
+        match parse_cidr(value.trim()) {
+            Ok(Cidr::V4(net, prefix)) => out.push((net, prefix)),
+            Ok(Cidr::V6) => {}
+            Err(reason) => ctx.issue(
+                &format!("spec.loadBalancerSourceRanges[{i}]"),
+                format!(
+                    "{value:?} is not a CIDR ({reason}); left out, so the sources it names are \
+                     dropped"
+                ),
+            ),
+        }
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
 }
 
 /// The IPv4 cluster IPs: `spec.clusterIPs`, or `spec.clusterIP` when that list is empty.
@@ -278,7 +1038,7 @@ fn cluster_ips(spec: &ServiceSpec, ctx: &mut Ctx) -> Option<Vec<Ipv4Addr>> {
     Some(out)
 }
 
-fn service_ports(spec: &ServiceSpec, ctx: &mut Ctx) -> Vec<PortView> {
+fn service_ports(spec: &ServiceSpec, node_ports: bool, ctx: &mut Ctx) -> Vec<PortView> {
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() {
         ctx.issue("spec.ports", "no ports; the service is skipped");
@@ -290,6 +1050,7 @@ fn service_ports(spec: &ServiceSpec, ctx: &mut Ctx) -> Vec<PortView> {
             name,
             port,
             protocol,
+            node_port,
             ..
         } = p;
         let Some(protocol) = parse_protocol(protocol.as_deref(), &format!("{field}.protocol"), ctx)
@@ -299,25 +1060,38 @@ fn service_ports(spec: &ServiceSpec, ctx: &mut Ctx) -> Vec<PortView> {
         let Some(port) = parse_port(Some(*port), &format!("{field}.port"), ctx) else {
             continue;
         };
+        // 0/unset: not allocated (e.g. allocateLoadBalancerNodePorts: false).
+        let node_port = match node_port {
+            Some(np) if node_ports && *np != 0 => match u16::try_from(*np) {
+                Ok(np) => Some(np),
+                Err(_) => {
+                    ctx.issue(
+                            &format!("{field}.nodePort"),
+                            format!("invalid port {np} (must be 1-65535); no NodePort is served for this port"),
+                        );
+                    None
+                }
+            },
+            _ => None,
+        };
         out.push(PortView {
             field,
             name: name.clone().unwrap_or_default(),
             port,
             protocol,
+            node_port,
         });
     }
     out
 }
-
 /// One EndpointSlice of a service, validated.
 struct SliceView {
-    ports: Vec<SlicePort>,
+    /// By `(name, protocol)`: a hash lookup, so a slice with 10^5 ports stays linear.
+    ports: HashMap<(String, Protocol), SlicePort>,
     endpoints: Vec<EndpointView>,
 }
 
 struct SlicePort {
-    /// Empty when unnamed.
-    name: String,
     port: u16,
     protocol: Protocol,
 }
@@ -329,16 +1103,9 @@ struct EndpointView {
     ready: bool,
     serving: bool,
     terminating: bool,
-    #[expect(
-        dead_code,
-        reason = "kept for internalTrafficPolicy/externalTrafficPolicy Local"
-    )]
     node_name: Option<String>,
-    #[expect(
-        dead_code,
-        reason = "kept for topology-aware routing (trafficDistribution, hints)"
-    )]
-    zone: Option<String>,
+    /// `hints.forZones[].name`.
+    zone_hints: Vec<String>,
 }
 
 /// Groups the usable IPv4 slices by the `(namespace, service name)` they belong to.
@@ -374,7 +1141,7 @@ fn index_slices<'a>(
 }
 
 fn slice_view(slice: &EndpointSlice, ctx: &mut Ctx) -> SliceView {
-    let mut ports: Vec<SlicePort> = Vec::new();
+    let mut ports: HashMap<(String, Protocol), SlicePort> = HashMap::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let field = format!("ports[{i}]");
         let EndpointPort {
@@ -391,21 +1158,15 @@ fn slice_view(slice: &EndpointSlice, ctx: &mut Ctx) -> SliceView {
             continue;
         };
         let name = name.clone().unwrap_or_default();
-        if ports
-            .iter()
-            .any(|q| q.name == name && q.protocol == protocol)
-        {
+        if ports.contains_key(&(name.clone(), protocol)) {
             ctx.issue(
                 &field,
                 format!("duplicate port name {name:?} for {protocol}; the first one is used"),
             );
             continue;
         }
-        ports.push(SlicePort {
-            name,
-            port,
-            protocol,
-        });
+        // The key's name is empty when unnamed.
+        ports.insert((name, protocol), SlicePort { port, protocol });
     }
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
@@ -450,7 +1211,15 @@ fn endpoint_view(ep: &Endpoint, field: &str, ctx: &mut Ctx) -> Option<EndpointVi
         serving: conditions.and_then(|c| c.serving).unwrap_or(true),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         node_name: ep.node_name.clone(),
-        zone: ep.zone.clone(),
+        zone_hints: ep
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_zones.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|z| z.name.clone())
+            .filter(|z| !z.is_empty())
+            .collect(),
     })
 }
 
@@ -462,11 +1231,7 @@ fn port_endpoints<'a>(
 ) -> Vec<(BackendAddr, &'a EndpointView)> {
     let mut out = Vec::new();
     for slice in slices {
-        let Some(sp) = slice
-            .ports
-            .iter()
-            .find(|sp| sp.name == port.name && sp.protocol == port.protocol)
-        else {
+        let Some(sp) = slice.ports.get(&(port.name.clone(), port.protocol)) else {
             continue;
         };
         for ep in &slice.endpoints {
@@ -507,6 +1272,26 @@ fn usable(
     out
 }
 
+/// The serving+terminating candidates passing `filter` that are not in `chosen` (the set
+/// [`usable`] or topology picked): kept programmed, in no slot, while they drain. Sorted and
+/// deduplicated.
+fn draining(
+    candidates: &[(BackendAddr, &EndpointView)],
+    filter: impl Fn(&EndpointView) -> bool,
+    chosen: &[BackendAddr],
+) -> Vec<BackendAddr> {
+    let mut out: Vec<BackendAddr> = candidates
+        .iter()
+        .filter(|(_, ep)| filter(ep) && ep.serving && ep.terminating)
+        // `chosen` is sorted: no quadratic cost with 10^4 endpoints.
+        .filter(|(b, _)| chosen.binary_search(b).is_err())
+        .map(|(b, _)| *b)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 enum Ip {
     Empty,
     V4(Ipv4Addr),
@@ -528,28 +1313,28 @@ fn parse_ip(s: &str) -> Ip {
             Err(_) => Ip::Invalid(""),
         };
     }
+    match parse_octets(s) {
+        None => Ip::Invalid(""),
+        Some(ip) if ip.is_unspecified() => Ip::Invalid(" (unspecified address)"),
+        Some(ip) => Ip::V4(ip),
+    }
+}
+
+/// Dotted decimal, 1 to 3 digits per octet, leading zeros read as decimal; 0.0.0.0 allowed.
+fn parse_octets(s: &str) -> Option<Ipv4Addr> {
     let mut octets = [0u8; 4];
     let mut parts = s.split('.');
     for octet in &mut octets {
-        let Some(part) = parts.next() else {
-            return Ip::Invalid("");
-        };
+        let part = parts.next()?;
         if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
-            return Ip::Invalid("");
+            return None;
         }
-        match part.parse::<u8>() {
-            Ok(v) => *octet = v,
-            Err(_) => return Ip::Invalid(""),
-        }
+        *octet = part.parse::<u8>().ok()?;
     }
     if parts.next().is_some() {
-        return Ip::Invalid("");
+        return None;
     }
-    let ip = Ipv4Addr::from(octets);
-    if ip.is_unspecified() {
-        return Ip::Invalid(" (unspecified address)");
-    }
-    Ip::V4(ip)
+    Some(Ipv4Addr::from(octets))
 }
 
 /// Protocol of a port; the API default is TCP.
@@ -609,8 +1394,23 @@ fn display_id(meta: &ObjectMeta) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::discovery::v1::EndpointConditions;
+    use k8s_openapi::api::core::v1::{
+        ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, ServiceStatus,
+        SessionAffinityConfig,
+    };
+    use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointHints, ForZone};
     use std::collections::BTreeMap;
+
+    use proxy_common::svc_flags::{
+        AFFINITY, CLUSTER_IP, DROP_IF_EMPTY, ETP_LOCAL, EXTERNAL_IP, ITP_LOCAL, LOAD_BALANCER,
+        NODE_PORT, SOURCE_RANGES, TWO_SCOPES,
+    };
+
+    /// The node every table case runs on.
+    const NODE: &str = "node-a";
+    const ZONE: &str = "zone-a";
+    /// The node addresses NodePorts are served on in the table cases.
+    const NPA: [&str; 2] = ["192.168.0.10", "192.168.1.10"];
 
     // ---- fixtures -------------------------------------------------------------------------
 
@@ -669,6 +1469,63 @@ mod tests {
                 .labels
                 .get_or_insert_with(BTreeMap::new)
                 .insert(k.into(), v.into());
+            self
+        }
+        /// A TCP port with a nodePort.
+        fn node_port(mut self, name: &str, port: i32, node_port: i32) -> Self {
+            self = self.port(name, port);
+            let ports = self.spec().ports.as_mut().expect("port just added");
+            ports.last_mut().expect("port just added").node_port = Some(node_port);
+            self
+        }
+        fn external_ips(mut self, ips: &[&str]) -> Self {
+            self.spec().external_ips = Some(ips.iter().map(|s| s.to_string()).collect());
+            self
+        }
+        /// An LB ingress entry: `ip` (None: hostname only) and `ipMode`.
+        fn ingress(mut self, ip: Option<&str>, mode: Option<&str>) -> Self {
+            let status = self.0.status.get_or_insert_with(ServiceStatus::default);
+            let lb = status
+                .load_balancer
+                .get_or_insert_with(LoadBalancerStatus::default);
+            lb.ingress
+                .get_or_insert_with(Vec::new)
+                .push(LoadBalancerIngress {
+                    ip: ip.map(Into::into),
+                    hostname: ip.is_none().then(|| "lb.example".into()),
+                    ip_mode: mode.map(Into::into),
+                    ports: None,
+                });
+            self
+        }
+        fn source_ranges(mut self, r: &[&str]) -> Self {
+            self.spec().load_balancer_source_ranges =
+                Some(r.iter().map(|s| s.to_string()).collect());
+            self
+        }
+        fn etp(mut self, p: &str) -> Self {
+            self.spec().external_traffic_policy = Some(p.into());
+            self
+        }
+        fn itp(mut self, p: &str) -> Self {
+            self.spec().internal_traffic_policy = Some(p.into());
+            self
+        }
+        fn affinity(mut self, mode: &str, timeout: Option<i32>) -> Self {
+            self.spec().session_affinity = Some(mode.into());
+            self.spec().session_affinity_config = timeout.map(|t| SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: Some(t),
+                }),
+            });
+            self
+        }
+        fn health_check(mut self, port: i32) -> Self {
+            self.spec().health_check_node_port = Some(port);
+            self
+        }
+        fn traffic_distribution(mut self, d: &str) -> Self {
+            self.spec().traffic_distribution = Some(d.into());
             self
         }
         fn build(self) -> Service {
@@ -765,6 +1622,20 @@ mod tests {
             self.0.zone = Some("zone-a".into());
             self
         }
+        fn hints(mut self, zones: &[&str]) -> Self {
+            self.0.hints = Some(EndpointHints {
+                for_zones: Some(
+                    zones
+                        .iter()
+                        .map(|z| ForZone {
+                            name: z.to_string(),
+                        })
+                        .collect(),
+                ),
+                for_nodes: None,
+            });
+            self
+        }
     }
 
     fn ip(s: &str) -> Ipv4Addr {
@@ -772,11 +1643,7 @@ mod tests {
     }
 
     fn key(ip_: &str, port: u16, protocol: Protocol) -> ServiceKey {
-        ServiceKey {
-            ip: ip(ip_),
-            port,
-            protocol,
-        }
+        ServiceKey::external(ip(ip_), port, protocol)
     }
 
     fn tcp(ip_: &str, port: u16) -> BackendAddr {
@@ -787,11 +1654,51 @@ mod tests {
         }
     }
 
+    /// A ClusterIP entry.
     fn ds(name: &str, backends: &[BackendAddr]) -> DesiredService {
-        DesiredService {
-            name: name.into(),
-            backends: backends.to_vec(),
-        }
+        dsf(name, backends, CLUSTER_IP)
+    }
+
+    fn dsf(name: &str, backends: &[BackendAddr], flags: u32) -> DesiredService {
+        DesiredService::new(name, backends.to_vec(), flags)
+    }
+
+    fn with_affinity(mut d: DesiredService, t: u32) -> DesiredService {
+        d.flags |= AFFINITY;
+        d.affinity_timeout_s = t;
+        d
+    }
+
+    /// `d` with serving+terminating endpoints kept for established flows.
+    fn with_draining(mut d: DesiredService, t: &[BackendAddr]) -> DesiredService {
+        d.terminating = t.to_vec();
+        d
+    }
+
+    fn with_ranges(mut d: DesiredService, r: &[(&str, u8)]) -> DesiredService {
+        d.source_ranges = r.iter().map(|(a, p)| (ip(a), *p)).collect();
+        d
+    }
+
+    /// The entries of an external address under eTP Local: (external key, local-only
+    /// entry) and (internal key, cluster-wide entry).
+    fn local_pair(
+        k: ServiceKey,
+        name: &str,
+        kind: u32,
+        local: &[BackendAddr],
+        all: &[BackendAddr],
+        extra: u32,
+    ) -> [(ServiceKey, DesiredService); 2] {
+        [
+            (k, dsf(name, local, kind | ETP_LOCAL | TWO_SCOPES | extra)),
+            (k.internal(), dsf(name, all, kind)),
+        ]
+    }
+
+    /// NodePort entries on every address in `NPA`.
+    fn node_ports(port: u16, d: DesiredService) -> Vec<(ServiceKey, DesiredService)> {
+        NPA.iter().map(|a| (key(a, port, TCP), d.clone())).collect()
     }
 
     fn issue(object: &str, field: &str, message: &str) -> Issue {
@@ -808,11 +1715,48 @@ mod tests {
         expected: Translation,
     }
 
+    /// `cluster_ips` defaults to the addresses of the expected ClusterIP entries; override
+    /// with [`Translation::with_cluster_ips`].
     fn expect(desired: Vec<(ServiceKey, DesiredService)>, issues: Vec<Issue>) -> Translation {
+        let desired: Desired = desired.into_iter().collect();
         Translation {
-            desired: desired.into_iter().collect(),
+            cluster_ips: desired
+                .iter()
+                .filter(|(_, d)| d.flags & CLUSTER_IP != 0)
+                .map(|(k, _)| k.ip)
+                .collect(),
+            desired,
             issues,
+            health_checks: BTreeMap::new(),
         }
+    }
+
+    impl Translation {
+        fn with_cluster_ips(mut self, ips: &[&str]) -> Self {
+            self.cluster_ips = ips.iter().map(|s| ip(s)).collect();
+            self
+        }
+        fn with_health_check(mut self, port: u16, service: &str, n: usize) -> Self {
+            self.health_checks.insert(
+                port,
+                HealthCheck {
+                    service: service.into(),
+                    local_endpoints: n,
+                },
+            );
+            self
+        }
+    }
+
+    fn run(services: &[Service], slices: &[EndpointSlice]) -> Translation {
+        let npa: Vec<Ipv4Addr> = NPA.iter().map(|s| ip(s)).collect();
+        translate(&Input {
+            services,
+            slices,
+            node_name: NODE,
+            node_zone: Some(ZONE),
+            nodeport_addresses: &npa,
+        })
     }
 
     const TCP: Protocol = Protocol::Tcp;
@@ -1000,9 +1944,13 @@ mod tests {
                 expected: expect(
                     vec![(
                         key("10.96.0.10", 80, TCP),
-                        ds(
-                            "default/web:http",
-                            &[tcp("10.0.0.1", 8080), tcp("10.0.0.4", 8080)],
+                        // The terminating one is not chosen, but kept for its flows.
+                        with_draining(
+                            ds(
+                                "default/web:http",
+                                &[tcp("10.0.0.1", 8080), tcp("10.0.0.4", 8080)],
+                            ),
+                            &[tcp("10.0.0.2", 8080)],
                         ),
                     )],
                     vec![],
@@ -1095,7 +2043,10 @@ mod tests {
                     vec![
                         (
                             key("10.96.0.10", 80, TCP),
-                            ds("default/web:http", &[tcp("10.0.0.1", 8080)]),
+                            with_draining(
+                                ds("default/web:http", &[tcp("10.0.0.1", 8080)]),
+                                &[tcp("10.0.0.2", 8080)],
+                            ),
                         ),
                         (
                             key("10.96.0.10", 81, TCP),
@@ -1104,6 +2055,108 @@ mod tests {
                     ],
                     vec![],
                 ),
+            },
+            Case {
+                name: "draining: serving+terminating endpoints left out are reported, once; never non-serving or not-ready ones, nor one ready elsewhere",
+                input: (
+                    vec![
+                        svc("default", "web")
+                            .cluster_ip("10.96.0.10")
+                            .port("http", 80)
+                            .build(),
+                    ],
+                    vec![
+                        slice("default", "web-1", "web")
+                            .port("http", 8080)
+                            .ready(&["10.0.0.1"])
+                            .ep(ep("10.0.0.2").terminating_serving())
+                            // Terminating and no longer serving: its flows must stop.
+                            .ep(ep("10.0.0.3").conditions(Some(false), Some(false), Some(true)))
+                            .ep(ep("10.0.0.5").not_ready())
+                            .ep(ep("10.0.0.6").terminating_serving())
+                            .build(),
+                        // A slice being replaced: 10.0.0.2 listed twice, 10.0.0.6 ready here.
+                        slice("default", "web-2", "web")
+                            .port("http", 8080)
+                            .ep(ep("10.0.0.2").terminating_serving())
+                            .ready(&["10.0.0.6"])
+                            .build(),
+                    ],
+                ),
+                expected: expect(
+                    vec![(
+                        key("10.96.0.10", 80, TCP),
+                        with_draining(
+                            ds(
+                                "default/web:http",
+                                &[tcp("10.0.0.1", 8080), tcp("10.0.0.6", 8080)],
+                            ),
+                            &[tcp("10.0.0.2", 8080)],
+                        ),
+                    )],
+                    vec![],
+                ),
+            },
+            Case {
+                name: "draining per scope: eTP Local entries report local terminating endpoints only, cluster-wide ones all; iTP Local likewise",
+                input: (
+                    vec![
+                        svc("default", "e")
+                            .cluster_ip("10.96.0.11")
+                            .port("", 80)
+                            .external_ips(&["203.0.113.20"])
+                            .etp("Local")
+                            .build(),
+                        svc("default", "i")
+                            .cluster_ip("10.96.0.12")
+                            .port("", 80)
+                            .itp("Local")
+                            .build(),
+                    ],
+                    vec![
+                        slice("default", "e-1", "e")
+                            .port("", 8080)
+                            .ep(ep("10.0.0.1").node(NODE))
+                            .ep(ep("10.0.0.2").node(NODE).terminating_serving())
+                            .ep(ep("10.0.0.3").node("node-b"))
+                            .ep(ep("10.0.0.4").node("node-b").terminating_serving())
+                            .build(),
+                        slice("default", "i-1", "i")
+                            .port("", 8080)
+                            .ep(ep("10.0.1.1").node(NODE))
+                            .ep(ep("10.0.1.2").node(NODE).terminating_serving())
+                            .ep(ep("10.0.1.4").node("node-b").terminating_serving())
+                            .build(),
+                    ],
+                ),
+                expected: {
+                    let all_ready = [tcp("10.0.0.1", 8080), tcp("10.0.0.3", 8080)];
+                    let all_draining = [tcp("10.0.0.2", 8080), tcp("10.0.0.4", 8080)];
+                    let mut d = vec![
+                        (
+                            key("10.96.0.11", 80, TCP),
+                            with_draining(ds("default/e", &all_ready), &all_draining),
+                        ),
+                        (
+                            key("10.96.0.12", 80, TCP),
+                            with_draining(
+                                dsf("default/i", &[tcp("10.0.1.1", 8080)], CLUSTER_IP | ITP_LOCAL),
+                                &[tcp("10.0.1.2", 8080)],
+                            ),
+                        ),
+                    ];
+                    let [(ek, ext), (ik, int)] = local_pair(
+                        key("203.0.113.20", 80, TCP),
+                        "default/e",
+                        EXTERNAL_IP,
+                        &[tcp("10.0.0.1", 8080)],
+                        &all_ready,
+                        0,
+                    );
+                    d.push((ek, with_draining(ext, &[tcp("10.0.0.2", 8080)])));
+                    d.push((ik, with_draining(int, &all_draining)));
+                    expect(d, vec![])
+                },
             },
             Case {
                 name: "headless, ExternalName and other proxies' services are ignored",
@@ -1491,7 +2544,9 @@ mod tests {
                             "missing; the service is skipped",
                         ),
                     ],
-                ),
+                )
+                // noports still owns its ClusterIP: a hit on it is rejected, not passed.
+                .with_cluster_ips(&["10.96.0.60"]),
             },
             Case {
                 name: "two services claiming the same address and port: first by namespace/name wins",
@@ -1515,15 +2570,700 @@ mod tests {
                         issue(
                             "Service default/a",
                             "spec.ports[1]",
-                            "10.96.0.70:80/TCP is already used by default/a:http; this port is skipped",
+                            "10.96.0.70:80/TCP is already used by default/a:http; this ClusterIP entry is skipped",
                         ),
                         issue(
                             "Service default/b",
                             "spec.ports[0]",
-                            "10.96.0.70:80/TCP is already used by default/a:http; this port is skipped",
+                            "10.96.0.70:80/TCP is already used by default/a:http; this ClusterIP entry is skipped",
                         ),
                     ],
                 ),
+            },
+            Case {
+                name: "NodePort: an entry on every nodeport address, cluster-wide endpoints under eTP Cluster",
+                input: (
+                    vec![
+                        svc("default", "np")
+                            .type_("NodePort")
+                            .cluster_ip("10.96.1.1")
+                            .node_port("http", 80, 30080)
+                            .build(),
+                    ],
+                    vec![
+                        slice("default", "np-1", "np")
+                            .port("http", 8080)
+                            .ep(ep("10.0.0.1").node(NODE))
+                            .ep(ep("10.0.0.2").node("node-b"))
+                            .build(),
+                    ],
+                ),
+                expected: {
+                    let all = [tcp("10.0.0.1", 8080), tcp("10.0.0.2", 8080)];
+                    let mut d = vec![(key("10.96.1.1", 80, TCP), ds("default/np:http", &all))];
+                    d.extend(node_ports(30080, dsf("default/np:http", &all, NODE_PORT)));
+                    expect(d, vec![])
+                },
+            },
+            Case {
+                name: "eTP Local: external entries get local endpoints and an internal twin gets all; health check",
+                input: (
+                    vec![
+                        svc("default", "lb")
+                            .type_("LoadBalancer")
+                            .cluster_ip("10.96.1.2")
+                            .node_port("http", 80, 30081)
+                            .external_ips(&["203.0.113.5"])
+                            .ingress(Some("198.51.100.7"), None)
+                            .etp("Local")
+                            .health_check(32000)
+                            .build(),
+                    ],
+                    vec![
+                        slice("default", "lb-1", "lb")
+                            .port("http", 8080)
+                            .ep(ep("10.0.0.1").node(NODE))
+                            .ep(ep("10.0.0.2").node("node-b"))
+                            // Not ready on this node: neither used nor counted.
+                            .ep(ep("10.0.0.3").node(NODE).not_ready())
+                            .build(),
+                    ],
+                ),
+                expected: {
+                    let n = "default/lb:http";
+                    let all = [tcp("10.0.0.1", 8080), tcp("10.0.0.2", 8080)];
+                    let local = [tcp("10.0.0.1", 8080)];
+                    let mut d = vec![(key("10.96.1.2", 80, TCP), ds(n, &all))];
+                    for a in NPA {
+                        d.extend(local_pair(key(a, 30081, TCP), n, NODE_PORT, &local, &all, 0));
+                    }
+                    d.extend(local_pair(
+                        key("198.51.100.7", 80, TCP),
+                        n,
+                        LOAD_BALANCER,
+                        &local,
+                        &all,
+                        0,
+                    ));
+                    d.extend(local_pair(
+                        key("203.0.113.5", 80, TCP),
+                        n,
+                        EXTERNAL_IP,
+                        &local,
+                        &all,
+                        0,
+                    ));
+                    expect(d, vec![]).with_health_check(32000, "default/lb", 1)
+                },
+            },
+            Case {
+                name: "eTP Local: no local endpoint drops (DROP_IF_EMPTY); none anywhere rejects",
+                input: (
+                    vec![
+                        svc("default", "remote")
+                            .cluster_ip("10.96.1.3")
+                            .port("", 80)
+                            .external_ips(&["203.0.113.6"])
+                            .etp("Local")
+                            .build(),
+                        svc("default", "empty")
+                            .cluster_ip("10.96.1.4")
+                            .port("", 80)
+                            .external_ips(&["203.0.113.7"])
+                            .etp("Local")
+                            .build(),
+                    ],
+                    vec![
+                        slice("default", "remote-1", "remote")
+                            .port("", 8080)
+                            .ep(ep("10.0.0.2").node("node-b"))
+                            .build(),
+                        slice("default", "empty-1", "empty")
+                            .port("", 8080)
+                            .ep(ep("10.0.0.1").node(NODE).not_ready())
+                            .build(),
+                    ],
+                ),
+                expected: {
+                    let remote = [tcp("10.0.0.2", 8080)];
+                    let mut d = vec![
+                        (key("10.96.1.3", 80, TCP), ds("default/remote", &remote)),
+                        (key("10.96.1.4", 80, TCP), ds("default/empty", &[])),
+                    ];
+                    d.extend(local_pair(
+                        key("203.0.113.6", 80, TCP),
+                        "default/remote",
+                        EXTERNAL_IP,
+                        &[],
+                        &remote,
+                        DROP_IF_EMPTY,
+                    ));
+                    d.extend(local_pair(
+                        key("203.0.113.7", 80, TCP),
+                        "default/empty",
+                        EXTERNAL_IP,
+                        &[],
+                        &[],
+                        0,
+                    ));
+                    expect(d, vec![])
+                },
+            },
+            Case {
+                name: "eTP Local: ready/terminating rule applied to local endpoints on their own; health check counts ready only",
+                input: (
+                    vec![
+                        svc("default", "t")
+                            .type_("LoadBalancer")
+                            .cluster_ip("10.96.1.5")
+                            .port("", 80)
+                            .external_ips(&["203.0.113.8"])
+                            .etp("Local")
+                            .health_check(32001)
+                            .build(),
+                    ],
+                    vec![
+                        slice("default", "t-1", "t")
+                            .port("", 8080)
+                            .ep(ep("10.0.0.1").node(NODE).terminating_serving())
+                            .ep(ep("10.0.0.2").node("node-b"))
+                            .build(),
+                    ],
+                ),
+                expected: {
+                    // Cluster-wide, the local terminating endpoint is not chosen (a ready one
+                    // exists) but kept for its flows; locally it is the only usable one.
+                    let draining = [tcp("10.0.0.1", 8080)];
+                    let mut d = vec![(
+                        key("10.96.1.5", 80, TCP),
+                        with_draining(ds("default/t", &[tcp("10.0.0.2", 8080)]), &draining),
+                    )];
+                    let [ext, (ik, int)] = local_pair(
+                        key("203.0.113.8", 80, TCP),
+                        "default/t",
+                        EXTERNAL_IP,
+                        &[tcp("10.0.0.1", 8080)],
+                        &[tcp("10.0.0.2", 8080)],
+                        0,
+                    );
+                    d.push(ext);
+                    d.push((ik, with_draining(int, &draining)));
+                    expect(d, vec![]).with_health_check(32001, "default/t", 0)
+                },
+            },
+            Case {
+                name: "iTP Local: ClusterIP gets local endpoints, DROP_IF_EMPTY when only remote ones; external entries unaffected",
+                input: (
+                    vec![
+                        svc("default", "a")
+                            .type_("NodePort")
+                            .cluster_ip("10.96.2.1")
+                            .node_port("", 80, 30090)
+                            .itp("Local")
+                            .build(),
+                        svc("default", "b")
+                            .cluster_ip("10.96.2.2")
+                            .port("", 80)
+                            .itp("Local")
+                            .build(),
+                        svc("default", "c")
+                            .cluster_ip("10.96.2.3")
+                            .port("", 80)
+                            .itp("Local")
+                            .build(),
+                    ],
+                    vec![
+                        slice("default", "a-1", "a")
+                            .port("", 8080)
+                            .ep(ep("10.0.0.1").node(NODE))
+                            .ep(ep("10.0.0.2").node("node-b"))
+                            .build(),
+                        slice("default", "b-1", "b")
+                            .port("", 8080)
+                            .ep(ep("10.0.0.2").node("node-b"))
+                            .build(),
+                    ],
+                ),
+                expected: {
+                    let all = [tcp("10.0.0.1", 8080), tcp("10.0.0.2", 8080)];
+                    let mut d = vec![
+                        (
+                            key("10.96.2.1", 80, TCP),
+                            dsf("default/a", &[tcp("10.0.0.1", 8080)], CLUSTER_IP | ITP_LOCAL),
+                        ),
+                        (
+                            key("10.96.2.2", 80, TCP),
+                            dsf("default/b", &[], CLUSTER_IP | ITP_LOCAL | DROP_IF_EMPTY),
+                        ),
+                        (
+                            key("10.96.2.3", 80, TCP),
+                            dsf("default/c", &[], CLUSTER_IP | ITP_LOCAL),
+                        ),
+                    ];
+                    d.extend(node_ports(30090, dsf("default/a", &all, NODE_PORT)));
+                    expect(d, vec![])
+                },
+            },
+            Case {
+                name: "LB ingress: Proxy mode, hostname and IPv6 skipped, invalid IP an issue, duplicates once; source ranges on LB entries only",
+                input: (
+                    vec![
+                        svc("default", "lb")
+                            .type_("LoadBalancer")
+                            .cluster_ip("10.96.3.1")
+                            .node_port("https", 443, 30443)
+                            .external_ips(&["203.0.113.9", "2001:db8::9", "203.0.113.9"])
+                            .ingress(Some("198.51.100.1"), Some("VIP"))
+                            .ingress(Some("198.51.100.2"), Some("Proxy"))
+                            .ingress(None, None)
+                            .ingress(Some("2001:db8::1"), None)
+                            .ingress(Some("bogus"), None)
+                            .ingress(Some("198.51.100.1"), None)
+                            .source_ranges(&[
+                                "10.1.2.3/8",
+                                " 192.168.0.0/24 ",
+                                "2001:db8::/32",
+                                "010.0.0.0/8",
+                            ])
+                            .build(),
+                    ],
+                    vec![
+                        slice("default", "lb-1", "lb")
+                            .port("https", 8443)
+                            .ready(&["10.0.0.1"])
+                            .build(),
+                    ],
+                ),
+                expected: {
+                    let n = "default/lb:https";
+                    let all = [tcp("10.0.0.1", 8443)];
+                    let mut d = vec![
+                        (key("10.96.3.1", 443, TCP), ds(n, &all)),
+                        (
+                            key("198.51.100.1", 443, TCP),
+                            with_ranges(
+                                dsf(n, &all, LOAD_BALANCER | SOURCE_RANGES),
+                                &[("10.0.0.0", 8), ("192.168.0.0", 24)],
+                            ),
+                        ),
+                        (key("203.0.113.9", 443, TCP), dsf(n, &all, EXTERNAL_IP)),
+                    ];
+                    d.extend(node_ports(30443, dsf(n, &all, NODE_PORT)));
+                    expect(
+                        d,
+                        vec![issue(
+                            "Service default/lb",
+                            "status.loadBalancer.ingress[4].ip",
+                            "invalid IPv4 address \"bogus\"; skipped",
+                        )],
+                    )
+                },
+            },
+            Case {
+                name: "invalid source range: an issue, and the LB IP fails closed",
+                input: (
+                    vec![
+                        svc("default", "a")
+                            .type_("LoadBalancer")
+                            .cluster_ip("10.96.3.2")
+                            .port("", 80)
+                            .ingress(Some("198.51.100.3"), None)
+                            .source_ranges(&["10.0.0.0/33", "172.16.0.0/12"])
+                            .build(),
+                        svc("default", "b")
+                            .type_("LoadBalancer")
+                            .cluster_ip("10.96.3.3")
+                            .port("", 80)
+                            .ingress(Some("198.51.100.4"), None)
+                            .source_ranges(&["nope"])
+                            .build(),
+                    ],
+                    vec![],
+                ),
+                expected: expect(
+                    vec![
+                        (key("10.96.3.2", 80, TCP), ds("default/a", &[])),
+                        (key("10.96.3.3", 80, TCP), ds("default/b", &[])),
+                        (
+                            key("198.51.100.3", 80, TCP),
+                            with_ranges(
+                                dsf("default/a", &[], LOAD_BALANCER | SOURCE_RANGES),
+                                &[("172.16.0.0", 12)],
+                            ),
+                        ),
+                        (
+                            key("198.51.100.4", 80, TCP),
+                            dsf("default/b", &[], LOAD_BALANCER | SOURCE_RANGES),
+                        ),
+                    ],
+                    vec![
+                        issue(
+                            "Service default/a",
+                            "spec.loadBalancerSourceRanges[0]",
+                            "\"10.0.0.0/33\" is not a CIDR (invalid prefix length \"33\" (must be 0-32)); left out, so the sources it names are dropped",
+                        ),
+                        issue(
+                            "Service default/b",
+                            "spec.loadBalancerSourceRanges[0]",
+                            "\"nope\" is not a CIDR (no /prefix-length; a single address is written like 10.0.0.1/32); left out, so the sources it names are dropped",
+                        ),
+                    ],
+                ),
+            },
+            Case {
+                name: "sessionAffinity ClientIP: every entry, default and explicit timeouts; bad values are issues",
+                input: (
+                    vec![
+                        svc("default", "a")
+                            .type_("NodePort")
+                            .cluster_ip("10.96.4.1")
+                            .node_port("", 80, 30100)
+                            .etp("Local")
+                            .affinity("ClientIP", None)
+                            .build(),
+                        svc("default", "b")
+                            .cluster_ip("10.96.4.2")
+                            .port("", 80)
+                            .affinity("ClientIP", Some(60))
+                            .build(),
+                        svc("default", "c")
+                            .cluster_ip("10.96.4.3")
+                            .port("", 80)
+                            .affinity("ClientIP", Some(0))
+                            .build(),
+                        svc("default", "d")
+                            .cluster_ip("10.96.4.4")
+                            .port("", 80)
+                            .affinity("Sticky", None)
+                            .build(),
+                    ],
+                    vec![],
+                ),
+                expected: {
+                    let t = DEFAULT_AFFINITY_TIMEOUT_S;
+                    let mut d = vec![
+                        (key("10.96.4.1", 80, TCP), with_affinity(ds("default/a", &[]), t)),
+                        (key("10.96.4.2", 80, TCP), with_affinity(ds("default/b", &[]), 60)),
+                        (key("10.96.4.3", 80, TCP), with_affinity(ds("default/c", &[]), t)),
+                        (key("10.96.4.4", 80, TCP), ds("default/d", &[])),
+                    ];
+                    for a in NPA {
+                        let [(ek, ev), (ik, iv)] =
+                            local_pair(key(a, 30100, TCP), "default/a", NODE_PORT, &[], &[], 0);
+                        d.push((ek, with_affinity(ev, t)));
+                        d.push((ik, with_affinity(iv, t)));
+                    }
+                    expect(
+                        d,
+                        vec![
+                            issue(
+                                "Service default/c",
+                                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                                "invalid timeout 0 (must be 1-86400); 10800 is used",
+                            ),
+                            issue(
+                                "Service default/d",
+                                "spec.sessionAffinity",
+                                "unknown session affinity \"Sticky\" (expected None or ClientIP); None is used",
+                            ),
+                        ],
+                    )
+                },
+            },
+            Case {
+                name: "topology: endpoints hinted for this zone when every ready one is hinted; otherwise all",
+                input: (
+                    vec![
+                        svc("default", "a")
+                            .cluster_ip("10.96.5.1")
+                            .port("", 80)
+                            .traffic_distribution("PreferClose")
+                            .build(),
+                        svc("default", "b").cluster_ip("10.96.5.2").port("", 80).build(),
+                        svc("default", "c").cluster_ip("10.96.5.3").port("", 80).build(),
+                        svc("default", "d")
+                            .cluster_ip("10.96.5.4")
+                            .port("", 80)
+                            .itp("Local")
+                            .build(),
+                        svc("default", "e").cluster_ip("10.96.5.5").port("", 80).build(),
+                    ],
+                    vec![
+                        slice("default", "a-1", "a")
+                            .port("", 8080)
+                            .ep(ep("10.0.0.1").hints(&["zone-a"]))
+                            .ep(ep("10.0.0.2").hints(&["zone-b"]))
+                            .ep(ep("10.0.0.3").hints(&["zone-c", "zone-a"]))
+                            // Not ready: its missing hints do not disable topology.
+                            .ep(ep("10.0.0.4").not_ready())
+                            .build(),
+                        // One ready endpoint without hints: topology off.
+                        slice("default", "b-1", "b")
+                            .port("", 8080)
+                            .ep(ep("10.0.0.1").hints(&["zone-a"]))
+                            .ep(ep("10.0.0.2"))
+                            .build(),
+                        // Every endpoint hinted, none for this zone: topology off.
+                        slice("default", "c-1", "c")
+                            .port("", 8080)
+                            .ep(ep("10.0.0.1").hints(&["zone-b"]))
+                            .ep(ep("10.0.0.2").hints(&["zone-c"]))
+                            .build(),
+                        // Local policy sets are not narrowed by topology.
+                        slice("default", "d-1", "d")
+                            .port("", 8080)
+                            .ep(ep("10.0.0.1").node(NODE).hints(&["zone-b"]))
+                            .ep(ep("10.0.0.2").node("node-b").hints(&["zone-a"]))
+                            .build(),
+                        // Terminating fallback ignores topology.
+                        slice("default", "e-1", "e")
+                            .port("", 8080)
+                            .ep(ep("10.0.0.1").terminating_serving().hints(&["zone-b"]))
+                            .ep(ep("10.0.0.2").terminating_serving().hints(&["zone-a"]))
+                            .build(),
+                    ],
+                ),
+                expected: expect(
+                    vec![
+                        (
+                            key("10.96.5.1", 80, TCP),
+                            ds("default/a", &[tcp("10.0.0.1", 8080), tcp("10.0.0.3", 8080)]),
+                        ),
+                        (
+                            key("10.96.5.2", 80, TCP),
+                            ds("default/b", &[tcp("10.0.0.1", 8080), tcp("10.0.0.2", 8080)]),
+                        ),
+                        (
+                            key("10.96.5.3", 80, TCP),
+                            ds("default/c", &[tcp("10.0.0.1", 8080), tcp("10.0.0.2", 8080)]),
+                        ),
+                        (
+                            key("10.96.5.4", 80, TCP),
+                            dsf("default/d", &[tcp("10.0.0.1", 8080)], CLUSTER_IP | ITP_LOCAL),
+                        ),
+                        (
+                            key("10.96.5.5", 80, TCP),
+                            ds("default/e", &[tcp("10.0.0.1", 8080), tcp("10.0.0.2", 8080)]),
+                        ),
+                    ],
+                    vec![],
+                ),
+            },
+            Case {
+                name: "ignored services get no external entries and no ClusterIP in the set",
+                input: (
+                    vec![
+                        svc("default", "headless")
+                            .cluster_ip("None")
+                            .port("", 80)
+                            .external_ips(&["203.0.113.20"])
+                            .build(),
+                        svc("default", "other")
+                            .type_("LoadBalancer")
+                            .cluster_ip("10.96.6.1")
+                            .node_port("", 80, 30200)
+                            .ingress(Some("198.51.100.20"), None)
+                            .label(SERVICE_PROXY_NAME_LABEL, "x")
+                            .build(),
+                        svc("default", "ext")
+                            .type_("ExternalName")
+                            .port("", 80)
+                            .external_ips(&["203.0.113.21"])
+                            .build(),
+                    ],
+                    vec![],
+                ),
+                expected: expect(vec![], vec![]),
+            },
+            Case {
+                name: "key conflicts: ClusterIPs first, then NodePorts, LB IPs, externalIPs",
+                input: (
+                    vec![
+                        // Sorts first, but may not take kube-dns's ClusterIP or a NodePort.
+                        svc("default", "a-evil")
+                            .type_("LoadBalancer")
+                            .cluster_ip("10.96.7.1")
+                            .port_proto("dns", 53, Some("UDP"))
+                            .external_ips(&["10.96.0.10", "192.168.0.10"])
+                            .ingress(Some("192.168.1.10"), None)
+                            .build(),
+                        svc("default", "np1")
+                            .type_("NodePort")
+                            .cluster_ip("10.96.7.2")
+                            .node_port("", 53, 53)
+                            .build(),
+                        svc("default", "np2")
+                            .type_("NodePort")
+                            .cluster_ip("10.96.7.3")
+                            .node_port("", 80, 53)
+                            .build(),
+                        svc("kube-system", "dns")
+                            .cluster_ip("10.96.0.10")
+                            .port_proto("dns", 53, Some("UDP"))
+                            .build(),
+                    ],
+                    vec![],
+                ),
+                expected: {
+                    let mut d = vec![
+                        (key("10.96.7.1", 53, UDP), ds("default/a-evil:dns", &[])),
+                        (key("10.96.7.2", 53, TCP), ds("default/np1", &[])),
+                        (key("10.96.7.3", 80, TCP), ds("default/np2", &[])),
+                        (key("10.96.0.10", 53, UDP), ds("kube-system/dns:dns", &[])),
+                    ];
+                    d.extend(node_ports(53, dsf("default/np1", &[], NODE_PORT)));
+                    // UDP: the TCP NodePort 53 does not collide with these.
+                    d.push((
+                        key("192.168.0.10", 53, UDP),
+                        dsf("default/a-evil:dns", &[], EXTERNAL_IP),
+                    ));
+                    d.push((
+                        key("192.168.1.10", 53, UDP),
+                        dsf("default/a-evil:dns", &[], LOAD_BALANCER),
+                    ));
+                    expect(
+                        d,
+                        vec![
+                            issue(
+                                "Service default/np2",
+                                "spec.ports[0].nodePort",
+                                "192.168.0.10:53/TCP is already used by default/np1; this NodePort entry is skipped",
+                            ),
+                            issue(
+                                "Service default/np2",
+                                "spec.ports[0].nodePort",
+                                "192.168.1.10:53/TCP is already used by default/np1; this NodePort entry is skipped",
+                            ),
+                            issue(
+                                "Service default/a-evil",
+                                "spec.externalIPs[0]",
+                                "10.96.0.10:53/UDP is already used by kube-system/dns:dns; this externalIP entry is skipped",
+                            ),
+                        ],
+                    )
+                },
+            },
+            Case {
+                name: "nodePort only for NodePort/LoadBalancer types; LB IPs only for LoadBalancer; bad values are issues",
+                input: (
+                    vec![
+                        svc("default", "cip")
+                            .cluster_ip("10.96.8.1")
+                            .node_port("", 80, 30300)
+                            .ingress(Some("198.51.100.30"), None)
+                            .build(),
+                        svc("default", "np")
+                            .type_("NodePort")
+                            .cluster_ip("10.96.8.2")
+                            .node_port("", 80, 70000)
+                            .ingress(Some("198.51.100.31"), None)
+                            .external_ips(&["", "203.0.113.999"])
+                            .etp("Sideways")
+                            .itp("Nowhere")
+                            .build(),
+                        // allocateLoadBalancerNodePorts: false.
+                        svc("default", "lb")
+                            .type_("LoadBalancer")
+                            .cluster_ip("10.96.8.3")
+                            .port("", 80)
+                            .build(),
+                    ],
+                    vec![],
+                ),
+                expected: expect(
+                    vec![
+                        (key("10.96.8.1", 80, TCP), ds("default/cip", &[])),
+                        (key("10.96.8.2", 80, TCP), ds("default/np", &[])),
+                        (key("10.96.8.3", 80, TCP), ds("default/lb", &[])),
+                    ],
+                    vec![
+                        issue(
+                            "Service default/np",
+                            "spec.ports[0].nodePort",
+                            "invalid port 70000 (must be 1-65535); no NodePort is served for this port",
+                        ),
+                        issue("Service default/np", "spec.externalIPs[0]", "empty address; skipped"),
+                        issue(
+                            "Service default/np",
+                            "spec.externalIPs[1]",
+                            "invalid IPv4 address \"203.0.113.999\"; skipped",
+                        ),
+                        issue(
+                            "Service default/np",
+                            "spec.externalTrafficPolicy",
+                            "unknown traffic policy \"Sideways\" (expected Cluster or Local); Cluster is used",
+                        ),
+                        issue(
+                            "Service default/np",
+                            "spec.internalTrafficPolicy",
+                            "unknown traffic policy \"Nowhere\" (expected Cluster or Local); Cluster is used",
+                        ),
+                    ],
+                ),
+            },
+            Case {
+                name: "health checks: eTP Local LoadBalancers only; a port used twice is an issue",
+                input: (
+                    vec![
+                        svc("default", "a")
+                            .type_("LoadBalancer")
+                            .cluster_ip("10.96.9.1")
+                            .port("http", 80)
+                            .port("https", 443)
+                            .etp("Local")
+                            .health_check(32100)
+                            .build(),
+                        svc("default", "b")
+                            .type_("LoadBalancer")
+                            .cluster_ip("10.96.9.2")
+                            .port("", 80)
+                            .etp("Local")
+                            .health_check(32100)
+                            .build(),
+                        // eTP Cluster: no health check even with a port set.
+                        svc("default", "c")
+                            .type_("LoadBalancer")
+                            .cluster_ip("10.96.9.3")
+                            .port("", 80)
+                            .health_check(32101)
+                            .build(),
+                    ],
+                    vec![
+                        slice("default", "a-1", "a")
+                            .port("http", 8080)
+                            .port("https", 8443)
+                            .ep(ep("10.0.0.1").node(NODE))
+                            .ep(ep("10.0.0.2").node("node-b"))
+                            .build(),
+                    ],
+                ),
+                expected: expect(
+                    vec![
+                        (
+                            key("10.96.9.1", 80, TCP),
+                            ds(
+                                "default/a:http",
+                                &[tcp("10.0.0.1", 8080), tcp("10.0.0.2", 8080)],
+                            ),
+                        ),
+                        (
+                            key("10.96.9.1", 443, TCP),
+                            ds(
+                                "default/a:https",
+                                &[tcp("10.0.0.1", 8443), tcp("10.0.0.2", 8443)],
+                            ),
+                        ),
+                        (key("10.96.9.2", 80, TCP), ds("default/b", &[])),
+                        (key("10.96.9.3", 80, TCP), ds("default/c", &[])),
+                    ],
+                    vec![issue(
+                        "Service default/b",
+                        "spec.healthCheckNodePort",
+                        "healthCheckNodePort 32100 is already used by default/a; no health check is served for this service",
+                    )],
+                )
+                // Like kube-proxy: distinct local ready ip:port pairs over the ports.
+                .with_health_check(32100, "default/a", 2),
             },
         ]
     }
@@ -1532,13 +3272,22 @@ mod tests {
     fn translate_table() {
         for c in cases() {
             let (services, slices) = &c.input;
-            let got = translate(&Input {
-                services,
-                slices,
-                node_name: "node-a",
-            });
+            let got = run(services, slices);
+            for (k, d) in &c.expected.desired {
+                assert_eq!(got.desired.get(k), Some(d), "{}: entry {k}", c.name);
+            }
             assert_eq!(got.desired, c.expected.desired, "{}: desired", c.name);
             assert_eq!(got.issues, c.expected.issues, "{}: issues", c.name);
+            assert_eq!(
+                got.cluster_ips, c.expected.cluster_ips,
+                "{}: cluster IPs",
+                c.name
+            );
+            assert_eq!(
+                got.health_checks, c.expected.health_checks,
+                "{}: health checks",
+                c.name
+            );
         }
     }
 
@@ -1548,11 +3297,7 @@ mod tests {
             let (mut services, mut slices) = c.input;
             services.reverse();
             slices.reverse();
-            let got = translate(&Input {
-                services: &services,
-                slices: &slices,
-                node_name: "node-a",
-            });
+            let got = run(&services, &slices);
             assert_eq!(got, c.expected, "{}", c.name);
         }
     }
@@ -1650,5 +3395,248 @@ mod tests {
         assert!(matches!(parse_ip("fd00::1"), Ip::V6));
         assert!(matches!(parse_ip("fd00::g"), Ip::Invalid(_)));
         assert!(matches!(parse_ip(""), Ip::Empty));
+    }
+
+    #[test]
+    fn nodeport_addresses_flag_parses() {
+        struct Case {
+            name: &'static str,
+            input: &'static str,
+            expected: Result<NodePortAddresses, NodePortAddressesError>,
+        }
+        let cidr = |s: &str, p: u8| (ip(s), p);
+        let usage = "expected comma-separated CIDRs such as 10.0.0.0/8,192.168.1.10/32, or the single word \"primary\"";
+        let cases = [
+            Case {
+                name: "empty is the default: all node addresses",
+                input: "",
+                expected: Ok(NodePortAddresses::All),
+            },
+            Case {
+                name: "blank is the default",
+                input: "  ",
+                expected: Ok(NodePortAddresses::All),
+            },
+            Case {
+                name: "primary",
+                input: "primary",
+                expected: Ok(NodePortAddresses::Primary),
+            },
+            Case {
+                name: "CIDRs, spaces trimmed, host bits cleared, leading zeros decimal",
+                input: "10.1.2.3/8, 192.168.001.0/24,0.0.0.0/0",
+                expected: Ok(NodePortAddresses::Cidrs(vec![
+                    cidr("10.0.0.0", 8),
+                    cidr("192.168.1.0", 24),
+                    cidr("0.0.0.0", 0),
+                ])),
+            },
+            Case {
+                name: "IPv6 CIDRs accepted and match no IPv4 address",
+                input: "fd00::/8,10.0.0.0/8",
+                expected: Ok(NodePortAddresses::Cidrs(vec![cidr("10.0.0.0", 8)])),
+            },
+            Case {
+                name: "primary with CIDRs",
+                input: "primary,10.0.0.0/8",
+                expected: Err(NodePortAddressesError::PrimaryWithCidrs(
+                    "primary,10.0.0.0/8".into(),
+                )),
+            },
+            Case {
+                name: "bare address",
+                input: "10.0.0.1",
+                expected: Err(NodePortAddressesError::InvalidCidr {
+                    entry: "10.0.0.1".into(),
+                    reason: "no /prefix-length; a single address is written like 10.0.0.1/32"
+                        .into(),
+                }),
+            },
+            Case {
+                name: "prefix too long",
+                input: "10.0.0.0/33",
+                expected: Err(NodePortAddressesError::InvalidCidr {
+                    entry: "10.0.0.0/33".into(),
+                    reason: "invalid prefix length \"33\" (must be 0-32)".into(),
+                }),
+            },
+            Case {
+                name: "signed prefix",
+                input: "10.0.0.0/+8",
+                expected: Err(NodePortAddressesError::InvalidCidr {
+                    entry: "10.0.0.0/+8".into(),
+                    reason: "invalid prefix length \"+8\" (must be 0-32)".into(),
+                }),
+            },
+            Case {
+                name: "bad address",
+                input: "10.0.0.256/32",
+                expected: Err(NodePortAddressesError::InvalidCidr {
+                    entry: "10.0.0.256/32".into(),
+                    reason: "invalid IPv4 address \"10.0.0.256\"".into(),
+                }),
+            },
+            Case {
+                name: "bad IPv6",
+                input: "fd00::g/8",
+                expected: Err(NodePortAddressesError::InvalidCidr {
+                    entry: "fd00::g/8".into(),
+                    reason: "invalid IPv6 CIDR".into(),
+                }),
+            },
+            Case {
+                name: "empty entry",
+                input: "10.0.0.0/8,,",
+                expected: Err(NodePortAddressesError::EmptyEntry("10.0.0.0/8,,".into())),
+            },
+        ];
+        for c in cases {
+            let got = c.input.parse::<NodePortAddresses>();
+            assert_eq!(got, c.expected, "{}", c.name);
+            if let Err(e) = got {
+                let msg = e.to_string();
+                assert!(
+                    msg.starts_with("--nodeport-addresses: "),
+                    "{}: {msg}",
+                    c.name
+                );
+                if !matches!(e, NodePortAddressesError::PrimaryWithCidrs(_)) {
+                    assert!(msg.ends_with(usage), "{}: {msg}", c.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nodeport_addresses_select_node_ips() {
+        struct Case {
+            name: &'static str,
+            input: (&'static [&'static str], &'static str),
+            expected: &'static [&'static str],
+        }
+        let cases = [
+            Case {
+                name: "default: every node address, never loopback, no duplicates",
+                input: (
+                    &["192.168.0.10", "127.0.0.1", "10.0.0.5", "192.168.0.10"],
+                    "",
+                ),
+                expected: &["192.168.0.10", "10.0.0.5"],
+            },
+            Case {
+                name: "primary: the first",
+                input: (&["192.168.0.10", "10.0.0.5"], "primary"),
+                expected: &["192.168.0.10"],
+            },
+            Case {
+                name: "primary that is loopback: none",
+                input: (&["127.0.0.2", "10.0.0.5"], "primary"),
+                expected: &[],
+            },
+            Case {
+                name: "primary without node addresses",
+                input: (&[], "primary"),
+                expected: &[],
+            },
+            Case {
+                name: "CIDRs filter, in node address order",
+                input: (
+                    &["192.168.0.10", "10.0.0.5", "172.16.0.1", "10.9.0.1"],
+                    "10.0.0.0/16,192.168.0.10/32",
+                ),
+                expected: &["192.168.0.10", "10.0.0.5"],
+            },
+            Case {
+                name: "0.0.0.0/0 still excludes 127.0.0.0/8 (CVE-2020-8558)",
+                input: (&["127.0.0.1", "127.1.2.3", "10.0.0.5"], "0.0.0.0/0"),
+                expected: &["10.0.0.5"],
+            },
+            Case {
+                name: "only IPv6 CIDRs: no IPv4 NodePort address",
+                input: (&["10.0.0.5"], "fd00::/8"),
+                expected: &[],
+            },
+        ];
+        for c in cases {
+            let ips: Vec<Ipv4Addr> = c.input.0.iter().map(|s| ip(s)).collect();
+            let flag: NodePortAddresses = c.input.1.parse().expect("valid flag");
+            let expected: Vec<Ipv4Addr> = c.expected.iter().map(|s| ip(s)).collect();
+            assert_eq!(nodeport_addresses(&ips, &flag), expected, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn node_zone_reads_the_label() {
+        let mut node = Node::default();
+        assert_eq!(node_zone(&node), None);
+        node.metadata.labels = Some(BTreeMap::from([(ZONE_LABEL.into(), String::new())]));
+        assert_eq!(node_zone(&node), None, "empty label");
+        node.metadata.labels = Some(BTreeMap::from([
+            (ZONE_LABEL.into(), "eu-1a".into()),
+            ("topology.kubernetes.io/region".into(), "eu-1".into()),
+        ]));
+        assert_eq!(node_zone(&node).as_deref(), Some("eu-1a"));
+    }
+
+    #[test]
+    fn unknown_zone_or_no_nodeport_addresses() {
+        let services = [svc("default", "a")
+            .type_("NodePort")
+            .cluster_ip("10.96.5.1")
+            .node_port("", 80, 30400)
+            .build()];
+        let slices = [slice("default", "a-1", "a")
+            .port("", 8080)
+            .ep(ep("10.0.0.1").hints(&["zone-a"]))
+            .ep(ep("10.0.0.2").hints(&["zone-b"]))
+            .build()];
+        let got = translate(&Input {
+            services: &services,
+            slices: &slices,
+            node_name: NODE,
+            node_zone: None,
+            nodeport_addresses: &[],
+        });
+        let expected = expect(
+            vec![(
+                key("10.96.5.1", 80, TCP),
+                ds("default/a", &[tcp("10.0.0.1", 8080), tcp("10.0.0.2", 8080)]),
+            )],
+            vec![],
+        );
+        assert_eq!(
+            got, expected,
+            "no zone: hints ignored; no addresses: no NodePort entry"
+        );
+        // An empty node name never makes an endpoint without a nodeName local.
+        let local = translate(&Input {
+            services: &[svc("default", "a")
+                .cluster_ip("10.96.5.1")
+                .port("", 80)
+                .itp("Local")
+                .build()],
+            slices: &[slice("default", "a-1", "a")
+                .port("", 8080)
+                .ready(&["10.0.0.1"])
+                .build()],
+            node_name: "",
+            node_zone: None,
+            nodeport_addresses: &[],
+        });
+        assert_eq!(
+            local.desired[&key("10.96.5.1", 80, TCP)],
+            dsf("default/a", &[], CLUSTER_IP | ITP_LOCAL | DROP_IF_EMPTY)
+        );
+    }
+
+    #[test]
+    fn service_key_display_names_the_scope() {
+        let k = key("198.51.100.1", 443, TCP);
+        assert_eq!(k.to_string(), "198.51.100.1:443/TCP");
+        assert_eq!(k.internal().to_string(), "198.51.100.1:443/TCP (internal)");
+        assert_eq!(
+            ServiceKey { scope: 9, ..k }.to_string(),
+            "198.51.100.1:443/TCP (scope 9)"
+        );
     }
 }

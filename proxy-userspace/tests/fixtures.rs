@@ -21,6 +21,8 @@ const UDP: u8 = 17;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const HAIRPIN: Ipv4Addr = Ipv4Addr::new(10, 76, 0, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 76, 0, 20);
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 11);
+const EXT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const MAC_POD: [u8; 6] = [0x02, 0, 0, 0, 0, 0x20];
 const MAC_GW: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
@@ -77,6 +79,11 @@ impl Fixture {
         let mut dp = Datapath::load(&LoadOptions::default()).expect("load the eBPF object");
         dp.set_config(&NodeConfig {
             hairpin_addr_be: abi::addr_be(HAIRPIN),
+            node_addr_be: abi::addr_be(NODE),
+            cluster_cidr_be: abi::addr_be(Ipv4Addr::new(10, 76, 0, 0)),
+            cluster_mask_be: abi::addr_be(Ipv4Addr::new(255, 255, 0, 0)),
+            snat_port_min: 61000,
+            snat_port_max: 65000,
             ..Default::default()
         })
         .expect("config");
@@ -94,13 +101,15 @@ impl Fixture {
             services: &services,
             slices: &slices,
             node_name: "node1",
+            node_zone: None,
+            nodeport_addresses: &[NODE],
         });
         assert!(
             t.issues.is_empty(),
             "fixture has issues: {:?}",
             t.issues.iter().map(|i| i.to_string()).collect::<Vec<_>>()
         );
-        let p = plan::plan(&self.state, &t.desired);
+        let p = plan::plan(&self.state, &t.desired, &t.cluster_ips);
         let mut maps = self.dp.lb_maps().expect("maps");
         plan::apply_plan(&mut self.state, &p, &mut maps).expect("apply plan");
     }
@@ -309,9 +318,11 @@ fn udp_with_and_without_checksum() {
     let p = parse_checked(&out);
     assert_eq!(p.l4_csum, 0, "a zero UDP checksum stays zero");
     assert_eq!(p.dst.1, 9376);
-    // TCP to a UDP-only service port is not a service packet.
+    // TCP to a ClusterIP whose port is UDP-only: REJECT, like kube-proxy.
     let tcp = packet(TCP, (CLIENT, 5002), (VIP, 80), 0, false);
-    assert_eq!(f.run(programs::POD_INGRESS, &tcp), (TC_ACT_OK, tcp));
+    let (rc, out) = f.run(programs::POD_INGRESS, &tcp);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(out[14 + 20 + 13] & 0x04, 0x04, "a TCP RST");
 }
 
 #[test]
@@ -328,11 +339,12 @@ fn non_service_and_malformed_packets_pass_untouched() {
         f.run(programs::POD_INGRESS, &other),
         (TC_ACT_OK, other.clone())
     );
+    // A ClusterIP on a port no service uses is rejected, not passed.
     let wrong_port = packet(TCP, (CLIENT, 40000), (VIP, 81), 0, false);
-    assert_eq!(
-        f.run(programs::POD_INGRESS, &wrong_port),
-        (TC_ACT_OK, wrong_port.clone())
-    );
+    let (rc, out) = f.run(programs::POD_INGRESS, &wrong_port);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(parse_checked(&out).src, (VIP, 81), "RST from the ClusterIP");
+    assert_eq!(f.counter(counter::REJECT), 1);
     // Truncated TCP header (cut inside the checksum field).
     let syn = packet(TCP, (CLIENT, 40000), (VIP, 80), 0, false);
     let cut = syn[..14 + 20 + 10].to_vec();
@@ -368,14 +380,67 @@ fn ip_options_are_honoured() {
 }
 
 #[test]
-fn service_without_endpoints_drops_and_counts() {
+fn service_without_endpoints_rejects_tcp_with_rst() {
     let f = Fixture::new(&hostnames(&[], "TCP"));
-    let (rc, _) = f.run(
+    let (rc, out) = f.run(
         programs::POD_INGRESS,
         &packet(TCP, (CLIENT, 40000), (VIP, 80), 0, false),
     );
-    assert_eq!(rc, TC_ACT_SHOT);
-    assert_eq!(f.counter(counter::DROP_NO_BACKEND), 1);
+    assert_eq!(
+        rc, TC_ACT_REDIRECT,
+        "the RST goes back out of the client's port"
+    );
+    assert_eq!(out.len(), 14 + 20 + 20, "headers only");
+    let p = parse_checked(&out);
+    assert_eq!(
+        p.src,
+        (VIP, 80),
+        "the RST comes from the address the client dialled"
+    );
+    assert_eq!(p.dst, (CLIENT, 40000));
+    assert_eq!(p.dst_mac, MAC_POD);
+    let tcp = &out[34..];
+    assert_eq!(tcp[13], 0x14, "RST|ACK");
+    assert_eq!(
+        u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
+        1000 + 5 + 1,
+        "acks SYN + payload"
+    );
+    assert_eq!(f.counter(counter::REJECT), 1);
+}
+
+#[test]
+fn service_without_endpoints_rejects_udp_with_icmp_port_unreachable() {
+    let f = Fixture::new(&hostnames(&[], "UDP"));
+    let pkt = packet(UDP, (CLIENT, 5353), (VIP, 80), 0, false);
+    let (rc, out) = f.run(programs::POD_INGRESS, &pkt);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    let ip = &out[14..34];
+    let mut hdr = ip.to_vec();
+    hdr[10] = 0;
+    hdr[11] = 0;
+    assert_eq!(
+        u16::from_be_bytes([ip[10], ip[11]]),
+        csum::ipv4_header(&hdr),
+        "IPv4 checksum"
+    );
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(&ip[12..16], &VIP.octets(), "from the VIP");
+    assert_eq!(&ip[16..20], &CLIENT.octets());
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 3), "destination/port unreachable");
+    assert_eq!(
+        csum::fold(csum::add_bytes(0, icmp)),
+        0xffff,
+        "ICMP checksum"
+    );
+    assert_eq!(
+        &icmp[8..36],
+        &pkt[14..42],
+        "quotes the offending header and 8 bytes"
+    );
+    assert_eq!(f.counter(counter::REJECT), 1);
 }
 
 #[test]
@@ -420,4 +485,293 @@ fn flows_to_a_removed_endpoint_move_to_a_live_one() {
     assert_ne!(now, first, "the flow left the removed endpoint");
     assert!(rest.contains(&now.as_str()));
     assert_eq!(f.counter(counter::REBALANCED), 1);
+}
+
+/// A LoadBalancer service with NodePort 30080, LB IP 203.0.113.10 and the given policy.
+fn load_balancer(endpoints: &[(&str, &str)], local: bool, ranges: &[&str]) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|(ip, node)| {
+            format!(
+                "\n  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n    nodeName: {node}"
+            )
+        })
+        .collect();
+    let ranges = if ranges.is_empty() {
+        String::new()
+    } else {
+        format!("  loadBalancerSourceRanges: [{}]\n", ranges.join(", "))
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: default}}\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: {VIP}\n  externalTrafficPolicy: {}\n{ranges}  ports:\n  - {{name: web, port: 80, targetPort: 9376, protocol: TCP, nodePort: 30080}}\n\
+         status: {{loadBalancer: {{ingress: [{{ip: 203.0.113.10}}]}}}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: lb-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: lb}}\n\
+         addressType: IPv4\nports:\n- {{name: web, port: 9376, protocol: TCP}}\nendpoints:{eps}",
+        if local { "Local" } else { "Cluster" }
+    )
+}
+
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+
+#[test]
+fn nodeport_from_outside_is_masqueraded_to_the_node_and_replies_come_back_from_the_nodeport() {
+    let f = Fixture::new(&load_balancer(&[("10.76.1.10", "node2")], false, &[]));
+    let (rc, out) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (EXT, 50000), (NODE, 30080), 0, false),
+    );
+    assert!(
+        rc == TC_ACT_OK || rc == TC_ACT_REDIRECT,
+        "forwarded, got {rc}"
+    );
+    let p = parse_checked(&out);
+    assert_eq!(p.dst, (Ipv4Addr::new(10, 76, 1, 10), 9376));
+    assert_eq!(p.src.0, NODE, "masqueraded to the node");
+    assert!(
+        (61000..=65000).contains(&p.src.1),
+        "SNAT port from our range: {}",
+        p.src.1
+    );
+    assert_eq!(f.counter(counter::MASQUERADE), 1);
+    // The backend's reply, coming back to the node on the uplink.
+    let (rc, back) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, p.dst, p.src, 0, false),
+    );
+    assert!(rc == TC_ACT_OK || rc == TC_ACT_REDIRECT, "got {rc}");
+    let r = parse_checked(&back);
+    assert_eq!(r.src, (NODE, 30080), "the client sees the NodePort");
+    assert_eq!(r.dst, (EXT, 50000));
+}
+
+#[test]
+fn load_balancer_ip_with_local_policy_keeps_the_client_and_drops_without_local_endpoints() {
+    let f = Fixture::new(&load_balancer(&[("10.76.0.10", "node1")], true, &[]));
+    let (_, out) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (EXT, 50001), (LB_IP, 80), 0, false),
+    );
+    let p = parse_checked(&out);
+    assert_eq!(p.dst, (Ipv4Addr::new(10, 76, 0, 10), 9376));
+    assert_eq!(p.src, (EXT, 50001), "client address preserved");
+    let f = Fixture::new(&load_balancer(&[("10.76.1.10", "node2")], true, &[]));
+    let (rc, _) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (EXT, 50002), (LB_IP, 80), 0, false),
+    );
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(f.counter(counter::DROP_NO_LOCAL_BACKEND), 1);
+}
+
+#[test]
+fn load_balancer_source_ranges() {
+    let f = Fixture::new(&load_balancer(
+        &[("10.76.0.10", "node1")],
+        false,
+        &["198.51.100.0/24"],
+    ));
+    let (rc, _) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (EXT, 50003), (LB_IP, 80), 0, false),
+    );
+    assert_eq!(rc, TC_ACT_SHOT, "192.0.2.10 is outside the ranges");
+    assert_eq!(f.counter(counter::DROP_SOURCE_RANGE), 1);
+    let inside = Ipv4Addr::new(198, 51, 100, 7);
+    let (_, out) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (inside, 50004), (LB_IP, 80), 0, false),
+    );
+    assert_eq!(
+        parse_checked(&out).dst,
+        (Ipv4Addr::new(10, 76, 0, 10), 9376)
+    );
+    // The NodePort of the same service ignores the ranges.
+    let (_, out) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (EXT, 50005), (NODE, 30080), 0, false),
+    );
+    assert_eq!(
+        parse_checked(&out).dst,
+        (Ipv4Addr::new(10, 76, 0, 10), 9376)
+    );
+}
+
+/// Wraps `inner` (an Ethernet frame) in IPIP or GUE (variant 1) from `EXT` to the node.
+fn wrap(inner: &[u8], gue: bool) -> Vec<u8> {
+    let l3 = &inner[14..];
+    let (proto, extra): (u8, Vec<u8>) = if gue {
+        let mut u = Vec::new();
+        u.extend_from_slice(&40000u16.to_be_bytes());
+        u.extend_from_slice(&proxy_common::GUE_PORT.to_be_bytes());
+        u.extend_from_slice(&((8 + l3.len()) as u16).to_be_bytes());
+        u.extend_from_slice(&[0, 0]);
+        (UDP, u)
+    } else {
+        (4, Vec::new())
+    };
+    let total = 20 + extra.len() + l3.len();
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(total as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0, 0, 64, proto, 0, 0]);
+    ip.extend_from_slice(&EXT.octets());
+    ip.extend_from_slice(&NODE.octets());
+    let c = csum::ipv4_header(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = inner[..14].to_vec();
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&extra);
+    f.extend_from_slice(l3);
+    f
+}
+
+#[test]
+fn ipip_and_gue_wrapped_load_balancer_traffic_is_decapsulated_keeping_the_vip() {
+    let f = Fixture::new(&load_balancer(&[("10.76.0.10", "node1")], true, &[]));
+    for (i, gue) in [false, true].into_iter().enumerate() {
+        let inner = packet(TCP, (EXT, 51000 + i as u16), (LB_IP, 80), 0, false);
+        let (_, out) = f.run(programs::UPLINK_INGRESS, &wrap(&inner, gue));
+        assert_eq!(out.len(), inner.len(), "gue={gue}: outer header stripped");
+        let p = parse_checked(&out);
+        assert_eq!(
+            p.src,
+            (EXT, 51000 + i as u16),
+            "gue={gue}: the inner client"
+        );
+        assert_eq!(
+            p.dst,
+            (Ipv4Addr::new(10, 76, 0, 10), 9376),
+            "gue={gue}: the VIP was balanced"
+        );
+        // The reply is direct (DSR): from the VIP straight to the client.
+        let (_, back) = f.run(programs::POD_INGRESS, &packet(TCP, p.dst, p.src, 0, false));
+        assert_eq!(parse_checked(&back).src, (LB_IP, 80), "gue={gue}");
+    }
+    assert_eq!(f.counter(counter::DECAP), 2);
+}
+
+/// An ICMP error (type/code) from `from` to `to`, quoting the first 28 bytes of `quoted`'s
+/// IPv4 packet, checksums computed from scratch.
+fn icmp_error(ty: u8, code: u8, from: Ipv4Addr, to: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![ty, code, 0, 0, 0, 0, 0x05, 0x78]; // next-hop MTU 1400
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    let c = !csum::fold(csum::add_bytes(0, &icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    let c = csum::ipv4_header(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = MAC_GW.to_vec();
+    f.extend_from_slice(&MAC_POD);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// Checks the outer IPv4, ICMP and quoted IPv4 checksums; returns (outer src, outer dst,
+/// quoted src, quoted dst).
+fn parse_icmp_error(f: &[u8]) -> ((Ipv4Addr, Ipv4Addr), ((Ipv4Addr, u16), (Ipv4Addr, u16))) {
+    let ip = &f[14..34];
+    let mut h = ip.to_vec();
+    h[10] = 0;
+    h[11] = 0;
+    assert_eq!(
+        u16::from_be_bytes([ip[10], ip[11]]),
+        csum::ipv4_header(&h),
+        "outer IPv4 checksum"
+    );
+    let icmp = &f[34..];
+    assert_eq!(
+        csum::fold(csum::add_bytes(0, icmp)),
+        0xffff,
+        "ICMP checksum"
+    );
+    let q = &icmp[8..];
+    let mut qh = q[..20].to_vec();
+    qh[10] = 0;
+    qh[11] = 0;
+    assert_eq!(
+        u16::from_be_bytes([q[10], q[11]]),
+        csum::ipv4_header(&qh),
+        "quoted IPv4 checksum"
+    );
+    let a = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    (
+        (a(&ip[12..16]), a(&ip[16..20])),
+        (
+            (a(&q[12..16]), u16::from_be_bytes([q[20], q[21]])),
+            (a(&q[16..20]), u16::from_be_bytes([q[22], q[23]])),
+        ),
+    )
+}
+
+#[test]
+fn fragmentation_needed_about_a_dnated_flow_is_translated_back_to_the_vip() {
+    let f = Fixture::new(&hostnames(&["10.76.1.10"], "TCP"));
+    let backend = (Ipv4Addr::new(10, 76, 1, 10), 9376);
+    let (_, out) = f.run(
+        programs::POD_INGRESS,
+        &packet(TCP, (CLIENT, 40010), (VIP, 80), 0, false),
+    );
+    assert_eq!(parse_checked(&out).dst, backend);
+    // A router on the way to the backend cannot forward the (translated) segment.
+    let router = Ipv4Addr::new(10, 240, 0, 1);
+    let err = icmp_error(3, 4, router, CLIENT, &out);
+    let (rc, xl) = f.run(programs::POD_EGRESS, &err);
+    assert_eq!(rc, TC_ACT_OK);
+    let ((osrc, odst), (qsrc, qdst)) = parse_icmp_error(&xl);
+    assert_eq!(
+        (osrc, odst),
+        (router, CLIENT),
+        "the router's own address stays"
+    );
+    assert_eq!(qsrc, (CLIENT, 40010));
+    assert_eq!(
+        qdst,
+        (VIP, 80),
+        "the quoted packet is the one the client's socket sent"
+    );
+    assert_eq!(f.counter(counter::ICMP_ERROR_XLATED), 1);
+    // From the backend itself (port unreachable), the outer source becomes the VIP too.
+    let err = icmp_error(3, 3, backend.0, CLIENT, &out);
+    let (_, xl) = f.run(programs::POD_EGRESS, &err);
+    let ((osrc, _), (_, qdst)) = parse_icmp_error(&xl);
+    assert_eq!(osrc, VIP);
+    assert_eq!(qdst, (VIP, 80));
+    // An ICMP error about a flow we never saw is left alone.
+    let other = packet(TCP, (CLIENT, 40011), backend, 0, false);
+    let err = icmp_error(3, 4, router, CLIENT, &other);
+    assert_eq!(f.run(programs::POD_EGRESS, &err), (TC_ACT_OK, err.clone()));
+}
+
+#[test]
+fn fragmentation_needed_about_a_masqueraded_reply_reaches_the_backend() {
+    let f = Fixture::new(&load_balancer(&[("10.76.1.10", "node2")], false, &[]));
+    let (_, fwd) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (EXT, 50100), (NODE, 30080), 0, false),
+    );
+    let p = parse_checked(&fwd);
+    let (_, reply) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, p.dst, p.src, 0, false),
+    );
+    assert_eq!(parse_checked(&reply).src, (NODE, 30080));
+    // The path back to the client has a smaller MTU: the router tells the node.
+    let router = Ipv4Addr::new(192, 0, 2, 1);
+    let err = icmp_error(3, 4, router, NODE, &reply);
+    let (_, xl) = f.run(programs::UPLINK_INGRESS, &err);
+    let ((osrc, odst), (qsrc, qdst)) = parse_icmp_error(&xl);
+    assert_eq!(osrc, router);
+    assert_eq!(
+        odst, p.dst.0,
+        "delivered to the backend that sent the big segment"
+    );
+    assert_eq!(qsrc, p.dst, "quoted as the backend sent it");
+    assert_eq!(qdst, p.src, "to the masquerade address it used");
 }

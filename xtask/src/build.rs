@@ -91,7 +91,54 @@ pub fn lint() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    validate_deploy_manifests(&root)?;
     Ok(())
+}
+
+/// The `kubernetes-validate` version the deploy manifests are checked with (PyPI).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// Validates every Kubernetes manifest under `deploy/kubernetes` against the API schemas
+/// with `kubernetes-validate --strict` (unknown fields are errors), installing it with pip
+/// first if it is missing (idempotent: an installed copy is reused).
+fn validate_deploy_manifests(root: &Path) -> Result<()> {
+    let dir = root.join("deploy/kubernetes");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        // kustomize's own file is not a Kubernetes API object.
+        .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no manifests under {}", dir.display());
+    }
+    let have = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("lint: installing {KUBERNETES_VALIDATE} (pip)");
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            KUBERNETES_VALIDATE,
+        ]))
+        .context(
+            "installing kubernetes-validate with pip (needs python3 with pip and access to PyPI)",
+        )?;
+    }
+    eprintln!(
+        "lint: kubernetes-validate --strict deploy/kubernetes ({} files)",
+        files.len()
+    );
+    run(Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
+        .args(&files))
 }
 
 /// The README's test command: unit tests, packet-fixture tests (BPF_PROG_TEST_RUN) and lab

@@ -18,6 +18,33 @@ use crate::lab::{Lab, LabSpec, NODES, POD_SERVER_PORT};
 pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const SERVICE_PORT: u16 = 80;
 
+/// The canary service (long-lived connections): ClusterIP, port, and the pods' echo port
+/// (`serve-hostname --echo`, TCP and UDP).
+pub const CANARY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+pub const CANARY_PORT: u16 = 7;
+pub const CANARY_POD_PORT: u16 = 9377;
+
+/// The canary Service and its EndpointSlice (TCP and UDP, `endpoints` all ready).
+pub fn canary_yaml(endpoints: &[Endpoint]) -> String {
+    let mut s = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: canary\n  namespace: default\n\
+         spec:\n  type: ClusterIP\n  clusterIP: {CANARY_IP}\n  clusterIPs: [\"{CANARY_IP}\"]\n\
+         \x20 ports:\n  - name: tcp\n    protocol: TCP\n    port: {CANARY_PORT}\n    targetPort: {CANARY_POD_PORT}\n\
+         \x20 - name: udp\n    protocol: UDP\n    port: {CANARY_PORT}\n    targetPort: {CANARY_POD_PORT}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: canary-abcde\n  namespace: default\n\
+         \x20 labels:\n    kubernetes.io/service-name: canary\naddressType: IPv4\nports:\n\
+         - name: tcp\n  protocol: TCP\n  port: {CANARY_POD_PORT}\n- name: udp\n  protocol: UDP\n  port: {CANARY_POD_PORT}\nendpoints:\n"
+    );
+    for e in endpoints {
+        let _ = write!(
+            s,
+            "- addresses: [\"{}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: node{}\n",
+            e.ip, e.node
+        );
+    }
+    s
+}
+
 /// One endpoint of the `hostnames` service.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
@@ -154,12 +181,166 @@ impl Cluster {
             format!("node{node}"),
             "--bpffs".into(),
             bpffs.display().to_string(),
+            // Socket-level balancing for the node's host processes: only this node's cgroup
+            // (every lab node shares the machine's cgroup hierarchy).
+            "--cgroup-path".into(),
+            self.lab.node_cgroup(node).display().to_string(),
             "--cluster-cidr".into(),
             "10.76.0.0/16".into(),
         ];
         let pid = self.lab.spawn(&self.lab.node_ns(node), &args)?;
         self.agents.insert(node, pid);
         Ok(pid)
+    }
+
+    /// The running agent's pid on `node`.
+    pub fn agent_pid(&self, node: u8) -> Option<u32> {
+        self.agents.get(&node).copied()
+    }
+
+    /// SIGKILLs the agent on `node` (no chance to clean up, like an OOM kill or a node
+    /// crash of the process) and waits until it is gone.
+    pub fn kill_agent(&mut self, node: u8) -> Result<()> {
+        let pid = self
+            .agents
+            .get(&node)
+            .copied()
+            .with_context(|| format!("no agent on node{node}"))?;
+        // SAFETY: kill has no memory-safety preconditions; pid is our own child.
+        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } != 0 {
+            bail!("kill -9 {pid}: {}", std::io::Error::last_os_error());
+        }
+        let start = Instant::now();
+        while self.lab.child_status(pid)?.is_none() {
+            if start.elapsed() > Duration::from_secs(5) {
+                bail!("agent {pid} on node{node} survived SIGKILL for 5 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Stops the agent on `node` with SIGTERM (SIGKILL after 3 s) and returns its exit status.
+    pub fn stop_agent(&mut self, node: u8) -> Result<std::process::ExitStatus> {
+        let pid = self
+            .agents
+            .get(&node)
+            .copied()
+            .with_context(|| format!("no agent on node{node}"))?;
+        self.lab.stop(pid)
+    }
+
+    /// Starts a new agent on `node` (after [`Cluster::kill_agent`] or [`Cluster::stop_agent`])
+    /// and waits until it has attached the datapath (adopting the pinned links).
+    pub fn restart_agent(&mut self, node: u8, timeout: Duration) -> Result<u32> {
+        let pid = self.start_agent(node)?;
+        self.wait_agent_log(node, "datapath on ", timeout)?;
+        Ok(pid)
+    }
+
+    /// Waits until the current agent's log on `node` contains `needle`.
+    pub fn wait_agent_log(&self, node: u8, needle: &str, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if let Some(pid) = self.agents.get(&node)
+                && let Some(st) = self.lab.child_status(*pid)?
+            {
+                bail!(
+                    "agent on node{node} exited ({st}):\n{}",
+                    self.agent_log(node)
+                );
+            }
+            if self.agent_log(node).contains(needle) {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "agent on node{node} did not log {needle:?} within {timeout:?}:\n{}",
+                    self.agent_log(node)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts `args` (argv, program first) in pod `pod`'s namespace in the background; its
+    /// output goes to a log file ([`Lab::log_path`]).
+    pub fn spawn_in_pod(&self, pod: &str, args: &[String]) -> Result<u32> {
+        self.lab.spawn(&self.lab.pod_ns(pod), args)
+    }
+
+    /// Starts `serve-hostname --echo` on [`CANARY_POD_PORT`] in each of `endpoints`' pods and
+    /// adds the canary Service and EndpointSlice to the manifests; returns once both agents
+    /// programmed it.
+    pub fn start_canary_service(&self, endpoints: &[Endpoint]) -> Result<()> {
+        for e in endpoints {
+            self.spawn_in_pod(
+                &e.pod,
+                &[
+                    self.bin.display().to_string(),
+                    "serve-hostname".into(),
+                    "--name".into(),
+                    e.pod.clone(),
+                    "--port".into(),
+                    CANARY_POD_PORT.to_string(),
+                    "--echo".into(),
+                ],
+            )?;
+        }
+        let tmp = self.manifests.join(".canary.yaml.tmp");
+        fs::write(&tmp, canary_yaml(endpoints))?;
+        fs::rename(&tmp, self.manifests.join("canary.yaml"))?;
+        let key = format!("{CANARY_IP}:{CANARY_PORT}/TCP");
+        for n in NODES {
+            let start = Instant::now();
+            loop {
+                let v = self.inspect(n)?;
+                let got = v["services"].as_array().and_then(|s| {
+                    s.iter()
+                        .find(|x| x["service"] == key.as_str())
+                        .and_then(|x| x["endpoints"].as_array())
+                        .map(|e| e.len())
+                });
+                if got == Some(endpoints.len()) {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(10) {
+                    bail!(
+                        "node{n} did not program the canary service; agent log:\n{}",
+                        self.agent_log(n)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+        Ok(())
+    }
+
+    /// `curl` of `url` from inside node `node`'s namespace: (HTTP status, body).
+    pub fn http_get(&self, node: u8, url: &str) -> Result<(u16, String)> {
+        let out = self.lab.exec(
+            &self.lab.node_ns(node),
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                url,
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').with_context(|| {
+            format!("curl {url}: {text}{}", String::from_utf8_lossy(&out.stderr))
+        })?;
+        let code = code.trim().parse().with_context(|| {
+            format!(
+                "curl {url}: status {code:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((code, body.to_owned()))
     }
 
     pub fn agent_log(&self, node: u8) -> String {
@@ -228,6 +409,18 @@ impl Cluster {
 
     /// `ebpf-proxy probe` from inside pod `pod`.
     pub fn probe(&self, pod: &str, target: &str, udp: bool, count: u32) -> Result<Probe> {
+        self.probe_in(&self.lab.pod_ns(pod), target, udp, count, 2000)
+    }
+
+    /// `ebpf-proxy probe` from any lab namespace (a pod, a node, `ext`).
+    pub fn probe_in(
+        &self,
+        ns: &str,
+        target: &str,
+        udp: bool,
+        count: u32,
+        timeout_ms: u32,
+    ) -> Result<Probe> {
         let mut args: Vec<String> = vec![
             self.bin.display().to_string(),
             "probe".into(),
@@ -235,13 +428,13 @@ impl Cluster {
             "--count".into(),
             count.to_string(),
             "--timeout-ms".into(),
-            "2000".into(),
+            timeout_ms.to_string(),
             "--json".into(),
         ];
         if udp {
             args.push("--udp".into());
         }
-        let out = self.lab.exec(&self.lab.pod_ns(pod), &args)?;
+        let out = self.lab.exec(ns, &args)?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
                 "probe output: {}{}",
@@ -285,6 +478,10 @@ impl Probe {
     pub fn failures(&self) -> BTreeMap<String, u64> {
         self.map("failures")
     }
+    /// Client address the server saw -> count.
+    pub fn seen_by_server(&self) -> BTreeMap<String, u64> {
+        self.map("client_addrs_seen_by_server")
+    }
 }
 
 /// The demo's endpoints: the `hostnames-*` pods of a lab spec, all ready.
@@ -304,6 +501,153 @@ pub fn hostnames_endpoints(spec: &LabSpec) -> Vec<Endpoint> {
 /// Where the bundled demo manifests live.
 pub fn demo_manifests_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo")
+}
+
+/// The `conditions` of one endpoint in a generated EndpointSlice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Conditions {
+    pub const READY: Self = Self {
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
+    /// What the EndpointSlice controller writes for a pod in graceful shutdown that still
+    /// passes its readiness probe.
+    pub const TERMINATING_SERVING: Self = Self {
+        ready: false,
+        serving: true,
+        terminating: true,
+    };
+    /// A terminating pod that stopped serving.
+    pub const TERMINATING_NOT_SERVING: Self = Self {
+        ready: false,
+        serving: false,
+        terminating: true,
+    };
+
+    /// What [`slice_yaml`] writes for `e`.
+    pub const fn of(e: &Endpoint) -> Self {
+        Self {
+            ready: e.ready,
+            serving: e.ready,
+            terminating: false,
+        }
+    }
+}
+
+fn endpoints_yaml(s: &mut String, endpoints: &[(Endpoint, Conditions)]) {
+    if endpoints.is_empty() {
+        s.push_str("endpoints: []\n");
+        return;
+    }
+    s.push_str("endpoints:\n");
+    for (e, c) in endpoints {
+        let _ = write!(
+            s,
+            "- addresses: [\"{}\"]\n  conditions: {{ready: {}, serving: {}, terminating: {}}}\n  nodeName: node{}\n  targetRef: {{kind: Pod, namespace: default, name: {}}}\n",
+            e.ip, c.ready, c.serving, c.terminating, e.node, e.pod
+        );
+    }
+}
+
+/// [`slice_yaml`] with explicit conditions per endpoint.
+pub fn slice_yaml_with(endpoints: &[(Endpoint, Conditions)]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: hostnames-x7k2p\n  namespace: default\n\
+         \x20 labels:\n    kubernetes.io/service-name: hostnames\naddressType: IPv4\nports:\n\
+         - name: tcp\n  protocol: TCP\n  port: {POD_SERVER_PORT}\n- name: udp\n  protocol: UDP\n  port: {POD_SERVER_PORT}\n"
+    );
+    endpoints_yaml(&mut s, endpoints);
+    s
+}
+
+/// The canary's EndpointSlice alone, with explicit conditions per endpoint (the Service is
+/// in [`canary_yaml`]).
+pub fn canary_slice_yaml_with(endpoints: &[(Endpoint, Conditions)]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: canary-abcde\n  namespace: default\n\
+         \x20 labels:\n    kubernetes.io/service-name: canary\naddressType: IPv4\nports:\n\
+         - name: tcp\n  protocol: TCP\n  port: {CANARY_POD_PORT}\n- name: udp\n  protocol: UDP\n  port: {CANARY_POD_PORT}\n"
+    );
+    endpoints_yaml(&mut s, endpoints);
+    s
+}
+
+/// Endpoint-condition changes (terminating endpoints) for the end-to-end tests.
+impl Cluster {
+    fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
+        let tmp = self.manifests.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text)?;
+        // Atomic replace: the agent never reads a half-written file.
+        fs::rename(&tmp, self.manifests.join(name))
+            .with_context(|| format!("replacing the {name} manifest"))
+    }
+
+    /// [`Cluster::set_endpoints`] with explicit conditions per endpoint.
+    pub fn set_endpoints_with(&self, endpoints: &[(Endpoint, Conditions)]) -> Result<()> {
+        self.write_manifest("endpointslice.yaml", &slice_yaml_with(endpoints))
+    }
+
+    /// Rewrites the canary's EndpointSlice (after [`Cluster::start_canary_service`]): its
+    /// Service stays, its slice becomes `endpoints`.
+    pub fn set_canary_endpoints(&self, endpoints: &[(Endpoint, Conditions)]) -> Result<()> {
+        let service = canary_yaml(&[]);
+        let service = service
+            .split("---\n")
+            .next()
+            .context("canary Service manifest")?;
+        self.write_manifest(
+            "canary.yaml",
+            &format!("{service}---\n{}", canary_slice_yaml_with(endpoints)),
+        )
+    }
+
+    /// The endpoints (`ip:port`, one per slot) node `node` programmed for `service`
+    /// (`ip:port/PROTO` as `inspect` names it); `None` when there is no such entry.
+    pub fn programmed_endpoints(&self, node: u8, service: &str) -> Result<Option<Vec<String>>> {
+        let v = self.inspect(node)?;
+        Ok(v["services"].as_array().and_then(|s| {
+            s.iter()
+                .find(|x| x["service"] == service)
+                .and_then(|x| x["endpoints"].as_array())
+                .map(|e| {
+                    e.iter()
+                        .map(|x| x.as_str().unwrap_or_default().to_owned())
+                        .collect()
+                })
+        }))
+    }
+
+    /// Waits until node `node` programmed `service` with exactly `want` endpoints.
+    pub fn wait_service_endpoints(
+        &self,
+        node: u8,
+        service: &str,
+        want: usize,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(eps)) = self.programmed_endpoints(node, service)
+                && eps.len() == want
+            {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "node{node} did not program {want} endpoints for {service} within {timeout:?}; agent log:\n{}",
+                    self.agent_log(node)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -70,6 +70,9 @@ pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 /// Reserved service CIDR (ClusterIPs). The router routes it to node1 so that traffic to a
 /// ClusterIP from outside the cluster lands somewhere deterministic.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// LoadBalancer ingress IPs: the router spreads them over every node by ECMP, destination
+/// unchanged (direct server return).
+pub const LB_CIDR: &str = "203.0.113.0/24";
 /// The node the router sends [`SERVICE_CIDR`] to.
 pub const SERVICE_CIDR_NODE: u8 = 1;
 /// The port the pod servers (`serve-hostname`) listen on, TCP and UDP (like serve_hostname).
@@ -339,6 +342,19 @@ pub fn state_dir(prefix: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(prefix)
 }
 
+/// A private mount of the cgroup v2 hierarchy, `/run/ebpf-proxy-lab/<prefix>/cgroup2`: the
+/// machine's one hierarchy, mounted where `ip netns exec` (which remounts /sys) still sees it.
+pub fn cgroup_mount(prefix: &str) -> PathBuf {
+    state_dir(prefix).join("cgroup2")
+}
+
+/// Node `node`'s cgroup, `<cgroup mount>/<prefix>-node<N>`: the "host processes" of that node
+/// run in it, and its agent attaches the socket-level programs to it (never to the root
+/// cgroup, which every process on the machine shares). Removed on teardown.
+pub fn node_cgroup(prefix: &str, node: u8) -> PathBuf {
+    cgroup_mount(prefix).join(format!("{prefix}-node{node}"))
+}
+
 /// Checks that a lab prefix is usable: 1..=12 of `[a-z0-9]`, starting with a letter (no '-', so
 /// `<prefix>-` unambiguously identifies a lab's namespaces).
 pub fn validate_prefix(prefix: &str) -> Result<()> {
@@ -517,6 +533,26 @@ impl Lab {
     /// The node's private bpffs mount: `/run/ebpf-proxy-lab/<prefix>/bpffs-node<N>`.
     pub fn bpffs(&self, node: u8) -> PathBuf {
         self.state_dir().join(format!("bpffs-node{node}"))
+    }
+
+    /// Node `node`'s cgroup (see [`node_cgroup`]).
+    pub fn node_cgroup(&self, node: u8) -> PathBuf {
+        node_cgroup(&self.state.prefix, node)
+    }
+
+    /// Runs `args` as a host process of node `node`: in its network namespace and inside its
+    /// cgroup (joined before exec), so the node's socket-level programs see it. Like
+    /// [`Lab::exec`], returns the output whatever the exit status.
+    pub fn exec_host<S: AsRef<OsStr>>(&self, node: u8, args: &[S]) -> Result<Output> {
+        let procs = self.node_cgroup(node).join("cgroup.procs");
+        let mut argv: Vec<OsString> = vec![
+            "sh".into(),
+            "-c".into(),
+            "echo $$ > \"$0\" && exec \"$@\"".into(),
+            procs.into_os_string(),
+        ];
+        argv.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        self.exec(&self.node_ns(node), &argv)
     }
 
     /// Runs `ip netns exec <ns> <args...>` to completion and returns its output whatever the
@@ -736,6 +772,15 @@ impl Lab {
             ))?;
             mount_bpffs(&node.bpffs)?;
         }
+        // Per-node cgroups for host processes (socket-level load balancing).
+        let cg = cgroup_mount(&st.prefix);
+        mount_fs(&cg, c"cgroup2")
+            .context("the lab needs cgroup v2 (per-node cgroups for host processes)")?;
+        for node in &st.nodes {
+            let d = node_cgroup(&st.prefix, node.node);
+            fs::create_dir(&d).with_context(|| format!("creating cgroup {}", d.display()))?;
+        }
+
         let svc_node = st
             .node(SERVICE_CIDR_NODE)
             .context("service CIDR node missing")?;
@@ -743,6 +788,15 @@ impl Lab {
             "-n {r} route add {SERVICE_CIDR} via {}",
             svc_node.ip
         ))?;
+        // The Maglev-style balancer: LoadBalancer IPs reach the nodes with their destination
+        // unchanged (DSR), spread per flow over both nodes (ECMP hashed on the 4-tuple).
+        write_sysctls_in(r, &[("net/ipv4/fib_multipath_hash_policy", "1")])?;
+        let hops: Vec<String> = st
+            .nodes
+            .iter()
+            .map(|n| format!("nexthop via {}", n.ip))
+            .collect();
+        ipw(&format!("-n {r} route add {LB_CIDR} {}", hops.join(" ")))?;
 
         // External client behind the router.
         let e = st.ext_ns.as_str();
@@ -799,6 +853,8 @@ pub struct TeardownSummary {
     pub namespaces_deleted: Vec<String>,
     pub processes_killed: usize,
     pub unmounted: Vec<PathBuf>,
+    /// The per-node cgroups removed, then the lab's cgroup2 mount (not in `unmounted`).
+    pub cgroups_removed: Vec<PathBuf>,
     pub state_dir_removed: bool,
 }
 
@@ -1004,6 +1060,7 @@ pub fn down_by_prefix(prefix: &str) -> Result<TeardownSummary> {
     }
 
     let dir = state_dir(prefix);
+    remove_node_cgroups(prefix, &mut summary, &mut errors);
     match mounts_under(&dir) {
         Ok(mut mounts) => {
             // Deepest first.
@@ -1183,6 +1240,74 @@ fn mount_bpffs(path: &Path) -> Result<()> {
             .with_context(|| format!("mount -t bpf bpf {}", path.display()));
     }
     Ok(())
+}
+
+/// Mounts a filesystem without a device (`mount -t <fstype> none <path>`).
+fn mount_fs(path: &Path, fstype: &std::ffi::CStr) -> Result<()> {
+    fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    let target = CString::new(path.as_os_str().as_bytes()).context("mount path")?;
+    // SAFETY: valid NUL-terminated strings; data may be NULL.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(anyhow!(io::Error::last_os_error()))
+            .with_context(|| format!("mount -t {fstype:?} none {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Removes the lab's node cgroups (`<prefix>-*` under its cgroup2 mount; their processes are
+/// already gone, and programs attached to them go with them), then unmounts that mount.
+fn remove_node_cgroups(
+    prefix: &str,
+    summary: &mut TeardownSummary,
+    errors: &mut Vec<anyhow::Error>,
+) {
+    let cg = cgroup_mount(prefix);
+    match mounts_under(&cg) {
+        Ok(m) if m.contains(&cg) => {}
+        Ok(_) => return,
+        Err(e) => return errors.push(e),
+    }
+    let p = format!("{prefix}-");
+    let dirs: Vec<PathBuf> = match fs::read_dir(&cg) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&p))
+            .map(|e| e.path())
+            .collect(),
+        Err(e) => return errors.push(anyhow!(e).context(format!("listing {}", cg.display()))),
+    };
+    for d in dirs {
+        // A killed process leaves its cgroup a moment after it is reaped: EBUSY until then.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match fs::remove_dir(&d) {
+                Ok(()) => {
+                    summary.cgroups_removed.push(d);
+                    break;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    errors.push(anyhow!(e).context(format!("removing cgroup {}", d.display())));
+                    break;
+                }
+            }
+        }
+    }
+    match umount(&cg) {
+        Ok(()) => summary.cgroups_removed.push(cg),
+        Err(e) => errors.push(e),
+    }
 }
 
 fn umount(path: &Path) -> Result<()> {

@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod bootstrap;
 mod build;
 mod demo;
@@ -40,6 +41,15 @@ enum Cmd {
         /// Connections per round.
         #[arg(long, default_value_t = 300)]
         connections: u32,
+    },
+    /// Benchmarks: per-packet cost, connection latency/rate and control-plane speed against
+    /// kube-proxy's iptables/nftables layouts, memory; writes BENCHMARKS.md results (root).
+    Bench(bench::BenchArgs),
+    /// The bench's connect-per-request client (run inside a pod namespace by `bench`).
+    #[command(hide = true)]
+    BenchClient {
+        #[command(subcommand)]
+        cmd: bench::client::ClientCmd,
     },
 }
 
@@ -86,6 +96,15 @@ fn main() -> Result<()> {
             let bin = build::build_all()?;
             demo::demo(&bin, connections)
         }
+        Cmd::Bench(args) => {
+            bootstrap::bootstrap()?;
+            let bin = match &args.ebpf_proxy {
+                Some(p) => p.clone(),
+                None => build::build_all()?,
+            };
+            bench::bench(&bin, &args)
+        }
+        Cmd::BenchClient { cmd } => bench::client::run(cmd),
     }
 }
 

@@ -1,0 +1,55 @@
+//! Routing a translated packet ourselves: a FIB lookup in the node's namespace, then a redirect
+//! to the egress device with the right MAC addresses. Needed when the new source address is
+//! the node's own (masquerade, NodePort replies): the host stack would drop such a packet as a
+//! martian if it had to forward it.
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup,
+        bpf_redir_neigh,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+
+const AF_INET: u8 = 2;
+
+#[inline(always)]
+pub fn redirect(ctx: &TcContext, src_be: u32, dst_be: u32) -> i32 {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = src_be;
+    params.__bindgen_anon_4.ipv4_dst = dst_be;
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        if ctx.store(0, &params.dmac, 0).is_err() || ctx.store(6, &params.smac, 0).is_err() {
+            return TC_ACT_OK;
+        }
+        return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // The next hop's MAC is not resolved yet: let the neighbour subsystem do it.
+        // SAFETY: a zeroed union, then the IPv4 next hop the lookup returned.
+        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+        nh.nh_family = AF_INET as u32;
+        nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+        return unsafe {
+            bpf_redirect_neigh(
+                params.ifindex,
+                &mut nh,
+                core::mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        } as i32;
+    }
+    // No route we can use: hand it to the stack as is.
+    TC_ACT_OK
+}

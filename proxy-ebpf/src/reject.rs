@@ -1,0 +1,167 @@
+//! REJECT like kube-proxy: a TCP RST for TCP, an ICMP port unreachable for UDP, sent back out
+//! of the interface the packet came in on, from the address the client tried to reach.
+//!
+//! The reply frame is built in a stack buffer (headers only, so it is small), the skb is
+//! resized with `bpf_skb_change_tail`, and the buffer is stored over it in one go.
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
+    helpers::{bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use proxy_common::proto;
+
+use crate::parse::{ETH_HLEN, Packet};
+
+const TCP_RST_LEN: usize = ETH_HLEN + 20 + 20;
+/// Ethernet + IPv4 + ICMP + the offending IPv4 header (no options) + 8 bytes of it.
+const ICMP_UNREACH_LEN: usize = ETH_HLEN + 20 + 8 + 20 + 8;
+
+#[inline(always)]
+fn sum16(buf: &[u8], start: usize, len: usize, mut acc: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < len {
+        acc += ((buf[start + i] as u32) << 8) | buf[start + i + 1] as u32;
+        i += 2;
+    }
+    acc
+}
+
+#[inline(always)]
+fn fold(mut acc: u32) -> u16 {
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc = (acc & 0xffff) + (acc >> 16);
+    !(acc as u16)
+}
+
+#[inline(always)]
+fn ipv4_header(buf: &mut [u8], off: usize, total_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]) {
+    buf[off] = 0x45;
+    buf[off + 1] = 0;
+    buf[off + 2..off + 4].copy_from_slice(&total_len.to_be_bytes());
+    buf[off + 4..off + 8].copy_from_slice(&[0, 0, 0x40, 0]); // id 0, DF
+    buf[off + 8] = 64;
+    buf[off + 9] = proto;
+    buf[off + 10] = 0;
+    buf[off + 11] = 0;
+    buf[off + 12..off + 16].copy_from_slice(&src);
+    buf[off + 16..off + 20].copy_from_slice(&dst);
+    let c = fold(sum16(buf, off, 20, 0));
+    buf[off + 10..off + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Turns the packet into its rejection and sends it back. `Err` means "drop instead".
+#[inline(always)]
+pub fn reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
+    if p.proto == proto::TCP {
+        tcp_rst(ctx, p)
+    } else {
+        icmp_unreach(ctx, p)
+    }
+}
+
+#[inline(always)]
+fn macs(ctx: &TcContext, buf: &mut [u8]) -> Result<(), ()> {
+    let dst: [u8; 6] = ctx.load(0).map_err(|_| ())?;
+    let src: [u8; 6] = ctx.load(6).map_err(|_| ())?;
+    buf[0..6].copy_from_slice(&src);
+    buf[6..12].copy_from_slice(&dst);
+    buf[12] = 0x08;
+    buf[13] = 0x00;
+    Ok(())
+}
+
+#[inline(always)]
+fn send(ctx: &TcContext, buf: &[u8]) -> Result<i32, ()> {
+    // SAFETY: resizing our own skb; pointers are not reused after this.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, buf.len() as u32, 0) } != 0 {
+        return Err(());
+    }
+    // SAFETY: `buf` is a valid stack buffer of `buf.len()` bytes.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_skb_store_bytes(
+            ctx.skb.skb as *mut _,
+            0,
+            buf.as_ptr() as *const _,
+            buf.len() as u32,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(());
+    }
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+#[inline(always)]
+fn tcp_rst(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
+    let mut buf = [0u8; TCP_RST_LEN];
+    macs(ctx, &mut buf)?;
+    let seq: u32 = u32::from_be(ctx.load(p.l4_off + 4).map_err(|_| ())?);
+    let ack: u32 = u32::from_be(ctx.load(p.l4_off + 8).map_err(|_| ())?);
+    let flags: u8 = ctx.load(p.l4_off + 13).map_err(|_| ())?;
+    let doff: u8 = ctx.load(p.l4_off + 12).map_err(|_| ())?;
+    if flags & 0x04 != 0 {
+        // Never answer a RST.
+        return Err(());
+    }
+    let total: u16 = u16::from_be(ctx.load(ETH_HLEN + 2).map_err(|_| ())?);
+    let ihl = p.l4_off - ETH_HLEN;
+    let payload = (total as usize).saturating_sub(ihl + ((doff >> 4) as usize) * 4) as u32;
+    let (rseq, rack, rflags) = if flags & 0x10 != 0 {
+        (ack, 0u32, 0x04u8)
+    } else {
+        let syn_fin = (flags & 0x02 != 0) as u32 + (flags & 0x01 != 0) as u32;
+        (
+            0u32,
+            seq.wrapping_add(payload).wrapping_add(syn_fin),
+            0x14u8,
+        )
+    };
+    let src = p.daddr_be.to_ne_bytes();
+    let dst = p.saddr_be.to_ne_bytes();
+    ipv4_header(&mut buf, ETH_HLEN, 40, proto::TCP, src, dst);
+    let t = ETH_HLEN + 20;
+    buf[t..t + 2].copy_from_slice(&u16::from_be(p.dport_be).to_be_bytes());
+    buf[t + 2..t + 4].copy_from_slice(&u16::from_be(p.sport_be).to_be_bytes());
+    buf[t + 4..t + 8].copy_from_slice(&rseq.to_be_bytes());
+    buf[t + 8..t + 12].copy_from_slice(&rack.to_be_bytes());
+    buf[t + 12] = 0x50;
+    buf[t + 13] = rflags;
+    // Window, checksum, urgent pointer: zero, then the checksum.
+    let mut acc = sum16(&buf, ETH_HLEN + 12, 8, 0); // pseudo header: addresses
+    acc += proto::TCP as u32 + 20;
+    let c = fold(sum16(&buf, t, 20, acc));
+    buf[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
+    send(ctx, &buf)
+}
+
+#[inline(always)]
+fn icmp_unreach(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
+    if p.l4_off != ETH_HLEN + 20 {
+        // Quoting IP options is not supported: drop instead.
+        return Err(());
+    }
+    let mut buf = [0u8; ICMP_UNREACH_LEN];
+    macs(ctx, &mut buf)?;
+    // The offending datagram's IPv4 header and first 8 bytes, quoted.
+    let quoted: [u8; 28] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let src = p.daddr_be.to_ne_bytes();
+    let dst = p.saddr_be.to_ne_bytes();
+    ipv4_header(
+        &mut buf,
+        ETH_HLEN,
+        (20 + 8 + 28) as u16,
+        proto::ICMP,
+        src,
+        dst,
+    );
+    let i = ETH_HLEN + 20;
+    buf[i] = 3; // destination unreachable
+    buf[i + 1] = 3; // port unreachable
+    buf[i + 8..i + 36].copy_from_slice(&quoted);
+    let c = fold(sum16(&buf, i, 36, 0));
+    buf[i + 2..i + 4].copy_from_slice(&c.to_be_bytes());
+    let _ = TC_ACT_SHOT;
+    send(ctx, &buf)
+}

@@ -1,0 +1,266 @@
+//! Socket-level load balancing for host processes (cgroup v2 sock_addr hooks).
+//!
+//! Host-network processes (kubelet, hostNetwork pods) never cross a pod veth, so the tc
+//! programs never see their traffic. Instead, four programs attached to a cgroup v2 directory
+//! (the cgroup root on a real node, a per-node cgroup in the lab) rewrite the address the
+//! process asked for, before any packet exists:
+//!
+//! ```text
+//! connect(VIP:port)  --lb_sock_conn4-->  lookup_service -> select_backend -> user_ip4/port :=
+//! sendto(VIP:port)   --lb_sock_send4-->  backend; remember (cookie, backend) -> VIP (LB4_RSK_V1)
+//! recvfrom()         --lb_sock_recv4-->  source backend -> VIP   (via LB4_RSK_V1)
+//! getpeername()      --lb_sock_peer4-->  peer backend   -> VIP   (via LB4_RSK_V1)
+//! ```
+//!
+//! No per-packet NAT and no conntrack entry: the socket itself talks to the backend, so the
+//! backend sees the node's address (what kube-proxy's masquerade would give it anyway).
+//! Unconnected UDP keeps its backend per (socket, service) in LB4_FSK_V1 while that backend
+//! exists, like a conntrack flow of a fixed 5-tuple.
+//!
+//! Verdicts: a service with no usable endpoint fails the syscall with ECONNREFUSED (what a
+//! kube-proxy REJECT gives a TCP client; a UDP client sees it at `sendto` instead of on a later
+//! `recv`); a Local-policy service with no local endpoint fails it with EPERM (kube-proxy drops,
+//! which a client would only notice as a timeout).
+use aya_ebpf::{
+    bindings::{BPF_ANY, bpf_sock_addr},
+    btf_maps::LruHashMap,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    macros::{btf_map, cgroup_sock_addr},
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    Aff4Key, Aff4Value, Backend4, SockKey4, SockXlate4, Svc4Key, counter, proto, scope,
+    select_slot, sock, svc_flags,
+};
+
+use crate::maps::{LB4_AFF_V1, LB4_BE_V1, LB4_SVC_V1, LB4_VIP_V1, count, node_config};
+
+/// (socket cookie, backend address) -> the service address the process asked for.
+#[btf_map]
+static LB4_RSK_V1: LruHashMap<SockKey4, SockXlate4, { sock::MAP_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// (socket cookie, service address) -> the backend an unconnected UDP socket keeps using.
+#[btf_map]
+static LB4_FSK_V1: LruHashMap<SockKey4, SockXlate4, { sock::MAP_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Return values of cgroup sock_addr programs.
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+const EPERM: i32 = 1;
+
+/// cgroup `connect4`: every IPv4 `connect()` of a socket in the cgroup (TCP, and UDP sockets
+/// being connected). A service address is replaced by a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_conn4(ctx: SockAddrContext) -> i32 {
+    xlate_fwd(&ctx, false)
+}
+
+/// cgroup `sendmsg4`: every `sendto`/`sendmsg` with an address on an unconnected UDP socket in
+/// the cgroup. A service address is replaced by a backend, the same one for the socket's life.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_send4(ctx: SockAddrContext) -> i32 {
+    xlate_fwd(&ctx, true)
+}
+
+/// cgroup `recvmsg4`: the source address `recvfrom`/`recvmsg` reports for a UDP datagram. A
+/// backend this socket was sent to is shown as the service address. Never rejects.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recv4(ctx: SockAddrContext) -> i32 {
+    xlate_rev(&ctx);
+    ALLOW
+}
+
+/// cgroup `getpeername4`: the peer `getpeername` reports. A backend this socket was connected
+/// to is shown as the service address. Never rejects.
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_peer4(ctx: SockAddrContext) -> i32 {
+    xlate_rev(&ctx);
+    ALLOW
+}
+
+/// The service entry a host process uses: the external entry, or the internal one when the
+/// address has two (externalTrafficPolicy Local: traffic from the node short-circuits to every
+/// endpoint, like kube-proxy).
+#[derive(Clone, Copy)]
+struct Service {
+    key: Svc4Key,
+    count: u16,
+    svc_id: u16,
+    flags: u32,
+    affinity_timeout_s: u32,
+}
+
+#[inline(always)]
+fn lookup_service(addr_be: u32, port_be: u16, proto: u8) -> Option<Service> {
+    let key = Svc4Key::new(addr_be, port_be, proto, 0);
+    // SAFETY: values are copied out immediately.
+    let mut v = *unsafe { LB4_SVC_V1.get(key) }?;
+    let mut key = key;
+    if v.flags & svc_flags::TWO_SCOPES != 0 {
+        let ik = key.with_scope(scope::INTERNAL);
+        // SAFETY: as above.
+        if let Some(iv) = unsafe { LB4_SVC_V1.get(ik) } {
+            v = *iv;
+            key = ik;
+        }
+    }
+    Some(Service {
+        key,
+        count: v.count,
+        svc_id: v.svc_id,
+        flags: v.flags,
+        affinity_timeout_s: v.affinity_timeout_s,
+    })
+}
+
+/// Fails the syscall with `errno` (`bpf_set_retval`, Linux >= 5.18; returning 0 alone gives
+/// EPERM).
+#[inline(always)]
+fn deny(errno: i32) -> i32 {
+    // SAFETY: a helper without memory arguments.
+    unsafe { bpf_set_retval(-errno) };
+    DENY
+}
+
+#[inline(always)]
+fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the context the kernel passed; these fields are readable by this program type.
+    // `user_port` holds the port in network order in its low 16 bits.
+    let (addr_be, port_be, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    if proto != proto::TCP && proto != proto::UDP {
+        return ALLOW;
+    }
+    let Some(svc) = lookup_service(addr_be, port_be, proto) else {
+        // A ClusterIP on a port/protocol no service uses: REJECT like kube-proxy.
+        // SAFETY: the value is not kept.
+        if unsafe { LB4_VIP_V1.get(addr_be) }.is_some() {
+            count(counter::REJECT);
+            return deny(ECONNREFUSED);
+        }
+        return ALLOW;
+    };
+    if svc.count == 0 {
+        if svc.flags & svc_flags::DROP_IF_EMPTY != 0 {
+            count(counter::DROP_NO_LOCAL_BACKEND);
+            return deny(EPERM);
+        }
+        count(counter::REJECT);
+        return deny(ECONNREFUSED);
+    }
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    let fwd_key = SockKey4::new(cookie, addr_be, port_be);
+    let (backend_id, b) = match sticky_backend(sendmsg, &fwd_key) {
+        Some(x) => x,
+        None => match select_backend(&svc) {
+            Some(x) => x,
+            None => {
+                count(counter::DROP_BACKEND_MISSING);
+                return deny(ECONNREFUSED);
+            }
+        },
+    };
+    // The reverse entry first: a process must never see a backend's address.
+    let rev_key = SockKey4::new(cookie, b.addr_be, b.port_be);
+    let rev = SockXlate4::new(addr_be, port_be, svc.svc_id, backend_id);
+    if LB4_RSK_V1.insert(rev_key, rev, BPF_ANY as u64).is_err() {
+        count(counter::DROP_CT_FULL);
+        return deny(EPERM);
+    }
+    if sendmsg {
+        let fwd = SockXlate4::new(b.addr_be, b.port_be, svc.svc_id, backend_id);
+        // Best effort: without it the next datagram is balanced afresh.
+        let _ = LB4_FSK_V1.insert(fwd_key, fwd, BPF_ANY as u64);
+    }
+    // SAFETY: user_ip4/user_port are writable in connect4/sendmsg4 (4-byte stores).
+    unsafe {
+        (*sa).user_ip4 = b.addr_be;
+        (*sa).user_port = b.port_be as u32;
+    }
+    count(counter::SOCK_XLATE);
+    ALLOW
+}
+
+/// The backend this UDP socket already uses for this service, while it still exists.
+#[inline(always)]
+fn sticky_backend(sendmsg: bool, key: &SockKey4) -> Option<(u32, Backend4)> {
+    if !sendmsg {
+        return None;
+    }
+    // SAFETY: values are copied out immediately.
+    let f = *unsafe { LB4_FSK_V1.get(key) }?;
+    let b = *unsafe { LB4_BE_V1.get(f.backend_id) }?;
+    (b.addr_be == f.addr_be && b.port_be == f.port_be).then_some((f.backend_id, b))
+}
+
+/// Uniformly random among the service's slots, or the node's affine backend
+/// (sessionAffinity ClientIP: every host process has the node's address as client).
+#[inline(always)]
+fn select_backend(svc: &Service) -> Option<(u32, Backend4)> {
+    let affinity = svc.flags & svc_flags::AFFINITY != 0;
+    // SAFETY: helpers without memory arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let aff_key = Aff4Key::new(svc.svc_id, node_config().node_addr_be);
+    if affinity
+        && let Some(a) = unsafe { LB4_AFF_V1.get(aff_key) }
+        && now.saturating_sub(a.last_used_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000
+        && let Some(b) = unsafe { LB4_BE_V1.get(a.backend_id) }
+    {
+        let id = a.backend_id;
+        let b = *b;
+        let _ = LB4_AFF_V1.insert(
+            aff_key,
+            Aff4Value {
+                backend_id: id,
+                _pad: 0,
+                last_used_ns: now,
+            },
+            BPF_ANY as u64,
+        );
+        return Some((id, b));
+    }
+    let slot = select_slot(unsafe { bpf_get_prandom_u32() }, svc.count);
+    // SAFETY: values are copied out immediately.
+    let id = unsafe { LB4_SVC_V1.get(svc.key.with_slot(slot)) }?.backend_id;
+    let b = *unsafe { LB4_BE_V1.get(id) }?;
+    if affinity {
+        let _ = LB4_AFF_V1.insert(
+            aff_key,
+            Aff4Value {
+                backend_id: id,
+                _pad: 0,
+                last_used_ns: now,
+            },
+            BPF_ANY as u64,
+        );
+    }
+    Some((id, b))
+}
+
+#[inline(always)]
+fn xlate_rev(ctx: &SockAddrContext) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the context the kernel passed; the helper only reads its socket.
+    let (addr_be, port_be, cookie) = unsafe {
+        (
+            (*sa).user_ip4,
+            (*sa).user_port as u16,
+            bpf_get_socket_cookie(sa.cast()),
+        )
+    };
+    let key = SockKey4::new(cookie, addr_be, port_be);
+    // SAFETY: the value is copied out immediately.
+    if let Some(v) = unsafe { LB4_RSK_V1.get(key) } {
+        let (a, p) = (v.addr_be, v.port_be);
+        // SAFETY: user_ip4/user_port are writable in recvmsg4/getpeername4.
+        unsafe {
+            (*sa).user_ip4 = a;
+            (*sa).user_port = p as u32;
+        }
+    }
+}

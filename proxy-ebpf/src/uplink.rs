@@ -1,0 +1,80 @@
+//! The hook on the node's uplink(s): traffic from outside the node.
+//!
+//! NodePort, LoadBalancer IPs and externalIPs arrive here, plain (a Maglev-style balancer
+//! delivering with the VIP still as destination) or wrapped Katran style in IPIP or GUE
+//! (UDP to `GUE_PORT`, variant 1 direct IP-in-UDP or variant 0 with an empty GUE header)
+//! addressed to this node: the outer header is stripped and the inner packet, VIP intact, goes
+//! through the same pipeline. Replies go straight to the client (DSR), never back through the
+//! balancer. Replies of masqueraded flows coming back from other nodes are translated here too.
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    macros::classifier,
+    programs::TcContext,
+};
+use proxy_common::{GUE_PORT, counter, proto};
+
+use crate::{
+    lb::{Origin, process},
+    maps::{count, node_config},
+    parse::ETH_HLEN,
+};
+
+/// tc ingress on the uplink.
+#[classifier]
+pub fn lb_up_in(ctx: TcContext) -> i32 {
+    if decapsulate(&ctx).is_err() {
+        return TC_ACT_OK;
+    }
+    match process(&ctx, Origin::External, true) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// Strips an IPIP or GUE header addressed to this node. `Ok` also when there is nothing to do.
+#[inline(always)]
+fn decapsulate(ctx: &TcContext) -> Result<(), ()> {
+    let ethertype: u16 = ctx.load(12).map_err(|_| ())?;
+    if ethertype != 0x0800u16.to_be() {
+        return Ok(());
+    }
+    let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    if vihl != 0x45 {
+        return Ok(());
+    }
+    let outer_proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| ())?;
+    let daddr: u32 = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
+    let cfg = node_config();
+    if cfg.node_addr_be == 0 || daddr != cfg.node_addr_be {
+        return Ok(());
+    }
+    let strip: i32 = if outer_proto == 4 {
+        20
+    } else if outer_proto == proto::UDP {
+        let dport: u16 = ctx.load(ETH_HLEN + 22).map_err(|_| ())?;
+        if dport != GUE_PORT.to_be() {
+            return Ok(());
+        }
+        let first: u8 = ctx.load(ETH_HLEN + 28).map_err(|_| ())?;
+        match first >> 4 {
+            // Variant 1: the inner IPv4 header follows the UDP header directly.
+            4 => 28,
+            // Variant 0 with no extension fields (hlen 0): a 4-byte GUE header.
+            0 if first & 0x1f == 0 => 32,
+            _ => return Ok(()),
+        }
+    } else {
+        return Ok(());
+    };
+    let inner: u8 = ctx.load(ETH_HLEN + strip as usize).map_err(|_| ())?;
+    if inner >> 4 != 4 {
+        return Ok(());
+    }
+    // SAFETY: shrinking our own skb right after the MAC header.
+    if unsafe { aya_ebpf::helpers::bpf_skb_adjust_room(ctx.skb.skb, -strip, BPF_ADJ_ROOM_MAC, 0) }
+        != 0
+    {
+        return Err(());
+    }
+    count(counter::DECAP);
+    Ok(())
+}

@@ -1,0 +1,480 @@
+//! kube-proxy-compatible flags and the `--config` file (a `KubeProxyConfiguration` subset).
+//!
+//! Precedence: a flag given on the command line (or through its environment variable) wins,
+//! then the config file, then the default: so a DaemonSet can keep kube-proxy's ConfigMap and
+//! override single values per node. kube-proxy fields that mean nothing here (`mode`, `ipvs`,
+//! `conntrack`, ...) are accepted and reported once as ignored, so an existing kube-proxy
+//! ConfigMap can be mounted as is; unknown top-level fields are an error (a typo must not pass
+//! silently).
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{ArgMatches, parser::ValueSource};
+use serde::Deserialize;
+
+use crate::agent::RunArgs;
+
+/// The kube-proxy flags ebpf-proxy shares (flattened into `ebpf-proxy run`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KubeProxyFlags {
+    /// A kube-proxy configuration file (YAML, `kind: KubeProxyConfiguration`,
+    /// `apiVersion: kubeproxy.config.k8s.io/v1alpha1`). Used fields: clusterCIDR,
+    /// hostnameOverride, healthzBindAddress, metricsBindAddress, nodePortAddresses,
+    /// iptables.masqueradeAll / nftables.masqueradeAll, clientConnection.kubeconfig. Flags given
+    /// on the command line override the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Addresses NodePort services accept traffic on: CIDRs (comma-separated or repeated) and/or
+    /// `primary` (the node's primary IPs). Default: every node address (kube-proxy's default).
+    #[arg(long, value_name = "CIDR|primary", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
+    /// SNAT all service traffic, not only traffic that needs it (kube-proxy's
+    /// --masquerade-all). Replies then always return through this node.
+    #[arg(long)]
+    pub masquerade_all: bool,
+    /// Where /healthz and /livez are served (IP:port; an IP alone uses port 10256; empty
+    /// disables). Unhealthy only when an update is pending too long or the programs are not
+    /// attached, as with kube-proxy.
+    #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
+    /// Where Prometheus /metrics is served (IP:port; an IP alone uses port 10249; empty
+    /// disables). Default loopback only, as with kube-proxy.
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
+}
+
+/// Parses a bind address as kube-proxy does: `IP:port`, or an IP (then `default_port`).
+/// Empty means disabled (`None`).
+pub fn parse_bind_address(s: &str, default_port: u16, flag: &str) -> Result<Option<SocketAddr>> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(Some(a));
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(Some(SocketAddr::new(ip, default_port)));
+    }
+    bail!("{flag} {s:?}: expected IP:port or IP (e.g. 0.0.0.0:{default_port})")
+}
+
+/// Checks `--nodeport-addresses` values: IPv4/IPv6 CIDRs or `primary`.
+pub fn validate_nodeport_addresses(v: &[String]) -> Result<()> {
+    for a in v {
+        if a == "primary" {
+            continue;
+        }
+        let ok = a.split_once('/').is_some_and(|(ip, len)| {
+            match (ip.parse::<IpAddr>(), len.parse::<u8>()) {
+                (Ok(IpAddr::V4(_)), Ok(l)) => l <= 32,
+                (Ok(IpAddr::V6(_)), Ok(l)) => l <= 128,
+                _ => false,
+            }
+        });
+        if !ok {
+            bail!("--nodeport-addresses {a:?}: expected a CIDR (e.g. 10.0.0.0/8) or `primary`");
+        }
+    }
+    Ok(())
+}
+
+/// Checks a cluster CIDR list (comma-separated, as kube-proxy allows dual-stack).
+pub fn validate_cluster_cidr(v: &str) -> Result<()> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    validate_nodeport_addresses(
+        &v.split(',')
+            .map(str::trim)
+            .filter(|s| *s != "primary")
+            .map(str::to_owned)
+            .collect::<Vec<_>>(),
+    )
+    .with_context(|| format!("--cluster-cidr {v:?}"))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Masq {
+    masquerade_all: Option<bool>,
+    #[serde(flatten)]
+    _rest: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClientConnection {
+    kubeconfig: Option<String>,
+    #[serde(flatten)]
+    _rest: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// The subset of `KubeProxyConfiguration` (v1alpha1) that ebpf-proxy uses.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeProxyConfiguration {
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: Option<String>,
+    hostname_override: Option<String>,
+    healthz_bind_address: Option<String>,
+    metrics_bind_address: Option<String>,
+    node_port_addresses: Option<Vec<String>>,
+    iptables: Option<Masq>,
+    nftables: Option<Masq>,
+    client_connection: Option<ClientConnection>,
+    #[serde(flatten)]
+    other: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// kube-proxy fields accepted and ignored (their function is built in or does not apply).
+const IGNORED: &[&str] = &[
+    "bindAddress",
+    "bindAddressHardFail",
+    "configSyncPeriod",
+    "conntrack",
+    "detectLocal",
+    "detectLocalMode",
+    "enableProfiling",
+    "featureGates",
+    "ipvs",
+    "linux",
+    "logging",
+    "minSyncPeriod",
+    "mode",
+    "oomScoreAdj",
+    "portRange",
+    "showHiddenMetricsForVersion",
+    "syncPeriod",
+    "udpIdleTimeout",
+    "winkernel",
+    "windowsRunAsService",
+];
+
+impl KubeProxyConfiguration {
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let c: Self = serde_yaml::from_str(text).with_context(|| {
+            format!("--config {}: not a KubeProxyConfiguration", path.display())
+        })?;
+        if let Some(k) = &c.kind
+            && k != "KubeProxyConfiguration"
+        {
+            bail!(
+                "--config {}: kind {k:?}, expected KubeProxyConfiguration",
+                path.display()
+            );
+        }
+        if let Some(v) = &c.api_version
+            && v != "kubeproxy.config.k8s.io/v1alpha1"
+        {
+            bail!(
+                "--config {}: apiVersion {v:?}, expected kubeproxy.config.k8s.io/v1alpha1",
+                path.display()
+            );
+        }
+        let unknown: Vec<&String> = c
+            .other
+            .keys()
+            .filter(|k| !IGNORED.contains(&k.as_str()))
+            .collect();
+        if !unknown.is_empty() {
+            bail!(
+                "--config {}: unknown field(s) {unknown:?} (check the spelling; kube-proxy's \
+                 fields are camelCase)",
+                path.display()
+            );
+        }
+        Ok(c)
+    }
+
+    /// kube-proxy fields present in the file that ebpf-proxy ignores.
+    pub fn ignored_fields(&self) -> Vec<String> {
+        self.other.keys().cloned().collect()
+    }
+}
+
+fn from_cli(m: Option<&ArgMatches>, id: &str) -> bool {
+    m.and_then(|m| m.value_source(id))
+        .is_some_and(|s| matches!(s, ValueSource::CommandLine | ValueSource::EnvVariable))
+}
+
+/// Merges the config file (if any) into `args`: values not given on the command line or in
+/// the environment come from the file. `matches` are the `run` subcommand's matches (`None`:
+/// treat every value as not given). Then fills defaults (node name = hostname, as kube-proxy)
+/// and validates. Returns notes worth logging (ignored fields).
+pub fn resolve(args: &mut RunArgs, matches: Option<&ArgMatches>) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    if let Some(path) = args.kp.config.clone() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading --config {}", path.display()))?;
+        let c = KubeProxyConfiguration::parse(&text, &path)?;
+        let ignored = c.ignored_fields();
+        if !ignored.is_empty() {
+            notes.push(format!(
+                "--config {}: ignoring kube-proxy fields that do not apply to ebpf-proxy: {}",
+                path.display(),
+                ignored.join(", ")
+            ));
+        }
+        let m = matches;
+        if let Some(v) = c.cluster_cidr
+            && !from_cli(m, "cluster_cidr")
+        {
+            args.cluster_cidr = v;
+        }
+        if let Some(v) = c.hostname_override.filter(|v| !v.is_empty())
+            && !from_cli(m, "node_name")
+        {
+            args.node_name = v;
+        }
+        if let Some(v) = c.healthz_bind_address
+            && !from_cli(m, "healthz_bind_address")
+        {
+            args.kp.healthz_bind_address = v;
+        }
+        if let Some(v) = c.metrics_bind_address
+            && !from_cli(m, "metrics_bind_address")
+        {
+            args.kp.metrics_bind_address = v;
+        }
+        if let Some(v) = c.node_port_addresses
+            && !from_cli(m, "nodeport_addresses")
+        {
+            args.kp.nodeport_addresses = v;
+        }
+        let masq = [c.iptables, c.nftables]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.masquerade_all)
+            .any(|b| b);
+        if masq && !from_cli(m, "masquerade_all") {
+            args.kp.masquerade_all = true;
+        }
+        if let Some(k) = c
+            .client_connection
+            .and_then(|c| c.kubeconfig)
+            .filter(|k| !k.is_empty())
+            && args.kubeconfig.is_none()
+            && args.manifests.is_none()
+        {
+            args.kubeconfig = Some(PathBuf::from(k));
+        }
+    }
+    if args.node_name.is_empty() {
+        args.node_name = hostname().context(
+            "no --node-name/--hostname-override, NODE_NAME or hostnameOverride, and the \
+             hostname is unreadable",
+        )?;
+        notes.push(format!(
+            "node name {:?} taken from the hostname (set --hostname-override or NODE_NAME if \
+             the Node object is named otherwise)",
+            args.node_name
+        ));
+    }
+    validate_nodeport_addresses(&args.kp.nodeport_addresses)?;
+    validate_cluster_cidr(&args.cluster_cidr)?;
+    parse_bind_address(
+        &args.kp.healthz_bind_address,
+        10256,
+        "--healthz-bind-address",
+    )?;
+    parse_bind_address(
+        &args.kp.metrics_bind_address,
+        10249,
+        "--metrics-bind-address",
+    )?;
+    Ok(notes)
+}
+
+fn hostname() -> Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        bail!("gethostname: {}", std::io::Error::last_os_error());
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..end]).to_lowercase())
+}
+
+/// The default `--nodeport-addresses` meaning, for code that consumes it: `None` = every
+/// node address; otherwise the listed CIDRs, with `primary` expanded to `primary_ips`.
+pub fn nodeport_cidrs(v: &[String], primary_ips: &[Ipv4Addr]) -> Option<Vec<String>> {
+    if v.is_empty() {
+        return None;
+    }
+    Some(
+        v.iter()
+            .flat_map(|a| {
+                if a == "primary" {
+                    primary_ips.iter().map(|ip| format!("{ip}/32")).collect()
+                } else {
+                    vec![a.clone()]
+                }
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::{CommandFactory as _, FromArgMatches as _, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn resolve_argv(argv: &[&str]) -> Result<(RunArgs, Vec<String>)> {
+        let m = Cli::command().try_get_matches_from(argv)?;
+        let mut args = Cli::from_arg_matches(&m)?.run;
+        let notes = resolve(&mut args, Some(&m))?;
+        Ok((args, notes))
+    }
+
+    const FILE: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: iptables
+clusterCIDR: 10.1.0.0/16
+hostnameOverride: node-from-file
+healthzBindAddress: 0.0.0.0:20256
+metricsBindAddress: 0.0.0.0:20249
+nodePortAddresses: [primary, 192.168.0.0/16]
+iptables:
+  masqueradeAll: true
+  syncPeriod: 30s
+conntrack:
+  maxPerCore: 32768
+clientConnection:
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 5
+";
+
+    #[test]
+    fn config_file_fills_what_flags_do_not_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("config.conf");
+        std::fs::write(&f, FILE).unwrap();
+        let fs = f.to_str().unwrap();
+        let (a, notes) = resolve_argv(&["x", "--config", fs]).unwrap();
+        assert_eq!(a.cluster_cidr, "10.1.0.0/16");
+        assert_eq!(a.node_name, "node-from-file");
+        assert_eq!(a.kp.healthz_bind_address, "0.0.0.0:20256");
+        assert_eq!(a.kp.metrics_bind_address, "0.0.0.0:20249");
+        assert_eq!(a.kp.nodeport_addresses, ["primary", "192.168.0.0/16"]);
+        assert!(a.kp.masquerade_all);
+        assert_eq!(
+            a.kubeconfig.as_deref(),
+            Some(Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
+        );
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("conntrack") && n.contains("mode")),
+            "{notes:?}"
+        );
+
+        // Command-line flags win over the file.
+        let (a, _) = resolve_argv(&[
+            "x",
+            "--config",
+            fs,
+            "--hostname-override",
+            "n1",
+            "--cluster-cidr",
+            "10.2.0.0/16",
+            "--healthz-bind-address",
+            "127.0.0.1",
+            "--nodeport-addresses",
+            "10.0.0.0/8,172.16.0.0/12",
+            "--manifests",
+            "/tmp",
+        ])
+        .unwrap();
+        assert_eq!(a.node_name, "n1");
+        assert_eq!(a.cluster_cidr, "10.2.0.0/16");
+        assert_eq!(a.kp.healthz_bind_address, "127.0.0.1");
+        assert_eq!(a.kp.nodeport_addresses, ["10.0.0.0/8", "172.16.0.0/12"]);
+        assert_eq!(
+            a.kubeconfig, None,
+            "--manifests given: the file's kubeconfig is not used"
+        );
+        assert_eq!(
+            parse_bind_address(&a.kp.healthz_bind_address, 10256, "x").unwrap(),
+            Some("127.0.0.1:10256".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn defaults_match_kube_proxy() {
+        let (a, _) = resolve_argv(&["x", "--node-name", "n"]).unwrap();
+        assert_eq!(
+            parse_bind_address(&a.kp.healthz_bind_address, 10256, "x").unwrap(),
+            Some("0.0.0.0:10256".parse().unwrap())
+        );
+        assert_eq!(
+            parse_bind_address(&a.kp.metrics_bind_address, 10249, "x").unwrap(),
+            Some("127.0.0.1:10249".parse().unwrap())
+        );
+        assert!(!a.kp.masquerade_all);
+        assert!(a.kp.nodeport_addresses.is_empty());
+        assert_eq!(parse_bind_address("", 1, "x").unwrap(), None);
+        // No node name anywhere: the hostname, like kube-proxy.
+        let (a, notes) = resolve_argv(&["x"]).unwrap();
+        assert!(!a.node_name.is_empty());
+        assert!(notes.iter().any(|n| n.contains("hostname")), "{notes:?}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_flag_named() {
+        for (argv, want) in [
+            (
+                vec!["x", "--nodeport-addresses", "10.0.0.0"],
+                "--nodeport-addresses",
+            ),
+            (
+                vec!["x", "--nodeport-addresses", "10.0.0.0/33"],
+                "--nodeport-addresses",
+            ),
+            (
+                vec!["x", "--healthz-bind-address", "nope"],
+                "--healthz-bind-address",
+            ),
+            (
+                vec!["x", "--metrics-bind-address", "1.2.3.4:x"],
+                "--metrics-bind-address",
+            ),
+            (vec!["x", "--cluster-cidr", "10.0.0.0"], "--cluster-cidr"),
+        ] {
+            let e = resolve_argv(&argv).unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{argv:?}: {e:#}");
+        }
+        let p = Path::new("c.yaml");
+        for (text, want) in [
+            ("kind: Deployment\n", "kind"),
+            ("apiVersion: v9\n", "apiVersion"),
+            ("clusterCidr: 10.0.0.0/8\n", "unknown field"),
+            ("clusterCIDR: [1]\n", "not a KubeProxyConfiguration"),
+        ] {
+            let e = KubeProxyConfiguration::parse(text, p).unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{text:?}: {e:#}");
+        }
+        assert_eq!(
+            nodeport_cidrs(
+                &["primary".into(), "10.0.0.0/8".into()],
+                &[Ipv4Addr::new(1, 2, 3, 4)]
+            ),
+            Some(vec!["1.2.3.4/32".to_owned(), "10.0.0.0/8".to_owned()])
+        );
+        assert_eq!(nodeport_cidrs(&[], &[]), None);
+    }
+}

@@ -1,0 +1,399 @@
+//! Prometheus metrics on `--metrics-bind-address` (default 127.0.0.1:10249, like kube-proxy),
+//! path `/metrics`, OpenMetrics text.
+//!
+//! kube-proxy's names where they mean the same thing:
+//! - `kubeproxy_sync_proxy_rules_duration_seconds` (histogram): one reconcile, plan + map writes.
+//! - `kubeproxy_network_programming_duration_seconds` (histogram): from the change's trigger
+//!   time (EndpointSlice `endpoints.kubernetes.io/last-change-trigger-time`) to programmed;
+//!   observed when the source provides trigger times ([`Metrics::observe_network_programming`]).
+//! - `kubeproxy_sync_proxy_rules_last_timestamp_seconds`, `..._last_queued_timestamp_seconds`.
+//!
+//! Ours (`ebpf_proxy_*`), read from the pinned maps at scrape time:
+//! - `ebpf_proxy_datapath_packets_total{reason}`: the per-CPU verdict counters summed
+//!   (names from `proxy_common::counter::NAMES`).
+//! - `ebpf_proxy_map_entries{map}` / `ebpf_proxy_map_capacity{map}`: occupancy of each hash map
+//!   (conntrack included; counted at most every [`OCCUPANCY_CACHE`]).
+//! - `ebpf_proxy_map_write_failures_total{map,op}`, `ebpf_proxy_sync_failures_total`,
+//!   `ebpf_proxy_attached_links`, `ebpf_proxy_link_program_replacements_total`.
+//!
+//! The datapath has no per-service packet counters (only per-reason verdict counters), so none
+//! are exported; adding them needs a per-service counter map in the programs.
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Result;
+use aya::maps::{MapData, MapType, PerCpuArray};
+use log::info;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use proxy_common::{counter, maps};
+use tokio::task::JoinHandle;
+
+use crate::{
+    datapath::{MapSizes, WriteError},
+    httpd::{self, Response},
+};
+
+/// Conntrack can hold hundreds of thousands of entries; counting them costs a syscall each.
+pub const OCCUPANCY_CACHE: Duration = Duration::from_secs(10);
+
+type Labels = Vec<(String, String)>;
+/// (map name, entries).
+type Occupancy = Vec<(&'static str, u64)>;
+
+/// The agent's metrics. Cheap to clone; all clones share the registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub sync_duration: Histogram,
+    pub network_programming: Histogram,
+    pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub last_queued: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub sync_failures: Counter,
+    pub map_write_failures: Family<Labels, Counter>,
+    pub attached_links: Gauge,
+    pub link_replacements: Counter,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Metrics {
+    /// Metrics whose datapath part reads the maps pinned under `pin_dir` (`None`: no
+    /// datapath metrics, e.g. in tests).
+    pub fn new(pin_dir: Option<&Path>, sizes: MapSizes) -> Self {
+        let mut root = Registry::default();
+        let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let network_programming = Histogram::new([
+            0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
+        ]);
+        let last_sync = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let last_queued = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        {
+            let kp = root.sub_registry_with_prefix("kubeproxy");
+            kp.register(
+                "sync_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds (one reconcile: plan and map writes)",
+                sync_duration.clone(),
+            );
+            kp.register(
+                "network_programming_duration_seconds",
+                "In Cluster Network Programming Latency in seconds",
+                network_programming.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_last_timestamp_seconds",
+                "The last time proxy rules were successfully synced",
+                last_sync.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_last_queued_timestamp_seconds",
+                "The last time a sync of proxy rules was queued",
+                last_queued.clone(),
+            );
+        }
+        let sync_failures = Counter::default();
+        let map_write_failures = Family::<Labels, Counter>::default();
+        let attached_links = Gauge::default();
+        let link_replacements = Counter::default();
+        {
+            let ep = root.sub_registry_with_prefix("ebpf_proxy");
+            ep.register(
+                "sync_failures",
+                "Reconciles that failed to write the maps (retried)",
+                sync_failures.clone(),
+            );
+            ep.register(
+                "map_write_failures",
+                "Map writes that failed, by map and operation (insert failures include full maps)",
+                map_write_failures.clone(),
+            );
+            ep.register(
+                "attached_links",
+                "tc program links attached to pod bridge ports (pinned)",
+                attached_links.clone(),
+            );
+            ep.register(
+                "link_program_replacements",
+                "Programs swapped atomically into existing pinned links (restarts and upgrades)",
+                link_replacements.clone(),
+            );
+            if let Some(dir) = pin_dir {
+                ep.register_collector(Box::new(DatapathCollector::new(dir, sizes)));
+            }
+        }
+        Self {
+            registry: Arc::new(root),
+            sync_duration,
+            network_programming,
+            last_sync,
+            last_queued,
+            sync_failures,
+            map_write_failures,
+            attached_links,
+            link_replacements,
+        }
+    }
+
+    /// A change was queued (kube-proxy sets `last_queued_timestamp` here).
+    pub fn queued(&self) {
+        self.last_queued.set(unix_now());
+    }
+
+    /// A reconcile finished: its duration, and whether it wrote everything. A failure's error
+    /// chain is searched for the map write that failed (by type, not by message).
+    pub fn synced(&self, took: Duration, result: Result<(), &anyhow::Error>) {
+        self.sync_duration.observe(took.as_secs_f64());
+        match result {
+            Ok(()) => {
+                self.last_sync.set(unix_now());
+            }
+            Err(e) => {
+                self.sync_failures.inc();
+                if let Some(w) = e.chain().find_map(|c| c.downcast_ref::<WriteError>()) {
+                    self.map_write_failures
+                        .get_or_create(&vec![
+                            ("map".to_owned(), w.map.to_owned()),
+                            ("op".to_owned(), w.op.to_owned()),
+                        ])
+                        .inc();
+                }
+            }
+        }
+    }
+
+    /// A change triggered at `trigger` (by the API's clock) is now programmed.
+    pub fn observe_network_programming(&self, trigger: SystemTime) {
+        if let Ok(d) = SystemTime::now().duration_since(trigger) {
+            self.network_programming.observe(d.as_secs_f64());
+        }
+    }
+
+    /// The exposition text (OpenMetrics).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            out = format!("# encoding failed: {e}\n");
+        }
+        out
+    }
+
+    pub fn handler(&self) -> httpd::Handler {
+        let m = self.clone();
+        Arc::new(move |path| match path {
+            "/metrics" => Response::new(
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                m.encode(),
+            ),
+            _ => Response::text(404, "404 page not found\n"),
+        })
+    }
+
+    /// Binds `addr` and serves `/metrics` in the background.
+    pub async fn serve(&self, addr: SocketAddr) -> Result<JoinHandle<()>> {
+        let l = httpd::bind(addr, "metrics (--metrics-bind-address)").await?;
+        info!("serving /metrics on {}", l.local_addr()?);
+        Ok(tokio::spawn(httpd::serve(l, self.handler())))
+    }
+}
+
+/// Reads the pinned maps at scrape time.
+#[derive(Debug)]
+struct DatapathCollector {
+    pin_dir: PathBuf,
+    /// (map name, capacity) of every hash-type map to report occupancy for.
+    hash_maps: Vec<(&'static str, u32, u32)>,
+    cache: Mutex<Option<(Instant, Occupancy)>>,
+}
+
+impl DatapathCollector {
+    fn new(pin_dir: &Path, sizes: MapSizes) -> Self {
+        let hash_maps = sizes
+            .layouts()
+            .into_iter()
+            .filter(|l| {
+                matches!(
+                    l.map_type,
+                    MapType::Hash | MapType::LruHash | MapType::LpmTrie
+                )
+            })
+            .map(|l| (l.name, l.max_entries, l.key_size))
+            .collect();
+        Self {
+            pin_dir: pin_dir.to_owned(),
+            hash_maps,
+            cache: Mutex::new(None),
+        }
+    }
+
+    fn counters(&self) -> Option<Vec<u64>> {
+        let m = MapData::from_pin(self.pin_dir.join(maps::COUNTERS)).ok()?;
+        let a: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(m)).ok()?;
+        (0..counter::NAMES.len() as u32)
+            .map(|i| a.get(&i, 0).ok().map(|v| v.iter().sum()))
+            .collect()
+    }
+
+    fn occupancy(&self) -> Vec<(&'static str, u64)> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, v)) = cache.as_ref()
+            && at.elapsed() < OCCUPANCY_CACHE
+        {
+            return v.clone();
+        }
+        let v: Vec<(&'static str, u64)> = self
+            .hash_maps
+            .iter()
+            .filter_map(|&(name, _, key_size)| {
+                let m = MapData::from_pin(self.pin_dir.join(name)).ok()?;
+                count_entries(&m, key_size).ok().map(|n| (name, n))
+            })
+            .collect();
+        *cache = Some((Instant::now(), v.clone()));
+        v
+    }
+}
+
+/// Counts a hash map's entries with `BPF_MAP_GET_NEXT_KEY` (works for any key type).
+fn count_entries(m: &MapData, key_size: u32) -> std::io::Result<u64> {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let fd = m.fd().as_fd().as_raw_fd();
+    let mut key = vec![0u8; key_size as usize];
+    let mut next = vec![0u8; key_size as usize];
+    let mut n = 0u64;
+    let mut first = true;
+    loop {
+        // union bpf_attr { struct { __u32 map_fd; __aligned_u64 key; __aligned_u64 next_key; } }
+        let attr: [u64; 3] = [
+            fd as u32 as u64,
+            if first { 0 } else { key.as_ptr() as u64 },
+            next.as_mut_ptr() as u64,
+        ];
+        // SAFETY: attr points at buffers of the map's key size that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                attr.as_ptr(),
+                std::mem::size_of_val(&attr) as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENOENT) {
+                Ok(n)
+            } else {
+                Err(e)
+            };
+        }
+        n += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+        if n > 1 << 26 {
+            return Ok(n);
+        }
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(values) = self.counters() {
+            let mut e = encoder.encode_descriptor(
+                "datapath_packets",
+                "Packets by datapath verdict/reason, summed over CPUs (proxy_common::counter)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (name, v) in counter::NAMES.iter().zip(values) {
+                let labels: Labels = vec![("reason".to_owned(), (*name).to_owned())];
+                ConstCounter::new(v).encode(e.encode_family(&labels)?)?;
+            }
+        }
+        let occ = self.occupancy();
+        {
+            let mut e = encoder.encode_descriptor(
+                "map_entries",
+                "Entries in each BPF hash map (conntrack counts both directions of a flow)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (name, n) in &occ {
+                let labels: Labels = vec![("map".to_owned(), (*name).to_owned())];
+                ConstGauge::new(*n as i64).encode(e.encode_family(&labels)?)?;
+            }
+        }
+        let mut e = encoder.encode_descriptor(
+            "map_capacity",
+            "max_entries of each BPF hash map",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (name, cap, _) in &self.hash_maps {
+            let labels: Labels = vec![("map".to_owned(), (*name).to_owned())];
+            ConstGauge::new(i64::from(*cap)).encode(e.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kube_proxy_names_and_sync_accounting() {
+        let m = Metrics::new(None, MapSizes::default());
+        m.queued();
+        m.synced(Duration::from_millis(3), Ok(()));
+        let err = anyhow::Error::new(WriteError {
+            op: "insert",
+            map: maps::SVC4,
+            source: aya::maps::MapError::KeyNotFound,
+        })
+        .context("writing the service maps");
+        m.synced(Duration::from_millis(1), Err(&err));
+        m.observe_network_programming(SystemTime::now() - Duration::from_millis(700));
+        let text = m.encode();
+        for want in [
+            "# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 2",
+            "kubeproxy_network_programming_duration_seconds_count 1",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\"} 0",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\"} 1",
+            "# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
+            "ebpf_proxy_sync_failures_total 1",
+            "ebpf_proxy_map_write_failures_total{map=\"LB4_SVC_V1\",op=\"insert\"} 1",
+            "# EOF",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        let last: f64 = text
+            .lines()
+            .find(|l| l.starts_with("kubeproxy_sync_proxy_rules_last_timestamp_seconds "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        assert!(last > 1.7e9, "{last}");
+    }
+}

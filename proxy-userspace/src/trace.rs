@@ -1,0 +1,309 @@
+//! `ebpf-proxy trace`: "where does this packet go?", answered by the real programs.
+//!
+//! The eBPF object is loaded with private, unpinned maps; the maps are programmed from the
+//! manifests by the production reconcile path (translate -> plan -> writer); then synthesized
+//! packets (one per sample, each with its own source port) run through the program of the hook
+//! the source implies, with BPF_PROG_TEST_RUN. The verdict, the rewritten headers and the
+//! counters the run moved say what happened.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{TestRun as _, TestRunOptions};
+use proxy_common::{counter, csum, programs};
+use serde::Serialize;
+
+use crate::{
+    abi::Protocol,
+    agent::{self, Cidr, Context},
+    datapath::{Datapath, LoadOptions},
+    plan::MapState,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// Options of `ebpf-proxy trace`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TraceArgs {
+    /// Directory of Service, EndpointSlice and Node manifests.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    /// The node whose view to trace (local endpoints, traffic policies).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: String,
+    /// The node's address(es) (NodePorts listen on them; masquerade uses the first).
+    #[arg(long = "node-ip", value_name = "IP", required = true)]
+    pub node_ips: Vec<Ipv4Addr>,
+    /// The pod network's CIDR: sources inside it are pods.
+    #[arg(long, value_name = "CIDR", default_value = "10.76.0.0/16")]
+    pub cluster_cidr: Cidr,
+    /// Masquerade every service flow (kube-proxy's --masquerade-all).
+    #[arg(long)]
+    pub masquerade_all: bool,
+    /// Addresses NodePorts listen on: CIDRs (comma-separated) or `primary`. Default: all node
+    /// addresses.
+    #[arg(long, value_name = "CIDR,...|primary", default_value = "")]
+    pub nodeport_addresses: String,
+    /// tcp, udp or sctp.
+    #[arg(long, value_name = "PROTO")]
+    pub protocol: Protocol,
+    /// Client address, optionally with a port (default: samples use ports from 40000).
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub source: String,
+    /// Service address and port.
+    #[arg(long, value_name = "IP:PORT")]
+    pub destination: SocketAddrV4,
+    /// Packets to send, each from a different source port; endpoints reached are collected.
+    #[arg(long, default_value_t = 64)]
+    pub samples: u32,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct TraceResult {
+    pub verdict: &'static str,
+    pub endpoints: Vec<String>,
+    pub masquerade: bool,
+    pub origin: &'static str,
+    #[serde(skip)]
+    pub explanation: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Origin {
+    Pod,
+    Host,
+    External,
+}
+
+fn parse_source(s: &str) -> Result<(Ipv4Addr, Option<u16>)> {
+    if let Ok(a) = s.parse::<SocketAddrV4>() {
+        return Ok((*a.ip(), Some(a.port())));
+    }
+    let ip = s
+        .parse::<Ipv4Addr>()
+        .with_context(|| format!("--source {s:?}: expected IP or IP:PORT"))?;
+    Ok((ip, None))
+}
+
+/// Builds Ethernet + IPv4 + TCP SYN/UDP with correct checksums.
+fn packet(proto: Protocol, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&src.1.to_be_bytes());
+    l4.extend_from_slice(&dst.1.to_be_bytes());
+    match proto {
+        Protocol::Tcp => {
+            l4.extend_from_slice(&[
+                0, 0, 0x10, 0, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+            ]);
+        }
+        Protocol::Udp => l4.extend_from_slice(&[0, 12, 0, 0, b't', b'r', b'a', b'c']),
+        Protocol::Sctp => l4.extend_from_slice(&[0; 8]),
+    }
+    let off = match proto {
+        Protocol::Tcp => Some(16),
+        Protocol::Udp => Some(6),
+        Protocol::Sctp => None,
+    };
+    if let Some(off) = off {
+        let c = csum::l4_ipv4(src.0.octets(), dst.0.octets(), proto.number(), &l4);
+        l4[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, proto.number(), 0, 0]);
+    ip.extend_from_slice(&src.0.octets());
+    ip.extend_from_slice(&dst.0.octets());
+    let c = csum::ipv4_header(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&l4);
+    f
+}
+
+struct Out {
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    proto: u8,
+    tcp_flags: u8,
+}
+
+fn parse(f: &[u8]) -> Option<Out> {
+    let ip = f.get(14..)?;
+    let ihl = ((ip.first()? & 0x0f) as usize) * 4;
+    let l4 = ip.get(ihl..)?;
+    let ports = l4.get(..4)?;
+    Some(Out {
+        src: (
+            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            u16::from_be_bytes([ports[0], ports[1]]),
+        ),
+        dst: (
+            Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            u16::from_be_bytes([ports[2], ports[3]]),
+        ),
+        proto: ip[9],
+        tcp_flags: l4.get(13).copied().unwrap_or(0),
+    })
+}
+
+pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
+    let (src_ip, src_port) = parse_source(&args.source)?;
+    if args.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    let mut ctx = Context::new(args.node_name.clone());
+    ctx.node_ips = args.node_ips.clone();
+    ctx.cluster_cidr = args.cluster_cidr;
+    ctx.masquerade_all = args.masquerade_all;
+    ctx.nodeport_addresses = args.nodeport_addresses.clone();
+    let snapshot = agent::load_manifests(&args.manifests)?;
+    let mut dp = Datapath::load(&LoadOptions::default())?;
+    let mut state = MapState::default();
+    let summary = {
+        let mut maps = dp.lb_maps()?;
+        agent::reconcile(&snapshot, &ctx, &mut state, &mut maps)?
+    };
+    // The hairpin source is the pod bridge's address; in a trace it only has to be a node
+    // address distinct from the pods, so use the node's first address.
+    dp.set_config(&ctx.node_config(&args.node_ips, args.node_ips.first().copied()))?;
+
+    let origin = if ctx.cluster_cidr.contains(src_ip) {
+        Origin::Pod
+    } else if args.node_ips.contains(&src_ip) || src_ip.is_loopback() {
+        Origin::Host
+    } else {
+        Origin::External
+    };
+    let (prog, hook) = match origin {
+        // Host processes are balanced at connect()/sendmsg() by the cgroup hooks, with the
+        // same service lookup (internal scope) as pods: the pod program stands in for them,
+        // and the backend always sees the node's address.
+        Origin::Pod | Origin::Host => (
+            programs::POD_INGRESS,
+            "tc ingress on the pod's bridge port (lb_pod_in)",
+        ),
+        Origin::External => (
+            programs::UPLINK_INGRESS,
+            "tc ingress on the uplink (lb_up_in)",
+        ),
+    };
+    let mut explanation = vec![
+        format!("objects skipped as invalid: {}", summary.rejected.len()),
+        format!("origin: {origin:?} ({src_ip}), hook: {hook}"),
+    ];
+    let before = dp.counters()?;
+    let node_ips: BTreeSet<Ipv4Addr> = args.node_ips.iter().copied().collect();
+    let mut endpoints = BTreeSet::new();
+    let (mut fwd, mut rej, mut drop, mut pass, mut masq) = (0u32, 0u32, 0u32, 0u32, false);
+    let dst = (*args.destination.ip(), args.destination.port());
+    for i in 0..args.samples {
+        let sport = match src_port {
+            Some(p) if i == 0 => p,
+            Some(p) => p.wrapping_add(i as u16).max(1),
+            None => 40000u16.wrapping_add(i as u16),
+        };
+        let pkt = packet(args.protocol, (src_ip, sport), dst);
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = dp.program(prog)?.test_run(TestRunOptions {
+            data_in: Some(&pkt),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        let o = parse(&out);
+        match r.return_value {
+            TC_ACT_SHOT => drop += 1,
+            TC_ACT_OK | TC_ACT_REDIRECT => match o {
+                Some(o) if o.proto == 1 || (o.proto == 6 && o.tcp_flags & 0x04 != 0) => rej += 1,
+                Some(o) if (o.dst.0, o.dst.1) != dst => {
+                    fwd += 1;
+                    endpoints.insert(format!("{}:{}", o.dst.0, o.dst.1));
+                    if node_ips.contains(&o.src.0) || o.src.0 != src_ip {
+                        masq = true;
+                    }
+                }
+                _ => pass += 1,
+            },
+            rc => bail!("unexpected program return code {rc}"),
+        }
+    }
+    if origin == Origin::Host && fwd > 0 {
+        masq = true;
+    }
+    let after = dp.counters()?;
+    for (i, name) in counter::NAMES.iter().enumerate() {
+        let d = after[i].saturating_sub(before[i]);
+        if d > 0 {
+            explanation.push(format!("counter {name}: +{d}"));
+        }
+    }
+    let verdict = if fwd > 0 {
+        "forward"
+    } else if rej > 0 {
+        "reject"
+    } else if drop > 0 {
+        "drop"
+    } else {
+        "pass"
+    };
+    if fwd + rej + drop > 0 && pass > 0 {
+        explanation.push(format!(
+            "{pass} of {} samples passed untouched",
+            args.samples
+        ));
+    }
+    Ok(TraceResult {
+        verdict,
+        endpoints: endpoints.into_iter().collect(),
+        masquerade: masq,
+        origin: match origin {
+            Origin::Pod => "pod",
+            Origin::Host => "host",
+            Origin::External => "external",
+        },
+        explanation,
+    })
+}
+
+pub fn run(args: &TraceArgs) -> Result<()> {
+    let r = trace(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} {} -> {}: {}",
+        args.protocol,
+        args.source,
+        args.destination,
+        r.verdict.to_uppercase()
+    );
+    if !r.endpoints.is_empty() {
+        println!(
+            "  endpoints reached over {} samples: {}",
+            args.samples,
+            r.endpoints.join(", ")
+        );
+    }
+    println!(
+        "  backend sees: {}",
+        if r.masquerade {
+            "a node address (masqueraded)"
+        } else {
+            "the client's address"
+        }
+    );
+    for e in &r.explanation {
+        println!("  {e}");
+    }
+    Ok(())
+}

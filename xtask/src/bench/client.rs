@@ -1,0 +1,176 @@
+//! The connect-per-request client, run inside a pod namespace by re-invoking the xtask binary
+//! (`xtask bench-client ...`, hidden). Blocking sockets, one connection at a time for latency,
+//! a few threads for the rate; every connection is closed with SO_LINGER 0 (RST) so the
+//! client never piles up TIME_WAIT sockets and runs out of ports.
+use std::{
+    io::Read as _,
+    net::{SocketAddr, SocketAddrV4, TcpStream},
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use serde_json::json;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ClientCmd {
+    /// Latency (sequential connections) and rate (parallel connections) to one address.
+    Run {
+        #[arg(long)]
+        target: SocketAddrV4,
+        /// Sequential connections for the latency percentiles.
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        /// Connections for the rate phase, spread over `threads`.
+        #[arg(long, default_value_t = 4000)]
+        rate_count: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// Connects until a reply starting with `expect` (any reply if empty) arrives; prints the
+    /// CLOCK_MONOTONIC time of that success in ns.
+    Wait {
+        #[arg(long)]
+        target: SocketAddrV4,
+        #[arg(long, default_value = "")]
+        expect: String,
+        #[arg(long, default_value_t = 120_000)]
+        timeout_ms: u64,
+    },
+}
+
+/// CLOCK_MONOTONIC in ns: the same clock in every network namespace, so the orchestrator can
+/// compare it with its own reading.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn linger0(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            size_of::<libc::linger>() as u32,
+        )
+    };
+}
+
+/// One request: connect, read the whole reply, RST. Returns (connect, total) durations.
+fn one(target: SocketAddr, timeout: Duration) -> std::io::Result<(Duration, Duration, String)> {
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect_timeout(&target, timeout)?;
+    let t1 = t0.elapsed();
+    linger0(&s);
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    Ok((t1, t0.elapsed(), reply))
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+pub fn run(cmd: ClientCmd) -> Result<()> {
+    match cmd {
+        ClientCmd::Run {
+            target,
+            count,
+            rate_count,
+            threads,
+        } => {
+            let target = SocketAddr::V4(target);
+            let timeout = Duration::from_secs(1);
+            // Warm up (ARP, caches, first-packet paths).
+            for _ in 0..50 {
+                let _ = one(target, timeout);
+            }
+            let mut connect = Vec::with_capacity(count);
+            let mut total = Vec::with_capacity(count);
+            let mut failed = 0usize;
+            for _ in 0..count {
+                match one(target, timeout) {
+                    Ok((c, t, _)) => {
+                        connect.push(c.as_secs_f64() * 1e6);
+                        total.push(t.as_secs_f64() * 1e6);
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+            let threads = threads.max(1);
+            let per = rate_count.div_ceil(threads);
+            let start = Instant::now();
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let mut ok = 0usize;
+                        for _ in 0..per {
+                            if one(target, timeout).is_ok() {
+                                ok += 1;
+                            }
+                        }
+                        ok
+                    })
+                })
+                .collect();
+            let mut rate_ok = 0;
+            for h in handles {
+                rate_ok += h.join().unwrap_or(0);
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let ok = connect.len();
+            println!(
+                "{}",
+                json!({
+                    "ok": ok,
+                    "failed": failed,
+                    "connect_p50_us": pct(&mut connect, 0.5),
+                    "connect_p99_us": pct(&mut connect, 0.99),
+                    "request_p50_us": pct(&mut total, 0.5),
+                    "request_p99_us": pct(&mut total, 0.99),
+                    "rate_ok": rate_ok,
+                    "rate_failed": per * threads - rate_ok,
+                    "conn_per_s": rate_ok as f64 / secs,
+                })
+            );
+            Ok(())
+        }
+        ClientCmd::Wait {
+            target,
+            expect,
+            timeout_ms,
+        } => {
+            let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+            let target = SocketAddr::V4(target);
+            loop {
+                if let Ok((_, _, reply)) = one(target, Duration::from_millis(10))
+                    && reply.starts_with(expect.as_str())
+                {
+                    println!("{}", monotonic_ns());
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    bail!("{target} did not answer {expect:?} within {timeout_ms} ms");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
