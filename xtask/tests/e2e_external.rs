@@ -261,7 +261,9 @@ fn icmp_fragmentation_needed_through_a_vip() {
     c.lab
         .spawn(&c.lab.pod_ns(&c_pod.pod), &args)
         .expect("echo server");
-    let yaml = echo.yaml(std::slice::from_ref(&c_pod)).replace("9376", "9377");
+    let yaml = echo
+        .yaml(std::slice::from_ref(&c_pod))
+        .replace("9376", "9377");
     std::fs::write(c.manifests.join("echo.yaml"), yaml).expect("manifest");
     services::wait_entry(&c, 1, echo.cluster_ip, 80, Duration::from_secs(10)).expect("programmed");
     // Shrink the router's fabric (both directions through the router).
