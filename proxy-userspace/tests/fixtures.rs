@@ -675,7 +675,10 @@ fn icmp_error(ty: u8, code: u8, from: Ipv4Addr, to: Ipv4Addr, quoted: &[u8]) -> 
 
 /// Checks the outer IPv4, ICMP and quoted IPv4 checksums; returns (outer src, outer dst,
 /// quoted src, quoted dst).
-fn parse_icmp_error(f: &[u8]) -> ((Ipv4Addr, Ipv4Addr), ((Ipv4Addr, u16), (Ipv4Addr, u16))) {
+type Outer = (Ipv4Addr, Ipv4Addr);
+type Quoted = ((Ipv4Addr, u16), (Ipv4Addr, u16));
+
+fn parse_icmp_error(f: &[u8]) -> (Outer, Quoted) {
     let ip = &f[14..34];
     let mut h = ip.to_vec();
     h[10] = 0;

@@ -116,6 +116,7 @@ fn show_bpftool_dump(pin: &Path) -> Result<()> {
     let entries = v.as_array().cloned().unwrap_or_default();
     if let Some(first) = entries.first() {
         println!("         first entry, as bpftool prints it (BTF field names):");
+        let first = first.get("formatted").unwrap_or(first);
         for line in serde_json::to_string_pretty(first)?.lines() {
             println!("           {line}");
         }
@@ -127,6 +128,12 @@ fn show_bpftool_dump(pin: &Path) -> Result<()> {
     let mut lines: Vec<String> = entries
         .iter()
         .map(|e| {
+            // `bpftool -j` puts the BTF-decoded view under "formatted".
+            let e = if e.get("formatted").is_some() {
+                &e["formatted"]
+            } else {
+                e
+            };
             let k = &e["key"];
             let val = &e["value"];
             let addr = k["addr_be"]
