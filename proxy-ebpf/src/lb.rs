@@ -249,8 +249,9 @@ fn ct_create(
         last_seen_ns: now,
         ..Ct4Value::default()
     };
-    if origin == Origin::External {
-        // The reply's new source may be a node address: route it ourselves.
+    if origin == Origin::External || svc.flags & svc_flags::EXTERNAL_KINDS != 0 {
+        // The reply's new source may be a node address (a NodePort, or an LB IP the node
+        // holds): the stack would drop it as a martian, so route it ourselves.
         rev.flags |= ct_flags::FIB_REDIRECT;
     }
     if b.addr_be == p.saddr_be && origin == Origin::Pod {

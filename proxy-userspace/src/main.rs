@@ -10,10 +10,14 @@ use proxy_userspace::{agent, canary, config, inspect, labencap, labtools, trace}
     name = "ebpf-proxy",
     version,
     about = "Kubernetes service load balancing in eBPF (a kube-proxy replacement)",
-    long_about = "Kubernetes service load balancing in eBPF: ClusterIP DNAT with per-connection \
-                  random endpoint choice, done by tc programs on the pod bridge's ports from BPF \
-                  maps that the agent fills from Service and EndpointSlice objects.\n\n\
-                  Start with `ebpf-proxy run --help`. Logging: RUST_LOG=debug|info|warn."
+    long_about = "Kubernetes service load balancing in eBPF, a kube-proxy replacement: ClusterIP, \
+                  NodePort, LoadBalancer IPs (plain or IPIP/GUE-wrapped, direct server return) \
+                  and externalIPs, with kube-proxy's masquerade, REJECT and traffic-policy rules. \
+                  tc programs on the pod bridge's ports and the uplink, and cgroup socket hooks \
+                  for host processes, read BPF maps that the agent fills from Service, \
+                  EndpointSlice and Node objects (Kubernetes API or a manifests directory).\n\n\
+                  Start with `ebpf-proxy run --help`; `ebpf-proxy trace --help` answers \
+                  \"where does this packet go\". Logging: RUST_LOG=debug|info|warn."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: load and attach the datapath, then keep the maps in sync with the
-    /// manifests until SIGINT/SIGTERM.
+    /// Kubernetes API or a manifests directory until SIGINT/SIGTERM.
     Run(agent::RunArgs),
     /// Show the programmed services, their endpoints and the datapath counters.
     Inspect {
