@@ -60,7 +60,7 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
     if !balance {
         return Ok(TC_ACT_OK);
     }
-    let Some(svc) = lookup_service(&p, origin) else {
+    let Some(svc) = lookup_service(p.daddr_be, p.dport_be, p.proto, origin == Origin::Pod) else {
         // A ClusterIP on a port/protocol no service uses: REJECT like kube-proxy.
         // SAFETY: the value is not kept.
         if unsafe { LB4_VIP_V1.get(p.daddr_be) }.is_some() {
@@ -79,7 +79,10 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
         }
         return reject_now(ctx, &p);
     }
-    let (backend_id, backend) = select_backend(&p, &svc)?;
+    let Some((backend_id, backend)) = select_backend(&svc, p.saddr_be) else {
+        count(counter::DROP_BACKEND_MISSING);
+        return Err(TC_ACT_SHOT);
+    };
     let cfg = node_config();
     let entry = ct_create(&p, &key, backend_id, &backend, &svc, origin, &cfg)?;
     count(counter::FWD_NEW);
@@ -127,15 +130,16 @@ pub struct Service {
     pub affinity_timeout_s: u32,
 }
 
-/// The external entry; for traffic from inside the node, the internal one when it exists.
+/// The external entry; for traffic from inside the node (`internal`: pods and host
+/// processes), the internal one when it exists. Shared with the socket hooks.
 #[inline(always)]
-pub fn lookup_service(p: &Packet, origin: Origin) -> Option<Service> {
-    let key = Svc4Key::new(p.daddr_be, p.dport_be, p.proto, 0);
+pub fn lookup_service(addr_be: u32, port_be: u16, proto: u8, internal: bool) -> Option<Service> {
+    let key = Svc4Key::new(addr_be, port_be, proto, 0);
     // SAFETY: values are copied out immediately.
     let mut v = *unsafe { LB4_SVC_V1.get(key) }?;
     let mut key = key;
     let ranges_id = v.svc_id;
-    if origin == Origin::Pod && v.flags & svc_flags::TWO_SCOPES != 0 {
+    if internal && v.flags & svc_flags::TWO_SCOPES != 0 {
         let ik = key.with_scope(scope::INTERNAL);
         if let Some(iv) = unsafe { LB4_SVC_V1.get(ik) } {
             // The internal view keeps the external entry's policy flags: source ranges apply
@@ -156,52 +160,41 @@ pub fn lookup_service(p: &Packet, origin: Origin) -> Option<Service> {
     })
 }
 
-/// Uniformly random among the service's slots per new flow, or the client's affine backend.
+/// Uniformly random among the service's slots per new flow, or the client's affine backend
+/// (sessionAffinity ClientIP). `None`: a slot or backend is missing. Shared with the socket
+/// hooks, whose client is the node's address.
 #[inline(always)]
-fn select_backend(p: &Packet, svc: &Service) -> Result<(u32, Backend4), i32> {
+pub fn select_backend(svc: &Service, client_be: u32) -> Option<(u32, Backend4)> {
+    let affinity = svc.flags & svc_flags::AFFINITY != 0;
     let now = unsafe { bpf_ktime_get_ns() };
-    let aff_key = Aff4Key::new(svc.svc_id, p.saddr_be);
-    if svc.flags & svc_flags::AFFINITY != 0
+    let aff_key = Aff4Key::new(svc.svc_id, client_be);
+    // SAFETY: map values are copied out immediately.
+    let affine = if affinity
         && let Some(a) = unsafe { LB4_AFF_V1.get(aff_key) }
         && now.saturating_sub(a.last_used_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000
         && let Some(b) = unsafe { LB4_BE_V1.get(a.backend_id) }
     {
-        let id = a.backend_id;
-        let b = *b;
-        let _ = LB4_AFF_V1.insert(
-            aff_key,
-            Aff4Value {
-                backend_id: id,
-                _pad: 0,
-                last_used_ns: now,
-            },
-            BPF_ANY as u64,
-        );
-        return Ok((id, b));
-    }
-    let slot = select_slot(unsafe { bpf_get_prandom_u32() }, svc.count);
-    // SAFETY: values are copied out immediately.
-    let Some(s) = (unsafe { LB4_SVC_V1.get(svc.key.with_slot(slot)) }) else {
-        count(counter::DROP_BACKEND_MISSING);
-        return Err(TC_ACT_SHOT);
+        Some((a.backend_id, *b))
+    } else {
+        None
     };
-    let id = s.backend_id;
-    let Some(b) = (unsafe { LB4_BE_V1.get(id) }) else {
-        count(counter::DROP_BACKEND_MISSING);
-        return Err(TC_ACT_SHOT);
+    let (id, b) = match affine {
+        Some(x) => x,
+        None => {
+            let slot = select_slot(unsafe { bpf_get_prandom_u32() }, svc.count);
+            let id = unsafe { LB4_SVC_V1.get(svc.key.with_slot(slot)) }?.backend_id;
+            (id, *unsafe { LB4_BE_V1.get(id) }?)
+        }
     };
-    if svc.flags & svc_flags::AFFINITY != 0 {
-        let _ = LB4_AFF_V1.insert(
-            aff_key,
-            Aff4Value {
-                backend_id: id,
-                _pad: 0,
-                last_used_ns: now,
-            },
-            BPF_ANY as u64,
-        );
+    if affinity {
+        let v = Aff4Value {
+            backend_id: id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        let _ = LB4_AFF_V1.insert(aff_key, v, BPF_ANY as u64);
     }
-    Ok((id, *b))
+    Some((id, b))
 }
 
 /// kube-proxy's masquerade rules (SEMANTICS.md), given the flow's origin.

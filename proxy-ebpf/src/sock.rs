@@ -24,16 +24,16 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, bpf_sock_addr},
     btf_maps::LruHashMap,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::{bpf_get_socket_cookie, bpf_set_retval},
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
-use proxy_common::{
-    Aff4Key, Aff4Value, Backend4, SockKey4, SockXlate4, Svc4Key, counter, proto, scope,
-    select_slot, sock, svc_flags,
-};
+use proxy_common::{Backend4, SockKey4, SockXlate4, counter, proto, sock, svc_flags};
 
-use crate::maps::{LB4_AFF_V1, LB4_BE_V1, LB4_SVC_V1, LB4_VIP_V1, count, node_config};
+use crate::{
+    lb::{lookup_service, select_backend},
+    maps::{LB4_BE_V1, LB4_VIP_V1, count, node_config},
+};
 
 /// (socket cookie, backend address) -> the service address the process asked for.
 #[btf_map]
@@ -81,41 +81,6 @@ pub fn lb_sock_peer4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// The service entry a host process uses: the external entry, or the internal one when the
-/// address has two (externalTrafficPolicy Local: traffic from the node short-circuits to every
-/// endpoint, like kube-proxy).
-#[derive(Clone, Copy)]
-struct Service {
-    key: Svc4Key,
-    count: u16,
-    svc_id: u16,
-    flags: u32,
-    affinity_timeout_s: u32,
-}
-
-#[inline(always)]
-fn lookup_service(addr_be: u32, port_be: u16, proto: u8) -> Option<Service> {
-    let key = Svc4Key::new(addr_be, port_be, proto, 0);
-    // SAFETY: values are copied out immediately.
-    let mut v = *unsafe { LB4_SVC_V1.get(key) }?;
-    let mut key = key;
-    if v.flags & svc_flags::TWO_SCOPES != 0 {
-        let ik = key.with_scope(scope::INTERNAL);
-        // SAFETY: as above.
-        if let Some(iv) = unsafe { LB4_SVC_V1.get(ik) } {
-            v = *iv;
-            key = ik;
-        }
-    }
-    Some(Service {
-        key,
-        count: v.count,
-        svc_id: v.svc_id,
-        flags: v.flags,
-        affinity_timeout_s: v.affinity_timeout_s,
-    })
-}
-
 /// Fails the syscall with `errno` (`bpf_set_retval`, Linux >= 5.18; returning 0 alone gives
 /// EPERM).
 #[inline(always)]
@@ -135,7 +100,8 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     if proto != proto::TCP && proto != proto::UDP {
         return ALLOW;
     }
-    let Some(svc) = lookup_service(addr_be, port_be, proto) else {
+    // Host traffic is internal: externalTrafficPolicy Local short-circuits to every endpoint.
+    let Some(svc) = lookup_service(addr_be, port_be, proto, true) else {
         // A ClusterIP on a port/protocol no service uses: REJECT like kube-proxy.
         // SAFETY: the value is not kept.
         if unsafe { LB4_VIP_V1.get(addr_be) }.is_some() {
@@ -157,7 +123,8 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let fwd_key = SockKey4::new(cookie, addr_be, port_be);
     let (backend_id, b) = match sticky_backend(sendmsg, &fwd_key) {
         Some(x) => x,
-        None => match select_backend(&svc) {
+        // Every host process has the node's address as its client (sessionAffinity).
+        None => match select_backend(&svc, node_config().node_addr_be) {
             Some(x) => x,
             None => {
                 count(counter::DROP_BACKEND_MISSING);
@@ -196,50 +163,6 @@ fn sticky_backend(sendmsg: bool, key: &SockKey4) -> Option<(u32, Backend4)> {
     let f = *unsafe { LB4_FSK_V1.get(key) }?;
     let b = *unsafe { LB4_BE_V1.get(f.backend_id) }?;
     (b.addr_be == f.addr_be && b.port_be == f.port_be).then_some((f.backend_id, b))
-}
-
-/// Uniformly random among the service's slots, or the node's affine backend
-/// (sessionAffinity ClientIP: every host process has the node's address as client).
-#[inline(always)]
-fn select_backend(svc: &Service) -> Option<(u32, Backend4)> {
-    let affinity = svc.flags & svc_flags::AFFINITY != 0;
-    // SAFETY: helpers without memory arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let aff_key = Aff4Key::new(svc.svc_id, node_config().node_addr_be);
-    if affinity
-        && let Some(a) = unsafe { LB4_AFF_V1.get(aff_key) }
-        && now.saturating_sub(a.last_used_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000
-        && let Some(b) = unsafe { LB4_BE_V1.get(a.backend_id) }
-    {
-        let id = a.backend_id;
-        let b = *b;
-        let _ = LB4_AFF_V1.insert(
-            aff_key,
-            Aff4Value {
-                backend_id: id,
-                _pad: 0,
-                last_used_ns: now,
-            },
-            BPF_ANY as u64,
-        );
-        return Some((id, b));
-    }
-    let slot = select_slot(unsafe { bpf_get_prandom_u32() }, svc.count);
-    // SAFETY: values are copied out immediately.
-    let id = unsafe { LB4_SVC_V1.get(svc.key.with_slot(slot)) }?.backend_id;
-    let b = *unsafe { LB4_BE_V1.get(id) }?;
-    if affinity {
-        let _ = LB4_AFF_V1.insert(
-            aff_key,
-            Aff4Value {
-                backend_id: id,
-                _pad: 0,
-                last_used_ns: now,
-            },
-            BPF_ANY as u64,
-        );
-    }
-    Some((id, b))
 }
 
 #[inline(always)]

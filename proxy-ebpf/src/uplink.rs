@@ -42,6 +42,10 @@ fn decapsulate(ctx: &TcContext) -> Result<(), ()> {
         return Ok(());
     }
     let outer_proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| ())?;
+    // Only IPIP and UDP can be encapsulation: don't touch the config map for anything else.
+    if outer_proto != 4 && outer_proto != proto::UDP {
+        return Ok(());
+    }
     let daddr: u32 = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
     let cfg = node_config();
     if cfg.node_addr_be == 0 || daddr != cfg.node_addr_be {

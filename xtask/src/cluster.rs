@@ -650,6 +650,30 @@ impl Cluster {
     }
 }
 
+/// For lab tests: the `ebpf-proxy` binary under test (`EBPF_PROXY_BIN`, as `cargo xtask test`
+/// sets it, else `target/release/ebpf-proxy`). Panics with the fix when not root or when the
+/// binary is missing: lab tests never skip silently.
+pub fn test_binary() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "lab tests need root (network namespaces, veth, BPF, cgroups): run `cargo xtask \
+             test` as root"
+        );
+    }
+    let p = std::env::var_os("EBPF_PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/ebpf-proxy")
+        });
+    assert!(
+        p.is_file(),
+        "{} not found: build it first (cargo xtask build) or set EBPF_PROXY_BIN",
+        p.display()
+    );
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

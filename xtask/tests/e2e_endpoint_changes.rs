@@ -23,23 +23,7 @@ use xtask::{
 const BOUND: Duration = Duration::from_secs(2);
 
 fn bin() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        panic!(
-            "lab tests need root (network namespaces, veth, BPF): run `cargo xtask test` as root"
-        );
-    }
-    let p = std::env::var_os("EBPF_PROXY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/ebpf-proxy")
-        });
-    assert!(
-        p.is_file(),
-        "{} not found: build it first (cargo xtask build) or set EBPF_PROXY_BIN",
-        p.display()
-    );
-    p
+    xtask::cluster::test_binary()
 }
 
 fn up() -> (Cluster, Vec<Endpoint>) {
