@@ -449,6 +449,10 @@ mod tests {
                         tokio::io::copy(&mut rd, &mut wr),
                     )
                     .await;
+                    // Hang up with a FIN, then drain: closing with unread data would send an
+                    // RST instead, and the client would see "reset" rather than "closed".
+                    let _ = wr.shutdown().await;
+                    let _ = tokio::io::copy(&mut rd, &mut tokio::io::sink()).await;
                 });
             }
         });
