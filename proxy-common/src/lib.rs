@@ -7,17 +7,18 @@
 //! new agent never silently reuses a pinned map with an old layout.
 #![no_std]
 
+pub mod crc32c;
 pub mod csum;
 
 /// Map names (kernel object names are truncated at 15 characters).
 pub mod maps {
     /// Services: `Svc4Key` -> `Svc4Value`. Slot 0 is the service entry, slots 1..=count
     /// hold backend IDs.
-    pub const SVC4: &str = "LB4_SVC_V1";
+    pub const SVC4: &str = "LB4_SVC_V2";
     /// Backends: backend ID (`u32`) -> `Backend4`.
     pub const BACKEND4: &str = "LB4_BE_V1";
     /// Connection tracking (LRU): `Ct4Key` -> `Ct4Value`.
-    pub const CT4: &str = "CT4_V1";
+    pub const CT4: &str = "CT4_V2";
     /// Per-CPU verdict counters indexed by `counter::*`.
     pub const COUNTERS: &str = "CNT_V1";
     /// Per-node configuration: index 0 -> `NodeConfig`.
@@ -26,18 +27,42 @@ pub mod maps {
     /// service uses is rejected, not passed.
     pub const VIP4: &str = "LB4_VIP_V1";
     /// loadBalancerSourceRanges (LPM trie): `SrcRange4Key` -> `u8` (1 = allowed).
-    pub const SRC_RANGE4: &str = "LB4_SRC_V1";
+    pub const SRC_RANGE4: &str = "LB4_SRC_V2";
     /// sessionAffinity ClientIP (LRU): `Aff4Key` -> `Aff4Value`.
-    pub const AFFINITY4: &str = "LB4_AFF_V1";
+    pub const AFFINITY4: &str = "LB4_AFF_V2";
     /// Socket-level balancing, reverse (LRU): `SockKey4` (socket cookie, backend) ->
     /// `SockXlate4` (the service address the process asked for).
-    pub const SOCK_REV4: &str = "LB4_RSK_V1";
+    pub const SOCK_REV4: &str = "LB4_RSK_V2";
     /// Socket-level balancing, forward (LRU): `SockKey4` (socket cookie, service address) ->
     /// `SockXlate4` (the backend an unconnected UDP socket keeps using).
-    pub const SOCK_FWD4: &str = "LB4_FSK_V1";
+    pub const SOCK_FWD4: &str = "LB4_FSK_V2";
+    /// Per-service packet counters (per-CPU array indexed by service ID): `SvcCounter`.
+    pub const SVC_COUNTERS: &str = "LB4_SCNT_V1";
     /// Every map the agent pins, in the order `ebpf-proxy inspect` shows them.
-    pub const ALL: [&str; 10] = [
-        SVC4, BACKEND4, CT4, COUNTERS, CONFIG, VIP4, SRC_RANGE4, AFFINITY4, SOCK_REV4, SOCK_FWD4,
+    pub const ALL: [&str; 11] = [
+        SVC4,
+        BACKEND4,
+        CT4,
+        COUNTERS,
+        CONFIG,
+        VIP4,
+        SRC_RANGE4,
+        AFFINITY4,
+        SOCK_REV4,
+        SOCK_FWD4,
+        SVC_COUNTERS,
+    ];
+    /// Names earlier versions pinned (layouts this agent cannot read: `svc_id` was 16-bit).
+    /// The agent reports them and removes them once its own programs are attached;
+    /// `ebpf-proxy cleanup` removes them too.
+    pub const RETIRED: [&str; 7] = [
+        "LB4_SVC_V1",
+        "CT4_V1",
+        "LB4_SRC_V1",
+        "LB4_AFF_V1",
+        "LB4_RSK_V1",
+        "LB4_FSK_V1",
+        "CFG_V1",
     ];
 }
 
@@ -50,6 +75,9 @@ pub mod programs {
     /// tc ingress on the node's uplink(s): traffic from outside the node (NodePort, LB IPs,
     /// externalIPs, IPIP/GUE-wrapped DSR traffic, replies of masqueraded flows).
     pub const UPLINK_INGRESS: &str = "lb_up_in";
+    /// XDP on the node's uplink(s), before `lb_up_in`: IPIP/GUE decapsulation and the
+    /// established-flow DNAT fast path; everything else passes to tc untouched.
+    pub const UPLINK_XDP: &str = "lb_up_xdp";
 }
 
 /// GUE (Katran style) UDP destination port of encapsulated service traffic.
@@ -63,6 +91,8 @@ pub mod sizes {
     pub const VIP4: u32 = 16_384;
     pub const SRC_RANGE4: u32 = 16_384;
     pub const AFFINITY4: u32 = 65_536;
+    /// Entries of the per-service counter map; service IDs stay below it.
+    pub const SVC_IDS: u32 = 65_536;
 }
 
 /// IP protocol numbers as they appear in the IPv4 header.
@@ -113,10 +143,19 @@ pub mod counter {
     pub const ICMP_ERROR_XLATED: u32 = 17;
     /// Socket-level (cgroup hook) translation of a host process's connect/sendmsg.
     pub const SOCK_XLATE: u32 = 18;
+    /// XDP on the uplink: forward packet of a tracked flow DNATed there (never reaches the
+    /// tc pipeline's translation; tc counts nothing for it).
+    pub const XDP_FWD_ESTABLISHED: u32 = 19;
+    /// XDP on the uplink: IPIP/GUE packet for this node decapsulated.
+    pub const XDP_DECAP: u32 = 20;
+    /// XDP on the uplink: a tracked flow's packet left to tc because its L4 checksum field
+    /// holds only the pseudo-header sum (a CHECKSUM_PARTIAL skb, e.g. from a veth peer):
+    /// XDP cannot see `ip_summed`, the tc helpers handle it.
+    pub const XDP_PASS_PARTIAL_CSUM: u32 = 21;
     pub const MAX: u32 = 32;
 
     /// Human names for `inspect` and metrics, indexed by counter.
-    pub const NAMES: [&str; 19] = [
+    pub const NAMES: [&str; 22] = [
         "forward_new",
         "forward_established",
         "reply_reverse_nat",
@@ -136,8 +175,21 @@ pub mod counter {
         "masquerade",
         "icmp_error_translated",
         "socket_translated",
+        "xdp_forward_established",
+        "xdp_decapsulated",
+        "xdp_pass_partial_checksum",
     ];
 }
+
+/// Value of the per-service counter map (`maps::SVC_COUNTERS`), one per CPU: forward packets
+/// the datapath translated for the service and their bytes (L3 length as received).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<SvcCounter>() == 16);
 
 /// Service-map key. `slot == 0` addresses the service entry; `1..=count` its backends.
 #[repr(C)]
@@ -202,12 +254,15 @@ pub mod svc_flags {
     pub const ITP_LOCAL: u32 = 1 << 5;
     /// sessionAffinity: ClientIP (timeout in `Svc4Value::affinity_timeout_s`).
     pub const AFFINITY: u32 = 1 << 6;
-    /// loadBalancerSourceRanges apply: the source must match `LB4_SRC_V1` for this svc_id.
+    /// loadBalancerSourceRanges apply: the source must match `LB4_SRC_V2` for this svc_id.
     pub const SOURCE_RANGES: u32 = 1 << 7;
     /// `count == 0` because a Local policy left no local endpoint: DROP, not REJECT.
     pub const DROP_IF_EMPTY: u32 = 1 << 8;
     /// An `INTERNAL` scope entry exists for this address (see `scope`).
     pub const TWO_SCOPES: u32 = 1 << 9;
+    /// No ready endpoint: the slots hold serving+terminating ones, so session affinity to a
+    /// `backend_flags::TERMINATING` backend is fine.
+    pub const TERMINATING_FALLBACK: u32 = 1 << 10;
     /// Any of the "external destination" kinds (masquerade rules differ from ClusterIP).
     pub const EXTERNAL_KINDS: u32 = NODE_PORT | EXTERNAL_IP | LOAD_BALANCER;
 }
@@ -226,23 +281,21 @@ pub struct VipValue {
 const _: () = assert!(core::mem::size_of::<VipValue>() == 4);
 
 /// LPM key of the source-range map. The first 32 bits of data (svc_id and padding) always
-/// match fully, so `prefixlen = 32 + range prefix length`.
+/// match fully (the service ID), so `prefixlen = 32 + range prefix length`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SrcRange4Key {
     pub prefixlen: u32,
-    pub svc_id_be: u16,
-    pub _pad: u16,
+    pub svc_id_be: u32,
     pub addr_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<SrcRange4Key>() == 12);
 
 impl SrcRange4Key {
-    pub const fn new(svc_id: u16, addr_be: u32, prefix: u8) -> Self {
+    pub const fn new(svc_id: u32, addr_be: u32, prefix: u8) -> Self {
         Self {
             prefixlen: 32 + prefix as u32,
             svc_id_be: svc_id.to_be(),
-            _pad: 0,
             addr_be,
         }
     }
@@ -250,7 +303,6 @@ impl SrcRange4Key {
     pub const fn data(&self) -> SrcRange4Data {
         SrcRange4Data {
             svc_id_be: self.svc_id_be,
-            _pad: 0,
             addr_be: self.addr_be,
         }
     }
@@ -260,17 +312,15 @@ impl SrcRange4Key {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SrcRange4Data {
-    pub svc_id_be: u16,
-    pub _pad: u16,
+    pub svc_id_be: u32,
     pub addr_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<SrcRange4Data>() == 8);
 
 impl SrcRange4Data {
-    pub const fn new(svc_id: u16, addr_be: u32) -> Self {
+    pub const fn new(svc_id: u32, addr_be: u32) -> Self {
         Self {
             svc_id_be: svc_id.to_be(),
-            _pad: 0,
             addr_be,
         }
     }
@@ -280,19 +330,14 @@ impl SrcRange4Data {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Aff4Key {
-    pub svc_id: u16,
-    pub _pad: u16,
+    pub svc_id: u32,
     pub client_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<Aff4Key>() == 8);
 
 impl Aff4Key {
-    pub const fn new(svc_id: u16, client_be: u32) -> Self {
-        Self {
-            svc_id,
-            _pad: 0,
-            client_be,
-        }
+    pub const fn new(svc_id: u32, client_be: u32) -> Self {
+        Self { svc_id, client_be }
     }
 }
 
@@ -313,19 +358,22 @@ const _: () = assert!(core::mem::size_of::<Aff4Value>() == 16);
 pub struct Svc4Value {
     pub backend_id: u32,
     pub count: u16,
-    /// Stable per-service ID (for counters, affinity and source ranges).
-    pub svc_id: u16,
+    pub _pad: u16,
+    /// Stable per-service ID (for counters, affinity and source ranges); 32-bit so more than
+    /// 65,535 service ports fit.
+    pub svc_id: u32,
     pub flags: u32,
     /// sessionAffinity timeout (slot 0 with `svc_flags::AFFINITY`).
     pub affinity_timeout_s: u32,
 }
-const _: () = assert!(core::mem::size_of::<Svc4Value>() == 16);
+const _: () = assert!(core::mem::size_of::<Svc4Value>() == 20);
 
 impl Svc4Value {
-    pub const fn service(count: u16, svc_id: u16, flags: u32) -> Self {
+    pub const fn service(count: u16, svc_id: u32, flags: u32) -> Self {
         Self {
             backend_id: 0,
             count,
+            _pad: 0,
             svc_id,
             flags,
             affinity_timeout_s: 0,
@@ -335,10 +383,11 @@ impl Svc4Value {
         self.affinity_timeout_s = timeout_s;
         self
     }
-    pub const fn slot(backend_id: u32, svc_id: u16) -> Self {
+    pub const fn slot(backend_id: u32, svc_id: u32) -> Self {
         Self {
             backend_id,
             count: 0,
+            _pad: 0,
             svc_id,
             flags: 0,
             affinity_timeout_s: 0,
@@ -353,10 +402,18 @@ pub struct Backend4 {
     pub addr_be: u32,
     pub port_be: u16,
     pub proto: u8,
-    /// Reserved for backend state (e.g. terminating, local).
+    /// `backend_flags`.
     pub flags: u8,
 }
 const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
+
+/// `Backend4::flags`.
+pub mod backend_flags {
+    /// The endpoint is terminating (serving, being deleted). It stays in the backend map so
+    /// established flows continue; session affinity must not send new flows to it unless the
+    /// service has nothing else (`svc_flags::TERMINATING_FALLBACK`).
+    pub const TERMINATING: u8 = 1 << 0;
+}
 
 impl Backend4 {
     pub const fn new(addr_be: u32, port_be: u16, proto: u8) -> Self {
@@ -366,6 +423,10 @@ impl Backend4 {
             proto,
             flags: 0,
         }
+    }
+    pub const fn with_flags(mut self, flags: u8) -> Self {
+        self.flags = flags;
+        self
     }
 }
 
@@ -444,8 +505,8 @@ pub struct Ct4Value {
     /// removed backend never keeps receiving a flow.
     pub backend_id: u32,
     pub flags: u16,
-    pub svc_id: u16,
-    pub _reserved: u32,
+    pub _pad: u16,
+    pub svc_id: u32,
     /// `bpf_ktime_get_ns()` of the last packet.
     pub last_seen_ns: u64,
 }
@@ -507,6 +568,7 @@ mod pod_impls {
     unsafe impl aya::Pod for SrcRange4Data {}
     unsafe impl aya::Pod for Aff4Key {}
     unsafe impl aya::Pod for Aff4Value {}
+    unsafe impl aya::Pod for SvcCounter {}
 }
 
 #[cfg(test)]
@@ -530,6 +592,40 @@ mod tests {
         let k = Ct4Key::new(1, 2, 3, 4, proto::TCP);
         assert_eq!(k.reversed(), Ct4Key::new(2, 1, 4, 3, proto::TCP));
         assert_eq!(k.reversed().reversed(), k);
+    }
+
+    #[test]
+    fn service_ids_are_32_bit_in_every_type_that_carries_one() {
+        use core::mem::{offset_of, size_of};
+        let id = 70_000u32;
+        assert_eq!(Svc4Value::service(3, id, 0).svc_id, id);
+        assert_eq!(Svc4Value::slot(9, id).svc_id, id);
+        assert_eq!(Aff4Key::new(id, 1).svc_id, id);
+        assert_eq!(u32::from_be(SrcRange4Key::new(id, 1, 8).svc_id_be), id);
+        assert_eq!(u32::from_be(SrcRange4Data::new(id, 1).svc_id_be), id);
+        assert_eq!(SockXlate4::new(1, 2, id, 3).svc_id, id);
+        // Field offsets are the ABI the eBPF side and bpftool read.
+        assert_eq!(offset_of!(Svc4Value, svc_id), 8);
+        assert_eq!(offset_of!(Svc4Value, flags), 12);
+        assert_eq!(offset_of!(Svc4Value, affinity_timeout_s), 16);
+        assert_eq!(offset_of!(Ct4Value, svc_id), 20);
+        assert_eq!(offset_of!(Ct4Value, last_seen_ns), 24);
+        assert_eq!(offset_of!(SrcRange4Key, addr_be), 8);
+        assert_eq!(offset_of!(SockXlate4, svc_id), 8);
+        assert_eq!(size_of::<SvcCounter>(), 16);
+        // LPM data: the 32-bit ID is the fully matched prefix part.
+        assert_eq!(SrcRange4Key::new(id, 0, 24).prefixlen, 56);
+        assert_eq!(
+            SrcRange4Key::new(id, 5, 24).data(),
+            SrcRange4Data::new(id, 5)
+        );
+    }
+
+    #[test]
+    fn retired_map_names_are_not_reused() {
+        for r in maps::RETIRED {
+            assert!(!maps::ALL.contains(&r), "{r} is both current and retired");
+        }
     }
 
     #[test]
@@ -584,20 +680,20 @@ impl SockKey4 {
 pub struct SockXlate4 {
     pub addr_be: u32,
     pub port_be: u16,
-    pub svc_id: u16,
+    pub _pad: u16,
+    pub svc_id: u32,
     pub backend_id: u32,
-    pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<SockXlate4>() == 16);
 
 impl SockXlate4 {
-    pub const fn new(addr_be: u32, port_be: u16, svc_id: u16, backend_id: u32) -> Self {
+    pub const fn new(addr_be: u32, port_be: u16, svc_id: u32, backend_id: u32) -> Self {
         Self {
             addr_be,
             port_be,
+            _pad: 0,
             svc_id,
             backend_id,
-            _pad: 0,
         }
     }
 }

@@ -13,7 +13,7 @@ use proxy_common::{Ct4Key, Ct4Value, counter, csum, ct_flags, proto};
 
 use crate::{
     fib,
-    maps::{CT4_V1, count},
+    maps::{CT4_V2, count},
     parse::{ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
 };
 
@@ -70,7 +70,9 @@ fn try_translate(ctx: &TcContext) -> Result<Option<i32>, Failed> {
         return Ok(None);
     }
     let iproto: u8 = load(ctx, inner + 9)?;
-    if iproto != proto::TCP && iproto != proto::UDP {
+    // SCTP's quoted CRC is left as is: receivers match errors by verification tag, never
+    // check the quoted checksum.
+    if iproto != proto::TCP && iproto != proto::UDP && iproto != proto::SCTP {
         return Ok(None);
     }
     let il4 = inner + ihl;
@@ -82,7 +84,7 @@ fn try_translate(ctx: &TcContext) -> Result<Option<i32>, Failed> {
     let idport: u16 = load(ctx, il4 + 2)?;
     let key = Ct4Key::new(idaddr, isaddr, idport, isport, iproto);
     // SAFETY: copied out immediately.
-    let Some(e) = (unsafe { CT4_V1.get(key) }).copied() else {
+    let Some(e) = (unsafe { CT4_V2.get(key) }).copied() else {
         return Ok(None);
     };
 

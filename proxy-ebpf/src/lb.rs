@@ -12,17 +12,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, NodeConfig, Svc4Key, cfg_flags, counter,
-    ct_flags, scope, select_slot, svc_flags,
+    Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, NodeConfig, Svc4Key, backend_flags, cfg_flags,
+    counter, ct_flags, scope, select_slot, svc_flags,
 };
 
 use crate::{
     fib, icmp,
     maps::{
-        CT4_V1, LB4_AFF_V1, LB4_BE_V1, LB4_SVC_V1, LB4_VIP_V1, count, node_config, source_allowed,
+        CT4_V2, LB4_AFF_V2, LB4_BE_V1, LB4_SVC_V2, LB4_VIP_V1, count, count_service, node_config,
+        source_allowed,
     },
     nat,
-    parse::{Packet, parse_ipv4},
+    parse::{ETH_HLEN, Packet, parse_ipv4},
     reject,
 };
 
@@ -50,11 +51,11 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
         }
         if validate_flow(&entry) {
             count(counter::FWD_ESTABLISHED);
-            return translate(ctx, &p, &entry);
+            return translate_counted(ctx, &p, &entry);
         }
         // The flow's backend is gone: forget the flow and balance it again below, so a
         // removed endpoint never keeps receiving (UDP flows included).
-        let _ = CT4_V1.remove(key);
+        let _ = CT4_V2.remove(key);
         count(counter::REBALANCED);
     }
     if !balance {
@@ -86,7 +87,16 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
     let cfg = node_config();
     let entry = ct_create(&p, &key, backend_id, &backend, &svc, origin, &cfg)?;
     count(counter::FWD_NEW);
-    translate(ctx, &p, &entry)
+    translate_counted(ctx, &p, &entry)
+}
+
+/// `translate` for a forward packet, counted for its service when the rewrite succeeded.
+#[inline(always)]
+fn translate_counted(ctx: &TcContext, p: &Packet, entry: &Ct4Value) -> Result<i32, i32> {
+    let rc = translate(ctx, p, entry)?;
+    // L3 bytes: the frame minus its Ethernet header (NAT does not change the length).
+    count_service(entry.svc_id, ctx.len().saturating_sub(ETH_HLEN as u32));
+    Ok(rc)
 }
 
 #[inline(always)]
@@ -99,8 +109,8 @@ fn reject_now(ctx: &TcContext, p: &Packet) -> Result<i32, i32> {
 }
 
 #[inline(always)]
-fn ct_lookup(key: &Ct4Key) -> Option<Ct4Value> {
-    let ptr = CT4_V1.get_ptr_mut(key)?;
+pub fn ct_lookup(key: &Ct4Key) -> Option<Ct4Value> {
+    let ptr = CT4_V2.get_ptr_mut(key)?;
     // SAFETY: a valid map value pointer; a racing writer can at worst leave a stale
     // timestamp, which only matters for idle expiry.
     unsafe {
@@ -111,7 +121,7 @@ fn ct_lookup(key: &Ct4Key) -> Option<Ct4Value> {
 
 /// A forward entry is valid while its backend ID still resolves to the same backend.
 #[inline(always)]
-fn validate_flow(entry: &Ct4Value) -> bool {
+pub fn validate_flow(entry: &Ct4Value) -> bool {
     // SAFETY: the value is copied out immediately.
     match unsafe { LB4_BE_V1.get(entry.backend_id) } {
         Some(b) => b.addr_be == entry.dst_addr_be && b.port_be == entry.dst_port_be,
@@ -123,9 +133,9 @@ fn validate_flow(entry: &Ct4Value) -> bool {
 pub struct Service {
     pub key: Svc4Key,
     /// The external entry's svc_id: loadBalancerSourceRanges are keyed by it.
-    pub ranges_id: u16,
+    pub ranges_id: u32,
     pub count: u16,
-    pub svc_id: u16,
+    pub svc_id: u32,
     pub flags: u32,
     pub affinity_timeout_s: u32,
 }
@@ -136,12 +146,12 @@ pub struct Service {
 pub fn lookup_service(addr_be: u32, port_be: u16, proto: u8, internal: bool) -> Option<Service> {
     let key = Svc4Key::new(addr_be, port_be, proto, 0);
     // SAFETY: values are copied out immediately.
-    let mut v = *unsafe { LB4_SVC_V1.get(key) }?;
+    let mut v = *unsafe { LB4_SVC_V2.get(key) }?;
     let mut key = key;
     let ranges_id = v.svc_id;
     if internal && v.flags & svc_flags::TWO_SCOPES != 0 {
         let ik = key.with_scope(scope::INTERNAL);
-        if let Some(iv) = unsafe { LB4_SVC_V1.get(ik) } {
+        if let Some(iv) = unsafe { LB4_SVC_V2.get(ik) } {
             // The internal view keeps the external entry's policy flags: source ranges apply
             // from pods too, and externalTrafficPolicy Local still means "not masqueraded".
             let flags = v.flags;
@@ -169,10 +179,15 @@ pub fn select_backend(svc: &Service, client_be: u32) -> Option<(u32, Backend4)> 
     let now = unsafe { bpf_ktime_get_ns() };
     let aff_key = Aff4Key::new(svc.svc_id, client_be);
     // SAFETY: map values are copied out immediately.
+    // A terminating backend stays in the backend map for its established flows; affinity must
+    // not keep sending new ones to it unless the service has nothing but terminating
+    // endpoints left (then it is as good as any, and stickiness is kept).
+    let terminating_ok = svc.flags & svc_flags::TERMINATING_FALLBACK != 0;
     let affine = if affinity
-        && let Some(a) = unsafe { LB4_AFF_V1.get(aff_key) }
+        && let Some(a) = unsafe { LB4_AFF_V2.get(aff_key) }
         && now.saturating_sub(a.last_used_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000
         && let Some(b) = unsafe { LB4_BE_V1.get(a.backend_id) }
+        && (terminating_ok || b.flags & backend_flags::TERMINATING == 0)
     {
         Some((a.backend_id, *b))
     } else {
@@ -182,7 +197,7 @@ pub fn select_backend(svc: &Service, client_be: u32) -> Option<(u32, Backend4)> 
         Some(x) => x,
         None => {
             let slot = select_slot(unsafe { bpf_get_prandom_u32() }, svc.count);
-            let id = unsafe { LB4_SVC_V1.get(svc.key.with_slot(slot)) }?.backend_id;
+            let id = unsafe { LB4_SVC_V2.get(svc.key.with_slot(slot)) }?.backend_id;
             (id, *unsafe { LB4_BE_V1.get(id) }?)
         }
     };
@@ -192,7 +207,7 @@ pub fn select_backend(svc: &Service, client_be: u32) -> Option<(u32, Backend4)> 
             _pad: 0,
             last_used_ns: now,
         };
-        let _ = LB4_AFF_V1.insert(aff_key, v, BPF_ANY as u64);
+        let _ = LB4_AFF_V2.insert(aff_key, v, BPF_ANY as u64);
     }
     Some((id, b))
 }
@@ -292,10 +307,10 @@ fn ct_create(
                 port.to_be(),
                 key.proto,
             );
-            if CT4_V1.insert(rev_key, rev, BPF_NOEXIST as u64).is_ok() {
+            if CT4_V2.insert(rev_key, rev, BPF_NOEXIST as u64).is_ok() {
                 fwd.src_port_be = port.to_be();
-                if CT4_V1.insert(*key, fwd, BPF_ANY as u64).is_err() {
-                    let _ = CT4_V1.remove(rev_key);
+                if CT4_V2.insert(*key, fwd, BPF_ANY as u64).is_err() {
+                    let _ = CT4_V2.remove(rev_key);
                     count(counter::DROP_CT_FULL);
                     return Err(TC_ACT_SHOT);
                 }
@@ -317,8 +332,8 @@ fn ct_insert(
     rev_key: &Ct4Key,
     rev: &Ct4Value,
 ) -> Result<Ct4Value, i32> {
-    if CT4_V1.insert(rev_key, rev, BPF_ANY as u64).is_err()
-        || CT4_V1.insert(key, fwd, BPF_ANY as u64).is_err()
+    if CT4_V2.insert(rev_key, rev, BPF_ANY as u64).is_err()
+        || CT4_V2.insert(key, fwd, BPF_ANY as u64).is_err()
     {
         count(counter::DROP_CT_FULL);
         return Err(TC_ACT_SHOT);

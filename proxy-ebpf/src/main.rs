@@ -14,6 +14,7 @@ mod pod;
 mod reject;
 mod sock;
 mod uplink;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -6,17 +6,17 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, NodeConfig, SrcRange4Data, Svc4Key, Svc4Value,
-    VipValue, counter, sizes,
+    SvcCounter, VipValue, counter, sizes,
 };
 
 #[btf_map]
-pub static LB4_SVC_V1: HashMap<Svc4Key, Svc4Value, { sizes::SVC4 as usize }> = HashMap::new();
+pub static LB4_SVC_V2: HashMap<Svc4Key, Svc4Value, { sizes::SVC4 as usize }> = HashMap::new();
 
 #[btf_map]
 pub static LB4_BE_V1: HashMap<u32, Backend4, { sizes::BACKEND4 as usize }> = HashMap::new();
 
 #[btf_map]
-pub static CT4_V1: LruHashMap<Ct4Key, Ct4Value, { sizes::CT4 as usize }> = LruHashMap::new();
+pub static CT4_V2: LruHashMap<Ct4Key, Ct4Value, { sizes::CT4 as usize }> = LruHashMap::new();
 
 #[btf_map]
 pub static CNT_V1: PerCpuArray<u64, { counter::MAX as usize }> = PerCpuArray::new();
@@ -28,11 +28,27 @@ pub static CFG_V2: Array<NodeConfig, 1> = Array::new();
 pub static LB4_VIP_V1: HashMap<u32, VipValue, { sizes::VIP4 as usize }> = HashMap::new();
 
 #[btf_map]
-pub static LB4_SRC_V1: LpmTrie<SrcRange4Data, u8, { sizes::SRC_RANGE4 as usize }> = LpmTrie::new();
+pub static LB4_SRC_V2: LpmTrie<SrcRange4Data, u8, { sizes::SRC_RANGE4 as usize }> = LpmTrie::new();
 
 #[btf_map]
-pub static LB4_AFF_V1: LruHashMap<Aff4Key, Aff4Value, { sizes::AFFINITY4 as usize }> =
+pub static LB4_AFF_V2: LruHashMap<Aff4Key, Aff4Value, { sizes::AFFINITY4 as usize }> =
     LruHashMap::new();
+
+#[btf_map]
+pub static LB4_SCNT_V1: PerCpuArray<SvcCounter, { sizes::SVC_IDS as usize }> = PerCpuArray::new();
+
+/// Counts one translated forward packet of `bytes` (L3 length) for service `svc_id`. IDs past
+/// the map's size (the agent never allocates them) are not counted.
+#[inline(always)]
+pub fn count_service(svc_id: u32, bytes: u32) {
+    if let Some(c) = LB4_SCNT_V1.get_ptr_mut(svc_id) {
+        // SAFETY: a per-CPU slot that only this CPU writes.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes as u64;
+        }
+    }
+}
 
 /// Counts one verdict. Per-CPU, so no atomics; the agent sums at read time.
 #[inline(always)]
@@ -53,7 +69,7 @@ pub fn node_config() -> NodeConfig {
 
 /// Whether `src` is allowed by the service's loadBalancerSourceRanges.
 #[inline(always)]
-pub fn source_allowed(svc_id: u16, src_be: u32) -> bool {
+pub fn source_allowed(svc_id: u32, src_be: u32) -> bool {
     let key = Key::new(64, SrcRange4Data::new(svc_id, src_be));
-    LB4_SRC_V1.get(&key).is_some()
+    LB4_SRC_V2.get(&key).is_some()
 }

@@ -1,11 +1,12 @@
 //! Packet rewrites with kernel checksum helpers. The helpers (unlike hand-rolled incremental
 //! updates) handle CHECKSUM_PARTIAL skbs from veth correctly, and leave a zero UDP checksum
-//! zero (BPF_F_MARK_MANGLED_0).
+//! zero (BPF_F_MARK_MANGLED_0). SCTP has no pseudo-header: addresses leave its CRC32c alone,
+//! and a port rewrite updates it incrementally (`proxy_common::crc32c`).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use proxy_common::{Ct4Value, ct_flags, proto};
+use proxy_common::{Ct4Value, crc32c, ct_flags, proto};
 
 use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet};
 
@@ -34,6 +35,9 @@ fn set_addr(
     ctx.store(off, &new, 0).map_err(|_| RewriteFailed)?;
     ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)
         .map_err(|_| RewriteFailed)?;
+    if p.proto == proto::SCTP {
+        return Ok(());
+    }
     ctx.l4_csum_replace(
         p.l4_csum_off(),
         old as u64,
@@ -55,7 +59,48 @@ fn set_port(
         return Ok(());
     }
     ctx.store(off, &new, 0).map_err(|_| RewriteFailed)?;
+    if p.proto == proto::SCTP {
+        // The CRC is fixed once for both ports in `apply`.
+        return Ok(());
+    }
     ctx.l4_csum_replace(p.l4_csum_off(), old as u64, new as u64, l4_flags(p, 2))
+        .map_err(|_| RewriteFailed)
+}
+
+/// The SCTP checksum after the ports changed from `old` to `new` (wire order). Not inlined:
+/// one copy of the GF(2) arithmetic per program keeps the programs small and their
+/// verification cheap.
+#[inline(never)]
+fn sctp_crc(crc: u32, old: u32, new: u32, len: u16) -> u32 {
+    crc32c::update_first4(crc, old.to_ne_bytes(), new.to_ne_bytes(), len)
+}
+
+#[inline(always)]
+fn fix_sctp_crc(ctx: &TcContext, p: &Packet, v: &Ct4Value) -> Result<(), RewriteFailed> {
+    let (mut sport, mut dport) = (p.sport_be, p.dport_be);
+    if v.flags & ct_flags::SNAT != 0 {
+        sport = v.src_port_be;
+    }
+    if v.flags & ct_flags::DNAT != 0 {
+        dport = v.dst_port_be;
+    }
+    if (sport, dport) == (p.sport_be, p.dport_be) {
+        return Ok(());
+    }
+    // Ports as they sit on the wire: the first four bytes of the common header.
+    let join = |a: u16, b: u16| {
+        let (a, b) = (a.to_ne_bytes(), b.to_ne_bytes());
+        u32::from_ne_bytes([a[0], a[1], b[0], b[1]])
+    };
+    let field = p.l4_off + 8;
+    let crc = u32::from_le_bytes(ctx.load::<[u8; 4]>(field).map_err(|_| RewriteFailed)?);
+    let new = sctp_crc(
+        crc,
+        join(p.sport_be, p.dport_be),
+        join(sport, dport),
+        p.l4_len,
+    );
+    ctx.store(field, &new.to_le_bytes(), 0)
         .map_err(|_| RewriteFailed)
 }
 
@@ -69,6 +114,9 @@ pub fn apply(ctx: &TcContext, p: &Packet, v: &Ct4Value) -> Result<(), RewriteFai
     if v.flags & ct_flags::DNAT != 0 {
         set_addr(ctx, p, IP_DADDR_OFF, p.daddr_be, v.dst_addr_be)?;
         set_port(ctx, p, p.l4_off + 2, p.dport_be, v.dst_port_be)?;
+    }
+    if p.proto == proto::SCTP {
+        fix_sctp_crc(ctx, p, v)?;
     }
     Ok(())
 }

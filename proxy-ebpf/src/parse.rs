@@ -12,7 +12,7 @@ pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
 pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 
-/// An IPv4 TCP/UDP packet's tuple and where its L4 header lives.
+/// An IPv4 TCP/UDP/SCTP packet's tuple and where its L4 header lives.
 #[derive(Clone, Copy)]
 pub struct Packet {
     pub saddr_be: u32,
@@ -22,6 +22,9 @@ pub struct Packet {
     pub proto: u8,
     /// Offset of the L4 header (the IPv4 header length comes from IHL).
     pub l4_off: usize,
+    /// Bytes from the L4 header to the end of the IPv4 datagram (not of the frame, which may
+    /// carry Ethernet padding): the length the SCTP checksum covers.
+    pub l4_len: u16,
 }
 
 impl Packet {
@@ -36,7 +39,7 @@ impl Packet {
     }
 }
 
-/// Parses Ethernet + IPv4 + TCP/UDP. `None` means "not ours, pass it untouched".
+/// Parses Ethernet + IPv4 + TCP/UDP/SCTP. `None` means "not ours, pass it untouched".
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet> {
     let ethertype: u16 = ctx.load(12).ok()?;
@@ -56,7 +59,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
-    if proto != proto::TCP && proto != proto::UDP {
+    if proto != proto::TCP && proto != proto::UDP && proto != proto::SCTP {
         return None;
     }
     let frag_be: u16 = ctx.load(ETH_HLEN + 6).ok()?;
@@ -76,12 +79,22 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet> {
         return None;
     };
     // The checksum field must be inside the packet before we promise to rewrite it.
-    let csum_end = if proto == proto::TCP {
-        l4_off + 18
-    } else {
-        l4_off + 8
+    let csum_end = match proto {
+        proto::TCP => l4_off + 18,
+        proto::SCTP => l4_off + 12,
+        _ => l4_off + 8,
     };
-    if (ctx.len() as usize) < csum_end {
+    let Ok(tot_len_be) = ctx.load::<u16>(ETH_HLEN + 2) else {
+        count(counter::PASS_MALFORMED);
+        return None;
+    };
+    let frame_end = ctx.len() as usize;
+    // IPv4 BIG TCP super-packets carry a zero total length: they end with the frame.
+    let ip_end = match u16::from_be(tot_len_be) as usize {
+        0 => frame_end,
+        n => (ETH_HLEN + n).min(frame_end),
+    };
+    if frame_end < csum_end || ip_end < csum_end {
         count(counter::PASS_MALFORMED);
         return None;
     }
@@ -92,5 +105,6 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet> {
         dport_be,
         proto,
         l4_off,
+        l4_len: (ip_end - l4_off) as u16,
     })
 }

@@ -7,14 +7,14 @@
 //!
 //! ```text
 //! connect(VIP:port)  --lb_sock_conn4-->  lookup_service -> select_backend -> user_ip4/port :=
-//! sendto(VIP:port)   --lb_sock_send4-->  backend; remember (cookie, backend) -> VIP (LB4_RSK_V1)
-//! recvfrom()         --lb_sock_recv4-->  source backend -> VIP   (via LB4_RSK_V1)
-//! getpeername()      --lb_sock_peer4-->  peer backend   -> VIP   (via LB4_RSK_V1)
+//! sendto(VIP:port)   --lb_sock_send4-->  backend; remember (cookie, backend) -> VIP (LB4_RSK_V2)
+//! recvfrom()         --lb_sock_recv4-->  source backend -> VIP   (via LB4_RSK_V2)
+//! getpeername()      --lb_sock_peer4-->  peer backend   -> VIP   (via LB4_RSK_V2)
 //! ```
 //!
 //! No per-packet NAT and no conntrack entry: the socket itself talks to the backend, so the
 //! backend sees the node's address (what kube-proxy's masquerade would give it anyway).
-//! Unconnected UDP keeps its backend per (socket, service) in LB4_FSK_V1 while that backend
+//! Unconnected UDP keeps its backend per (socket, service) in LB4_FSK_V2 while that backend
 //! exists, like a conntrack flow of a fixed 5-tuple.
 //!
 //! Verdicts: a service with no usable endpoint fails the syscall with ECONNREFUSED (what a
@@ -32,17 +32,17 @@ use proxy_common::{Backend4, SockKey4, SockXlate4, counter, proto, sock, svc_fla
 
 use crate::{
     lb::{lookup_service, select_backend},
-    maps::{LB4_BE_V1, LB4_VIP_V1, count, node_config},
+    maps::{LB4_BE_V1, LB4_VIP_V1, count, count_service, node_config},
 };
 
 /// (socket cookie, backend address) -> the service address the process asked for.
 #[btf_map]
-static LB4_RSK_V1: LruHashMap<SockKey4, SockXlate4, { sock::MAP_ENTRIES as usize }> =
+static LB4_RSK_V2: LruHashMap<SockKey4, SockXlate4, { sock::MAP_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// (socket cookie, service address) -> the backend an unconnected UDP socket keeps using.
 #[btf_map]
-static LB4_FSK_V1: LruHashMap<SockKey4, SockXlate4, { sock::MAP_ENTRIES as usize }> =
+static LB4_FSK_V2: LruHashMap<SockKey4, SockXlate4, { sock::MAP_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// Return values of cgroup sock_addr programs.
@@ -135,14 +135,14 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     // The reverse entry first: a process must never see a backend's address.
     let rev_key = SockKey4::new(cookie, b.addr_be, b.port_be);
     let rev = SockXlate4::new(addr_be, port_be, svc.svc_id, backend_id);
-    if LB4_RSK_V1.insert(rev_key, rev, BPF_ANY as u64).is_err() {
+    if LB4_RSK_V2.insert(rev_key, rev, BPF_ANY as u64).is_err() {
         count(counter::DROP_CT_FULL);
         return deny(EPERM);
     }
     if sendmsg {
         let fwd = SockXlate4::new(b.addr_be, b.port_be, svc.svc_id, backend_id);
         // Best effort: without it the next datagram is balanced afresh.
-        let _ = LB4_FSK_V1.insert(fwd_key, fwd, BPF_ANY as u64);
+        let _ = LB4_FSK_V2.insert(fwd_key, fwd, BPF_ANY as u64);
     }
     // SAFETY: user_ip4/user_port are writable in connect4/sendmsg4 (4-byte stores).
     unsafe {
@@ -150,6 +150,8 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         (*sa).user_port = b.port_be as u32;
     }
     count(counter::SOCK_XLATE);
+    // One per connect/sendmsg: the socket hooks never see the packets (no byte count).
+    count_service(svc.svc_id, 0);
     ALLOW
 }
 
@@ -160,7 +162,7 @@ fn sticky_backend(sendmsg: bool, key: &SockKey4) -> Option<(u32, Backend4)> {
         return None;
     }
     // SAFETY: values are copied out immediately.
-    let f = *unsafe { LB4_FSK_V1.get(key) }?;
+    let f = *unsafe { LB4_FSK_V2.get(key) }?;
     let b = *unsafe { LB4_BE_V1.get(f.backend_id) }?;
     (b.addr_be == f.addr_be && b.port_be == f.port_be).then_some((f.backend_id, b))
 }
@@ -178,7 +180,7 @@ fn xlate_rev(ctx: &SockAddrContext) {
     };
     let key = SockKey4::new(cookie, addr_be, port_be);
     // SAFETY: the value is copied out immediately.
-    if let Some(v) = unsafe { LB4_RSK_V1.get(key) } {
+    if let Some(v) = unsafe { LB4_RSK_V2.get(key) } {
         let (a, p) = (v.addr_be, v.port_be);
         // SAFETY: user_ip4/user_port are writable in recvmsg4/getpeername4.
         unsafe {

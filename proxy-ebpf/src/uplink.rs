@@ -51,34 +51,51 @@ fn decapsulate(ctx: &TcContext) -> Result<(), ()> {
     if cfg.node_addr_be == 0 || daddr != cfg.node_addr_be {
         return Ok(());
     }
-    let strip: i32 = if outer_proto == 4 {
-        20
-    } else if outer_proto == proto::UDP {
-        let dport: u16 = ctx.load(ETH_HLEN + 22).map_err(|_| ())?;
-        if dport != GUE_PORT.to_be() {
-            return Ok(());
-        }
-        let first: u8 = ctx.load(ETH_HLEN + 28).map_err(|_| ())?;
-        match first >> 4 {
-            // Variant 1: the inner IPv4 header follows the UDP header directly.
-            4 => 28,
-            // Variant 0 with no extension fields (hlen 0): a 4-byte GUE header.
-            0 if first & 0x1f == 0 => 32,
-            _ => return Ok(()),
-        }
+    let strip = if outer_proto == 4 {
+        IPIP_STRIP
     } else {
-        return Ok(());
+        let dport: u16 = ctx.load(ETH_HLEN + 22).map_err(|_| ())?;
+        let first: u8 = ctx.load(ETH_HLEN + 28).map_err(|_| ())?;
+        match gue_strip(dport, first) {
+            Some(n) => n,
+            None => return Ok(()),
+        }
     };
-    let inner: u8 = ctx.load(ETH_HLEN + strip as usize).map_err(|_| ())?;
+    let inner: u8 = ctx.load(ETH_HLEN + strip).map_err(|_| ())?;
     if inner >> 4 != 4 {
         return Ok(());
     }
     // SAFETY: shrinking our own skb right after the MAC header.
-    if unsafe { aya_ebpf::helpers::bpf_skb_adjust_room(ctx.skb.skb, -strip, BPF_ADJ_ROOM_MAC, 0) }
-        != 0
+    if unsafe {
+        aya_ebpf::helpers::bpf_skb_adjust_room(ctx.skb.skb, -(strip as i32), BPF_ADJ_ROOM_MAC, 0)
+    } != 0
     {
         return Err(());
     }
     count(counter::DECAP);
     Ok(())
+}
+
+/// Outer header length of IPIP (an IPv4 header without options; the caller checked IHL 5).
+pub const IPIP_STRIP: usize = 20;
+/// Outer header length of GUE variant 1 (IPv4 + UDP, the inner header follows directly).
+pub const GUE_V1_STRIP: usize = 28;
+/// Outer header length of GUE variant 0 with an empty GUE header (IPv4 + UDP + 4).
+pub const GUE_V0_STRIP: usize = 32;
+
+/// The decapsulation rule both uplink hooks (tc here, XDP in `xdp.rs`) apply to a UDP packet
+/// addressed to this node: how much outer header to strip, from the UDP destination port and
+/// the first byte after the UDP header. `None`: not GUE we understand, leave it alone.
+#[inline(always)]
+pub fn gue_strip(udp_dport_be: u16, first: u8) -> Option<usize> {
+    if udp_dport_be != GUE_PORT.to_be() {
+        return None;
+    }
+    match first >> 4 {
+        // Variant 1: the inner IPv4 header follows the UDP header directly.
+        4 => Some(GUE_V1_STRIP),
+        // Variant 0 with no extension fields (hlen 0): a 4-byte GUE header.
+        0 if first & 0x1f == 0 => Some(GUE_V0_STRIP),
+        _ => None,
+    }
 }

@@ -1,7 +1,7 @@
 //! `ebpf-proxy run`: the control loop. Manifests -> translate (pure) -> plan (pure) -> map
 //! writer, plus keeping the programs attached to every pod bridge port.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// addresses and the default route.
     #[arg(long = "uplink", value_name = "IFACE")]
     pub uplinks: Vec<String>,
+    /// The XDP fast path on the uplinks (IPIP/GUE decapsulation, established-flow DNAT) in
+    /// front of tc: auto (native, else generic with a warning), native, generic, or off.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = uplinks::XdpModeArg::Auto)]
+    pub xdp_mode: uplinks::XdpModeArg,
     /// A BPF filesystem directory; maps are pinned under DIR/ebpf-proxy. Mounted if missing.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
@@ -72,7 +76,9 @@ pub struct RunArgs {
     /// Default: the pod bridge's first IPv4 address.
     #[arg(long, value_name = "IP")]
     pub hairpin_ip: Option<Ipv4Addr>,
-    /// How often the manifests directory is checked for changes.
+    /// How often the manifests directory is checked for changes that inotify did not report
+    /// (network file systems, a directory that did not exist yet). Edits are read at once
+    /// otherwise.
     #[arg(long, value_name = "MS", default_value_t = 200)]
     pub poll_interval_ms: u64,
     /// The cgroup v2 directory whose processes (and descendants') get socket-level load
@@ -80,6 +86,9 @@ pub struct RunArgs {
     /// if it is cgroup2, else /sys/fs/cgroup/unified.
     #[arg(long, value_name = "PATH")]
     pub cgroup_path: Option<PathBuf>,
+    /// Map sizes (--max-services, --service-map-entries, --max-backends, --conntrack-max, ...).
+    #[command(flatten)]
+    pub map_sizes: crate::datapath::MapSizeArgs,
     /// kube-proxy's flags (--config, --nodeport-addresses, --masquerade-all,
     /// --healthz-bind-address, --metrics-bind-address).
     #[command(flatten)]
@@ -279,7 +288,11 @@ pub fn reconcile<W: plan::MapWriter>(
     writer: &mut W,
 ) -> Result<SyncSummary> {
     let mut t = translate_snapshot(snapshot, ctx);
-    let over = fit_capacity(&mut t.desired, &ctx.map_sizes);
+    let over = plan::fit_capacity(
+        &mut t.desired,
+        &mut t.cluster_ips,
+        &ctx.map_sizes.capacity(),
+    );
     t.issues.extend(over);
     let p = plan::plan(state, &t.desired, &t.cluster_ips);
     let ops = p.ops.len();
@@ -308,6 +321,7 @@ pub fn reconcile<W: plan::MapWriter>(
                 (*port, ns.to_owned(), name.to_owned(), h.local_endpoints)
             })
             .collect(),
+        service_ids: crate::metrics::service_ids(&t.desired, state),
     })
 }
 
@@ -334,6 +348,8 @@ pub struct SyncSummary {
     pub node: Option<Node>,
     /// healthCheckNodePort responders wanted: (port, namespace, name, local endpoints).
     pub health_checks: Vec<(u16, String, String, usize)>,
+    /// Service ID -> service port, for the per-service packet counters.
+    pub service_ids: crate::metrics::ServiceIds,
 }
 
 impl SyncSummary {
@@ -394,96 +410,21 @@ impl RejectionLog {
     }
 }
 
-/// Admits whole Service objects into the desired state while they fit the maps, smallest
-/// first (so one huge or hostile object cannot crowd out many small ones), and removes the
-/// rest, returning one issue per removed object. No object is ever half programmed: a
-/// service port with more endpoints than a service entry can index
-/// ([`plan::MAX_BACKENDS_PER_SERVICE`]) rejects its whole Service.
-///
-/// The budget is the maps' capacity; a plan also holds old and new entries side by side
-/// for a moment (make-before-break), so running within a few percent of capacity can make
-/// a write fail, which is reported and retried.
+/// [`plan::fit_capacity`] for a desired state alone (no ClusterIPs), with the maps' sizes.
 pub fn fit_capacity(desired: &mut translate::Desired, sizes: &MapSizes) -> Vec<translate::Issue> {
-    // Object of a desired entry: its name up to the port name (`ns/name:port`).
-    let object_of = |d: &translate::DesiredService| -> String {
-        let base = d.name.split(':').next().unwrap_or_default();
-        format!("Service {base}")
-    };
-    struct Need {
-        keys: Vec<translate::ServiceKey>,
-        entries: usize,
-        backends: HashSet<translate::BackendAddr>,
-        too_many: Option<usize>,
-    }
-    let mut needs: BTreeMap<String, Need> = BTreeMap::new();
-    for (key, d) in desired.iter() {
-        let n = needs.entry(object_of(d)).or_insert_with(|| Need {
-            keys: Vec::new(),
-            entries: 0,
-            backends: HashSet::new(),
-            too_many: None,
-        });
-        n.keys.push(*key);
-        n.entries += 1 + d.backends.len();
-        n.backends.extend(d.backends.iter().copied());
-        if d.backends.len() > plan::MAX_BACKENDS_PER_SERVICE {
-            n.too_many = Some(d.backends.len());
-        }
-    }
-    let mut order: Vec<(&String, &Need)> = needs.iter().collect();
-    order.sort_by_key(|(name, n)| (n.entries, *name));
-    let (cap_entries, cap_backends) = (sizes.services as usize, sizes.backends as usize);
-    let mut used_entries = 0;
-    let mut used_backends: HashSet<translate::BackendAddr> = HashSet::new();
-    let mut issues = Vec::new();
-    for (object, n) in order {
-        let reject = |message: String| translate::Issue {
-            object: object.clone(),
-            field: String::new(),
-            message,
-        };
-        let new_backends = n.backends.difference(&used_backends).count();
-        let problem = if let Some(count) = n.too_many {
-            Some(reject(format!(
-                "a port has {count} endpoints, more than the {} a service entry can hold; \
-                 the service is skipped",
-                plan::MAX_BACKENDS_PER_SERVICE
-            )))
-        } else if used_entries + n.entries > cap_entries
-            || used_backends.len() + new_backends > cap_backends
-        {
-            Some(reject(format!(
-                "needs {} service map entries and {} backends, but only {} of {cap_entries} \
-                 entries and {} of {cap_backends} backends are left; the service is skipped",
-                n.entries,
-                n.backends.len(),
-                cap_entries - used_entries,
-                cap_backends - used_backends.len()
-            )))
-        } else {
-            None
-        };
-        match problem {
-            Some(issue) => {
-                for k in &n.keys {
-                    desired.remove(k);
-                }
-                issues.push(issue);
-            }
-            None => {
-                used_entries += n.entries;
-                used_backends.extend(n.backends.iter().copied());
-            }
-        }
-    }
-    issues
+    plan::fit_capacity(desired, &mut Default::default(), &sizes.capacity())
 }
 
 /// Where snapshots come from: a manifests directory (polled) or the Kubernetes API (watched).
 pub enum Source {
     Manifests {
         dir: PathBuf,
+        /// The fallback to `watch`: inotify misses changes made on other machines (network
+        /// file systems) and cannot watch a directory that does not exist.
         poll: tokio::time::Interval,
+        /// inotify on the directory: an edit is read at once, not at the next poll. `None`
+        /// while the directory is missing (set up again at a poll).
+        watch: Option<manifests::DirWatch>,
         /// Fingerprint of the directory when it was last read; `None` forces a read.
         last: Option<u64>,
     },
@@ -526,6 +467,7 @@ impl Source {
         Self::Manifests {
             dir,
             poll: tokio::time::interval(poll),
+            watch: None,
             last: None,
         }
     }
@@ -535,8 +477,30 @@ impl Source {
     pub async fn next_snapshot(&mut self) -> Snapshot {
         match self {
             Self::Kube(k) => k.next_snapshot().await,
-            Self::Manifests { dir, poll, last } => loop {
-                poll.tick().await;
+            Self::Manifests {
+                dir,
+                poll,
+                watch,
+                last,
+            } => loop {
+                match watch {
+                    Some(w) => tokio::select! {
+                        _ = poll.tick() => {}
+                        r = w.changed() => if let Err(e) = r {
+                            debug!("{}: inotify watch ended ({e}); polling", dir.display());
+                            *watch = None;
+                        },
+                    },
+                    None => {
+                        poll.tick().await;
+                        // Set up before the read below, so no change falls in between.
+                        *watch = manifests::DirWatch::new(dir)
+                            .map_err(|e| {
+                                debug!("{}: no inotify watch ({e}); polling", dir.display())
+                            })
+                            .ok();
+                    }
+                }
                 let fp = match manifests::fingerprint(dir) {
                     Ok(fp) => fp,
                     Err(e) => {
@@ -587,14 +551,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .cluster_cidr
         .parse()
         .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?;
+    ctx.map_sizes = args.map_sizes.sizes().map_err(anyhow::Error::msg)?;
     let mut rejection_log = RejectionLog::default();
     if bpffs::ensure(&args.bpffs)? {
         info!("mounted a BPF filesystem at {}", args.bpffs.display());
     }
     let pins = pin_dir(&args.bpffs);
+    // Maps of an older layout are never adopted (their names differ); they go once this
+    // agent's programs have replaced the old ones in every link (below).
+    let retired = crate::datapath::retired_pins(&pins);
+    if !retired.is_empty() {
+        warn!(
+            "found maps of an older ebpf-proxy version ({}): their layout differs, so they are \
+             not reused and their connection state is not carried over; they are removed once \
+             this agent's programs are attached",
+            retired
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let mut dp = Datapath::load(&LoadOptions {
         pin_dir: Some(pins.clone()),
-        ..Default::default()
+        sizes: ctx.map_sizes,
     })?;
     if dp.adopted.is_empty() {
         info!("created maps pinned under {}", pins.display());
@@ -618,6 +598,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             maps.read_src_ranges().into_iter().map(|k| (k, 1u8)),
         )
     };
+    state.set_svc_id_limit(ctx.map_sizes.svc_ids);
     for w in warnings {
         warn!("restoring map state: {w}");
     }
@@ -644,7 +625,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Node addresses come with the first snapshot (Node object) unless --node-ip gave them.
     let mut node_ips_programmed: Option<Vec<Ipv4Addr>> = None;
     dp.set_config(&ctx.node_config(&ctx.node_ips, Some(hairpin)))?;
-    let mut uplink_hooks = Uplinks::new(Some(&pins));
+    let mut uplink_hooks = Uplinks::new(Some(&pins), args.xdp_mode);
     info!(
         "pod bridge {} (ifindex {}), hairpin source {hairpin}",
         bridge.name, bridge.index
@@ -665,6 +646,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
         st.removed_stale,
         st.failed
     );
+    if !retired.is_empty() {
+        // Every link now runs this agent's programs (failed ports keep old programs that
+        // still hold their maps open; removing the pins only drops the names).
+        match crate::datapath::remove_pins(&retired) {
+            Ok(n) => info!("removed {n} pins of older-version maps"),
+            Err(e) => warn!(
+                "could not remove older-version map pins under {}: {e}; remove them by hand \
+                 (rm {}/<name>_V1) or with `ebpf-proxy cleanup` once the agent is stopped",
+                pins.display(),
+                pins.display()
+            ),
+        }
+    }
     let (health, metrics) = start_telemetry(&args, &pins, &ctx.map_sizes).await?;
     health.set_attached(attachments.covers(&ports));
     // healthCheckNodePort responders for externalTrafficPolicy Local services, on every
@@ -679,6 +673,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .set(2 * attachments.ports().count() as i64);
 
     let mut node_logged = false;
+    // kubeproxy_network_programming_duration_seconds, from EndpointSlice trigger times.
+    let mut triggers = kube_source::TriggerTimes::new(std::time::SystemTime::now());
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut resync = tokio::time::interval(Duration::from_secs(5));
@@ -693,6 +689,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 metrics.queued();
                 let started = Instant::now();
                 let node_ips = ctx.node_addresses(&snapshot);
+                triggers.note(&snapshot.objects.slices);
                 let result = {
                     let mut maps = dp.lb_maps()?;
                     reconcile(&snapshot, &ctx, &mut state, &mut maps)
@@ -701,7 +698,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     Ok(s) => {
                         health.updated();
                         metrics.synced(started.elapsed(), Ok(()));
+                        for t in triggers.programmed() {
+                            metrics.observe_network_programming(t);
+                        }
                         responders.sync_counts(&s.health_checks).await;
+                        metrics.set_service_labels(s.service_ids.clone());
                         if node_ips_programmed.as_ref() != Some(&node_ips) {
                             // Masquerade source, IPIP/GUE decap address, uplink discovery.
                             dp.set_config(&ctx.node_config(&node_ips, Some(hairpin)))?;

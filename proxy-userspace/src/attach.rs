@@ -16,9 +16,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{
-    SchedClassifier, TcAttachType,
+    SchedClassifier, TcAttachType, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
     tc::SchedClassifierLink,
+    xdp::XdpLink,
 };
 use log::{debug, info, warn};
 use proxy_common::programs;
@@ -55,16 +56,16 @@ pub struct Attachments {
     pin_dir: Option<PathBuf>,
     ports: BTreeMap<Iface, [PathBuf; 2]>,
     /// Links of unpinned mode, owned here; dropping them detaches.
-    owned: Vec<SchedClassifierLink>,
+    owned: Vec<FdLink>,
     first_sync_done: bool,
     /// Totals since start.
     pub totals: SyncStats,
 }
 
-fn program_for(dir: Direction) -> (&'static str, TcAttachType) {
+fn program_for(dir: Direction) -> &'static str {
     match dir {
-        Direction::In => (programs::POD_INGRESS, TcAttachType::Ingress),
-        Direction::Out => (programs::POD_EGRESS, TcAttachType::Egress),
+        Direction::In => programs::POD_INGRESS,
+        Direction::Out => programs::POD_EGRESS,
     }
 }
 
@@ -227,8 +228,7 @@ impl Attachments {
         Ok((pins, outcomes))
     }
 
-    /// Attaches (or adopts and replaces) one hook. Never leaves two of our links on one hook:
-    /// a pin that exists but cannot be adopted is detached before a new link is made.
+    /// Attaches (or adopts and replaces) one tc hook of a bridge port.
     fn attach_one(
         &mut self,
         dp: &mut Datapath,
@@ -236,58 +236,165 @@ impl Attachments {
         d: Direction,
         pin: Option<&PathBuf>,
     ) -> Result<AttachOutcome> {
-        let (name, tc) = program_for(d);
+        let name = program_for(d);
         let prog: &mut SchedClassifier = dp.program_mut(name)?;
-        if let Some(pin) = pin
-            && pin.exists()
-        {
-            let live = links::open_pin(pin)
-                .and_then(|fd| links::link_info(&fd))
-                .map(|i| i.is_tcx_on(p.index, d))
-                .unwrap_or(false);
-            if live {
-                let old = PinnedLink::from_pin(pin)
-                    .with_context(|| format!("opening link pin {}", pin.display()))?;
-                let link = SchedClassifierLink::try_from(FdLink::from(old))
-                    .with_context(|| format!("{} is not a tc link", pin.display()))?;
-                let id = prog.attach_to_link(link).with_context(|| {
-                    format!(
-                        "replacing the program of pinned link {} with this agent's {name}",
-                        pin.display()
-                    )
-                })?;
-                // The pin keeps the link (and now our program) attached; release our handle
-                // so exiting does not touch it.
-                let link = prog.take_link(id)?;
-                drop(link);
-                debug!("{}: program replaced atomically", pin.display());
-                return Ok(AttachOutcome::Replaced);
-            }
-            links::detach_and_unpin(pin)
-                .with_context(|| format!("removing defunct link pin {}", pin.display()))?;
+        attach_pinned(
+            prog,
+            name,
+            p,
+            Hook::Tc(d),
+            pin.map(PathBuf::as_path),
+            &mut self.owned,
+        )
+    }
+}
+
+/// A hook a program is attached to through a pinnable bpf_link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// tc ingress or egress (a TCX link).
+    Tc(Direction),
+    /// XDP in the given mode (an XDP link).
+    Xdp(XdpMode),
+}
+
+impl Hook {
+    /// Whether a pinned link, as the kernel describes it, is live on this hook of `ifindex`.
+    /// An XDP link's mode is not in its info: callers encode it in the pin name.
+    pub fn is_live(self, info: &links::LinkInfo, ifindex: u32) -> bool {
+        match self {
+            Hook::Tc(d) => info.is_tcx_on(ifindex, d),
+            Hook::Xdp(_) => info.is_xdp_on(ifindex),
         }
-        let id = prog
-            .attach(&p.name, tc)
-            .with_context(|| format!("attaching {name} to tc {d:?} of {}", p.name))?;
-        let link = prog.take_link(id)?;
-        match (pin, FdLink::try_from(link)) {
-            (Some(pin), Ok(fd)) => {
-                fd.pin(pin)
-                    .with_context(|| format!("pinning the link at {}", pin.display()))?;
-                Ok(AttachOutcome::Created)
-            }
-            (None, Ok(fd)) => {
-                // Unpinned mode (tests): keep the link alive in this process.
-                self.owned
-                    .push(SchedClassifierLink::try_from(fd).context("re-wrapping the link")?);
-                Ok(AttachOutcome::Unpinned)
-            }
-            // The link (a netlink filter) was dropped, hence detached, by the failed
-            // conversion.
-            (_, Err(_)) => bail!(
-                "the kernel attached {name} with a netlink tc filter, which cannot be pinned: \
-                 ebpf-proxy needs TCX (Linux >= 6.6) so programs stay attached across restarts"
-            ),
+    }
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hook::Tc(Direction::In) => f.write_str("tc ingress"),
+            Hook::Tc(Direction::Out) => f.write_str("tc egress"),
+            Hook::Xdp(XdpMode::Driver) => f.write_str("XDP (native)"),
+            Hook::Xdp(XdpMode::Skb) => f.write_str("XDP (generic)"),
+            Hook::Xdp(m) => write!(f, "XDP ({m:?})"),
+        }
+    }
+}
+
+/// The program kinds [`attach_pinned`] handles: the two differ only in aya's types.
+pub trait PinnableProgram {
+    /// Attaches a new link on `hook` of `iface`; `Err` if the kernel offered only an
+    /// attachment that cannot be pinned (it is detached again).
+    fn attach_link(&mut self, iface: &Iface, hook: Hook) -> Result<FdLink>;
+    /// Swaps this program into the live link pinned at `pin` (`BPF_LINK_UPDATE`).
+    fn replace_in(&mut self, pin: &Path) -> Result<()>;
+}
+
+impl PinnableProgram for SchedClassifier {
+    fn attach_link(&mut self, iface: &Iface, hook: Hook) -> Result<FdLink> {
+        let tc = match hook {
+            Hook::Tc(Direction::In) => TcAttachType::Ingress,
+            Hook::Tc(Direction::Out) => TcAttachType::Egress,
+            Hook::Xdp(_) => bail!("a tc program cannot attach to {hook}"),
+        };
+        let id = self.attach(&iface.name, tc)?;
+        // A netlink filter (kernel < 6.6) does not convert; dropping it detaches it.
+        FdLink::try_from(self.take_link(id)?).map_err(|_| {
+            anyhow::anyhow!(
+                "the kernel attached a netlink tc filter, which cannot be pinned: ebpf-proxy \
+                 needs TCX (Linux >= 6.6) so programs stay attached across restarts"
+            )
+        })
+    }
+
+    fn replace_in(&mut self, pin: &Path) -> Result<()> {
+        let old = PinnedLink::from_pin(pin)?;
+        let link = SchedClassifierLink::try_from(FdLink::from(old))
+            .with_context(|| format!("{} is not a tc link", pin.display()))?;
+        let id = self.attach_to_link(link)?;
+        // The pin keeps the link (and now our program) attached; release our handle so
+        // exiting does not touch it.
+        drop(self.take_link(id)?);
+        Ok(())
+    }
+}
+
+impl PinnableProgram for Xdp {
+    fn attach_link(&mut self, iface: &Iface, hook: Hook) -> Result<FdLink> {
+        let Hook::Xdp(mode) = hook else {
+            bail!("an XDP program cannot attach to {hook}");
+        };
+        let id = self.attach_to_if_index(iface.index, mode)?;
+        // aya falls back to a netlink attachment when bpf_link_create says EINVAL; that
+        // cannot be pinned (dropping it detaches it).
+        FdLink::try_from(self.take_link(id)?).map_err(|_| {
+            anyhow::anyhow!(
+                "the kernel attached XDP through netlink, not a bpf_link, which cannot be \
+                 pinned (Linux >= 5.9 needed)"
+            )
+        })
+    }
+
+    fn replace_in(&mut self, pin: &Path) -> Result<()> {
+        let old = PinnedLink::from_pin(pin)?;
+        let link = XdpLink::try_from(FdLink::from(old))
+            .with_context(|| format!("{} is not an XDP link", pin.display()))?;
+        let id = self.attach_to_link(link)?;
+        drop(self.take_link(id)?);
+        Ok(())
+    }
+}
+
+/// Attaches `prog` (named `name`) on `hook` of `iface`, the one way every hook of the agent is
+/// attached:
+/// - a live link pinned at `pin` on that very hook is adopted and `prog` swapped in atomically
+///   (`BPF_LINK_UPDATE`): a restart or an upgrade;
+/// - a pin that exists but is not live there (device gone or re-created, other hook) is
+///   detached and removed first, so two of our links never sit on one hook;
+/// - otherwise a new link is attached and pinned at `pin`, or kept in `owned` (unpinned mode:
+///   detached when this process drops it).
+pub fn attach_pinned<P: PinnableProgram>(
+    prog: &mut P,
+    name: &str,
+    iface: &Iface,
+    hook: Hook,
+    pin: Option<&Path>,
+    owned: &mut Vec<FdLink>,
+) -> Result<AttachOutcome> {
+    if let Some(pin) = pin
+        && pin.exists()
+    {
+        let live = links::open_pin(pin)
+            .and_then(|fd| links::link_info(&fd))
+            .map(|i| hook.is_live(&i, iface.index))
+            .unwrap_or(false);
+        if live {
+            prog.replace_in(pin).with_context(|| {
+                format!(
+                    "replacing the program of pinned link {} ({hook} of {}) with this agent's \
+                     {name}",
+                    pin.display(),
+                    iface.name
+                )
+            })?;
+            debug!("{}: program replaced atomically", pin.display());
+            return Ok(AttachOutcome::Replaced);
+        }
+        links::detach_and_unpin(pin)
+            .with_context(|| format!("removing defunct link pin {}", pin.display()))?;
+    }
+    let fd = prog
+        .attach_link(iface, hook)
+        .with_context(|| format!("attaching {name} to {hook} of {}", iface.name))?;
+    match pin {
+        Some(pin) => {
+            fd.pin(pin)
+                .with_context(|| format!("pinning the link at {}", pin.display()))?;
+            Ok(AttachOutcome::Created)
+        }
+        None => {
+            owned.push(fd);
+            Ok(AttachOutcome::Unpinned)
         }
     }
 }

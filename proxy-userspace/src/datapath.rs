@@ -12,11 +12,11 @@ use aya::{
     maps::{
         Array, HashMap, LpmTrie, MapData, MapError, MapInfo, MapType, PerCpuArray, lpm_trie::Key,
     },
-    programs::{Program, ProgramError, SchedClassifier},
+    programs::{Program, ProgramError, SchedClassifier, Xdp},
 };
 use proxy_common::{
     Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, NodeConfig, SrcRange4Data, SrcRange4Key,
-    Svc4Key, Svc4Value, VipValue, counter, maps, sizes,
+    Svc4Key, Svc4Value, SvcCounter, VipValue, counter, maps, sizes,
 };
 
 /// The eBPF object built by `build.rs` (aya-build, with BTF).
@@ -42,6 +42,18 @@ pub enum DatapathError {
         want_key: u32,
         want_value: u32,
         want_max: u32,
+    },
+    #[error(
+        "pinned map {path} has {found} entries but this agent was asked for {want} ({flag}). \
+         A pinned map cannot be resized in place: start the agent with {flag}={found} to keep \
+         it, or stop the agent and run `ebpf-proxy cleanup --bpffs ...` (drops connection \
+         state; Service traffic is not translated until the agent runs again) to recreate it"
+    )]
+    PinSizeMismatch {
+        path: PathBuf,
+        flag: &'static str,
+        found: u32,
+        want: u32,
     },
     #[error("cannot read pinned map {path}: {source}")]
     PinUnreadable { path: PathBuf, source: MapError },
@@ -77,14 +89,28 @@ pub struct MapLayout {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
+    /// The agent flag that sets `max_entries`, if one does.
+    pub flag: Option<&'static str>,
 }
 
-/// Map sizes, overridable at load time.
-#[derive(Clone, Copy, Debug)]
+/// Map sizes, overridable at load time (agent flags; the defaults are `proxy_common::sizes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
+    /// `--service-map-entries`: service entries plus one per backend slot (`LB4_SVC_V2`).
     pub services: u32,
+    /// `--max-backends` (`LB4_BE_V1`).
     pub backends: u32,
+    /// `--conntrack-max` (`CT4_V2`, two entries per flow).
     pub conntrack: u32,
+    /// `--max-services`: service IDs, i.e. service entries (one per address, port and
+    /// protocol), and the per-service counter map indexed by them (`LB4_SCNT_V1`).
+    pub svc_ids: u32,
+    /// `--max-cluster-ips` (`LB4_VIP_V1`).
+    pub vips: u32,
+    /// `--max-source-ranges` (`LB4_SRC_V2`).
+    pub src_ranges: u32,
+    /// `--affinity-max` (`LB4_AFF_V2`, one per client and service with ClientIP affinity).
+    pub affinity: u32,
 }
 
 impl Default for MapSizes {
@@ -93,11 +119,89 @@ impl Default for MapSizes {
             services: sizes::SVC4,
             backends: sizes::BACKEND4,
             conntrack: sizes::CT4,
+            svc_ids: sizes::SVC_IDS,
+            vips: sizes::VIP4,
+            src_ranges: sizes::SRC_RANGE4,
+            affinity: sizes::AFFINITY4,
         }
     }
 }
 
+/// The map-size flags of `ebpf-proxy run` (defaults: `proxy_common::sizes`). Maps are sized
+/// at load; a pinned map of another size is refused with a message naming the flag.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct MapSizeArgs {
+    /// Maximum number of service entries, i.e. service ports on each address (ClusterIP,
+    /// NodePort on each node address, LoadBalancer IP, externalIP): each gets a service ID
+    /// and a per-service packet counter (LB4_SCNT_V1).
+    #[arg(long, value_name = "N", default_value_t = sizes::SVC_IDS - 1)]
+    pub max_services: u32,
+    /// Size of the service map (LB4_SVC_V2): one entry per service entry plus one per
+    /// endpoint of it, e.g. 100000 services x (1 + 10 endpoints) = 1100000.
+    #[arg(long, value_name = "N", default_value_t = sizes::SVC4)]
+    pub service_map_entries: u32,
+    /// Maximum number of distinct endpoints (address, port, protocol) (LB4_BE_V1).
+    #[arg(long, value_name = "N", default_value_t = sizes::BACKEND4)]
+    pub max_backends: u32,
+    /// Maximum number of connection-tracking entries for the whole node, two per connection
+    /// (CT4_V2, LRU: the least recently used are evicted when full). Unlike kube-proxy's
+    /// --conntrack-max-per-core this is ebpf-proxy's own table, not netfilter's.
+    #[arg(long, value_name = "N", default_value_t = sizes::CT4)]
+    pub conntrack_max: u32,
+    /// Maximum number of ClusterIPs (LB4_VIP_V1).
+    #[arg(long, value_name = "N", default_value_t = sizes::VIP4)]
+    pub max_cluster_ips: u32,
+    /// Maximum number of loadBalancerSourceRanges entries, one per range and LoadBalancer
+    /// IP/port (LB4_SRC_V2).
+    #[arg(long, value_name = "N", default_value_t = sizes::SRC_RANGE4)]
+    pub max_source_ranges: u32,
+    /// Maximum number of sessionAffinity ClientIP entries, one per client and service (LRU)
+    /// (LB4_AFF_V2).
+    #[arg(long, value_name = "N", default_value_t = sizes::AFFINITY4)]
+    pub affinity_max: u32,
+}
+
+impl MapSizeArgs {
+    pub fn sizes(&self) -> Result<MapSizes, String> {
+        let s = MapSizes {
+            services: self.service_map_entries,
+            backends: self.max_backends,
+            conntrack: self.conntrack_max,
+            // ID 0 is reserved: N services need N + 1 counter slots.
+            svc_ids: self.max_services.saturating_add(1),
+            vips: self.max_cluster_ips,
+            src_ranges: self.max_source_ranges,
+            affinity: self.affinity_max,
+        };
+        for (flag, v) in [
+            ("--max-services", self.max_services),
+            ("--service-map-entries", s.services),
+            ("--max-backends", s.backends),
+            ("--conntrack-max", s.conntrack),
+            ("--max-cluster-ips", s.vips),
+            ("--max-source-ranges", s.src_ranges),
+            ("--affinity-max", s.affinity),
+        ] {
+            if v == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        Ok(s)
+    }
+}
+
 impl MapSizes {
+    /// What the service-side maps can hold (service ID 0 is reserved).
+    pub fn capacity(&self) -> crate::plan::Capacity {
+        crate::plan::Capacity {
+            service_entries: self.services as usize,
+            backends: self.backends as usize,
+            service_ids: self.svc_ids.saturating_sub(1) as usize,
+            cluster_ips: self.vips as usize,
+            source_ranges: self.src_ranges as usize,
+        }
+    }
+
     pub fn layouts(&self) -> Vec<MapLayout> {
         use core::mem::size_of;
         vec![
@@ -107,6 +211,7 @@ impl MapSizes {
                 key_size: size_of::<Svc4Key>() as u32,
                 value_size: size_of::<Svc4Value>() as u32,
                 max_entries: self.services,
+                flag: Some("--service-map-entries"),
             },
             MapLayout {
                 name: maps::BACKEND4,
@@ -114,6 +219,7 @@ impl MapSizes {
                 key_size: 4,
                 value_size: size_of::<Backend4>() as u32,
                 max_entries: self.backends,
+                flag: Some("--max-backends"),
             },
             MapLayout {
                 name: maps::CT4,
@@ -121,6 +227,7 @@ impl MapSizes {
                 key_size: size_of::<Ct4Key>() as u32,
                 value_size: size_of::<Ct4Value>() as u32,
                 max_entries: self.conntrack,
+                flag: Some("--conntrack-max"),
             },
             MapLayout {
                 name: maps::COUNTERS,
@@ -128,6 +235,7 @@ impl MapSizes {
                 key_size: 4,
                 value_size: 8,
                 max_entries: counter::MAX,
+                flag: None,
             },
             MapLayout {
                 name: maps::CONFIG,
@@ -135,27 +243,31 @@ impl MapSizes {
                 key_size: 4,
                 value_size: size_of::<NodeConfig>() as u32,
                 max_entries: 1,
+                flag: None,
             },
             MapLayout {
                 name: maps::VIP4,
                 map_type: MapType::Hash,
                 key_size: 4,
                 value_size: size_of::<VipValue>() as u32,
-                max_entries: sizes::VIP4,
+                max_entries: self.vips,
+                flag: Some("--max-cluster-ips"),
             },
             MapLayout {
                 name: maps::SRC_RANGE4,
                 map_type: MapType::LpmTrie,
                 key_size: size_of::<SrcRange4Key>() as u32,
                 value_size: 1,
-                max_entries: sizes::SRC_RANGE4,
+                max_entries: self.src_ranges,
+                flag: Some("--max-source-ranges"),
             },
             MapLayout {
                 name: maps::AFFINITY4,
                 map_type: MapType::LruHash,
                 key_size: size_of::<Aff4Key>() as u32,
                 value_size: size_of::<Aff4Value>() as u32,
-                max_entries: sizes::AFFINITY4,
+                max_entries: self.affinity,
+                flag: Some("--affinity-max"),
             },
             // Socket-level balancing (host processes): pinned so a restart keeps showing
             // existing sockets the service address (recvmsg/getpeername).
@@ -165,6 +277,7 @@ impl MapSizes {
                 key_size: size_of::<proxy_common::SockKey4>() as u32,
                 value_size: size_of::<proxy_common::SockXlate4>() as u32,
                 max_entries: proxy_common::sock::MAP_ENTRIES,
+                flag: None,
             },
             MapLayout {
                 name: maps::SOCK_FWD4,
@@ -172,6 +285,15 @@ impl MapSizes {
                 key_size: size_of::<proxy_common::SockKey4>() as u32,
                 value_size: size_of::<proxy_common::SockXlate4>() as u32,
                 max_entries: proxy_common::sock::MAP_ENTRIES,
+                flag: None,
+            },
+            MapLayout {
+                name: maps::SVC_COUNTERS,
+                map_type: MapType::PerCpuArray,
+                key_size: 4,
+                value_size: size_of::<SvcCounter>() as u32,
+                max_entries: self.svc_ids,
+                flag: Some("--max-services"),
             },
         ]
     }
@@ -191,11 +313,21 @@ fn check_pin(path: &Path, want: &MapLayout) -> Result<bool, DatapathError> {
         .map(|t| format!("{t:?}"))
         .unwrap_or_else(|_| "unknown".into());
     let want_type = format!("{:?}", want.map_type);
-    if found_type != want_type
-        || info.key_size() != want.key_size
-        || info.value_size() != want.value_size
-        || info.max_entries() != want.max_entries
+    let same_shape = found_type == want_type
+        && info.key_size() == want.key_size
+        && info.value_size() == want.value_size;
+    if same_shape
+        && info.max_entries() != want.max_entries
+        && let Some(flag) = want.flag
     {
+        return Err(DatapathError::PinSizeMismatch {
+            path: path.to_owned(),
+            flag,
+            found: info.max_entries(),
+            want: want.max_entries,
+        });
+    }
+    if !same_shape || info.max_entries() != want.max_entries {
         return Err(DatapathError::PinLayoutMismatch {
             path: path.to_owned(),
             found_type,
@@ -291,16 +423,42 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name, source })
     }
 
+    /// An XDP program of the object (the uplink fast path).
+    pub fn xdp_program(&self, name: &'static str) -> Result<&Xdp, DatapathError> {
+        self.ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    pub fn xdp_program_mut(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
     /// Typed handles on the service and backend maps (for the writer and for restore).
     pub fn lb_maps(&mut self) -> Result<LbMaps<'_>, DatapathError> {
-        let [svc, be, vip, src] =
-            self.ebpf
-                .maps_disjoint_mut([maps::SVC4, maps::BACKEND4, maps::VIP4, maps::SRC_RANGE4]);
+        let [svc, be, vip, src, cnt] = self.ebpf.maps_disjoint_mut([
+            maps::SVC4,
+            maps::BACKEND4,
+            maps::VIP4,
+            maps::SRC_RANGE4,
+            maps::SVC_COUNTERS,
+        ]);
         let svc = svc.ok_or(DatapathError::MissingMap(maps::SVC4))?;
         let be = be.ok_or(DatapathError::MissingMap(maps::BACKEND4))?;
         let vip = vip.ok_or(DatapathError::MissingMap(maps::VIP4))?;
         let src = src.ok_or(DatapathError::MissingMap(maps::SRC_RANGE4))?;
+        let cnt = cnt.ok_or(DatapathError::MissingMap(maps::SVC_COUNTERS))?;
         Ok(LbMaps {
+            svc_counters: PerCpuArray::try_from(cnt).map_err(|source| DatapathError::Map {
+                name: maps::SVC_COUNTERS,
+                source,
+            })?,
             vips: HashMap::try_from(vip).map_err(|source| DatapathError::Map {
                 name: maps::VIP4,
                 source,
@@ -347,6 +505,18 @@ impl Datapath {
             .collect()
     }
 
+    /// Per-service packet counters of `ids`, summed over CPUs (IDs past the map are skipped).
+    pub fn service_counters(
+        &self,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> Result<Vec<(u32, SvcCounter)>, DatapathError> {
+        let name = maps::SVC_COUNTERS;
+        let m = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let a: PerCpuArray<&MapData, SvcCounter> =
+            PerCpuArray::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
+        read_service_counters(&a, ids).map_err(|source| DatapathError::Map { name, source })
+    }
+
     /// Number of conntrack entries (both directions count).
     pub fn conntrack(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, DatapathError> {
         let name = maps::CT4;
@@ -357,8 +527,65 @@ impl Datapath {
     }
 }
 
+/// Sums the per-CPU counters of each ID in `ids` that the map holds.
+pub fn read_service_counters<T: std::borrow::Borrow<MapData>>(
+    a: &PerCpuArray<T, SvcCounter>,
+    ids: impl IntoIterator<Item = u32>,
+) -> Result<Vec<(u32, SvcCounter)>, MapError> {
+    let max = a.len();
+    let mut out = Vec::new();
+    for id in ids.into_iter().filter(|id| *id < max) {
+        let v = a.get(&id, 0)?;
+        let sum = v.iter().fold(SvcCounter::default(), |acc, c| SvcCounter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        });
+        out.push((id, sum));
+    }
+    Ok(out)
+}
+
+/// Per-service counters of the maps pinned under `pin_dir` (metrics, `inspect`).
+pub fn pinned_service_counters(
+    pin_dir: &Path,
+    ids: impl IntoIterator<Item = u32>,
+) -> Result<Vec<(u32, SvcCounter)>, MapError> {
+    let m = MapData::from_pin(pin_dir.join(maps::SVC_COUNTERS))?;
+    let a: PerCpuArray<MapData, SvcCounter> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(m))?;
+    read_service_counters(&a, ids)
+}
+
+/// Pins of map versions this agent no longer uses (`proxy_common::maps::RETIRED`) found under
+/// `pin_dir`. Their layout differs (16-bit service IDs), so they are never adopted: the agent
+/// reports them and removes them once its own programs are attached ([`remove_pins`]), and
+/// `ebpf-proxy cleanup` removes them too.
+pub fn retired_pins(pin_dir: &Path) -> Vec<PathBuf> {
+    maps::RETIRED
+        .iter()
+        .map(|n| pin_dir.join(n))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// Removes map pins (the maps are freed once no program uses them). Returns how many were
+/// removed; a pin already gone is not an error.
+pub fn remove_pins(pins: &[PathBuf]) -> io::Result<usize> {
+    let mut n = 0;
+    for p in pins {
+        match std::fs::remove_file(p) {
+            Ok(()) => n += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Typed service and backend maps.
 pub struct LbMaps<'a> {
+    /// Per-service packet counters (zeroed when a service ID is allocated).
+    pub svc_counters: PerCpuArray<&'a mut MapData, SvcCounter>,
     pub services: HashMap<&'a mut MapData, Svc4Key, Svc4Value>,
     pub backends: HashMap<&'a mut MapData, u32, Backend4>,
     pub vips: HashMap<&'a mut MapData, u32, VipValue>,
@@ -384,7 +611,6 @@ impl LbMaps<'_> {
                 SrcRange4Key {
                     prefixlen: k.prefix_len(),
                     svc_id_be: d.svc_id_be,
-                    _pad: 0,
                     addr_be: d.addr_be,
                 }
             })
@@ -478,6 +704,28 @@ impl crate::plan::MapWriter for LbMaps<'_> {
                 }
                 .into()
             })
+    }
+    fn reset_service_counter(&mut self, svc_id: u32) -> Result<(), ExtWriteError<WriteError>> {
+        if svc_id >= self.svc_counters.len() {
+            return Ok(());
+        }
+        let err = |source| WriteError {
+            op: "reset",
+            map: maps::SVC_COUNTERS,
+            source,
+        };
+        let sys = |call, io_error| {
+            err(MapError::SyscallError(aya::sys::SyscallError {
+                call,
+                io_error,
+            }))
+        };
+        let ncpus = aya::util::nr_cpus().map_err(|(call, e)| sys(call, e))?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![SvcCounter::default(); ncpus])
+            .map_err(|e| sys("nr_cpus", e))?;
+        self.svc_counters
+            .set(svc_id, zero, 0)
+            .map_err(|e| err(e).into())
     }
     fn delete_src_range(&mut self, k: &SrcRange4Key) -> Result<(), ExtWriteError<WriteError>> {
         match self.src_ranges.remove(&Key::new(k.prefixlen, k.data())) {

@@ -83,6 +83,11 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
             eps,
         ));
     }
+    // Per-service packet counters (absent when the maps predate them).
+    let svc_counts: BTreeMap<u32, proxy_common::SvcCounter> =
+        crate::datapath::pinned_service_counters(pin_dir, services.iter().map(|(_, id, _)| *id))
+            .map(|v| v.into_iter().collect())
+            .unwrap_or_default();
     let counters: Vec<(&str, u64)> = counter::NAMES
         .iter()
         .enumerate()
@@ -104,9 +109,30 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
             })
         })
         .collect();
+    // The uplink hooks (tc ingress and the XDP fast path): bpftool shows neither TCX links
+    // nor which XDP mode is ours, so say it here.
+    let uplinks: Vec<serde_json::Value> = crate::uplinks::list_pinned(pin_dir)
+        .with_context(|| format!("listing {}", crate::uplinks::uplinks_dir(pin_dir).display()))?
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "pin": l.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                "interface": l.ifname,
+                "ifindex": l.ifindex,
+                "hook": l.hook.map(|h| h.to_string()),
+                "attached": l.is_live(),
+                "link_id": l.info.map(|i| i.id),
+                "prog_id": l.info.map(|i| i.prog_id),
+            })
+        })
+        .collect();
     if json {
         let v = serde_json::json!({
-            "services": services.iter().map(|(s, id, eps)| serde_json::json!({"service": s, "id": id, "endpoints": eps})).collect::<Vec<_>>(),
+            "uplinks": uplinks,
+            "services": services.iter().map(|(s, id, eps)| {
+                let c = svc_counts.get(id).copied().unwrap_or_default();
+                serde_json::json!({"service": s, "id": id, "endpoints": eps, "packets": c.packets, "bytes": c.bytes})
+            }).collect::<Vec<_>>(),
             "conntrack_entries": flows,
             "links": links,
             "counters": counters.iter().map(|(n, c)| (n.to_string(), *c)).collect::<BTreeMap<_, _>>(),
@@ -115,8 +141,11 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
     } else {
         println!("SERVICES ({})", services.len());
         for (s, id, eps) in &services {
+            let c = svc_counts.get(id).copied().unwrap_or_default();
             println!(
-                "  {s:<28} id {id:<5} -> {}",
+                "  {s:<28} id {id:<6} pkts {:<10} bytes {:<12} -> {}",
+                c.packets,
+                c.bytes,
                 if eps.is_empty() {
                     "(no endpoints)".into()
                 } else {
@@ -145,6 +174,22 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
                 l["prog_id"],
             );
         }
+        println!("UPLINKS ({})", uplinks.len());
+        for l in &uplinks {
+            println!(
+                "  {:<16} ifindex {:<5} {:<14} {} link {} prog {}",
+                l["interface"].as_str().unwrap_or(""),
+                l["ifindex"],
+                l["hook"].as_str().unwrap_or("?"),
+                if l["attached"] == true {
+                    "attached"
+                } else {
+                    "DEFUNCT "
+                },
+                l["link_id"],
+                l["prog_id"],
+            );
+        }
         println!("COUNTERS");
         for (n, c) in counters {
             println!("  {n:<24} {c}");
@@ -164,7 +209,8 @@ pub struct Cleanup {
 /// `pin_dir`. Links go first so no program is left running against maps that are gone.
 /// Everything under `pin_dir` is the agent's: link pins in any sub-directory (`links/`,
 /// `sock-links/`, and those of other hooks such as `uplinks/`) are detached explicitly
-/// (`BPF_LINK_DETACH`) before being removed; files at the top are maps.
+/// (`BPF_LINK_DETACH`) before being removed; files at the top are maps, those of older
+/// versions (`proxy_common::maps::RETIRED`) included.
 pub fn cleanup(pin_dir: &Path) -> Result<Cleanup> {
     let mut links = crate::links::cleanup(pin_dir).with_context(|| {
         format!(

@@ -7,6 +7,7 @@ pub mod bpffs;
 pub mod canary;
 pub mod config;
 pub mod datapath;
+pub mod fakeapi;
 pub mod health;
 pub mod httpd;
 pub mod inspect;

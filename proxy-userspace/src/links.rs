@@ -28,6 +28,8 @@ pub const LINKS_DIR: &str = "links";
 
 /// `BPF_LINK_TYPE_TCX`.
 pub const LINK_TYPE_TCX: u32 = 11;
+/// `BPF_LINK_TYPE_XDP`.
+pub const LINK_TYPE_XDP: u32 = 6;
 /// `BPF_TCX_INGRESS` / `BPF_TCX_EGRESS`.
 pub const ATTACH_TCX_INGRESS: u32 = 46;
 pub const ATTACH_TCX_EGRESS: u32 = 47;
@@ -97,7 +99,8 @@ pub struct LinkInfo {
     pub link_type: u32,
     pub id: u32,
     pub prog_id: u32,
-    /// TCX links: the device's ifindex, 0 once the device is gone (the link is defunct).
+    /// TCX and XDP links: the device's ifindex, 0 once the device is gone (the link is
+    /// defunct).
     pub ifindex: u32,
     /// TCX links: `BPF_TCX_INGRESS` or `BPF_TCX_EGRESS`.
     pub attach_type: u32,
@@ -109,6 +112,11 @@ impl LinkInfo {
         self.link_type == LINK_TYPE_TCX
             && self.ifindex == ifindex
             && self.attach_type == dir.tcx_attach_type()
+    }
+
+    /// True if this is a live XDP link on `ifindex`.
+    pub fn is_xdp_on(&self, ifindex: u32) -> bool {
+        self.link_type == LINK_TYPE_XDP && self.ifindex == ifindex
     }
 }
 
@@ -144,7 +152,7 @@ pub fn open_pin(path: &Path) -> io::Result<OwnedFd> {
 /// `BPF_OBJ_GET_INFO_BY_FD` on a link.
 pub fn link_info(fd: &OwnedFd) -> io::Result<LinkInfo> {
     // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned union whose tcx
-    // member is { ifindex, attach_type } at byte 16.
+    // member is { ifindex, attach_type } and whose xdp member is { ifindex } at byte 16.
     let mut info = [0u64; 8];
     let mut attr = [0u64; 2];
     // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
@@ -302,5 +310,14 @@ mod tests {
         assert!(!info.is_tcx_on(10, Direction::In));
         let defunct = LinkInfo { ifindex: 0, ..info };
         assert!(!defunct.is_tcx_on(9, Direction::In));
+        assert!(!info.is_xdp_on(9), "a TCX link is not an XDP link");
+        let xdp = LinkInfo {
+            link_type: LINK_TYPE_XDP,
+            attach_type: 0,
+            ..info
+        };
+        assert!(xdp.is_xdp_on(9));
+        assert!(!xdp.is_xdp_on(10));
+        assert!(!xdp.is_tcx_on(9, Direction::In));
     }
 }

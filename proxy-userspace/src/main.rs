@@ -3,7 +3,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
-use proxy_userspace::{agent, canary, config, inspect, labencap, labtools, trace};
+use proxy_userspace::{agent, canary, config, fakeapi, inspect, labencap, labtools, trace};
 
 #[derive(Parser)]
 #[command(
@@ -28,7 +28,8 @@ struct Cli {
 enum Command {
     /// Run the agent: load and attach the datapath, then keep the maps in sync with the
     /// Kubernetes API or a manifests directory until SIGINT/SIGTERM.
-    Run(agent::RunArgs),
+    // Boxed: the largest variant by far (clippy::large_enum_variant).
+    Run(Box<agent::RunArgs>),
     /// Show the programmed services, their endpoints and the datapath counters.
     Inspect {
         /// The bpffs directory the agent was started with.
@@ -61,6 +62,10 @@ enum Command {
     /// Katran-style balancer).
     #[command(hide = true)]
     LabEncap(labencap::EncapArgs),
+    /// Lab tooling: a stand-in Kubernetes API server serving a manifests directory (Services,
+    /// EndpointSlices, Nodes) over list/watch, for agents run with --kubeconfig.
+    #[command(hide = true)]
+    LabApiserver(fakeapi::LabApiArgs),
     /// Long-lived TCP connections and UDP flows through a service, checked continuously;
     /// reports "connections lost: L of N" (exit 1 if any was lost).
     Canary(canary::CanaryArgs),
@@ -99,7 +104,7 @@ fn real_main(cli: Cli, run_matches: Option<&clap::ArgMatches>) -> Result<ExitCod
             for note in config::resolve(&mut args, run_matches)? {
                 log::info!("{note}");
             }
-            rt.block_on(agent::run(args))?
+            rt.block_on(agent::run(*args))?
         }
         Command::Inspect { bpffs, json } => inspect::inspect(&agent::pin_dir(&bpffs), json)?,
         Command::Cleanup { bpffs } => {
@@ -123,6 +128,7 @@ fn real_main(cli: Cli, run_matches: Option<&clap::ArgMatches>) -> Result<ExitCod
         }
         Command::Trace(args) => trace::run(&args)?,
         Command::LabEncap(args) => rt.block_on(labencap::run(args))?,
+        Command::LabApiserver(args) => rt.block_on(fakeapi::run_lab(args))?,
     }
     Ok(ExitCode::SUCCESS)
 }

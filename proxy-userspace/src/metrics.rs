@@ -16,8 +16,13 @@
 //! - `ebpf_proxy_map_write_failures_total{map,op}`, `ebpf_proxy_sync_failures_total`,
 //!   `ebpf_proxy_attached_links`, `ebpf_proxy_link_program_replacements_total`.
 //!
-//! The datapath has no per-service packet counters (only per-reason verdict counters), so none
-//! are exported; adding them needs a per-service counter map in the programs.
+//! - `ebpf_proxy_service_packets_total{namespace,service,port,protocol}` and
+//!   `ebpf_proxy_service_bytes_total{...}`: the per-service counter map (`LB4_SCNT_V1`) summed
+//!   over CPUs and over the service IDs of one service port (ClusterIP, NodePort, LB IP, ...
+//!   entries each have their own ID), labelled from the last sync's ID -> service mapping
+//!   ([`Metrics::set_service_labels`]). Forward packets the tc/XDP programs translated (new
+//!   and established flows); a host process's connect/sendmsg counts one, with 0 bytes (the
+//!   socket hooks never see packets).
 use std::{
     net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -52,6 +57,75 @@ use crate::{
 pub const OCCUPANCY_CACHE: Duration = Duration::from_secs(10);
 
 type Labels = Vec<(String, String)>;
+
+/// The labels of a service port's per-service counters.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceLabels {
+    pub namespace: String,
+    pub service: String,
+    /// The Service port's name (empty for an unnamed port, like kube-proxy).
+    pub port: String,
+    pub protocol: String,
+}
+
+impl ServiceLabels {
+    /// From a desired entry's name (`namespace/name:port` or `namespace/name`).
+    pub fn from_entry(name: &str, protocol: crate::abi::Protocol) -> Self {
+        let (ns_name, port) = name.split_once(':').unwrap_or((name, ""));
+        let (namespace, service) = ns_name.split_once('/').unwrap_or(("", ns_name));
+        Self {
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            port: port.to_owned(),
+            protocol: protocol.as_str().to_owned(),
+        }
+    }
+
+    fn labels(&self) -> Labels {
+        vec![
+            ("namespace".to_owned(), self.namespace.clone()),
+            ("service".to_owned(), self.service.clone()),
+            ("port".to_owned(), self.port.clone()),
+            ("protocol".to_owned(), self.protocol.clone()),
+        ]
+    }
+}
+
+/// Service ID -> labels, as programmed by the last sync.
+pub type ServiceIds = std::collections::BTreeMap<u32, ServiceLabels>;
+
+/// The labels of every programmed service ID: the IDs come from the model of the maps after a
+/// sync, the names from the desired state it was planned from. Pure.
+pub fn service_ids(
+    desired: &crate::translate::Desired,
+    state: &crate::plan::MapState,
+) -> ServiceIds {
+    state
+        .services()
+        .iter()
+        .filter_map(|(k, ps)| {
+            let d = desired.get(k)?;
+            Some((ps.svc_id, ServiceLabels::from_entry(&d.name, k.protocol)))
+        })
+        .collect()
+}
+
+/// Sums counters per label set (several IDs make one service port).
+fn per_service(
+    ids: &ServiceIds,
+    counts: &[(u32, proxy_common::SvcCounter)],
+) -> std::collections::BTreeMap<ServiceLabels, proxy_common::SvcCounter> {
+    let mut out: std::collections::BTreeMap<ServiceLabels, proxy_common::SvcCounter> =
+        std::collections::BTreeMap::new();
+    for (id, c) in counts {
+        if let Some(l) = ids.get(id) {
+            let e = out.entry(l.clone()).or_default();
+            e.packets += c.packets;
+            e.bytes += c.bytes;
+        }
+    }
+    out
+}
 /// (map name, entries).
 type Occupancy = Vec<(&'static str, u64)>;
 
@@ -67,6 +141,7 @@ pub struct Metrics {
     pub map_write_failures: Family<Labels, Counter>,
     pub attached_links: Gauge,
     pub link_replacements: Counter,
+    service_ids: Arc<Mutex<ServiceIds>>,
 }
 
 fn unix_now() -> f64 {
@@ -114,6 +189,7 @@ impl Metrics {
         let map_write_failures = Family::<Labels, Counter>::default();
         let attached_links = Gauge::default();
         let link_replacements = Counter::default();
+        let service_ids: Arc<Mutex<ServiceIds>> = Arc::default();
         {
             let ep = root.sub_registry_with_prefix("ebpf_proxy");
             ep.register(
@@ -137,7 +213,11 @@ impl Metrics {
                 link_replacements.clone(),
             );
             if let Some(dir) = pin_dir {
-                ep.register_collector(Box::new(DatapathCollector::new(dir, sizes)));
+                ep.register_collector(Box::new(DatapathCollector::new(
+                    dir,
+                    sizes,
+                    service_ids.clone(),
+                )));
             }
         }
         Self {
@@ -150,7 +230,14 @@ impl Metrics {
             map_write_failures,
             attached_links,
             link_replacements,
+            service_ids,
         }
+    }
+
+    /// The service ID -> service mapping the per-service counters are labelled with (after
+    /// every sync; see [`service_ids`]).
+    pub fn set_service_labels(&self, ids: ServiceIds) {
+        *self.service_ids.lock().unwrap_or_else(|e| e.into_inner()) = ids;
     }
 
     /// A change was queued (kube-proxy sets `last_queued_timestamp` here).
@@ -223,10 +310,11 @@ struct DatapathCollector {
     /// (map name, capacity) of every hash-type map to report occupancy for.
     hash_maps: Vec<(&'static str, u32, u32)>,
     cache: Mutex<Option<(Instant, Occupancy)>>,
+    service_ids: Arc<Mutex<ServiceIds>>,
 }
 
 impl DatapathCollector {
-    fn new(pin_dir: &Path, sizes: MapSizes) -> Self {
+    fn new(pin_dir: &Path, sizes: MapSizes, service_ids: Arc<Mutex<ServiceIds>>) -> Self {
         let hash_maps = sizes
             .layouts()
             .into_iter()
@@ -242,7 +330,22 @@ impl DatapathCollector {
             pin_dir: pin_dir.to_owned(),
             hash_maps,
             cache: Mutex::new(None),
+            service_ids,
         }
+    }
+
+    /// Per-service counters of the programmed IDs, summed per service port.
+    fn services(
+        &self,
+    ) -> Option<std::collections::BTreeMap<ServiceLabels, proxy_common::SvcCounter>> {
+        let ids = self
+            .service_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let counts =
+            crate::datapath::pinned_service_counters(&self.pin_dir, ids.keys().copied()).ok()?;
+        Some(per_service(&ids, &counts))
     }
 
     fn counters(&self) -> Option<Vec<u64>> {
@@ -329,6 +432,28 @@ impl Collector for DatapathCollector {
                 ConstCounter::new(v).encode(e.encode_family(&labels)?)?;
             }
         }
+        if let Some(services) = self.services() {
+            let mut e = encoder.encode_descriptor(
+                "service_packets",
+                "Forward packets translated per service port, summed over CPUs (host \
+                 processes: one per connect/sendmsg)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (l, c) in &services {
+                ConstCounter::new(c.packets).encode(e.encode_family(&l.labels())?)?;
+            }
+            let mut e = encoder.encode_descriptor(
+                "service_bytes",
+                "L3 bytes of the forward packets translated per service port (0 for host \
+                 processes' socket translations)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (l, c) in &services {
+                ConstCounter::new(c.bytes).encode(e.encode_family(&l.labels())?)?;
+            }
+        }
         let occ = self.occupancy();
         {
             let mut e = encoder.encode_descriptor(
@@ -362,6 +487,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn service_counters_are_labelled_and_summed_per_service_port() {
+        use crate::abi::Protocol;
+        use proxy_common::SvcCounter;
+        let web = ServiceLabels::from_entry("default/web:http", Protocol::Tcp);
+        assert_eq!(
+            web,
+            ServiceLabels {
+                namespace: "default".into(),
+                service: "web".into(),
+                port: "http".into(),
+                protocol: "TCP".into(),
+            }
+        );
+        let dns = ServiceLabels::from_entry("kube-system/dns", Protocol::Udp);
+        assert_eq!((dns.service.as_str(), dns.port.as_str()), ("dns", ""));
+        // IDs 1 (ClusterIP) and 7 (NodePort) are one service port; 9 is not programmed.
+        let ids: ServiceIds = [(1, web.clone()), (7, web.clone()), (3, dns.clone())].into();
+        let c = |packets, bytes| SvcCounter { packets, bytes };
+        let sums = per_service(
+            &ids,
+            &[(1, c(2, 100)), (7, c(3, 50)), (3, c(1, 1)), (9, c(5, 5))],
+        );
+        assert_eq!(sums[&web], c(5, 150));
+        assert_eq!(sums[&dns], c(1, 1));
+        assert_eq!(sums.len(), 2);
+    }
+
+    #[test]
     fn kube_proxy_names_and_sync_accounting() {
         let m = Metrics::new(None, MapSizes::default());
         m.queued();
@@ -383,7 +536,7 @@ mod tests {
             "kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\"} 1",
             "# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
             "ebpf_proxy_sync_failures_total 1",
-            "ebpf_proxy_map_write_failures_total{map=\"LB4_SVC_V1\",op=\"insert\"} 1",
+            "ebpf_proxy_map_write_failures_total{map=\"LB4_SVC_V2\",op=\"insert\"} 1",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");

@@ -9,7 +9,7 @@
 //!
 //! Besides the service and backend maps it plans the ClusterIP set (`LB4_VIP_V1`: every
 //! ClusterIP, so a hit on an unused port is rejected) and the loadBalancerSourceRanges trie
-//! (`LB4_SRC_V1`, keyed by the service ID of the EXTERNAL entry carrying
+//! (`LB4_SRC_V2`, keyed by the service ID of the EXTERNAL entry carrying
 //! `svc_flags::SOURCE_RANGES`).
 //!
 //! Ordering (make before break): new backends, then new source ranges, then slots, then
@@ -42,7 +42,8 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use proxy_common::{
-    Backend4, SrcRange4Key, Svc4Key, Svc4Value, VipValue, scope, svc_flags, vip_flags,
+    Backend4, SrcRange4Key, Svc4Key, Svc4Value, VipValue, backend_flags, scope, sizes, svc_flags,
+    vip_flags,
 };
 
 use crate::abi::{self, Protocol};
@@ -85,33 +86,30 @@ pub const SRC_RANGE_ALLOWED: u8 = 1;
 /// ways.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SrcRange {
-    pub svc_id: u16,
+    pub svc_id: u32,
     pub addr: Ipv4Addr,
     /// The LPM prefix length: 32 + the range's prefix length when written by this agent.
     pub prefixlen: u32,
-    pub pad: u16,
 }
 
 impl SrcRange {
     /// The key this agent writes for range `net/prefix` of service `svc_id` (host bits of
     /// `net` cleared).
-    pub fn new(svc_id: u16, net: Ipv4Addr, prefix: u8) -> Self {
+    pub fn new(svc_id: u32, net: Ipv4Addr, prefix: u8) -> Self {
         let prefix = prefix.min(32);
         let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
         Self {
             svc_id,
             addr: Ipv4Addr::from(u32::from(net) & mask),
             prefixlen: 32 + u32::from(prefix),
-            pad: 0,
         }
     }
 
     pub fn from_key(k: &SrcRange4Key) -> Self {
         Self {
-            svc_id: u16::from_be(k.svc_id_be),
+            svc_id: u32::from_be(k.svc_id_be),
             addr: abi::addr_from_be(k.addr_be),
             prefixlen: k.prefixlen,
-            pad: k._pad,
         }
     }
 
@@ -119,7 +117,6 @@ impl SrcRange {
         SrcRange4Key {
             prefixlen: self.prefixlen,
             svc_id_be: self.svc_id.to_be(),
-            _pad: self.pad,
             addr_be: abi::addr_be(self.addr),
         }
     }
@@ -127,7 +124,6 @@ impl SrcRange {
     /// Whether this is a key this agent could have written.
     fn is_canonical(&self) -> bool {
         (32..=64).contains(&self.prefixlen)
-            && self.pad == 0
             && *self == Self::new(self.svc_id, self.addr, (self.prefixlen - 32) as u8)
     }
 }
@@ -140,11 +136,7 @@ impl fmt::Display for SrcRange {
             self.addr,
             i64::from(self.prefixlen) - 32,
             self.svc_id
-        )?;
-        if self.pad != 0 {
-            write!(f, " (pad {:#x})", self.pad)?;
-        }
-        Ok(())
+        )
     }
 }
 
@@ -157,18 +149,19 @@ pub fn backend4(b: &BackendAddr) -> Backend4 {
     )
 }
 
-/// The address a backend-map value leads to, if it is one this agent writes.
+/// The address a backend-map value leads to, if it is one this agent writes (flags other
+/// than `backend_flags::TERMINATING` are not).
 pub fn backend_addr(b: &Backend4) -> Option<BackendAddr> {
     let addr = BackendAddr {
         ip: abi::addr_from_be(b.addr_be),
         port: abi::port_from_be(b.port_be),
         protocol: Protocol::from_number(b.proto)?,
     };
-    (backend4(&addr) == *b).then_some(addr)
+    (backend4(&addr).with_flags(b.flags & backend_flags::TERMINATING) == *b).then_some(addr)
 }
 
 /// The slot-0 value of a desired service with `count` slots.
-fn service_value(ds: &DesiredService, count: u16, svc_id: u16) -> Svc4Value {
+fn service_value(ds: &DesiredService, count: u16, svc_id: u32) -> Svc4Value {
     Svc4Value::service(count, svc_id, ds.flags).with_affinity(ds.affinity_timeout_s)
 }
 
@@ -178,7 +171,7 @@ pub const MAX_BACKENDS_PER_SERVICE: usize = u16::MAX as usize;
 /// A service entry as programmed, read through the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgrammedService {
-    pub svc_id: u16,
+    pub svc_id: u32,
     pub flags: u32,
     pub affinity_timeout_s: u32,
     /// Backend ID of slot `i + 1`, for `i < count`. 0 marks a slot that is missing or does not
@@ -208,7 +201,9 @@ pub struct MapState {
     services: BTreeMap<ServiceKey, ProgrammedService>,
     backends: BTreeMap<u32, BackendAddr>,
     next_backend_id: u32,
-    next_svc_id: u16,
+    next_svc_id: u32,
+    /// Service IDs are `1..svc_id_limit`: they index the per-service counter map.
+    svc_id_limit: u32,
 }
 
 impl Default for MapState {
@@ -222,7 +217,7 @@ fn group_key(k: &Svc4Key) -> Svc4Key {
 }
 
 /// The backend ID a slot holds, if it is exactly what this agent writes for `svc_id`.
-fn slot_backend(v: Option<&Svc4Value>, svc_id: u16) -> u32 {
+fn slot_backend(v: Option<&Svc4Value>, svc_id: u32) -> u32 {
     match v {
         Some(v) if v.backend_id != 0 && *v == Svc4Value::slot(v.backend_id, svc_id) => v.backend_id,
         _ => 0,
@@ -283,8 +278,12 @@ fn succ_u32(id: u32) -> u32 {
     id.checked_add(1).unwrap_or(1)
 }
 
-fn succ_u16(id: u16) -> u16 {
-    id.checked_add(1).unwrap_or(1)
+/// The service ID after `id`, wrapping to 1 at `limit` (IDs index a map of `limit` entries).
+fn succ_svc_id(id: u32, limit: u32) -> u32 {
+    match id.checked_add(1) {
+        Some(n) if n < limit => n,
+        _ => 1,
+    }
 }
 
 impl MapState {
@@ -299,7 +298,26 @@ impl MapState {
             backends: BTreeMap::new(),
             next_backend_id: 1,
             next_svc_id: 1,
+            svc_id_limit: sizes::SVC_IDS,
         }
+    }
+
+    /// Empty maps whose per-service counter map has `limit` entries (`--max-services`):
+    /// new service IDs stay below it.
+    pub fn with_svc_id_limit(limit: u32) -> Self {
+        let mut s = Self::new();
+        s.set_svc_id_limit(limit);
+        s
+    }
+
+    /// See [`with_svc_id_limit`](Self::with_svc_id_limit); call before planning.
+    pub fn set_svc_id_limit(&mut self, limit: u32) {
+        self.svc_id_limit = limit.max(2);
+    }
+
+    /// How many service IDs exist (`1..limit`).
+    pub fn svc_id_limit(&self) -> u32 {
+        self.svc_id_limit
     }
 
     /// Rebuilds the model from the maps' contents (agent restart), with a warning for every
@@ -395,8 +413,8 @@ impl MapState {
 
     /// The allowed source ranges `(network, prefix length)` of each service ID, as this
     /// agent writes them.
-    pub fn source_ranges(&self) -> BTreeMap<u16, Vec<(Ipv4Addr, u8)>> {
-        let mut out: BTreeMap<u16, Vec<(Ipv4Addr, u8)>> = BTreeMap::new();
+    pub fn source_ranges(&self) -> BTreeMap<u32, Vec<(Ipv4Addr, u8)>> {
+        let mut out: BTreeMap<u32, Vec<(Ipv4Addr, u8)>> = BTreeMap::new();
         for (r, v) in &self.src_ranges {
             if *v == SRC_RANGE_ALLOWED && r.is_canonical() {
                 out.entry(r.svc_id)
@@ -424,7 +442,7 @@ impl MapState {
                 ));
             }
         }
-        let mut svc_ids: HashMap<u16, &Svc4Key> = HashMap::new();
+        let mut svc_ids: HashMap<u32, &Svc4Key> = HashMap::new();
         for (k0, g) in &self.groups {
             let name = fmt_key(k0);
             if service_key(k0).is_none() {
@@ -505,7 +523,7 @@ impl MapState {
                 ));
             }
         }
-        let range_owners: HashSet<u16> = self
+        let range_owners: HashSet<u32> = self
             .groups
             .iter()
             .filter(|(k0, _)| k0.scope == scope::EXTERNAL)
@@ -601,9 +619,10 @@ impl MapState {
         }
     }
 
-    fn bump_svc_id(&mut self, id: u16) {
+    fn bump_svc_id(&mut self, id: u32) {
+        // Past the limit, the allocator wraps to 1 on its next take.
         if id >= self.next_svc_id {
-            self.next_svc_id = succ_u16(id);
+            self.next_svc_id = succ_u32(id);
         }
     }
 }
@@ -642,7 +661,7 @@ pub enum Op {
     DeleteVip {
         addr_be: u32,
     },
-    /// An allowed source range (`LB4_SRC_V1`); the value is always [`SRC_RANGE_ALLOWED`].
+    /// An allowed source range (`LB4_SRC_V2`); the value is always [`SRC_RANGE_ALLOWED`].
     PutSrcRange {
         key: SrcRange4Key,
     },
@@ -708,31 +727,32 @@ impl Plan {
     }
 }
 
-/// An allocator for IDs: increasing from `next`, skipping 0 and IDs in use, wrapping.
-struct Alloc<T> {
-    next: T,
-    in_use: HashSet<T>,
+/// An allocator for IDs `1..limit`: increasing from `next`, skipping IDs in use, wrapping.
+struct Alloc {
+    next: u32,
+    /// One past the highest ID (`u32::MAX` for backends: every non-zero `u32`).
+    limit: u32,
+    in_use: HashSet<u32>,
 }
 
-macro_rules! alloc_impl {
-    ($t:ty, $succ:ident) => {
-        impl Alloc<$t> {
-            fn take(&mut self) -> Option<$t> {
-                // Bounded: at most every ID is tried once.
-                for _ in 0..=<$t>::MAX {
-                    let id = self.next;
-                    self.next = $succ(id);
-                    if id != 0 && self.in_use.insert(id) {
-                        return Some(id);
-                    }
-                }
-                None
+impl Alloc {
+    fn take(&mut self) -> Option<u32> {
+        // Bounded: at most every ID is tried once (and in practice the first free one is
+        // found after at most `in_use.len()` tries).
+        for _ in 0..self.in_use.len() + 2 {
+            let id = self.next;
+            self.next = if self.limit == u32::MAX {
+                succ_u32(id)
+            } else {
+                succ_svc_id(id, self.limit)
+            };
+            if id != 0 && (id < self.limit || self.limit == u32::MAX) && self.in_use.insert(id) {
+                return Some(id);
             }
         }
-    };
+        None
+    }
 }
-alloc_impl!(u32, succ_u32);
-alloc_impl!(u16, succ_u16);
 
 /// Where the slots of a service go: backends already in a slot within the new count stay
 /// there; the other positions get the remaining backends in `wanted` order.
@@ -766,6 +786,7 @@ fn assign_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
 pub fn plan(current: &MapState, desired: &Desired, cluster_ips: &BTreeSet<Ipv4Addr>) -> Plan {
     let mut backend_ids = Alloc {
         next: current.next_backend_id,
+        limit: u32::MAX,
         in_use: current
             .raw_backends
             .keys()
@@ -775,7 +796,17 @@ pub fn plan(current: &MapState, desired: &Desired, cluster_ips: &BTreeSet<Ipv4Ad
     };
     let mut svc_ids = Alloc {
         next: current.next_svc_id,
+        limit: current.svc_id_limit,
         in_use: current.service_entries().map(|(_, v)| v.svc_id).collect(),
+    };
+    let terminating = terminating_backends(desired);
+    let backend_value = |b: &BackendAddr| {
+        let flags = if terminating.contains(b) {
+            backend_flags::TERMINATING
+        } else {
+            0
+        };
+        backend4(b).with_flags(flags)
     };
     // The lowest ID wins should the maps hold one address twice; the other is cleaned up.
     let mut id_of: HashMap<BackendAddr, u32> = HashMap::new();
@@ -791,7 +822,7 @@ pub fn plan(current: &MapState, desired: &Desired, cluster_ips: &BTreeSet<Ipv4Ad
     let mut put_services = Vec::new();
     let mut delete_slots = Vec::new();
     let mut referenced: HashSet<u32> = HashSet::new();
-    let mut claimed_svc_ids: HashSet<u16> = HashSet::new();
+    let mut claimed_svc_ids: HashSet<u32> = HashSet::new();
     let mut kept: HashSet<Svc4Key> = HashSet::new();
 
     for (key, ds) in desired {
@@ -834,7 +865,7 @@ pub fn plan(current: &MapState, desired: &Desired, cluster_ips: &BTreeSet<Ipv4Ad
                     };
                     put_backends.push(Op::PutBackend {
                         id,
-                        backend: backend4(b),
+                        backend: backend_value(b),
                     });
                     id_of.insert(*b, id);
                     id
@@ -896,6 +927,22 @@ pub fn plan(current: &MapState, desired: &Desired, cluster_ips: &BTreeSet<Ipv4Ad
         }
     }
 
+    // Backends that stay but became (or stopped being) terminating: rewritten in place, same
+    // ID, so their flows keep validating.
+    let mut flag_updates: Vec<Op> = current
+        .backends
+        .iter()
+        .filter(|(id, _)| referenced.contains(*id))
+        .filter_map(|(id, addr)| {
+            let want = backend_value(addr);
+            (current.raw_backends.get(id) != Some(&want)).then_some(Op::PutBackend {
+                id: *id,
+                backend: want,
+            })
+        })
+        .collect();
+    put_backends.append(&mut flag_updates);
+
     let mut delete_services = Vec::new();
     for (k0, g) in &current.groups {
         if kept.contains(k0) {
@@ -949,6 +996,192 @@ pub fn plan(current: &MapState, desired: &Desired, cluster_ips: &BTreeSet<Ipv4Ad
     Plan { ops }
 }
 
+/// What the maps can hold, in the units [`fit_capacity`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Service-map entries: one per service entry plus one per backend slot.
+    pub service_entries: usize,
+    /// Backend-map entries.
+    pub backends: usize,
+    /// Service IDs (one per service entry): the counter map's size minus the reserved ID 0.
+    pub service_ids: usize,
+    /// ClusterIP-map entries.
+    pub cluster_ips: usize,
+    /// Source-range (LPM) entries: one per range and LoadBalancer entry.
+    pub source_ranges: usize,
+}
+
+/// Admits whole Service objects into the desired state while they fit every map, smallest
+/// first (so one huge or hostile object cannot crowd out many small ones), and removes the
+/// rest (their entries and ClusterIPs), returning one issue per removed object that names what
+/// did not fit and the flag that sizes it. No object is ever half programmed: a service port
+/// with more endpoints than a service entry can index ([`MAX_BACKENDS_PER_SERVICE`]) rejects
+/// its whole Service.
+///
+/// Counted per object: service-map entries (entry + slots), service IDs, backends (distinct
+/// addresses across objects, including serving+terminating ones kept for established flows),
+/// ClusterIPs (distinct, with `cluster_ips` holding any not tied to an entry up front), and
+/// source ranges. A plan also holds old and new entries side by side for a moment
+/// (make-before-break), so running within a few percent of capacity can make a write fail,
+/// which is reported and retried.
+pub fn fit_capacity(
+    desired: &mut Desired,
+    cluster_ips: &mut BTreeSet<Ipv4Addr>,
+    cap: &Capacity,
+) -> Vec<crate::translate::Issue> {
+    // Object of a desired entry: its name up to the port name (`ns/name:port`).
+    let object_of = |d: &DesiredService| -> String {
+        let base = d.name.split(':').next().unwrap_or_default();
+        format!("Service {base}")
+    };
+    #[derive(Default)]
+    struct Need {
+        keys: Vec<ServiceKey>,
+        entries: usize,
+        ranges: usize,
+        backends: HashSet<BackendAddr>,
+        vips: BTreeSet<Ipv4Addr>,
+        too_many: Option<usize>,
+    }
+    let mut needs: BTreeMap<String, Need> = BTreeMap::new();
+    for (key, d) in desired.iter() {
+        let n = needs.entry(object_of(d)).or_default();
+        n.keys.push(*key);
+        n.entries += 1 + d.backends.len();
+        n.backends.extend(d.backends.iter().copied());
+        n.backends.extend(d.terminating.iter().copied());
+        if d.flags & svc_flags::SOURCE_RANGES != 0 {
+            n.ranges += d.source_ranges.len();
+        }
+        if d.flags & svc_flags::CLUSTER_IP != 0 && cluster_ips.contains(&key.ip) {
+            n.vips.insert(key.ip);
+        }
+        if d.backends.len() > MAX_BACKENDS_PER_SERVICE {
+            n.too_many = Some(d.backends.len());
+        }
+    }
+    let tied: BTreeSet<Ipv4Addr> = needs
+        .values()
+        .flat_map(|n| n.vips.iter().copied())
+        .collect();
+    let mut used_vips: BTreeSet<Ipv4Addr> = cluster_ips.difference(&tied).copied().collect();
+    let mut order: Vec<(&String, &Need)> = needs.iter().collect();
+    order.sort_by_key(|(name, n)| (n.entries, *name));
+    let (mut used_entries, mut used_ids, mut used_ranges) = (0usize, 0usize, 0usize);
+    let mut used_backends: HashSet<BackendAddr> = HashSet::new();
+    let mut issues = Vec::new();
+    let mut rejected_vips = BTreeSet::new();
+    for (object, n) in order {
+        let new_backends = n.backends.difference(&used_backends).count();
+        let new_vips = n.vips.difference(&used_vips).count();
+        let mut short = Vec::new();
+        let mut check = |what: &str, need: usize, used: usize, cap: usize, flag: &str| {
+            if need > 0 && used + need > cap {
+                short.push(format!(
+                    "{need} {what} (only {} of {cap} left; {flag})",
+                    cap.saturating_sub(used)
+                ));
+            }
+        };
+        check(
+            "service map entries",
+            n.entries,
+            used_entries,
+            cap.service_entries,
+            "--service-map-entries",
+        );
+        check(
+            "service IDs",
+            n.keys.len(),
+            used_ids,
+            cap.service_ids,
+            "--max-services",
+        );
+        check(
+            "backends",
+            new_backends,
+            used_backends.len(),
+            cap.backends,
+            "--max-backends",
+        );
+        check(
+            "ClusterIPs",
+            new_vips,
+            used_vips.len(),
+            cap.cluster_ips,
+            "--max-cluster-ips",
+        );
+        check(
+            "source ranges",
+            n.ranges,
+            used_ranges,
+            cap.source_ranges,
+            "--max-source-ranges",
+        );
+        let message = if let Some(count) = n.too_many {
+            Some(format!(
+                "a port has {count} endpoints, more than the {MAX_BACKENDS_PER_SERVICE} a \
+                 service entry can hold; the service is skipped"
+            ))
+        } else if !short.is_empty() {
+            Some(format!(
+                "does not fit the maps: needs {}; the service is skipped (raise the flag \
+                 named, or remove other services)",
+                short.join(", ")
+            ))
+        } else {
+            None
+        };
+        match message {
+            Some(message) => {
+                for k in &n.keys {
+                    desired.remove(k);
+                }
+                rejected_vips.extend(n.vips.iter().copied());
+                issues.push(crate::translate::Issue {
+                    object: object.clone(),
+                    field: String::new(),
+                    message,
+                });
+            }
+            None => {
+                used_entries += n.entries;
+                used_ids += n.keys.len();
+                used_ranges += n.ranges;
+                used_backends.extend(n.backends.iter().copied());
+                used_vips.extend(n.vips.iter().copied());
+            }
+        }
+    }
+    // A ClusterIP shared with an admitted object stays.
+    cluster_ips.retain(|ip| !rejected_vips.contains(ip) || used_vips.contains(ip));
+    issues
+}
+
+/// Backends written with `backend_flags::TERMINATING`: serving+terminating endpoints kept only
+/// for their established flows ([`DesiredService::terminating`]), and the slots of services
+/// left with nothing but serving+terminating endpoints (`svc_flags::TERMINATING_FALLBACK`).
+/// The datapath's session affinity skips a terminating affine backend unless its service is in
+/// that fallback.
+///
+/// The flag is per backend, and backends are shared by address: one that some service still
+/// uses as a ready endpoint (slices disagreeing for a moment) is not flagged, so affinity to a
+/// ready endpoint is never lost; the terminating side then keeps affinity a little longer.
+fn terminating_backends(desired: &Desired) -> HashSet<BackendAddr> {
+    let mut terminating = HashSet::new();
+    let mut ready = HashSet::new();
+    for ds in desired.values() {
+        terminating.extend(ds.terminating.iter().copied());
+        if ds.flags & svc_flags::TERMINATING_FALLBACK != 0 {
+            terminating.extend(ds.backends.iter().copied());
+        } else {
+            ready.extend(ds.backends.iter().copied());
+        }
+    }
+    terminating.retain(|b| !ready.contains(b));
+    terminating
+}
+
 /// Writes to the maps. Slots and service entries both go through
 /// `put_service`/`delete_service`. Deleting a key that is not there is `Ok`.
 ///
@@ -974,14 +1207,20 @@ pub trait MapWriter {
         let _ = addr_be;
         Err(ExtWriteError::Unsupported { op: "delete_vip" })
     }
-    /// `LB4_SRC_V1[k] = 1`.
+    /// `LB4_SRC_V2[k] = 1`.
     fn put_src_range(&mut self, k: &SrcRange4Key) -> Result<(), ExtWriteError<Self::Error>> {
         let _ = k;
         Err(ExtWriteError::Unsupported {
             op: "put_src_range",
         })
     }
-    /// Removes `LB4_SRC_V1[k]`.
+    /// Zeroes the per-service counters of `svc_id` (`LB4_SCNT_V1`), before the ID is
+    /// published. Writers without a counter map (in-memory ones) have nothing to reset.
+    fn reset_service_counter(&mut self, svc_id: u32) -> Result<(), ExtWriteError<Self::Error>> {
+        let _ = svc_id;
+        Ok(())
+    }
+    /// Removes `LB4_SRC_V2[k]`.
     fn delete_src_range(&mut self, k: &SrcRange4Key) -> Result<(), ExtWriteError<Self::Error>> {
         let _ = k;
         Err(ExtWriteError::Unsupported {
@@ -999,7 +1238,7 @@ pub enum ExtWriteError<E> {
     /// The writer does not implement this method.
     #[error(
         "this map writer does not implement {op}; it needs the ClusterIP and source-range maps \
-         (LB4_VIP_V1, LB4_SRC_V1)"
+         (LB4_VIP_V1, LB4_SRC_V2)"
     )]
     Unsupported { op: &'static str },
 }
@@ -1089,6 +1328,13 @@ pub fn apply_plan<W: MapWriter>(
     w: &mut W,
 ) -> Result<ApplyStats, ApplyError> {
     let mut stats = ApplyStats::default();
+    // Before any entry publishes a new ID: a new service never inherits a predecessor's counts.
+    for id in fresh_service_ids(state, plan) {
+        if let Err(e) = w.reset_service_counter(id) {
+            // Counters only: programming the service matters more than its statistics.
+            log::warn!("could not zero the packet counters of service ID {id}: {e}");
+        }
+    }
     for (index, op) in plan.ops.iter().enumerate() {
         let result = match op {
             Op::PutBackend { id, backend } => {
@@ -1119,6 +1365,21 @@ pub fn apply_plan<W: MapWriter>(
         stats.count(op);
     }
     Ok(stats)
+}
+
+/// The service IDs `plan` publishes that no entry of `state` uses yet (new or reused IDs),
+/// in order: their per-service counters must start from zero.
+pub fn fresh_service_ids(state: &MapState, plan: &Plan) -> Vec<u32> {
+    let in_use: HashSet<u32> = state.service_entries().map(|(_, v)| v.svc_id).collect();
+    let mut seen = HashSet::new();
+    plan.ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::PutService { value, .. } => Some(value.svc_id),
+            _ => None,
+        })
+        .filter(|id| !in_use.contains(id) && seen.insert(*id))
+        .collect()
 }
 
 /// In-memory maps, for tests and dry runs.
@@ -1281,13 +1542,20 @@ mod tests {
             backend: backend4(&b),
         }
     }
-    fn put_slot(k: ServiceKey, slot: u16, backend_id: u32, svc_id: u16) -> Op {
+    /// A backend written (or rewritten in place) as terminating.
+    fn put_be_term(id: u32, b: BackendAddr) -> Op {
+        Op::PutBackend {
+            id,
+            backend: backend4(&b).with_flags(backend_flags::TERMINATING),
+        }
+    }
+    fn put_slot(k: ServiceKey, slot: u16, backend_id: u32, svc_id: u32) -> Op {
         Op::PutSlot {
             key: svc4_key(&k, slot),
             value: Svc4Value::slot(backend_id, svc_id),
         }
     }
-    fn put_svc(k: ServiceKey, count: u16, svc_id: u16) -> Op {
+    fn put_svc(k: ServiceKey, count: u16, svc_id: u32) -> Op {
         Op::PutService {
             key: svc4_key(&k, 0),
             value: Svc4Value::service(count, svc_id, CIP),
@@ -1414,7 +1682,7 @@ mod tests {
             "a restarted agent plans nothing"
         );
         assert_eq!(&state.cluster_ips(), vips, "ClusterIPs");
-        let want_ranges: BTreeMap<u16, Vec<(Ipv4Addr, u8)>> = d
+        let want_ranges: BTreeMap<u32, Vec<(Ipv4Addr, u8)>> = d
             .iter()
             .filter(|(_, ds)| {
                 ds.flags & svc_flags::SOURCE_RANGES != 0 && !ds.source_ranges.is_empty()
@@ -1571,7 +1839,12 @@ mod tests {
                     desired().svc(a, &[e1, e2, e3]),
                     desired().svc(a, &[e1, e3]).drain(a, &[e2]),
                 ),
-                expected: vec![put_slot(a, 2, 3, 1), put_svc(a, 2, 1), del_slot(a, 3)],
+                expected: vec![
+                    put_be_term(2, e2),
+                    put_slot(a, 2, 3, 1),
+                    put_svc(a, 2, 1),
+                    del_slot(a, 3),
+                ],
             },
             Case {
                 name: "a draining endpoint never programmed gets no backend",
@@ -1585,6 +1858,7 @@ mod tests {
                     desired().svc(a, &[e1]).svc(b, &[e3]).drain(b, &[e2]),
                 ),
                 expected: vec![
+                    put_be_term(2, e2),
                     put_slot(b, 1, 3, 2),
                     put_svc(a, 1, 1),
                     put_svc(b, 1, 2),
@@ -1619,6 +1893,28 @@ mod tests {
         }
     }
 
+    /// The terminating flag follows every service that uses a backend: a backend still ready
+    /// in one service is not flagged although another drains it or has only terminating ones.
+    #[test]
+    fn a_backend_ready_in_any_service_is_not_flagged_terminating() {
+        let (a, b, c) = (
+            key("10.96.0.1", 80),
+            key("10.96.0.2", 80),
+            key("10.96.0.3", 80),
+        );
+        let (e1, e2) = (be("10.0.0.1", 8080), be("10.0.0.2", 8080));
+        let mut d = desired().svc(a, &[e1, e2]).svc(b, &[e2]).drain(b, &[e1]);
+        let mut fallback = DesiredService::new("test/c", vec![e1, e2], CIP);
+        fallback.flags |= svc_flags::TERMINATING_FALLBACK;
+        d.0.insert(c, fallback);
+        assert!(
+            terminating_backends(&d.0).is_empty(),
+            "e1 and e2 are ready in a"
+        );
+        let d = desired().svc(b, &[e2]).drain(b, &[e1]);
+        assert_eq!(terminating_backends(&d.0), HashSet::from([e1]));
+    }
+
     /// An endpoint's life through termination: ready -> terminating+serving (out of the
     /// slots, backend and ID kept: established flows still validate) -> unchanged (nothing
     /// to do, also after a restart) -> ready again (same ID, no new backend) -> terminating
@@ -1638,7 +1934,12 @@ mod tests {
         let p = converge(&mut state, &mut maps, &draining.0);
         assert_eq!(
             p.ops,
-            vec![put_slot(a, 2, 3, 1), put_svc(a, 2, 1), del_slot(a, 3)]
+            vec![
+                put_be_term(2, e2),
+                put_slot(a, 2, 3, 1),
+                put_svc(a, 2, 1),
+                del_slot(a, 3)
+            ]
         );
         assert_eq!(state.backends()[&2], e2, "backend kept with its ID");
         assert_eq!(
@@ -1648,9 +1949,12 @@ mod tests {
         );
         // Unchanged input: empty plan (converge also checks a restarted agent's plan).
         assert!(converge(&mut state, &mut maps, &draining.0).is_empty());
-        // Back to ready: the same ID goes into a slot, no backend write.
+        // Back to ready: the same ID goes into a slot, its flag cleared in place.
         let p = converge(&mut state, &mut maps, &all.0);
-        assert_eq!(p.ops, vec![put_slot(a, 3, 2, 1), put_svc(a, 3, 1)]);
+        assert_eq!(
+            p.ops,
+            vec![put_be(2, e2), put_slot(a, 3, 2, 1), put_svc(a, 3, 1)]
+        );
         converge(&mut state, &mut maps, &draining.0);
         // No longer serving (or gone): the backend goes, after everything else.
         let gone = desired().svc(a, &[e1, e3]);
@@ -1762,16 +2066,90 @@ mod tests {
         );
     }
 
+    /// Service IDs are 32-bit: more than 65,535 service entries get distinct IDs, a restart
+    /// restores IDs above 65,535 and continues after them, and the allocator stays below the
+    /// counter map's size.
+    #[test]
+    fn service_ids_go_past_16_bits_and_survive_a_restart() {
+        let n = 70_000u32;
+        let keys: Vec<ServiceKey> = (0..n)
+            .map(|i| ServiceKey::external(Ipv4Addr::from(0x0a60_0000 + i), 80, Protocol::Tcp))
+            .collect();
+        let mut d = desired();
+        for k in &keys {
+            d = d.svc(*k, &[be("10.0.0.1", 80)]);
+        }
+        let mut maps = MemMaps::default();
+        let mut state = MapState::with_svc_id_limit(100_000);
+        let p = plan(&state, &d.0, &BTreeSet::new());
+        apply_plan(&mut state, &p, &mut maps).expect("MemMaps never fails");
+        let ids: HashSet<u32> = state.services().values().map(|s| s.svc_id).collect();
+        assert_eq!(ids.len(), n as usize, "every entry has its own ID");
+        assert_eq!(ids.iter().max(), Some(&n));
+        // Restart: IDs above 65,535 come back as they were; the next new one follows them.
+        let (mut restored, warnings) = maps.state();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        restored.set_svc_id_limit(100_000);
+        assert_eq!(restored.services(), state.services());
+        let extra = key("10.200.0.1", 80);
+        let p = plan(
+            &restored,
+            &d.svc(extra, &[be("10.0.0.1", 80)]).0,
+            &BTreeSet::new(),
+        );
+        assert_eq!(
+            p.ops,
+            vec![put_slot(extra, 1, 1, n + 1), put_svc(extra, 1, n + 1)]
+        );
+        assert_eq!(fresh_service_ids(&restored, &p), vec![n + 1]);
+        // With a counter map of 70,001 entries the next ID wraps to the lowest free one.
+        restored.set_svc_id_limit(n + 1);
+        let mut d2 = desired();
+        for k in &keys[1..] {
+            d2 = d2.svc(*k, &[be("10.0.0.1", 80)]);
+        }
+        // While its ID is still published (deleted after the new entries), 1 is in use.
+        let with_extra = d2.clone().svc(extra, &[be("10.0.0.1", 80)]);
+        let p = plan(&restored, &with_extra.0, &BTreeSet::new());
+        assert!(!p.ops.iter().any(|o| matches!(o, Op::PutService { .. })));
+        apply_plan(&mut restored, &p, &mut maps).expect("MemMaps never fails");
+        let p = plan(&restored, &with_extra.0, &BTreeSet::new());
+        assert_eq!(p.ops, vec![put_slot(extra, 1, 1, 1), put_svc(extra, 1, 1)]);
+        assert_eq!(
+            fresh_service_ids(&restored, &p),
+            vec![1],
+            "a reused ID is zeroed"
+        );
+    }
+
+    #[test]
+    fn fresh_service_ids_are_new_or_reused_ids_only() {
+        let a = key("10.96.0.1", 80);
+        let b = key("10.96.0.2", 80);
+        let (mut maps, mut state) = programmed(&desired().svc(a, &[be("10.0.0.1", 80)]).0);
+        // Unchanged service: its ID is in use, nothing to zero.
+        let d = desired().svc(a, &[be("10.0.0.2", 80)]).svc(b, &[]);
+        let p = plan(&state, &d.0, &BTreeSet::new());
+        assert_eq!(fresh_service_ids(&state, &p), vec![2]);
+        replay(&mut state, &mut maps, &p);
+        // a goes; a new service at another address reuses nothing yet (IDs move on), but
+        // once the allocator wraps it would: any ID not in use counts as fresh.
+        let p = plan(&state, &desired().svc(b, &[]).0, &BTreeSet::new());
+        assert!(fresh_service_ids(&state, &p).is_empty());
+    }
+
     #[test]
     fn id_allocators_wrap_and_skip_ids_in_use() {
         let a = key("10.96.0.1", 80);
         let n = key("10.96.0.9", 80);
+        // The highest service ID the default counter map can count.
+        let top = sizes::SVC_IDS - 1;
         let maps = entries(&[
             put_be(u32::MAX, be("10.0.0.1", 80)),
             put_be(1, be("10.0.0.2", 80)),
-            put_slot(a, 1, u32::MAX, u16::MAX),
-            put_slot(a, 2, 1, u16::MAX),
-            put_svc(a, 2, u16::MAX),
+            put_slot(a, 1, u32::MAX, top),
+            put_slot(a, 2, 1, top),
+            put_svc(a, 2, top),
             put_svc(key("10.96.0.2", 80), 0, 1),
         ]);
         let (mut state, warnings) = maps.state();
@@ -1781,7 +2159,8 @@ mod tests {
             .svc(a, &[be("10.0.0.1", 80), be("10.0.0.2", 80)])
             .svc(n, &[be("10.0.0.3", 80)]);
         let p = converge(&mut state, &mut maps, &d.0);
-        // Backend IDs wrap past u32::MAX to 1, which is taken: 2. Service IDs likewise: 2.
+        // Backend IDs wrap past u32::MAX to 1, which is taken: 2. Service IDs wrap at the
+        // counter map's size likewise: 2.
         assert_eq!(
             p.ops,
             vec![
@@ -1835,7 +2214,7 @@ mod tests {
                 ],
                 expected: vec![
                     "service 10.96.0.1:80/TCP: slot 1 of 3 is missing",
-                    "service 10.96.0.1:80/TCP: slot 2 is not a valid slot of service ID 1: Svc4Value { backend_id: 1, count: 0, svc_id: 9, flags: 0, affinity_timeout_s: 0 }",
+                    "service 10.96.0.1:80/TCP: slot 2 is not a valid slot of service ID 1: Svc4Value { backend_id: 1, count: 0, _pad: 0, svc_id: 9, flags: 0, affinity_timeout_s: 0 }",
                 ],
             },
             Case {
@@ -1860,8 +2239,9 @@ mod tests {
                     },
                     Op::PutBackend {
                         id: 2,
+                        // A flag this agent never writes (TERMINATING is 0x1).
                         backend: Backend4 {
-                            flags: 1,
+                            flags: 0x80,
                             ..backend4(&e1)
                         },
                     },
@@ -1871,7 +2251,7 @@ mod tests {
                 expected: vec![
                     "backend 0 (10.0.0.1:80/TCP) uses the reserved ID 0",
                     "backend 1 (1.0.0.0:512/proto 99, flags 0x0) is not a valid backend entry",
-                    "backend 2 (10.0.0.1:80/TCP, flags 0x1) is not a valid backend entry",
+                    "backend 2 (10.0.0.1:80/TCP, flags 0x80) is not a valid backend entry",
                 ],
             },
             Case {
@@ -1908,7 +2288,7 @@ mod tests {
                     },
                 }],
                 expected: vec![
-                    "service 10.96.0.1:80/TCP: entry has a non-zero backend_id: Svc4Value { backend_id: 5, count: 0, svc_id: 1, flags: 1, affinity_timeout_s: 0 }",
+                    "service 10.96.0.1:80/TCP: entry has a non-zero backend_id: Svc4Value { backend_id: 5, count: 0, _pad: 0, svc_id: 1, flags: 1, affinity_timeout_s: 0 }",
                 ],
             },
         ];
@@ -2119,7 +2499,7 @@ mod tests {
                     .collect();
                 d = d.svc(*k, &backends);
             }
-            let svc_ids_before: BTreeMap<ServiceKey, u16> = state
+            let svc_ids_before: BTreeMap<ServiceKey, u32> = state
                 .services()
                 .iter()
                 .map(|(k, s)| (*k, s.svc_id))
@@ -2192,8 +2572,13 @@ mod tests {
         };
         assert_eq!(backend_addr(&backend4(&b)), Some(b));
         assert_eq!(
+            backend_addr(&backend4(&b).with_flags(backend_flags::TERMINATING)),
+            Some(b),
+            "terminating is a flag this agent writes"
+        );
+        assert_eq!(
             backend_addr(&Backend4 {
-                flags: 1,
+                flags: 2,
                 ..backend4(&b)
             }),
             None
@@ -2278,12 +2663,12 @@ mod tests {
             addr_be: abi::addr_be(ip(a)),
         }
     }
-    fn put_range(svc_id: u16, a: &str, p: u8) -> Op {
+    fn put_range(svc_id: u32, a: &str, p: u8) -> Op {
         Op::PutSrcRange {
             key: SrcRange4Key::new(svc_id, abi::addr_be(ip(a)), p),
         }
     }
-    fn del_range(svc_id: u16, a: &str, p: u8) -> Op {
+    fn del_range(svc_id: u32, a: &str, p: u8) -> Op {
         Op::DeleteSrcRange {
             key: SrcRange4Key::new(svc_id, abi::addr_be(ip(a)), p),
         }
@@ -2656,7 +3041,7 @@ mod tests {
         ));
         assert_eq!(
             err.source.to_string(),
-            "this map writer does not implement put_vip; it needs the ClusterIP and source-range maps (LB4_VIP_V1, LB4_SRC_V1)"
+            "this map writer does not implement put_vip; it needs the ClusterIP and source-range maps (LB4_VIP_V1, LB4_SRC_V2)"
         );
         // Service entries alone still work through it.
         let mut state = MapState::new();

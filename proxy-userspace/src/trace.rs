@@ -26,6 +26,7 @@ use crate::{
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_PASS: u32 = 2;
 
 /// Options of `ebpf-proxy trace`.
 #[derive(clap::Args, Debug, Clone)]
@@ -193,9 +194,12 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
         ),
         Origin::External => (
             programs::UPLINK_INGRESS,
-            "tc ingress on the uplink (lb_up_in)",
+            "XDP on the uplink (lb_up_xdp), then tc ingress on the uplink (lb_up_in)",
         ),
     };
+    // From outside, packets meet the XDP fast path first and tc gets what XDP passes on.
+    let xdp_first = origin == Origin::External;
+    let (mut by_xdp, mut by_tc) = (0u32, 0u32);
     let mut explanation = vec![
         format!("objects skipped as invalid: {}", summary.rejected.len()),
         format!("origin: {origin:?} ({src_ip}), hook: {hook}"),
@@ -211,7 +215,27 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
             Some(p) => p.wrapping_add(i as u16).max(1),
             None => 40000u16.wrapping_add(i as u16),
         };
-        let pkt = packet(args.protocol, (src_ip, sport), dst);
+        let mut pkt = packet(args.protocol, (src_ip, sport), dst);
+        if xdp_first {
+            let mut out = vec![0u8; pkt.len() + 256];
+            let r = dp
+                .xdp_program(programs::UPLINK_XDP)?
+                .test_run(TestRunOptions {
+                    data_in: Some(&pkt),
+                    data_out: Some(&mut out),
+                    ..Default::default()
+                })?;
+            out.truncate(r.data_size_out as usize);
+            if r.return_value != XDP_PASS {
+                drop += 1;
+                continue;
+            }
+            if parse(&out).is_some_and(|o| (o.dst.0, o.dst.1) != dst) {
+                by_xdp += 1;
+            }
+            pkt = out;
+        }
+        let before_tc = parse(&pkt).map(|o| o.dst);
         let mut out = vec![0u8; pkt.len() + 256];
         let r = dp.program(prog)?.test_run(TestRunOptions {
             data_in: Some(&pkt),
@@ -226,6 +250,9 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
                 Some(o) if o.proto == 1 || (o.proto == 6 && o.tcp_flags & 0x04 != 0) => rej += 1,
                 Some(o) if (o.dst.0, o.dst.1) != dst => {
                     fwd += 1;
+                    if before_tc != Some(o.dst) {
+                        by_tc += 1;
+                    }
                     endpoints.insert(format!("{}:{}", o.dst.0, o.dst.1));
                     if node_ips.contains(&o.src.0) || o.src.0 != src_ip {
                         masq = true;
@@ -238,6 +265,13 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
     }
     if origin == Origin::Host && fwd > 0 {
         masq = true;
+    }
+    if xdp_first && fwd > 0 {
+        explanation.push(format!(
+            "translated by XDP (lb_up_xdp): {by_xdp}, by tc (lb_up_in): {by_tc} of {fwd} \
+             forwarded samples (XDP translates only established flows; each sample is a new \
+             flow)"
+        ));
     }
     let after = dp.counters()?;
     for (i, name) in counter::NAMES.iter().enumerate() {

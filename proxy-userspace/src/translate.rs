@@ -554,6 +554,10 @@ struct EndpointSets {
     local: Vec<BackendAddr>,
     cluster_terminating: Vec<BackendAddr>,
     local_terminating: Vec<BackendAddr>,
+    /// `svc_flags::TERMINATING_FALLBACK` when `cluster` / `local` holds serving+terminating
+    /// endpoints because none is ready.
+    cluster_fallback: u32,
+    local_fallback: u32,
 }
 
 impl EndpointSets {
@@ -581,7 +585,17 @@ impl EndpointSets {
             cluster = usable(candidates, |_| true);
         }
         let local = usable(candidates, |ep| node.is_local(ep));
+        let fallback = |set: &[BackendAddr], filter: &dyn Fn(&EndpointView) -> bool| {
+            let any_ready = candidates.iter().any(|(_, ep)| filter(ep) && ep.ready);
+            if !set.is_empty() && !any_ready {
+                svc_flags::TERMINATING_FALLBACK
+            } else {
+                0
+            }
+        };
         Self {
+            cluster_fallback: fallback(&cluster, &|_| true),
+            local_fallback: fallback(&local, &|ep| node.is_local(ep)),
             cluster_terminating: draining(candidates, |_| true, &cluster),
             local_terminating: draining(candidates, |ep| node.is_local(ep), &local),
             cluster,
@@ -634,13 +648,13 @@ fn port_entries(
         entry(
             &sets.local,
             &sets.local_terminating,
-            svc_flags::CLUSTER_IP | svc_flags::ITP_LOCAL | local_empty,
+            svc_flags::CLUSTER_IP | svc_flags::ITP_LOCAL | local_empty | sets.local_fallback,
         )
     } else {
         entry(
             &sets.cluster,
             &sets.cluster_terminating,
-            svc_flags::CLUSTER_IP,
+            svc_flags::CLUSTER_IP | sets.cluster_fallback,
         )
     };
     for ip in &view.cluster_ips {
@@ -697,16 +711,21 @@ fn port_entries(
                         | svc_flags::ETP_LOCAL
                         | svc_flags::TWO_SCOPES
                         | local_empty
-                        | range_flag,
+                        | range_flag
+                        | sets.local_fallback,
                 ),
-                Some(entry(&sets.cluster, &sets.cluster_terminating, kind.flag())),
+                Some(entry(
+                    &sets.cluster,
+                    &sets.cluster_terminating,
+                    kind.flag() | sets.cluster_fallback,
+                )),
             )
         } else {
             (
                 entry(
                     &sets.cluster,
                     &sets.cluster_terminating,
-                    kind.flag() | range_flag,
+                    kind.flag() | range_flag | sets.cluster_fallback,
                 ),
                 None,
             )
@@ -1984,13 +2003,15 @@ mod tests {
                 expected: expect(
                     vec![(
                         key("10.96.0.10", 80, TCP),
-                        ds(
+                        // Flagged: session affinity may stick to these terminating ones.
+                        dsf(
                             "default/web:http",
                             &[
                                 tcp("10.0.0.1", 8080),
                                 tcp("10.0.0.4", 8080),
                                 tcp("10.0.0.5", 8080),
                             ],
+                            svc_flags::CLUSTER_IP | svc_flags::TERMINATING_FALLBACK,
                         ),
                     )],
                     vec![],
@@ -2050,7 +2071,11 @@ mod tests {
                         ),
                         (
                             key("10.96.0.10", 81, TCP),
-                            ds("default/web:admin", &[tcp("10.0.0.2", 8081)]),
+                            dsf(
+                                "default/web:admin",
+                                &[tcp("10.0.0.2", 8081)],
+                                svc_flags::CLUSTER_IP | svc_flags::TERMINATING_FALLBACK,
+                            ),
                         ),
                     ],
                     vec![],
@@ -2746,7 +2771,10 @@ mod tests {
                         &[tcp("10.0.0.2", 8080)],
                         0,
                     );
-                    d.push(ext);
+                    // Locally only terminating ones are left: affinity to them is fine.
+                    let (ek, mut e) = ext;
+                    e.flags |= svc_flags::TERMINATING_FALLBACK;
+                    d.push((ek, e));
                     d.push((ik, with_draining(int, &draining)));
                     expect(d, vec![]).with_health_check(32001, "default/t", 0)
                 },
@@ -3043,7 +3071,11 @@ mod tests {
                         ),
                         (
                             key("10.96.5.5", 80, TCP),
-                            ds("default/e", &[tcp("10.0.0.1", 8080), tcp("10.0.0.2", 8080)]),
+                            dsf(
+                                "default/e",
+                                &[tcp("10.0.0.1", 8080), tcp("10.0.0.2", 8080)],
+                                CLUSTER_IP | svc_flags::TERMINATING_FALLBACK,
+                            ),
                         ),
                     ],
                     vec![],

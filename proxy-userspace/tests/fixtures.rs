@@ -13,6 +13,11 @@ use proxy_userspace::{
     translate,
 };
 
+/// Per-service counters and affinity vs terminating endpoints (`tests/lb_svc/mod.rs`).
+mod lb_svc;
+/// The XDP fast path's fixtures (`tests/xdp/mod.rs`), sharing this harness.
+mod xdp;
+
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
@@ -777,4 +782,130 @@ fn fragmentation_needed_about_a_masqueraded_reply_reaches_the_backend() {
     );
     assert_eq!(qsrc, p.dst, "quoted as the backend sent it");
     assert_eq!(qdst, p.src, "to the masquerade address it used");
+}
+
+// ---- SCTP: DNAT with the CRC32c kept valid (SEMANTICS: "SCTP at least DNAT") ----
+
+const SCTP: u8 = 132;
+
+/// Ethernet + IPv4 + SCTP common header + one DATA chunk (odd-length payload, padded), CRC32c
+/// computed from scratch, followed by `trailer` bytes of Ethernet padding beyond the datagram.
+fn sctp_packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), trailer: usize) -> Vec<u8> {
+    let payload = b"sctp payload, 27 bytes long";
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&src.1.to_be_bytes());
+    l4.extend_from_slice(&dst.1.to_be_bytes());
+    l4.extend_from_slice(&0x5ca1_ab1eu32.to_be_bytes()); // verification tag
+    l4.extend_from_slice(&[0; 4]); // checksum, filled below
+    // DATA chunk: type 0, flags B|E, length, TSN, stream id, stream seq, PPID, payload.
+    l4.extend_from_slice(&[0, 0x03]);
+    l4.extend_from_slice(&((16 + payload.len()) as u16).to_be_bytes());
+    l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+    l4.extend_from_slice(payload);
+    l4.resize(l4.len().next_multiple_of(4), 0);
+    let crc = proxy_common::crc32c::sctp_checksum(&l4);
+    l4[8..12].copy_from_slice(&crc.to_le_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, SCTP, 0, 0]);
+    ip.extend_from_slice(&src.0.octets());
+    ip.extend_from_slice(&dst.0.octets());
+    let c = csum::ipv4_header(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&MAC_GW);
+    f.extend_from_slice(&MAC_POD);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&l4);
+    f.extend(std::iter::repeat_n(0xeeu8, trailer));
+    f
+}
+
+/// Parses an SCTP frame, asserting the IPv4 checksum and the CRC32c (over the datagram only,
+/// not the Ethernet padding), both recomputed from scratch. Returns (src, dst).
+fn parse_sctp_checked(f: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    let ip = &f[14..];
+    let mut hdr = ip[..20].to_vec();
+    let stored = u16::from_be_bytes([hdr[10], hdr[11]]);
+    hdr[10] = 0;
+    hdr[11] = 0;
+    assert_eq!(stored, csum::ipv4_header(&hdr), "IPv4 header checksum");
+    assert_eq!(ip[9], SCTP);
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let l4 = &ip[20..total];
+    let stored = u32::from_le_bytes([l4[8], l4[9], l4[10], l4[11]]);
+    assert_eq!(
+        stored,
+        proxy_common::crc32c::sctp_checksum(l4),
+        "SCTP CRC32c"
+    );
+    let addr = |o: usize| Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
+    ((addr(12), port(0)), (addr(16), port(2)))
+}
+
+#[test]
+fn sctp_to_cluster_ip_is_dnated_and_reversed_with_a_valid_crc32c() {
+    let f = Fixture::new(&hostnames(&EPS, "SCTP"));
+    // Ethernet padding after the datagram must not enter the checksum arithmetic.
+    let init = sctp_packet((CLIENT, 36412), (VIP, 80), 6);
+    let (rc, out) = f.run(programs::POD_INGRESS, &init);
+    assert_eq!(rc, TC_ACT_OK);
+    let (src, dst) = parse_sctp_checked(&out);
+    assert_eq!(
+        src,
+        (CLIENT, 36412),
+        "source untouched for pod -> ClusterIP"
+    );
+    assert!(
+        EPS.contains(&dst.0.to_string().as_str()),
+        "DNAT to an endpoint, got {dst:?}"
+    );
+    assert_eq!(dst.1, 9376, "port rewritten, so the CRC had to be updated");
+    assert_eq!(&out[out.len() - 6..], &[0xee; 6], "padding kept as it was");
+    assert_eq!(f.counter(counter::FWD_NEW), 1);
+    // The association's next packet keeps its endpoint.
+    let (_, again) = f.run(programs::POD_INGRESS, &init);
+    assert_eq!(parse_sctp_checked(&again).1, dst);
+    assert_eq!(f.counter(counter::FWD_ESTABLISHED), 1);
+    // The endpoint's reply comes back from the VIP's port.
+    let (rc, back) = f.run(programs::POD_EGRESS, &sctp_packet(dst, (CLIENT, 36412), 0));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(parse_sctp_checked(&back), ((VIP, 80), (CLIENT, 36412)));
+    assert_eq!(f.counter(counter::REPLY), 1);
+}
+
+#[test]
+fn sctp_nodeport_is_masqueraded_with_both_ports_rewritten_and_a_valid_crc32c() {
+    let yaml = load_balancer(&[("10.76.1.10", "node2")], false, &[]).replace("TCP", "SCTP");
+    let f = Fixture::new(&yaml);
+    let (rc, out) = f.run(
+        programs::UPLINK_INGRESS,
+        &sctp_packet((EXT, 50000), (NODE, 30080), 0),
+    );
+    assert!(
+        rc == TC_ACT_OK || rc == TC_ACT_REDIRECT,
+        "forwarded, got {rc}"
+    );
+    let (src, dst) = parse_sctp_checked(&out);
+    assert_eq!(dst, (Ipv4Addr::new(10, 76, 1, 10), 9376));
+    assert_eq!(src.0, NODE, "masqueraded to the node");
+    assert!((61000..=65000).contains(&src.1), "SNAT port {}", src.1);
+    let (rc, back) = f.run(programs::UPLINK_INGRESS, &sctp_packet(dst, src, 0));
+    assert!(rc == TC_ACT_OK || rc == TC_ACT_REDIRECT, "got {rc}");
+    assert_eq!(parse_sctp_checked(&back), ((NODE, 30080), (EXT, 50000)));
+}
+
+#[test]
+fn sctp_service_without_endpoints_is_rejected_with_icmp_port_unreachable() {
+    let f = Fixture::new(&hostnames(&[], "SCTP"));
+    let (rc, out) = f.run(
+        programs::POD_INGRESS,
+        &sctp_packet((CLIENT, 36412), (VIP, 80), 0),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(out[14 + 9], 1, "ICMP");
+    assert_eq!((out[34], out[35]), (3, 3), "destination/port unreachable");
+    assert_eq!(f.counter(counter::REJECT), 1);
 }

@@ -366,6 +366,7 @@ fn over_capacity_rejects_whole_services_smallest_first() {
         services: 20,
         backends: 100,
         conntrack: 1024,
+        ..MapSizes::default()
     };
     let mut maps = MemMaps::default();
     let mut state = MapState::new();
@@ -380,6 +381,195 @@ fn over_capacity_rejects_whole_services_smallest_first() {
     let mut d = proxy_userspace::translate::Desired::new();
     assert!(fit_capacity(&mut d, &MapSizes::default()).is_empty());
     const _: () = assert!(plan::MAX_BACKENDS_PER_SERVICE >= 10_000);
+}
+
+/// Capacity counts every map a service needs: ClusterIPs, source ranges, service IDs, and
+/// backends kept for terminating endpoints; what does not fit is rejected naming the flag.
+#[test]
+fn capacity_counts_cluster_ips_source_ranges_ids_and_terminating_backends() {
+    let reconcile_with = |snap: &Snapshot, sizes: MapSizes| {
+        let mut ctx = Context::new("node1");
+        ctx.map_sizes = sizes;
+        let mut maps = MemMaps::default();
+        let mut state = MapState::new();
+        let s = reconcile(snap, &ctx, &mut state, &mut maps).expect("in memory");
+        let r: BTreeMap<String, String> = s
+            .rejected
+            .iter()
+            .map(|(k, v)| (k.clone(), v.join(" | ")))
+            .collect();
+        (view_of(&state), r, maps)
+    };
+    let two = snapshot_with(
+        vec![service("default", "a", "10.96.2.1", &[("http", 80, "TCP")])],
+        vec![slice(
+            "default",
+            "a-1",
+            "a",
+            &[("http", 80, "TCP")],
+            &ips(3),
+        )],
+    );
+    // ClusterIP map of 1: web (smaller) fits, a does not; its VIP is not written either.
+    let (v, r, maps) = reconcile_with(
+        &two,
+        MapSizes {
+            vips: 1,
+            ..MapSizes::default()
+        },
+    );
+    assert!(v.contains_key(&key("10.96.0.10", 80)) && !v.contains_key(&key("10.96.2.1", 80)));
+    assert!(
+        r["Service default/a"].contains("1 ClusterIPs (only 0 of 1 left; --max-cluster-ips)"),
+        "{r:#?}"
+    );
+    assert_eq!(maps.vips.len(), 1);
+    // Service IDs: --max-services 1 means one ID (counter map of 2 with ID 0 reserved).
+    let (_, r, _) = reconcile_with(
+        &two,
+        MapSizes {
+            svc_ids: 2,
+            ..MapSizes::default()
+        },
+    );
+    assert!(r["Service default/a"].contains("--max-services"), "{r:#?}");
+
+    // Terminating endpoints kept for their flows need backend entries too.
+    let mut term = slice("default", "a-1", "a", &[("http", 80, "TCP")], &ips(5));
+    for ep in term["endpoints"]
+        .as_array_mut()
+        .expect("endpoints")
+        .iter_mut()
+        .skip(2)
+    {
+        ep["conditions"] = json!({"ready": false, "serving": true, "terminating": true});
+    }
+    let draining = snapshot_with(
+        vec![service("default", "a", "10.96.2.1", &[("http", 80, "TCP")])],
+        vec![term],
+    );
+    // a (3 entries, first by name) needs 2 ready + 3 terminating = 5 backends; web's 2 then
+    // exceed 6 (counting only slots, 4 would have fit).
+    let (v, r, _) = reconcile_with(
+        &draining,
+        MapSizes {
+            backends: 6,
+            ..MapSizes::default()
+        },
+    );
+    assert!(v.contains_key(&key("10.96.2.1", 80)) && !v.contains_key(&key("10.96.0.10", 80)));
+    assert!(
+        r["Service default/web"].contains("2 backends (only 1 of 6 left; --max-backends)"),
+        "{r:#?}"
+    );
+    let (v, r, _) = reconcile_with(
+        &draining,
+        MapSizes {
+            backends: 7,
+            ..MapSizes::default()
+        },
+    );
+    assert!(
+        v.contains_key(&key("10.96.2.1", 80)) && r.is_empty(),
+        "{r:#?}"
+    );
+
+    // loadBalancerSourceRanges: one LPM entry per range.
+    let mut lb = service("default", "lb", "10.96.3.1", &[("http", 80, "TCP")]);
+    lb["spec"]["type"] = json!("LoadBalancer");
+    lb["spec"]["ports"][0]["nodePort"] = json!(30080);
+    lb["spec"]["loadBalancerSourceRanges"] = json!(["192.0.2.0/24", "198.51.100.0/24"]);
+    lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}});
+    let ranged = snapshot_with(
+        vec![lb],
+        vec![slice(
+            "default",
+            "lb-1",
+            "lb",
+            &[("http", 80, "TCP")],
+            &ips(1),
+        )],
+    );
+    let (_, r, _) = reconcile_with(
+        &ranged,
+        MapSizes {
+            src_ranges: 1,
+            ..MapSizes::default()
+        },
+    );
+    assert!(
+        r["Service default/lb"].contains("2 source ranges (only 1 of 1 left; --max-source-ranges)"),
+        "{r:#?}"
+    );
+    let (v, r, maps) = reconcile_with(
+        &ranged,
+        MapSizes {
+            src_ranges: 2,
+            ..MapSizes::default()
+        },
+    );
+    assert!(
+        r.is_empty() && v.contains_key(&key("203.0.113.10", 80)),
+        "{r:#?}"
+    );
+    assert_eq!(maps.src_ranges.len(), 2);
+}
+
+/// 100,000 services x 10 endpoints (more service ports than 16-bit IDs could number) go
+/// through reconcile (translate, capacity, plan, in-memory write) with every one programmed
+/// under its own ID, and an unchanged second sync writes nothing.
+#[test]
+fn one_hundred_thousand_services_are_programmed_with_distinct_ids() {
+    const N: usize = 100_000;
+    let mut services = Vec::with_capacity(N);
+    let mut slices = Vec::with_capacity(N);
+    for i in 0..N {
+        let vip = std::net::Ipv4Addr::from(0x0a64_0000 + i as u32 + 1).to_string();
+        let name = format!("s{i}");
+        services.push(service("bulk", &name, &vip, &[("http", 80, "TCP")]));
+        let eps: Vec<String> = (0..10)
+            .map(|j| std::net::Ipv4Addr::from(0x0a80_0000 + (i * 10 + j) as u32).to_string())
+            .collect();
+        slices.push(slice(
+            "bulk",
+            &format!("{name}-1"),
+            &name,
+            &[("http", 8080, "TCP")],
+            &eps,
+        ));
+    }
+    let snap = snapshot_with(services, slices);
+    let mut ctx = Context::new("node1");
+    ctx.map_sizes = MapSizes {
+        services: 1_200_000,
+        backends: 1_100_000,
+        svc_ids: 100_100,
+        vips: 100_100,
+        ..MapSizes::default()
+    };
+    let mut maps = MemMaps::default();
+    let mut state = MapState::with_svc_id_limit(ctx.map_sizes.svc_ids);
+    let started = std::time::Instant::now();
+    let s = reconcile(&snap, &ctx, &mut state, &mut maps).expect("in memory");
+    let took = started.elapsed();
+    assert!(
+        s.rejected.is_empty(),
+        "{:?}",
+        s.rejected.iter().take(3).collect::<Vec<_>>()
+    );
+    assert_eq!(state.services().len(), N + 1);
+    let ids: std::collections::HashSet<u32> = state.services().values().map(|p| p.svc_id).collect();
+    assert_eq!(ids.len(), N + 1, "distinct service IDs");
+    assert!(ids.iter().any(|id| *id > u32::from(u16::MAX)));
+    assert_eq!(maps.services.len(), (N + 1) + N * 10 + 2);
+    assert_eq!(
+        s.service_ids.len(),
+        N + 1,
+        "every ID labelled for the metrics"
+    );
+    let again = reconcile(&snap, &ctx, &mut state, &mut maps).expect("in memory");
+    assert_eq!(again.ops, 0, "unchanged input, no writes");
+    eprintln!("100k services x 10 endpoints: first sync {took:?}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The Kubernetes source end to end over HTTP: the real kube client (built from a kubeconfig
 //! file), kube-runtime watchers, the source's stores and debounce, and the agent's
-//! `reconcile`, against the loopback fake API server in `support/fakeapi.rs`. The maps are
+//! `reconcile`, against the loopback fake API server (`proxy_userspace::fakeapi`). The maps are
 //! in memory and checked after every single write (no service entry ever points at a
 //! missing slot or backend).
 mod support;
@@ -15,7 +15,7 @@ use proxy_userspace::{
 use serde_json::Value;
 use support::{
     fakeapi::{FakeApiServer, GoneMode, Kind},
-    harness::{Harness, View, backend, key},
+    harness::{Harness, View, backend, histogram, key},
     objects::{ips, node, service, slice, strs},
 };
 
@@ -491,4 +491,94 @@ async fn many_endpoints_over_the_wire() {
     let maps = h.maps();
     assert_eq!(maps.backends.len(), 12_000);
     assert_eq!(maps.services.len(), 12_001);
+}
+
+const PROGRAMMING: &str = "kubeproxy_network_programming_duration_seconds";
+
+/// `web-1` with `ips` and the EndpointSlice controller's trigger-time annotation `ago` before now.
+fn triggered_slice(ips: &[&str], ago: Duration) -> Value {
+    let mut v = slice(
+        "default",
+        "web-1",
+        "web",
+        &[("http", 8080, "TCP")],
+        &strs(ips),
+    );
+    let t = k8s_openapi::chrono::Utc::now() - ago;
+    v["metadata"]["annotations"] = serde_json::json!({
+        "endpoints.kubernetes.io/last-change-trigger-time":
+            t.to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Nanos, true)
+    });
+    v
+}
+
+/// kubeproxy_network_programming_duration_seconds, as kube-proxy observes it: from the
+/// slice's trigger time to programmed, once per change, never for changes triggered before
+/// the agent started, never again on a relist or an unrelated change.
+#[tokio::test]
+async fn network_programming_latency_from_trigger_times() {
+    let api = FakeApiServer::start().await;
+    populate(&api);
+    // Triggered an hour before the agent starts: a restart must not report it.
+    api.apply_raw(
+        Kind::EndpointSlice,
+        triggered_slice(&["10.76.0.2", "10.76.0.3"], Duration::from_secs(3600)),
+    );
+    let (_dir, kc) = kubeconfig(&api);
+    let h = Harness::start(&kc, "node1", MemMaps::default()).await;
+    h.wait_for("initial sync", WAIT, |v| *v == expected_initial())
+        .await;
+    assert_eq!(histogram(&h.metrics.encode(), PROGRAMMING).0, 0);
+
+    // An endpoint change triggered 500 ms ago (after the agent started).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    api.apply_raw(
+        Kind::EndpointSlice,
+        triggered_slice(&["10.76.0.3"], Duration::from_millis(500)),
+    );
+    h.wait_for("web scaled down", WAIT, |v| {
+        v.get(&key("10.96.0.10", 80)) == Some(&vec![backend("10.76.0.3", 8080)])
+    })
+    .await;
+    let (count, sum) = histogram(&h.metrics.encode(), PROGRAMMING);
+    assert_eq!(count, 1, "one change, one observation");
+    assert!(
+        (0.5..10.0).contains(&sum),
+        "measured from the trigger time (500 ms before the change was made): {sum}"
+    );
+
+    // Unrelated changes, the same slice written again unchanged, bookmarks, and a relist:
+    // nothing new to observe.
+    let relists = h.stats.values().relists;
+    api.apply_raw(
+        Kind::Service,
+        service("kube-system", "dns", "10.96.0.54", &[("dns", 53, "TCP")]),
+    );
+    for k in Kind::ALL {
+        api.bookmark(k);
+    }
+    h.wait_for("dns moved", WAIT, |v| {
+        v.contains_key(&key("10.96.0.54", 53))
+    })
+    .await;
+    api.compact();
+    api.expire_watches();
+    let start = std::time::Instant::now();
+    while h.stats.values().relists < relists + 3 {
+        assert!(start.elapsed() < WAIT, "no relist: {:?}", h.stats.values());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(histogram(&h.metrics.encode(), PROGRAMMING).0, 1);
+
+    // The next change is observed once more.
+    api.apply_raw(
+        Kind::EndpointSlice,
+        triggered_slice(&["10.76.0.3", "10.76.0.4"], Duration::ZERO),
+    );
+    h.wait_for("web scaled up", WAIT, |v| {
+        v.get(&key("10.96.0.10", 80)).map(Vec::len) == Some(2)
+    })
+    .await;
+    assert_eq!(histogram(&h.metrics.encode(), PROGRAMMING).0, 2);
 }

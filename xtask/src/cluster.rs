@@ -108,7 +108,24 @@ pub struct Cluster {
     pub bin: PathBuf,
     pub manifests: PathBuf,
     agents: BTreeMap<u8, u32>,
+    /// Kubernetes mode: the lab API server the agents watch (`None`: agents read
+    /// `manifests` directly).
+    kube: Option<LabApiServer>,
+    /// Extra `ebpf-proxy run` arguments for agents started from now on (e.g. `--xdp-mode`).
+    pub agent_args: Vec<String>,
 }
+
+/// `ebpf-proxy lab-apiserver` serving the manifests directory, in the router namespace (every
+/// node reaches the router's fabric address, like a control plane outside the nodes).
+#[derive(Debug)]
+pub struct LabApiServer {
+    /// Running process, `None` while killed.
+    pub pid: Option<u32>,
+    pub kubeconfig: PathBuf,
+}
+
+/// Where the lab API server listens (the router's fabric address).
+pub const API_SERVER_ADDR: (Ipv4Addr, u16) = (crate::lab::ROUTER_FABRIC_IP, 6443);
 
 impl Cluster {
     /// Brings up the lab, starts the pod servers, writes the manifests and starts both agents.
@@ -129,6 +146,29 @@ impl Cluster {
         spec: &LabSpec,
         endpoints: &[Endpoint],
         src: Option<&Path>,
+        say: &dyn Fn(&str),
+    ) -> Result<Self> {
+        Self::up_with(bin, spec, endpoints, src, false, say)
+    }
+
+    /// Like [`Cluster::up`], in Kubernetes mode: `ebpf-proxy lab-apiserver` serves the
+    /// manifests directory (so the manifest helpers change API objects) and the agents run
+    /// with `--kubeconfig`.
+    pub fn up_kube(
+        bin: &Path,
+        spec: &LabSpec,
+        endpoints: &[Endpoint],
+        say: &dyn Fn(&str),
+    ) -> Result<Self> {
+        Self::up_with(bin, spec, endpoints, None, true, say)
+    }
+
+    fn up_with(
+        bin: &Path,
+        spec: &LabSpec,
+        endpoints: &[Endpoint],
+        src: Option<&Path>,
+        kube: bool,
         say: &dyn Fn(&str),
     ) -> Result<Self> {
         say("creating the lab: router, node1, node2, external client, pods on cbr0 bridges");
@@ -158,7 +198,18 @@ impl Cluster {
             bin: fs::canonicalize(bin)?,
             manifests,
             agents: BTreeMap::new(),
+            kube: None,
+            agent_args: Vec::new(),
         };
+        if kube {
+            say("starting the lab API server (serving the manifests over list/watch)");
+            let kubeconfig = c.lab.state_dir().join("kubeconfig");
+            c.kube = Some(LabApiServer {
+                pid: None,
+                kubeconfig,
+            });
+            c.start_apiserver()?;
+        }
         for n in NODES {
             c.start_agent(n)?;
         }
@@ -172,11 +223,15 @@ impl Cluster {
 
     pub fn start_agent(&mut self, node: u8) -> Result<u32> {
         let bpffs = self.lab.bpffs(node);
+        let source = match &self.kube {
+            Some(k) => ["--kubeconfig".into(), k.kubeconfig.display().to_string()],
+            None => ["--manifests".into(), self.manifests.display().to_string()],
+        };
         let args: Vec<String> = vec![
             self.bin.display().to_string(),
             "run".into(),
-            "--manifests".into(),
-            self.manifests.display().to_string(),
+            source[0].clone(),
+            source[1].clone(),
             "--node-name".into(),
             format!("node{node}"),
             "--bpffs".into(),
@@ -188,6 +243,7 @@ impl Cluster {
             "--cluster-cidr".into(),
             "10.76.0.0/16".into(),
         ];
+        let args: Vec<String> = args.into_iter().chain(self.agent_args.clone()).collect();
         let pid = self.lab.spawn(&self.lab.node_ns(node), &args)?;
         self.agents.insert(node, pid);
         Ok(pid)
@@ -672,6 +728,199 @@ pub fn test_binary() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Kubernetes mode ([`Cluster::up_kube`]): the lab API server.
+impl Cluster {
+    /// The lab API server, in Kubernetes mode.
+    pub fn apiserver(&self) -> Option<&LabApiServer> {
+        self.kube.as_ref()
+    }
+
+    /// Starts (again) the lab API server and waits until it answers a list from node1's
+    /// namespace. A restart hands out larger resourceVersions, so watchers relist.
+    pub fn start_apiserver(&mut self) -> Result<u32> {
+        let kubeconfig = self
+            .kube
+            .as_ref()
+            .context("not a Kubernetes-mode cluster (Cluster::up_kube)")?
+            .kubeconfig
+            .clone();
+        let (ip, port) = API_SERVER_ADDR;
+        let args: Vec<String> = vec![
+            self.bin.display().to_string(),
+            "lab-apiserver".into(),
+            "--manifests".into(),
+            self.manifests.display().to_string(),
+            "--listen".into(),
+            format!("{ip}:{port}"),
+            "--kubeconfig-out".into(),
+            kubeconfig.display().to_string(),
+        ];
+        let pid = self.lab.spawn(&self.lab.router_ns(), &args)?;
+        if let Some(k) = self.kube.as_mut() {
+            k.pid = Some(pid);
+        }
+        let url = format!("http://{ip}:{port}/api/v1/nodes");
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.lab.child_status(pid)? {
+                bail!("lab-apiserver exited ({st}):\n{}", self.apiserver_log());
+            }
+            if kubeconfig.is_file() && matches!(self.http_get(1, &url), Ok((200, _))) {
+                return Ok(pid);
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "lab-apiserver did not answer {url} from node1 within 10 s:\n{}",
+                    self.apiserver_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs the lab API server: every watch breaks and new connections are refused.
+    pub fn kill_apiserver(&mut self) -> Result<()> {
+        let pid = self
+            .kube
+            .as_mut()
+            .and_then(|k| k.pid.take())
+            .context("no lab API server running")?;
+        // SAFETY: kill has no memory-safety preconditions; pid is our own child.
+        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } != 0 {
+            bail!("kill -9 {pid}: {}", std::io::Error::last_os_error());
+        }
+        let start = Instant::now();
+        while self.lab.child_status(pid)?.is_none() {
+            if start.elapsed() > Duration::from_secs(5) {
+                bail!("lab-apiserver {pid} survived SIGKILL for 5 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// The lab API server's log (empty if none runs).
+    pub fn apiserver_log(&self) -> String {
+        self.kube
+            .as_ref()
+            .and_then(|k| k.pid)
+            .and_then(|pid| self.lab.log_path(pid))
+            .and_then(|p| fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// `(count, sum)` of a histogram on node `node`'s `/metrics` (kube-proxy's default
+    /// address, 127.0.0.1:10249), e.g. `kubeproxy_network_programming_duration_seconds`.
+    pub fn metrics_histogram(&self, node: u8, name: &str) -> Result<(u64, f64)> {
+        let (code, text) = self.http_get(node, "http://127.0.0.1:10249/metrics")?;
+        if code != 200 {
+            bail!("node{node} /metrics: HTTP {code}: {text}");
+        }
+        let value = |suffix: &str| -> Result<f64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}_{suffix} ")))
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("no {name}_{suffix} on node{node}'s /metrics:\n{text}"))
+        };
+        Ok((value("count")? as u64, value("sum")?))
+    }
+}
+
+/// A canary (`ebpf-proxy canary`) running in the `client` pod against the canary service.
+#[derive(Debug)]
+pub struct CanaryRun {
+    pub pid: u32,
+    pub tcp: usize,
+    pub udp: usize,
+    stop: PathBuf,
+    report: PathBuf,
+}
+
+impl Cluster {
+    /// Starts a canary holding `tcp` TCP connections and `udp` UDP flows through the canary
+    /// ClusterIP (after [`Cluster::start_canary_service`]); returns once all are established.
+    pub fn start_canary(&self, tcp: usize, udp: usize) -> Result<CanaryRun> {
+        let dir = self.lab.state_dir();
+        let stop = dir.join("canary.stop");
+        let report = dir.join("canary.json");
+        let _ = fs::remove_file(&stop);
+        let _ = fs::remove_file(&report);
+        let pid = self.spawn_in_pod(
+            "client",
+            &[
+                self.bin.display().to_string(),
+                "canary".into(),
+                format!("{CANARY_IP}:{CANARY_PORT}"),
+                "--tcp".into(),
+                tcp.to_string(),
+                "--udp".into(),
+                udp.to_string(),
+                "--interval-ms".into(),
+                "100".into(),
+                "--timeout-ms".into(),
+                "3000".into(),
+                "--duration-s".into(),
+                "900".into(),
+                "--until-file".into(),
+                stop.display().to_string(),
+                "--report".into(),
+                report.display().to_string(),
+            ],
+        )?;
+        let start = Instant::now();
+        loop {
+            let log = self
+                .lab
+                .log_path(pid)
+                .and_then(|p| fs::read_to_string(p).ok())
+                .unwrap_or_default();
+            if log.contains("canary: established") {
+                if !(log.contains(&format!("established {tcp} of {tcp} tcp"))
+                    && log.contains(&format!("{udp} of {udp} udp")))
+                {
+                    bail!("not every canary connection was established: {log}");
+                }
+                return Ok(CanaryRun {
+                    pid,
+                    tcp,
+                    udp,
+                    stop,
+                    report,
+                });
+            }
+            if let Some(st) = self.lab.child_status(pid)? {
+                bail!("canary exited early ({st}): {log}");
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("canary did not establish its connections: {log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the canary and returns its JSON report.
+    pub fn finish_canary(&self, run: CanaryRun) -> Result<serde_json::Value> {
+        fs::write(&run.stop, b"stop")?;
+        let start = Instant::now();
+        while self.lab.child_status(run.pid)?.is_none() {
+            if start.elapsed() > Duration::from_secs(15) {
+                bail!("canary did not stop");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = fs::read_to_string(&run.report).with_context(|| {
+            format!(
+                "canary report; canary log:\n{}",
+                self.lab
+                    .log_path(run.pid)
+                    .and_then(|p| fs::read_to_string(p).ok())
+                    .unwrap_or_default()
+            )
+        })?;
+        Ok(serde_json::from_str(&text)?)
+    }
 }
 
 #[cfg(test)]

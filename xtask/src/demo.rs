@@ -196,7 +196,7 @@ pub fn demo(bin: &Path, connections: u32) -> Result<()> {
     );
     show_round(&c, connections)?;
 
-    let svc_pin = c.lab.bpffs(1).join("ebpf-proxy/LB4_SVC_V1");
+    let svc_pin = c.lab.bpffs(1).join("ebpf-proxy/LB4_SVC_V2");
     step(
         t0,
         &format!(

@@ -57,11 +57,11 @@ fn health_and_metrics_endpoints_of_a_running_agent() {
     .unwrap_or(0.0);
     assert!(new >= 50.0, "50 new connections counted: {text}");
     assert!(
-        sample(&text, "ebpf_proxy_map_entries{map=\"CT4_V1\"}").unwrap_or(0.0) >= 2.0,
+        sample(&text, "ebpf_proxy_map_entries{map=\"CT4_V2\"}").unwrap_or(0.0) >= 2.0,
         "{text}"
     );
     assert!(
-        sample(&text, "ebpf_proxy_map_capacity{map=\"CT4_V1\"}").unwrap_or(0.0) > 0.0,
+        sample(&text, "ebpf_proxy_map_capacity{map=\"CT4_V2\"}").unwrap_or(0.0) > 0.0,
         "{text}"
     );
     let ports = spec.pods.iter().filter(|p| p.node == 1).count() as f64;
@@ -72,8 +72,42 @@ fn health_and_metrics_endpoints_of_a_running_agent() {
     );
     println!(
         "metrics: {syncs} syncs, {new} new flows, {} conntrack entries",
-        sample(&text, "ebpf_proxy_map_entries{map=\"CT4_V1\"}").unwrap_or(0.0)
+        sample(&text, "ebpf_proxy_map_entries{map=\"CT4_V2\"}").unwrap_or(0.0)
     );
+
+    // Per-service counters: every forward packet of the 50 connections (at least their SYNs)
+    // counted under the service port's labels; more traffic makes them grow.
+    const SVC_PKTS: &str = "ebpf_proxy_service_packets_total{namespace=\"default\",service=\"hostnames\",port=\"tcp\",protocol=\"TCP\"}";
+    const SVC_BYTES: &str = "ebpf_proxy_service_bytes_total{namespace=\"default\",service=\"hostnames\",port=\"tcp\",protocol=\"TCP\"}";
+    let pkts = sample(&text, SVC_PKTS).unwrap_or(0.0);
+    let bytes = sample(&text, SVC_BYTES).unwrap_or(0.0);
+    assert!(pkts >= 50.0, "50 connections' packets counted: {text}");
+    assert!(
+        bytes >= 50.0 * 40.0,
+        "bytes counted (>= 40 per packet): {text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "ebpf_proxy_service_packets_total{namespace=\"default\",service=\"hostnames\",port=\"udp\",protocol=\"UDP\"}"
+        ),
+        Some(0.0),
+        "the UDP port is programmed, with no traffic yet: {text}"
+    );
+    let p = c
+        .probe("client", &format!("{CLUSTER_IP}:{SERVICE_PORT}"), false, 20)
+        .expect("probe");
+    assert_eq!(p.ok(), 20, "{:?}", p.0);
+    let (_, text) = c
+        .http_get(1, "http://127.0.0.1:10249/metrics")
+        .expect("metrics");
+    let pkts2 = sample(&text, SVC_PKTS).unwrap_or(0.0);
+    assert!(
+        pkts2 >= pkts + 20.0,
+        "20 more connections: {pkts} -> {pkts2} packets"
+    );
+    assert!(sample(&text, SVC_BYTES).unwrap_or(0.0) > bytes, "{text}");
+    println!("per-service counters: {pkts} -> {pkts2} packets");
 
     // The source goes away (an unreachable API server): nothing is queued, so still healthy.
     let away = c.lab.state_dir().join("manifests.away");

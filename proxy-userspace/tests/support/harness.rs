@@ -8,13 +8,15 @@ use std::{
     convert::Infallible,
     path::Path,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use proxy_common::{Backend4, SrcRange4Key, Svc4Key, Svc4Value, VipValue};
 use proxy_userspace::{
     agent::{Context, RejectionLog, Source, reconcile},
-    kube_source::{self, KubeSource, KubeSourceOptions, SourceStats},
+    datapath::MapSizes,
+    kube_source::{self, KubeSource, KubeSourceOptions, SourceStats, TriggerTimes},
+    metrics::Metrics,
     plan::{ExtWriteError, MapState, MapWriter, MemMaps},
     translate::{BackendAddr, ServiceKey},
 };
@@ -96,6 +98,8 @@ impl MapWriter for Recording<'_> {
 pub struct Harness {
     pub inner: Arc<Mutex<Inner>>,
     pub stats: Arc<SourceStats>,
+    /// The agent's metrics (network programming latency is observed as `run` does).
+    pub metrics: Metrics,
     task: JoinHandle<()>,
 }
 
@@ -126,12 +130,19 @@ impl Harness {
             maps: initial,
             ..Default::default()
         }));
+        let metrics = Metrics::new(None, MapSizes::default());
         let task = tokio::spawn(run_loop(
             Source::Kube(Box::new(source)),
             Context::new(node),
             inner.clone(),
+            metrics.clone(),
         ));
-        Self { inner, stats, task }
+        Self {
+            inner,
+            stats,
+            metrics,
+            task,
+        }
     }
 
     pub fn view(&self) -> View {
@@ -183,10 +194,12 @@ pub fn view_of(state: &MapState) -> View {
 }
 
 /// `ebpf-proxy run`'s sync arm, with the in-memory writer.
-async fn run_loop(mut source: Source, ctx: Context, inner: Arc<Mutex<Inner>>) {
+async fn run_loop(mut source: Source, ctx: Context, inner: Arc<Mutex<Inner>>, metrics: Metrics) {
     let mut log = RejectionLog::default();
+    let mut triggers = TriggerTimes::new(SystemTime::now());
     loop {
         let snapshot = source.next_snapshot().await;
+        triggers.note(&snapshot.objects.slices);
         let mut g = inner.lock().expect("lock");
         let Inner {
             state,
@@ -206,6 +219,9 @@ async fn run_loop(mut source: Source, ctx: Context, inner: Arc<Mutex<Inner>>) {
                 g.warned.extend(warned);
                 g.rejected = s.rejected;
                 g.syncs += 1;
+                for t in triggers.programmed() {
+                    metrics.observe_network_programming(t);
+                }
             }
             Err(e) => {
                 eprintln!("reconcile failed: {e:#}");
@@ -230,4 +246,16 @@ pub fn backend(ip: &str, port: u16) -> BackendAddr {
         port,
         protocol: proxy_userspace::abi::Protocol::Tcp,
     }
+}
+
+/// `(count, sum)` of a histogram in the metrics text, e.g.
+/// `kubeproxy_network_programming_duration_seconds`.
+pub fn histogram(text: &str, name: &str) -> (u64, f64) {
+    let value = |suffix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_{suffix} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name}_{suffix} in:\n{text}"))
+    };
+    (value("count") as u64, value("sum"))
 }

@@ -22,8 +22,8 @@ use xtask::lab::{Lab, LabSpec, NODES, POD_SERVER_PORT, PodSpec, node_ip, node_po
 
 use super::{client::monotonic_ns, rules, rules::Svc};
 
-/// The agent's default service-map size (`proxy_common::sizes::SVC4`): the agent has no flag
-/// to change it yet, so lab runs use at most this many service-map entries (see BENCHMARKS.md).
+/// The default service-map size (`proxy_common::sizes::SVC4`) of an agent without
+/// `--service-map-entries` (a build before the map-size flags): such runs stay within it.
 pub const AGENT_SVC_ENTRIES: usize = 65_536;
 const SERVERS: u8 = 10;
 const CLIENT: &str = "client";
@@ -82,9 +82,30 @@ fn server_ip(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 76, 1, 10 + i)
 }
 
-/// Endpoints per service so `n` services fit the agent's service map (10 when they do).
-pub fn endpoints_for(n: usize) -> usize {
-    (AGENT_SVC_ENTRIES / n.max(1) - 1).clamp(1, 10)
+/// Endpoints per service: 10, or for an agent without map-size flags (an older build) as
+/// many as let `n` services fit its default service map.
+pub fn endpoints_for(n: usize, sized_maps: bool) -> usize {
+    if sized_maps {
+        10
+    } else {
+        (AGENT_SVC_ENTRIES / n.max(1) - 1).clamp(1, 10)
+    }
+}
+
+/// The agent's map-size flags for `n` services x `e` endpoints (with headroom for the
+/// make-before-break overlap of a plan and the incremental steps).
+fn map_size_flags(n: usize, e: usize) -> Vec<String> {
+    let slack = |x: usize| (x + x / 8 + 1024).to_string();
+    vec![
+        "--max-services".into(),
+        slack(n),
+        "--service-map-entries".into(),
+        slack(n * (e + 1)),
+        "--max-backends".into(),
+        slack(n * e),
+        "--max-cluster-ips".into(),
+        slack(n),
+    ]
 }
 
 /// `n` services; the target (last) one has the ten real server pods (or `e` of them), the
@@ -161,6 +182,10 @@ struct Bench<'a> {
     say: &'a dyn Fn(&str),
     agent: Option<u32>,
     agent_has_cgroup_flag: bool,
+    /// The agent takes --max-services and friends (sizes its maps for the run).
+    agent_has_size_flags: bool,
+    /// Endpoints per service of the current run.
+    endpoints: usize,
     cgroup: PathBuf,
 }
 
@@ -278,6 +303,9 @@ impl Bench<'_> {
                 if self.agent_has_cgroup_flag {
                     args.push("--cgroup-path".into());
                     args.push(self.lab.node_cgroup(1).display().to_string());
+                }
+                if self.agent_has_size_flags {
+                    args.extend(map_size_flags(svcs.len(), self.endpoints));
                 }
                 self.agent = Some(self.lab.spawn(&self.node(), &args)?);
             }
@@ -468,6 +496,11 @@ pub fn run(bin: &Path, opts: &LabOpts, say: &dyn Fn(&str)) -> Result<Value> {
         std::process::id()
     ));
     fs::create_dir_all(&cgroup).context("creating a memory cgroup (v1) for ruleset accounting")?;
+    let help = Command::new(bin)
+        .args(["run", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     let mut b = Bench {
         lab,
         bin: fs::canonicalize(bin)?,
@@ -475,11 +508,9 @@ pub fn run(bin: &Path, opts: &LabOpts, say: &dyn Fn(&str)) -> Result<Value> {
         dir,
         say,
         agent: None,
-        agent_has_cgroup_flag: Command::new(bin)
-            .args(["run", "--help"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("--cgroup-path"))
-            .unwrap_or(false),
+        agent_has_cgroup_flag: help.contains("--cgroup-path"),
+        agent_has_size_flags: help.contains("--service-map-entries"),
+        endpoints: 10,
         cgroup: cgroup.clone(),
     };
     let r = run_all(&mut b, opts);
@@ -495,7 +526,8 @@ pub fn run(bin: &Path, opts: &LabOpts, say: &dyn Fn(&str)) -> Result<Value> {
 fn run_all(b: &mut Bench, opts: &LabOpts) -> Result<Value> {
     let mut sizes = Vec::new();
     for &n in &opts.services {
-        let e = endpoints_for(n);
+        let e = endpoints_for(n, b.agent_has_size_flags);
+        b.endpoints = e;
         let svcs = services(n, e);
         let target = svcs.last().map(|s| (s.ip, s.port)).context("no services")?;
         let mut samples: BTreeMap<Mode, Vec<Value>> = BTreeMap::new();

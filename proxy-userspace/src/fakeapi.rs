@@ -16,11 +16,16 @@
 //!   on the same port with its state intact.
 //!
 //! Resource versions are one global counter, like etcd's revision.
-#![allow(dead_code, reason = "each test binary uses a different part")]
+//!
+//! The integration tests (`tests/kube_source.rs`) drive it directly; `ebpf-proxy lab-apiserver`
+//! ([`run_lab`]) serves a manifests directory through it, so the lab's agents can run in
+//! Kubernetes mode.
 
 use std::{
     collections::{BTreeMap, HashMap},
+    io,
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -143,14 +148,36 @@ impl FakeApiServer {
             .expect("bind loopback");
         let addr = probe.local_addr().expect("local addr");
         drop(probe);
+        Self::new(addr, 1)
+    }
+
+    /// Serving on `addr`, with resourceVersions starting after `first_rv`. Watches from an
+    /// older resourceVersion get 410 Gone, as from an API server whose history was compacted:
+    /// a restarted server given a larger `first_rv` makes its clients relist rather than miss
+    /// events.
+    pub async fn serve(addr: SocketAddr, first_rv: u64) -> io::Result<Self> {
+        let mut s = Self::new(addr, first_rv);
+        let listener = TcpListener::bind(addr).await?;
+        s.addr = listener.local_addr()?;
+        s.accept_on(listener);
+        Ok(s)
+    }
+
+    fn new(addr: SocketAddr, first_rv: u64) -> Self {
         let mut kinds = HashMap::new();
         for k in Kind::ALL {
-            kinds.insert(k, KindState::default());
+            kinds.insert(
+                k,
+                KindState {
+                    horizon: first_rv,
+                    ..Default::default()
+                },
+            );
         }
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
-                    rv: 1,
+                    rv: first_rv,
                     kinds,
                     gone_mode: GoneMode::WatchEvent,
                     fail_lists: HashMap::new(),
@@ -195,6 +222,10 @@ impl FakeApiServer {
                 Err(e) => panic!("rebinding {}: {e}", self.addr),
             }
         };
+        self.accept_on(listener);
+    }
+
+    fn accept_on(&self, listener: TcpListener) {
         let shared = self.shared.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -795,4 +826,293 @@ async fn start_stream(stream: &mut TcpStream) -> bool {
     let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
                 Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
     stream.write_all(head.as_bytes()).await.is_ok() && stream.flush().await.is_ok()
+}
+
+// ---- lab-apiserver ------------------------------------------------------------------------
+
+/// The annotation the EndpointSlice controller stamps with the time of the change that made it
+/// rewrite a slice (a pod or Service change); kube-proxy measures network programming latency
+/// from it.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Options of `ebpf-proxy lab-apiserver`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LabApiArgs {
+    /// The manifests directory to serve (the format `run --manifests` reads). Changes to it
+    /// become ADDED/MODIFIED/DELETED watch events.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    /// Address to listen on, e.g. 10.240.0.1:6443 (port 0 picks one).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Write a kubeconfig naming this server here (atomically, once listening).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig_out: Option<PathBuf>,
+    /// How often the directory is checked for changes.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub poll_interval_ms: u64,
+    /// How often every watch that allows them gets a BOOKMARK.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    pub bookmark_interval_ms: u64,
+}
+
+/// What a manifests directory holds, as the API serves it: (kind, namespace, name) -> object.
+pub type Served = BTreeMap<(Kind, String, String), Value>;
+
+/// The objects of a manifests directory as API objects (namespace `""` for Nodes).
+pub fn served_objects(objects: &crate::manifests::Objects) -> Served {
+    let mut out = Served::new();
+    let mut put = |kind: Kind, v: serde_json::Result<Value>| {
+        if let Ok(v) = v {
+            let (ns, name) = key_of(kind, &v);
+            out.insert((kind, ns, name), v);
+        }
+    };
+    for s in &objects.services {
+        put(Kind::Service, serde_json::to_value(s));
+    }
+    for s in &objects.slices {
+        put(Kind::EndpointSlice, serde_json::to_value(s));
+    }
+    for n in &objects.nodes {
+        put(Kind::Node, serde_json::to_value(n));
+    }
+    out
+}
+
+/// One change to make on the server.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Apply(Kind, Value),
+    Delete(Kind, String, String),
+}
+
+/// The changes that turn what the server serves (`old`, as read from the directory last
+/// time) into `new`: new and changed objects are applied, missing ones deleted. Unchanged
+/// objects produce nothing, so an unchanged directory produces no watch event. A changed
+/// EndpointSlice without its own trigger-time annotation gets one (what the EndpointSlice
+/// controller writes): `changed_at` of it, the modification time of its file. A restarted
+/// server so stamps an unchanged slice as the previous run did, and its clients see no change.
+pub fn changes(old: &Served, new: &Served, changed_at: impl Fn(&Value) -> String) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (k, v) in new {
+        if old.get(k) == Some(v) {
+            continue;
+        }
+        let now = changed_at(v);
+        let mut v = v.clone();
+        if k.0 == Kind::EndpointSlice
+            && v["metadata"]["annotations"][LAST_CHANGE_TRIGGER_TIME].is_null()
+        {
+            let meta = v
+                .as_object_mut()
+                .map(|o| o.entry("metadata").or_insert_with(|| json!({})));
+            if let Some(m) = meta.and_then(|m| m.as_object_mut()) {
+                let ann = m.entry("annotations").or_insert_with(|| json!({}));
+                if let Some(a) = ann.as_object_mut() {
+                    a.insert(LAST_CHANGE_TRIGGER_TIME.into(), json!(now));
+                }
+            }
+        }
+        out.push(Change::Apply(k.0, v));
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            out.push(Change::Delete(k.0, k.1.clone(), k.2.clone()));
+        }
+    }
+    out
+}
+
+impl FakeApiServer {
+    /// Makes `changes` (each one watch event).
+    pub fn make(&self, changes: Vec<Change>) {
+        for c in changes {
+            match c {
+                Change::Apply(kind, v) => self.apply_raw(kind, v),
+                Change::Delete(kind, ns, name) => self.delete(kind, &ns, &name),
+            }
+        }
+    }
+}
+
+/// A resourceVersion larger than any an earlier run of this server handed out: microseconds
+/// since the epoch (a run makes far fewer than a million changes a second). Clients of a
+/// restarted server then get 410 Gone for their old resourceVersion and relist.
+fn first_resource_version() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+}
+
+/// `ebpf-proxy lab-apiserver`: serves a manifests directory over the list/watch protocol
+/// until SIGINT/SIGTERM. An unreadable directory or file is logged and the last good state
+/// kept (like an API server whose objects nobody changes).
+pub async fn run_lab(args: LabApiArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let server = FakeApiServer::serve(args.listen, first_resource_version())
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let mut served = Served::new();
+    let mut last_fp = None;
+    sync_dir(&server, &args.manifests, &mut served, &mut last_fp);
+    if let Some(path) = &args.kubeconfig_out {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, server.kubeconfig())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .with_context(|| format!("writing the kubeconfig {}", path.display()))?;
+    }
+    log::info!(
+        "lab-apiserver serving {} at {} ({} objects)",
+        args.manifests.display(),
+        server.url(),
+        served.len()
+    );
+    let mut poll = tokio::time::interval(Duration::from_millis(args.poll_interval_ms.max(10)));
+    let mut bookmarks =
+        tokio::time::interval(Duration::from_millis(args.bookmark_interval_ms.max(100)));
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = poll.tick() => sync_dir(&server, &args.manifests, &mut served, &mut last_fp),
+            _ = bookmarks.tick() => {
+                for k in Kind::ALL {
+                    server.bookmark(k);
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    Ok(())
+}
+
+/// Re-reads the directory if its fingerprint changed and turns the difference into events.
+fn sync_dir(
+    server: &FakeApiServer,
+    dir: &std::path::Path,
+    served: &mut Served,
+    last_fp: &mut Option<u64>,
+) {
+    let fp = match crate::manifests::fingerprint(dir) {
+        Ok(fp) => fp,
+        Err(e) => {
+            log::warn!("reading {}: {e}; serving the last state", dir.display());
+            return;
+        }
+    };
+    if *last_fp == Some(fp) {
+        return;
+    }
+    let (files, errors) = match crate::manifests::load_dir_by_file(dir) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("{e}; serving the last state");
+            return;
+        }
+    };
+    for e in &errors {
+        log::warn!("{e}");
+    }
+    *last_fp = Some(fp);
+    let mut new = Served::new();
+    // (kind, namespace, name) -> when its file was written.
+    let mut written = BTreeMap::new();
+    for f in &files {
+        let at = f.modified.unwrap_or_else(std::time::SystemTime::now);
+        for (k, v) in served_objects(&f.objects) {
+            written.insert(k.clone(), at);
+            new.insert(k, v);
+        }
+    }
+    let c = changes(served, &new, |v| {
+        let (ns, name) = key_of(Kind::EndpointSlice, v);
+        let at = written
+            .get(&(Kind::EndpointSlice, ns, name))
+            .copied()
+            .unwrap_or_else(std::time::SystemTime::now);
+        k8s_openapi::chrono::DateTime::<k8s_openapi::chrono::Utc>::from(at)
+            .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Nanos, true)
+    });
+    if !c.is_empty() {
+        log::info!("{}: {} changes", dir.display(), c.len());
+        server.make(c);
+    }
+    *served = new;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(name: &str, ip: &str) -> Value {
+        json!({"metadata": {"name": name, "namespace": "default",
+               "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": "IPv4", "endpoints": [{"addresses": [ip]}]})
+    }
+
+    fn served(objs: &[(Kind, Value)]) -> Served {
+        objs.iter()
+            .map(|(k, v)| {
+                let (ns, name) = key_of(*k, v);
+                ((*k, ns, name), v.clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn directory_changes_become_events() {
+        let node = json!({"metadata": {"name": "node1"}});
+        let a = served(&[
+            (Kind::EndpointSlice, slice("s", "10.0.0.1")),
+            (Kind::Node, node.clone()),
+        ]);
+        let at = |t: &'static str| move |_: &Value| t.to_owned();
+        assert!(changes(&a, &a, at("T")).is_empty(), "unchanged: no event");
+
+        let b = served(&[
+            (Kind::EndpointSlice, slice("s", "10.0.0.2")),
+            (Kind::Node, node),
+        ]);
+        let c = changes(&a, &b, at("2026-01-01T00:00:00.000001Z"));
+        assert_eq!(c.len(), 1, "{c:?}");
+        let Change::Apply(Kind::EndpointSlice, v) = &c[0] else {
+            panic!("{c:?}")
+        };
+        assert_eq!(v["endpoints"][0]["addresses"][0], "10.0.0.2");
+        assert_eq!(
+            v["metadata"]["annotations"][LAST_CHANGE_TRIGGER_TIME], "2026-01-01T00:00:00.000001Z",
+            "a changed slice carries its trigger time"
+        );
+
+        let empty = Served::new();
+        let d = changes(&b, &empty, at("T"));
+        assert_eq!(
+            d,
+            vec![
+                Change::Delete(Kind::EndpointSlice, "default".into(), "s".into()),
+                Change::Delete(Kind::Node, String::new(), "node1".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_explicit_trigger_time_is_kept() {
+        let mut s = slice("s", "10.0.0.1");
+        s["metadata"]["annotations"] = json!({LAST_CHANGE_TRIGGER_TIME: "2020-01-01T00:00:00Z"});
+        let c = changes(&Served::new(), &served(&[(Kind::EndpointSlice, s)]), |_| {
+            "NOW".to_owned()
+        });
+        let Change::Apply(_, v) = &c[0] else {
+            panic!("{c:?}")
+        };
+        assert_eq!(
+            v["metadata"]["annotations"][LAST_CHANGE_TRIGGER_TIME],
+            "2020-01-01T00:00:00Z"
+        );
+    }
 }

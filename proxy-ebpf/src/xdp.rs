@@ -1,0 +1,223 @@
+//! XDP on the node's uplink(s): the fast path in front of the tc program `lb_up_in`.
+//!
+//! It does the two things that need no socket-buffer state and no new conntrack entry:
+//! 1. IPIP/GUE decapsulation of packets addressed to this node (the rule of
+//!    `uplink::decapsulate`), so the inner packet, VIP intact, goes on up;
+//! 2. the established-flow DNAT: a packet whose forward conntrack entry asks only for a
+//!    destination rewrite (externalTrafficPolicy Local LB IPs, NodePorts and externalIPs, the
+//!    client address preserved) and whose backend still validates gets its destination
+//!    rewritten here, with incremental checksums.
+//!
+//! Every verdict is `XDP_PASS`: the packet always continues to tc, and whatever XDP did not
+//! translate (new flows, replies, masqueraded flows that need routing, ICMP errors, REJECT,
+//! fragments, non-IPv4, malformed packets) is translated there by the full pipeline. A packet
+//! XDP translated no longer matches any entry, so tc leaves it alone.
+//!
+//! Checksums: XDP cannot see `skb->ip_summed`. A CHECKSUM_PARTIAL skb (what a veth peer hands
+//! over for locally generated or forwarded traffic) holds only the pseudo-header sum in its
+//! L4 checksum field, which a full-checksum incremental update would corrupt. Such packets
+//! are recognised by that very value (the folded pseudo-header sum) and left to tc, whose
+//! kernel helpers know the skb's state. A packet with a complete checksum that happens to
+//! equal its pseudo-header sum (1 in 65536) merely takes the tc path too.
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
+};
+use proxy_common::{Ct4Key, counter, csum, ct_flags, proto};
+
+use crate::{
+    lb::{ct_lookup, validate_flow},
+    maps::{count, count_service, node_config},
+    parse::ETH_HLEN,
+    uplink::{GUE_V0_STRIP, GUE_V1_STRIP, IPIP_STRIP, gue_strip},
+};
+
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+
+/// XDP (native, or generic where the driver has none) on every uplink. Sees every frame
+/// arriving from outside the node before tc ingress (`lb_up_in`).
+#[xdp]
+pub fn lb_up_xdp(ctx: XdpContext) -> u32 {
+    if decapsulate(&ctx).is_ok() {
+        fast_path(&ctx);
+    }
+    xdp_action::XDP_PASS
+}
+
+/// A pointer to a `T` at `off` bytes into the packet, if the packet is long enough.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+#[inline(always)]
+fn ptr_at_mut<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    ptr_at::<T>(ctx, off).map(|p| p as *mut T)
+}
+
+/// Reads a `T` (unaligned: the IPv4 header sits 14 bytes into the frame).
+#[inline(always)]
+fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    // SAFETY: `ptr_at` checked that the bytes are inside the packet.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
+}
+
+#[inline(always)]
+fn store<T: Copy>(ctx: &XdpContext, off: usize, v: T) -> Option<()> {
+    // SAFETY: `ptr_at_mut` checked that the bytes are inside the packet.
+    ptr_at_mut::<T>(ctx, off).map(|p| unsafe { p.write_unaligned(v) })
+}
+
+/// Strips an IPIP or GUE header addressed to this node. `Ok` also when there is nothing to
+/// do; `Err` only if the packet could not be shrunk (then it is left to tc as it is).
+#[inline(always)]
+fn decapsulate(ctx: &XdpContext) -> Result<(), ()> {
+    if load::<u16>(ctx, 12) != Some(ETH_P_IP_BE) || load::<u8>(ctx, ETH_HLEN) != Some(0x45) {
+        return Ok(());
+    }
+    let Some(outer_proto) = load::<u8>(ctx, ETH_HLEN + 9) else {
+        return Ok(());
+    };
+    // Only IPIP and UDP can be encapsulation: don't touch the config map for anything else.
+    if outer_proto != 4 && outer_proto != proto::UDP {
+        return Ok(());
+    }
+    let cfg = node_config();
+    if cfg.node_addr_be == 0 || load::<u32>(ctx, ETH_HLEN + 16) != Some(cfg.node_addr_be) {
+        return Ok(());
+    }
+    if outer_proto == 4 {
+        return strip::<IPIP_STRIP>(ctx);
+    }
+    let (Some(dport), Some(first)) = (
+        load::<u16>(ctx, ETH_HLEN + 22),
+        load::<u8>(ctx, ETH_HLEN + 28),
+    ) else {
+        return Ok(());
+    };
+    // One monomorphised copy per length keeps every packet offset a constant for the verifier.
+    match gue_strip(dport, first) {
+        Some(GUE_V1_STRIP) => strip::<GUE_V1_STRIP>(ctx),
+        Some(GUE_V0_STRIP) => strip::<GUE_V0_STRIP>(ctx),
+        _ => Ok(()),
+    }
+}
+
+/// Moves the Ethernet header right in front of the inner IPv4 header (`N` bytes on), then
+/// drops everything before it with `bpf_xdp_adjust_head`.
+#[inline(always)]
+fn strip<const N: usize>(ctx: &XdpContext) -> Result<(), ()> {
+    match load::<u8>(ctx, ETH_HLEN + N) {
+        Some(v) if v >> 4 == 4 => {}
+        _ => return Ok(()),
+    }
+    let Some(eth) = load::<[u8; ETH_HLEN]>(ctx, 0) else {
+        return Ok(());
+    };
+    // The copy lands on outer-header bytes that are about to go (N >= 20 > ETH_HLEN).
+    if store(ctx, N, eth).is_none() {
+        return Ok(());
+    }
+    // SAFETY: shrinking our own packet from the front; pointers are re-derived afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, N as i32) } != 0 {
+        return Err(());
+    }
+    count(counter::XDP_DECAP);
+    Ok(())
+}
+
+/// The folded (not complemented) IPv4 pseudo-header sum, host order: what the L4 checksum
+/// field of a CHECKSUM_PARTIAL packet holds.
+#[inline(always)]
+fn pseudo_header_sum(saddr_be: u32, daddr_be: u32, proto: u8, l4_len: u16) -> u16 {
+    let (s, d) = (u32::from_be(saddr_be), u32::from_be(daddr_be));
+    csum::fold((s >> 16) + (s & 0xffff) + (d >> 16) + (d & 0xffff) + proto as u32 + l4_len as u32)
+}
+
+/// DNATs a packet of a tracked flow when its conntrack entry allows it. Anything else is left
+/// untouched for tc.
+#[inline(always)]
+fn fast_path(ctx: &XdpContext) -> Option<()> {
+    if load::<u16>(ctx, 12)? != ETH_P_IP_BE {
+        return None;
+    }
+    let vihl: u8 = load(ctx, ETH_HLEN)?;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    // tc counts malformed headers (parse_ipv4); here they are just not ours.
+    if vihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let l4_proto: u8 = load(ctx, ETH_HLEN + 9)?;
+    if l4_proto != proto::TCP && l4_proto != proto::UDP {
+        return None;
+    }
+    // Fragments (first ones included) go to tc: it owns the fragment counters.
+    if u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?) & 0x3fff != 0 {
+        return None;
+    }
+    let tot_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2)?);
+    let saddr_be: u32 = load(ctx, ETH_HLEN + 12)?;
+    let daddr_be: u32 = load(ctx, ETH_HLEN + 16)?;
+    let l4_off = ETH_HLEN + ihl;
+    let csum_off = if l4_proto == proto::TCP {
+        l4_off + 16
+    } else {
+        l4_off + 6
+    };
+    let sport_be: u16 = load(ctx, l4_off)?;
+    let dport_be: u16 = load(ctx, l4_off + 2)?;
+    let l4_csum = u16::from_be(load::<u16>(ctx, csum_off)?);
+
+    let key = Ct4Key::new(saddr_be, daddr_be, sport_be, dport_be, l4_proto);
+    let entry = ct_lookup(&key)?;
+    // Forward entries that only rewrite the destination and need no routing of our own.
+    // Replies, masquerade (SNAT + FIB redirect) and hairpin stay with tc.
+    let other = ct_flags::REPLY | ct_flags::SNAT | ct_flags::REDIRECT_BACK | ct_flags::FIB_REDIRECT;
+    if entry.flags & (ct_flags::FORWARD | ct_flags::DNAT) != ct_flags::FORWARD | ct_flags::DNAT
+        || entry.flags & other != 0
+    {
+        return None;
+    }
+    // A removed backend: tc forgets the flow and balances it again.
+    if !validate_flow(&entry) {
+        return None;
+    }
+    let udp_no_csum = l4_proto == proto::UDP && l4_csum == 0;
+    if !udp_no_csum
+        && tot_len as usize >= ihl
+        && l4_csum == pseudo_header_sum(saddr_be, daddr_be, l4_proto, tot_len - ihl as u16)
+    {
+        count(counter::XDP_PASS_PARTIAL_CSUM);
+        return None;
+    }
+
+    let (new_addr_be, new_port_be) = (entry.dst_addr_be, entry.dst_port_be);
+    let ip_csum = u16::from_be(load::<u16>(ctx, ETH_HLEN + 10)?);
+    let ip_csum = csum::replace32(ip_csum, u32::from_be(daddr_be), u32::from_be(new_addr_be));
+    store(ctx, ETH_HLEN + 16, new_addr_be)?;
+    store(ctx, ETH_HLEN + 10, ip_csum.to_be())?;
+    store(ctx, l4_off + 2, new_port_be)?;
+    if !udp_no_csum {
+        // The pseudo-header's destination and the port are both covered by the L4 checksum.
+        let c = csum::replace32(l4_csum, u32::from_be(daddr_be), u32::from_be(new_addr_be));
+        let mut c = csum::replace16(c, u16::from_be(dport_be), u16::from_be(new_port_be));
+        if c == 0 && l4_proto == proto::UDP {
+            // A computed zero is sent as all ones: zero means "no checksum" in UDP.
+            c = 0xffff;
+        }
+        store(ctx, csum_off, c.to_be())?;
+    }
+    count(counter::XDP_FWD_ESTABLISHED);
+    // L3 bytes as tc counts them (the frame minus its Ethernet header), whichever hook
+    // translates.
+    count_service(
+        entry.svc_id,
+        (ctx.data_end() - ctx.data() - ETH_HLEN) as u32,
+    );
+    Some(())
+}
