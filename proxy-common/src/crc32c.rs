@@ -114,33 +114,26 @@ pub fn update_first4(crc: u32, old: [u8; 4], new: [u8; 4], len: u16) -> u32 {
 
 /// CRC32c of `data` computed bit by bit (host side: fixtures and tests).
 pub fn checksum(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ POLY
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+    checksum_bytes(data.iter().copied())
 }
 
 /// The checksum an SCTP packet (common header onwards) should carry: the CRC with the
 /// checksum field (bytes 8..12) taken as zero.
 pub fn sctp_checksum(packet: &[u8]) -> u32 {
+    checksum_bytes(
+        packet
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| if (8..12).contains(&i) { 0 } else { b }),
+    )
+}
+
+fn checksum_bytes(bytes: impl Iterator<Item = u8>) -> u32 {
     let mut crc = !0u32;
-    for (i, &b) in packet.iter().enumerate() {
-        let b = if (8..12).contains(&i) { 0 } else { b };
+    for b in bytes {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ POLY
-            } else {
-                crc >> 1
-            };
+            crc = step(crc);
         }
     }
     !crc

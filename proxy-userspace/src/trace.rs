@@ -94,7 +94,7 @@ fn parse_source(s: &str) -> Result<(Ipv4Addr, Option<u16>)> {
     Ok((ip, None))
 }
 
-/// Builds Ethernet + IPv4 + TCP SYN/UDP with correct checksums.
+/// Builds Ethernet + IPv4 + TCP SYN/UDP/SCTP common header with correct checksums.
 fn packet(proto: Protocol, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
     let mut l4 = Vec::new();
     l4.extend_from_slice(&src.1.to_be_bytes());
@@ -116,6 +116,10 @@ fn packet(proto: Protocol, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8
     if let Some(off) = off {
         let c = csum::l4_ipv4(src.0.octets(), dst.0.octets(), proto.number(), &l4);
         l4[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    } else {
+        // SCTP: CRC32c, stored little-endian.
+        let c = proxy_common::crc32c::sctp_checksum(&l4);
+        l4[8..12].copy_from_slice(&c.to_le_bytes());
     }
     let mut ip = vec![0x45, 0];
     ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());

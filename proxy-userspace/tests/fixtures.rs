@@ -164,12 +164,17 @@ fn packet(
         let c = csum::l4_ipv4(src.0.octets(), dst.0.octets(), proto, &l4);
         l4[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
     }
+    frame(proto, src.0, dst.0, ip_options, &l4)
+}
+
+/// Ethernet + IPv4 (with `ip_options` bytes of NOP options, checksum computed) around `l4`.
+fn frame(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, ip_options: usize, l4: &[u8]) -> Vec<u8> {
     let ihl = 5 + ip_options / 4;
     let mut ip = vec![0x40 | ihl as u8, 0];
     ip.extend_from_slice(&((ihl * 4 + l4.len()) as u16).to_be_bytes());
     ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]);
-    ip.extend_from_slice(&src.0.octets());
-    ip.extend_from_slice(&dst.0.octets());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
     ip.extend(std::iter::repeat_n(1u8, ip_options)); // NOP options
     let c = csum::ipv4_header(&ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
@@ -178,7 +183,7 @@ fn packet(
     f.extend_from_slice(&MAC_POD);
     f.extend_from_slice(&[0x08, 0x00]);
     f.extend_from_slice(&ip);
-    f.extend_from_slice(&l4);
+    f.extend_from_slice(l4);
     f
 }
 
@@ -805,19 +810,7 @@ fn sctp_packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), trailer: usize) -> Ve
     l4.resize(l4.len().next_multiple_of(4), 0);
     let crc = proxy_common::crc32c::sctp_checksum(&l4);
     l4[8..12].copy_from_slice(&crc.to_le_bytes());
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, SCTP, 0, 0]);
-    ip.extend_from_slice(&src.0.octets());
-    ip.extend_from_slice(&dst.0.octets());
-    let c = csum::ipv4_header(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = Vec::new();
-    f.extend_from_slice(&MAC_GW);
-    f.extend_from_slice(&MAC_POD);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&l4);
+    let mut f = frame(SCTP, src.0, dst.0, 0, &l4);
     f.extend(std::iter::repeat_n(0xeeu8, trailer));
     f
 }

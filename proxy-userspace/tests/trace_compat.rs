@@ -55,6 +55,9 @@ const CASES: &[Case] = &[
     Case { name: "PreferClose with hints: this zone's endpoints", proto: "tcp", source: POD, destination: "10.96.0.130:80", masquerade_all: false, verdict: "forward", endpoints: &["10.76.0.10:9376"], masquerade: false, origin: "pod" },
     Case { name: "LB IP with ipMode Proxy: no in-node short-circuit", proto: "tcp", source: POD, destination: "203.0.113.40:80", masquerade_all: false, verdict: "pass", endpoints: &[], masquerade: false, origin: "pod" },
     Case { name: "a pod IP is not a service", proto: "tcp", source: POD, destination: "10.76.1.10:9376", masquerade_all: false, verdict: "pass", endpoints: &[], masquerade: false, origin: "pod" },
+    Case { name: "pod -> ClusterIP over SCTP: DNAT with the port rewritten", proto: "sctp", source: POD, destination: "10.96.0.150:36412", masquerade_all: false, verdict: "forward", endpoints: &["10.76.0.11:38412", "10.76.1.10:38412"], masquerade: false, origin: "pod" },
+    Case { name: "external -> NodePort over SCTP: masqueraded", proto: "sctp", source: EXT, destination: "10.240.0.11:30412", masquerade_all: false, verdict: "forward", endpoints: &["10.76.0.11:38412", "10.76.1.10:38412"], masquerade: true, origin: "external" },
+    Case { name: "SCTP to a TCP-only ClusterIP port: REJECT", proto: "sctp", source: POD, destination: "10.96.0.20:80", masquerade_all: false, verdict: "reject", endpoints: &[], masquerade: false, origin: "pod" },
     Case { name: "localhost NodePort is never served (CVE-2020-8558)", proto: "tcp", source: "127.0.0.1", destination: "127.0.0.1:30080", masquerade_all: false, verdict: "pass", endpoints: &[], masquerade: false, origin: "host" },
 ];
 
