@@ -7,10 +7,23 @@ use proxy_common::{counter, proto};
 use crate::maps::count;
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
 pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+
+/// Bounds-checked reads from a packet, whichever hook holds it (tc: `bpf_skb_load_bytes`;
+/// XDP: direct access), so a rule that only reads headers is written once.
+pub trait PacketRead {
+    fn read<T: Copy>(&self, off: usize) -> Option<T>;
+}
+
+impl PacketRead for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
+        self.load(off).ok()
+    }
+}
 
 /// An IPv4 TCP/UDP/SCTP packet's tuple and where its L4 header lives.
 #[derive(Clone, Copy)]

@@ -16,7 +16,7 @@ use proxy_common::{GUE_PORT, counter, proto};
 use crate::{
     lb::{Origin, process},
     maps::{count, node_config},
-    parse::ETH_HLEN,
+    parse::{ETH_HLEN, ETH_P_IP_BE, PacketRead},
 };
 
 /// tc ingress on the uplink.
@@ -33,38 +33,9 @@ pub fn lb_up_in(ctx: TcContext) -> i32 {
 /// Strips an IPIP or GUE header addressed to this node. `Ok` also when there is nothing to do.
 #[inline(always)]
 fn decapsulate(ctx: &TcContext) -> Result<(), ()> {
-    let ethertype: u16 = ctx.load(12).map_err(|_| ())?;
-    if ethertype != 0x0800u16.to_be() {
+    let Some(strip) = encap_strip(ctx) else {
         return Ok(());
-    }
-    let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
-    if vihl != 0x45 {
-        return Ok(());
-    }
-    let outer_proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| ())?;
-    // Only IPIP and UDP can be encapsulation: don't touch the config map for anything else.
-    if outer_proto != 4 && outer_proto != proto::UDP {
-        return Ok(());
-    }
-    let daddr: u32 = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
-    let cfg = node_config();
-    if cfg.node_addr_be == 0 || daddr != cfg.node_addr_be {
-        return Ok(());
-    }
-    let strip = if outer_proto == 4 {
-        IPIP_STRIP
-    } else {
-        let dport: u16 = ctx.load(ETH_HLEN + 22).map_err(|_| ())?;
-        let first: u8 = ctx.load(ETH_HLEN + 28).map_err(|_| ())?;
-        match gue_strip(dport, first) {
-            Some(n) => n,
-            None => return Ok(()),
-        }
     };
-    let inner: u8 = ctx.load(ETH_HLEN + strip).map_err(|_| ())?;
-    if inner >> 4 != 4 {
-        return Ok(());
-    }
     // SAFETY: shrinking our own skb right after the MAC header.
     if unsafe {
         aya_ebpf::helpers::bpf_skb_adjust_room(ctx.skb.skb, -(strip as i32), BPF_ADJ_ROOM_MAC, 0)
@@ -76,6 +47,31 @@ fn decapsulate(ctx: &TcContext) -> Result<(), ()> {
     Ok(())
 }
 
+/// The decapsulation rule of both uplink hooks (tc here, XDP in `xdp.rs`): how many bytes of
+/// outer header to strip from an IPIP or GUE packet addressed to this node that carries an
+/// IPv4 packet. `None`: not encapsulation for us, leave the packet as it is.
+#[inline(always)]
+pub fn encap_strip<P: PacketRead>(p: &P) -> Option<usize> {
+    if p.read::<u16>(12)? != ETH_P_IP_BE || p.read::<u8>(ETH_HLEN)? != 0x45 {
+        return None;
+    }
+    let outer_proto: u8 = p.read(ETH_HLEN + 9)?;
+    // Only IPIP and UDP can be encapsulation: don't touch the config map for anything else.
+    if outer_proto != 4 && outer_proto != proto::UDP {
+        return None;
+    }
+    let cfg = node_config();
+    if cfg.node_addr_be == 0 || p.read::<u32>(ETH_HLEN + 16)? != cfg.node_addr_be {
+        return None;
+    }
+    let strip = if outer_proto == 4 {
+        IPIP_STRIP
+    } else {
+        gue_strip(p.read(ETH_HLEN + 22)?, p.read(ETH_HLEN + 28)?)?
+    };
+    (p.read::<u8>(ETH_HLEN + strip)? >> 4 == 4).then_some(strip)
+}
+
 /// Outer header length of IPIP (an IPv4 header without options; the caller checked IHL 5).
 pub const IPIP_STRIP: usize = 20;
 /// Outer header length of GUE variant 1 (IPv4 + UDP, the inner header follows directly).
@@ -83,11 +79,10 @@ pub const GUE_V1_STRIP: usize = 28;
 /// Outer header length of GUE variant 0 with an empty GUE header (IPv4 + UDP + 4).
 pub const GUE_V0_STRIP: usize = 32;
 
-/// The decapsulation rule both uplink hooks (tc here, XDP in `xdp.rs`) apply to a UDP packet
-/// addressed to this node: how much outer header to strip, from the UDP destination port and
-/// the first byte after the UDP header. `None`: not GUE we understand, leave it alone.
+/// The GUE part of [`encap_strip`]: how much outer header to strip, from the UDP destination
+/// port and the first byte after the UDP header. `None`: not GUE we understand.
 #[inline(always)]
-pub fn gue_strip(udp_dport_be: u16, first: u8) -> Option<usize> {
+fn gue_strip(udp_dport_be: u16, first: u8) -> Option<usize> {
     if udp_dport_be != GUE_PORT.to_be() {
         return None;
     }

@@ -2,7 +2,7 @@
 //!
 //! It does the two things that need no socket-buffer state and no new conntrack entry:
 //! 1. IPIP/GUE decapsulation of packets addressed to this node (the rule of
-//!    `uplink::decapsulate`), so the inner packet, VIP intact, goes on up;
+//!    `uplink::encap_strip`), so the inner packet, VIP intact, goes on up;
 //! 2. the established-flow DNAT: a packet whose forward conntrack entry asks only for a
 //!    destination rewrite (externalTrafficPolicy Local LB IPs, NodePorts and externalIPs, the
 //!    client address preserved) and whose backend still validates gets its destination
@@ -28,12 +28,10 @@ use proxy_common::{Ct4Key, counter, csum, ct_flags, proto};
 
 use crate::{
     lb::{ct_lookup, validate_flow},
-    maps::{count, count_service, node_config},
-    parse::ETH_HLEN,
-    uplink::{GUE_V0_STRIP, GUE_V1_STRIP, IPIP_STRIP, gue_strip},
+    maps::{count, count_service},
+    parse::{ETH_HLEN, ETH_P_IP_BE, PacketRead},
+    uplink::{GUE_V0_STRIP, GUE_V1_STRIP, IPIP_STRIP, encap_strip},
 };
-
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 
 /// XDP (native, or generic where the driver has none) on every uplink. Sees every frame
 /// arriving from outside the node before tc ingress (`lb_up_in`).
@@ -73,35 +71,21 @@ fn store<T: Copy>(ctx: &XdpContext, off: usize, v: T) -> Option<()> {
     ptr_at_mut::<T>(ctx, off).map(|p| unsafe { p.write_unaligned(v) })
 }
 
-/// Strips an IPIP or GUE header addressed to this node. `Ok` also when there is nothing to
-/// do; `Err` only if the packet could not be shrunk (then it is left to tc as it is).
+impl PacketRead for XdpContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
+        load(self, off)
+    }
+}
+
+/// Strips an IPIP or GUE header addressed to this node (the rule of `uplink::encap_strip`).
+/// `Ok` also when there is nothing to do; `Err` only if the packet could not be shrunk (then
+/// it is left to tc as it is).
 #[inline(always)]
 fn decapsulate(ctx: &XdpContext) -> Result<(), ()> {
-    if load::<u16>(ctx, 12) != Some(ETH_P_IP_BE) || load::<u8>(ctx, ETH_HLEN) != Some(0x45) {
-        return Ok(());
-    }
-    let Some(outer_proto) = load::<u8>(ctx, ETH_HLEN + 9) else {
-        return Ok(());
-    };
-    // Only IPIP and UDP can be encapsulation: don't touch the config map for anything else.
-    if outer_proto != 4 && outer_proto != proto::UDP {
-        return Ok(());
-    }
-    let cfg = node_config();
-    if cfg.node_addr_be == 0 || load::<u32>(ctx, ETH_HLEN + 16) != Some(cfg.node_addr_be) {
-        return Ok(());
-    }
-    if outer_proto == 4 {
-        return strip::<IPIP_STRIP>(ctx);
-    }
-    let (Some(dport), Some(first)) = (
-        load::<u16>(ctx, ETH_HLEN + 22),
-        load::<u8>(ctx, ETH_HLEN + 28),
-    ) else {
-        return Ok(());
-    };
     // One monomorphised copy per length keeps every packet offset a constant for the verifier.
-    match gue_strip(dport, first) {
+    match encap_strip(ctx) {
+        Some(IPIP_STRIP) => strip::<IPIP_STRIP>(ctx),
         Some(GUE_V1_STRIP) => strip::<GUE_V1_STRIP>(ctx),
         Some(GUE_V0_STRIP) => strip::<GUE_V0_STRIP>(ctx),
         _ => Ok(()),
@@ -112,10 +96,6 @@ fn decapsulate(ctx: &XdpContext) -> Result<(), ()> {
 /// drops everything before it with `bpf_xdp_adjust_head`.
 #[inline(always)]
 fn strip<const N: usize>(ctx: &XdpContext) -> Result<(), ()> {
-    match load::<u8>(ctx, ETH_HLEN + N) {
-        Some(v) if v >> 4 == 4 => {}
-        _ => return Ok(()),
-    }
     let Some(eth) = load::<[u8; ETH_HLEN]>(ctx, 0) else {
         return Ok(());
     };

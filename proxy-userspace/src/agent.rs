@@ -410,11 +410,6 @@ impl RejectionLog {
     }
 }
 
-/// [`plan::fit_capacity`] for a desired state alone (no ClusterIPs), with the maps' sizes.
-pub fn fit_capacity(desired: &mut translate::Desired, sizes: &MapSizes) -> Vec<translate::Issue> {
-    plan::fit_capacity(desired, &mut Default::default(), &sizes.capacity())
-}
-
 /// Where snapshots come from: a manifests directory (polled) or the Kubernetes API (watched).
 pub enum Source {
     Manifests {

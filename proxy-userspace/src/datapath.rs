@@ -404,40 +404,48 @@ impl Datapath {
         Ok(Self { ebpf, adopted })
     }
 
-    pub fn program(&self, name: &'static str) -> Result<&SchedClassifier, DatapathError> {
+    /// A program of the object as its aya type (`SchedClassifier`, `Xdp`, ...).
+    fn typed<'a, P>(&'a self, name: &'static str) -> Result<&'a P, DatapathError>
+    where
+        &'a P: TryFrom<&'a Program, Error = ProgramError>,
+    {
         self.ebpf
             .program(name)
             .ok_or(DatapathError::MissingProgram(name))?
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn typed_mut<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, DatapathError>
+    where
+        &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+    {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// A tc program of the object.
+    pub fn program(&self, name: &'static str) -> Result<&SchedClassifier, DatapathError> {
+        self.typed(name)
     }
 
     pub fn program_mut(
         &mut self,
         name: &'static str,
     ) -> Result<&mut SchedClassifier, DatapathError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })
+        self.typed_mut(name)
     }
 
     /// An XDP program of the object (the uplink fast path).
     pub fn xdp_program(&self, name: &'static str) -> Result<&Xdp, DatapathError> {
-        self.ebpf
-            .program(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })
+        self.typed(name)
     }
 
     pub fn xdp_program_mut(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })
+        self.typed_mut(name)
     }
 
     /// Typed handles on the service and backend maps (for the writer and for restore).

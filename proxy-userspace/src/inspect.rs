@@ -160,35 +160,11 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
             crate::links::links_dir(pin_dir).display()
         );
         for l in &links {
-            println!(
-                "  {:<16} ifindex {:<5} {:<4} {} link {} prog {}",
-                l["interface"].as_str().unwrap_or(""),
-                l["ifindex"],
-                l["direction"].as_str().unwrap_or(""),
-                if l["attached"] == true {
-                    "attached"
-                } else {
-                    "DEFUNCT "
-                },
-                l["link_id"],
-                l["prog_id"],
-            );
+            print_link(l, l["direction"].as_str().unwrap_or(""), 4);
         }
         println!("UPLINKS ({})", uplinks.len());
         for l in &uplinks {
-            println!(
-                "  {:<16} ifindex {:<5} {:<14} {} link {} prog {}",
-                l["interface"].as_str().unwrap_or(""),
-                l["ifindex"],
-                l["hook"].as_str().unwrap_or("?"),
-                if l["attached"] == true {
-                    "attached"
-                } else {
-                    "DEFUNCT "
-                },
-                l["link_id"],
-                l["prog_id"],
-            );
+            print_link(l, l["hook"].as_str().unwrap_or("?"), 14);
         }
         println!("COUNTERS");
         for (n, c) in counters {
@@ -203,6 +179,22 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
 pub struct Cleanup {
     pub links: usize,
     pub maps: usize,
+}
+
+/// One pinned link of `inspect`'s readable output; `hook` is its direction or hook name.
+fn print_link(l: &serde_json::Value, hook: &str, hook_width: usize) {
+    println!(
+        "  {:<16} ifindex {:<5} {hook:<hook_width$} {} link {} prog {}",
+        l["interface"].as_str().unwrap_or(""),
+        l["ifindex"],
+        if l["attached"] == true {
+            "attached"
+        } else {
+            "DEFUNCT "
+        },
+        l["link_id"],
+        l["prog_id"],
+    );
 }
 
 /// Detaches and unpins every program link, then removes every map pin the agent owns under

@@ -122,23 +122,12 @@ impl std::error::Error for ManifestError {
 /// Loads every manifest in `dir`. Fails only when the directory cannot be listed; every bad
 /// file, document or object is returned as a [`ManifestError`] next to the good objects.
 pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<ManifestError>), LoadError> {
-    let files = manifest_files(dir).map_err(|source| LoadError {
-        dir: dir.to_owned(),
-        source,
-    })?;
+    let (files, errors) = load_dir_by_file(dir)?;
     let mut objects = Objects::default();
-    let mut errors = Vec::new();
-    for file in files {
-        match fs::read_to_string(&file) {
-            Ok(text) => load_text(&file, &text, &mut objects, &mut errors),
-            Err(e) => errors.push(ManifestError {
-                file,
-                document: None,
-                item: None,
-                object: None,
-                problem: ManifestProblem::Read(e),
-            }),
-        }
+    for f in files {
+        objects.services.extend(f.objects.services);
+        objects.slices.extend(f.objects.slices);
+        objects.nodes.extend(f.objects.nodes);
     }
     Ok((objects, errors))
 }

@@ -278,8 +278,8 @@ fn succ_u32(id: u32) -> u32 {
     id.checked_add(1).unwrap_or(1)
 }
 
-/// The service ID after `id`, wrapping to 1 at `limit` (IDs index a map of `limit` entries).
-fn succ_svc_id(id: u32, limit: u32) -> u32 {
+/// The ID after `id`, wrapping to 1 at `limit` (service IDs index a map of `limit` entries).
+fn succ_below(id: u32, limit: u32) -> u32 {
     match id.checked_add(1) {
         Some(n) if n < limit => n,
         _ => 1,
@@ -730,7 +730,7 @@ impl Plan {
 /// An allocator for IDs `1..limit`: increasing from `next`, skipping IDs in use, wrapping.
 struct Alloc {
     next: u32,
-    /// One past the highest ID (`u32::MAX` for backends: every non-zero `u32`).
+    /// One past the highest ID (`u32::MAX` for backends: practically unbounded).
     limit: u32,
     in_use: HashSet<u32>,
 }
@@ -741,12 +741,8 @@ impl Alloc {
         // found after at most `in_use.len()` tries).
         for _ in 0..self.in_use.len() + 2 {
             let id = self.next;
-            self.next = if self.limit == u32::MAX {
-                succ_u32(id)
-            } else {
-                succ_svc_id(id, self.limit)
-            };
-            if id != 0 && (id < self.limit || self.limit == u32::MAX) && self.in_use.insert(id) {
+            self.next = succ_below(id, self.limit);
+            if id != 0 && id < self.limit && self.in_use.insert(id) {
                 return Some(id);
             }
         }

@@ -269,7 +269,7 @@ impl Uplinks {
         match &self.pin_dir {
             Some(d) => {
                 std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-                Some(Ok(d.join(pin_name(&i.name, i.index, hook)))).transpose()
+                Ok(Some(d.join(pin_name(&i.name, i.index, hook))))
             }
             None => Ok(None),
         }
@@ -333,7 +333,6 @@ impl Uplinks {
                 );
             }
         }
-        let mut last_err = None;
         for (n, m) in plan.try_modes.iter().copied().enumerate() {
             let hook = Hook::Xdp(m);
             let pin = self.pin(i, hook)?;
@@ -361,15 +360,12 @@ impl Uplinks {
                         "uplink {}: {hook} failed, trying the next mode: {e:#}",
                         i.name
                     );
-                    last_err = Some(e);
                 }
                 Err(e) => return Err(e),
             }
         }
-        match last_err {
-            Some(e) => Err(e),
-            None => Ok(None),
-        }
+        // No mode to try: --xdp-mode off.
+        Ok(None)
     }
 }
 

@@ -3,7 +3,7 @@
 //! manifests -> translate -> plan -> writer path. Needs root (CAP_BPF, CAP_NET_ADMIN).
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{NodeConfig, counter, csum, programs};
 use proxy_userspace::{
@@ -120,22 +120,29 @@ impl Fixture {
     }
 
     fn run(&self, prog: &'static str, pkt: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; pkt.len() + 256];
-        let p = self.dp.program(prog).expect("program");
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        test_run(self.dp.program(prog).expect("program"), pkt)
     }
 
     fn counter(&self, idx: u32) -> u64 {
         self.dp.counters().expect("counters")[idx as usize]
     }
+}
+
+/// Runs `prog` once on `pkt` (BPF_PROG_TEST_RUN): its verdict and the packet it leaves.
+fn test_run<P>(prog: &P, pkt: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
+    let mut out = vec![0u8; pkt.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
 }
 
 /// Ethernet + IPv4 (optional options) + TCP SYN or UDP, checksums computed from scratch.

@@ -8,7 +8,7 @@ mod support;
 use std::{collections::BTreeMap, time::Duration};
 
 use proxy_userspace::{
-    agent::{Context, RejectionLog, Snapshot, SyncSummary, fit_capacity, reconcile},
+    agent::{Context, RejectionLog, Snapshot, SyncSummary, reconcile},
     datapath::{Datapath, LoadOptions, MapSizes},
     manifests::Objects,
     plan::{self, MapState, MemMaps},
@@ -379,7 +379,14 @@ fn over_capacity_rejects_whole_services_smallest_first() {
 
     // The admission is a pure function of the desired state.
     let mut d = proxy_userspace::translate::Desired::new();
-    assert!(fit_capacity(&mut d, &MapSizes::default()).is_empty());
+    assert!(
+        plan::fit_capacity(
+            &mut d,
+            &mut Default::default(),
+            &MapSizes::default().capacity()
+        )
+        .is_empty()
+    );
     const _: () = assert!(plan::MAX_BACKENDS_PER_SERVICE >= 10_000);
 }
 

@@ -839,12 +839,13 @@ pub struct CanaryRun {
 }
 
 impl Cluster {
-    /// Starts a canary holding `tcp` TCP connections and `udp` UDP flows through the canary
-    /// ClusterIP (after [`Cluster::start_canary_service`]); returns once all are established.
-    pub fn start_canary(&self, tcp: usize, udp: usize) -> Result<CanaryRun> {
+    /// Starts a canary named `name` (several may run at once) holding `tcp` TCP connections
+    /// and `udp` UDP flows through the canary ClusterIP (after
+    /// [`Cluster::start_canary_service`]); returns once all are established.
+    pub fn start_canary(&self, name: &str, tcp: usize, udp: usize) -> Result<CanaryRun> {
         let dir = self.lab.state_dir();
-        let stop = dir.join("canary.stop");
-        let report = dir.join("canary.json");
+        let stop = dir.join(format!("canary-{name}.stop"));
+        let report = dir.join(format!("canary-{name}.json"));
         let _ = fs::remove_file(&stop);
         let _ = fs::remove_file(&report);
         let pid = self.spawn_in_pod(
@@ -910,17 +911,38 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let text = fs::read_to_string(&run.report).with_context(|| {
-            format!(
-                "canary report; canary log:\n{}",
-                self.lab
-                    .log_path(run.pid)
-                    .and_then(|p| fs::read_to_string(p).ok())
-                    .unwrap_or_default()
-            )
-        })?;
+        let log = self
+            .lab
+            .log_path(run.pid)
+            .and_then(|p| fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        eprintln!("{}", log.trim());
+        let text = fs::read_to_string(&run.report)
+            .with_context(|| format!("canary report; canary log:\n{log}"))?;
         Ok(serde_json::from_str(&text)?)
     }
+}
+
+/// Prints a canary report's "connections lost: L of N" line and asserts that all `tcp` and
+/// `udp` connections were established and none was lost.
+pub fn assert_canary_lost_nothing(r: &serde_json::Value, tcp: u64, udp: u64, what: &str) {
+    let n = |k: &str, f: &str| r[k][f].as_u64().unwrap_or(u64::MAX);
+    let total = n("tcp", "established") + n("udp", "established");
+    let lost = n("tcp", "lost") + n("udp", "lost");
+    println!(
+        "{what}: connections lost: {lost} of {total} (tcp {} of {}, udp {} of {}; {} TCP round \
+         trips, slowest {} ms; {} UDP round trips)",
+        n("tcp", "lost"),
+        n("tcp", "established"),
+        n("udp", "lost"),
+        n("udp", "established"),
+        n("tcp", "round_trips"),
+        n("tcp", "max_rtt_ms"),
+        n("udp", "round_trips"),
+    );
+    assert_eq!(n("tcp", "established"), tcp, "{what}: {r:#}");
+    assert_eq!(n("udp", "established"), udp, "{what}: {r:#}");
+    assert_eq!(lost, 0, "{what}: connections lost: {r:#}");
 }
 
 #[cfg(test)]

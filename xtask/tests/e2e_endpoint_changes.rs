@@ -321,83 +321,6 @@ fn scale_to_zero_rejects_and_back_serves_within_2s() {
 
 // ---- terminating but serving -------------------------------------------------------------
 
-struct Canary {
-    pid: u32,
-    stop: PathBuf,
-    report: PathBuf,
-}
-
-fn start_canary(c: &Cluster, name: &str, tcp: usize, udp: usize) -> Canary {
-    let dir = c.lab.state_dir();
-    let stop = dir.join(format!("canary-{name}.stop"));
-    let report = dir.join(format!("canary-{name}.json"));
-    let _ = fs::remove_file(&stop);
-    let _ = fs::remove_file(&report);
-    let pid = c
-        .spawn_in_pod(
-            "client",
-            &[
-                c.bin.display().to_string(),
-                "canary".into(),
-                format!("{CANARY_IP}:{CANARY_PORT}"),
-                "--tcp".into(),
-                tcp.to_string(),
-                "--udp".into(),
-                udp.to_string(),
-                "--interval-ms".into(),
-                "100".into(),
-                "--timeout-ms".into(),
-                "3000".into(),
-                "--duration-s".into(),
-                "600".into(),
-                "--until-file".into(),
-                stop.display().to_string(),
-                "--report".into(),
-                report.display().to_string(),
-            ],
-        )
-        .expect("spawn canary");
-    let start = Instant::now();
-    loop {
-        let log = c
-            .lab
-            .log_path(pid)
-            .and_then(|p| fs::read_to_string(p).ok())
-            .unwrap_or_default();
-        if log.contains("canary: established") {
-            assert!(
-                log.contains(&format!("established {tcp} of {tcp} tcp"))
-                    && log.contains(&format!("{udp} of {udp} udp")),
-                "every canary connection is established: {log}"
-            );
-            break;
-        }
-        if let Some(st) = c.lab.child_status(pid).expect("status") {
-            panic!("canary exited early ({st}): {log}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "canary did not establish its connections: {log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Canary { pid, stop, report }
-}
-
-fn finish_canary(c: &Cluster, k: Canary) -> serde_json::Value {
-    fs::write(&k.stop, b"stop").expect("stop file");
-    let start = Instant::now();
-    while c.lab.child_status(k.pid).expect("status").is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "canary did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let text = fs::read_to_string(&k.report).expect("canary report");
-    serde_json::from_str(&text).expect("canary report JSON")
-}
-
 fn n(r: &serde_json::Value, proto: &str, field: &str) -> u64 {
     r[proto][field].as_u64().unwrap_or(u64::MAX)
 }
@@ -416,8 +339,12 @@ fn terminating_serving_endpoint_keeps_its_connections_but_gets_no_new_ones() {
     c.start_canary_service(&eps).expect("canary service");
     let (tcp, udp) = (30u64, 6u64);
     // `a` stops while X is terminating; `b` runs on past X's removal.
-    let a = start_canary(&c, "a", tcp as usize, udp as usize);
-    let b = start_canary(&c, "b", tcp as usize, udp as usize);
+    let a = c
+        .start_canary("a", tcp as usize, udp as usize)
+        .expect("canary a");
+    let b = c
+        .start_canary("b", tcp as usize, udp as usize)
+        .expect("canary b");
     let x = "hostnames-b";
     let canary = |f: &dyn Fn(&Endpoint) -> Option<Conditions>| -> Vec<(Endpoint, Conditions)> {
         eps.iter()
@@ -453,7 +380,7 @@ fn terminating_serving_endpoint_keeps_its_connections_but_gets_no_new_ones() {
     }
     // Keep the established connections talking for a while with X terminating.
     std::thread::sleep(Duration::from_secs(3));
-    let ra = finish_canary(&c, a);
+    let ra = c.finish_canary(a).expect("canary a report");
     println!(
         "X terminating: canary a lost {} of {} tcp and {} of {} udp; {} tcp / {} udp of them \
          on {x}; {} tcp round trips",
@@ -488,7 +415,7 @@ fn terminating_serving_endpoint_keeps_its_connections_but_gets_no_new_ones() {
         assert_eq!(p.ok(), 90, "udp={udp}: {:?}", p.0);
         assert_eq!(p.answers().get(x), None, "udp={udp}: {:?}", p.0);
     }
-    let rb = finish_canary(&c, b);
+    let rb = c.finish_canary(b).expect("canary b report");
     println!(
         "X removed: canary b lost {} of {} tcp ({} were on {x}) and {} of {} udp ({} on {x}): {}",
         n(&rb, "tcp", "lost"),

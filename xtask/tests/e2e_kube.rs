@@ -8,7 +8,10 @@ use std::{
 };
 
 use xtask::{
-    cluster::{CANARY_IP, CANARY_PORT, CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT},
+    cluster::{
+        CANARY_IP, CANARY_PORT, CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT,
+        assert_canary_lost_nothing,
+    },
     lab::{LabSpec, NODES},
 };
 
@@ -161,32 +164,13 @@ fn cluster_ip_and_endpoint_changes_through_the_api_server() {
     }
 }
 
-struct Totals {
-    tcp: u64,
-    udp: u64,
-}
-
-fn check_report(r: &serde_json::Value, want: Totals, what: &str) {
-    let n = |k: &str, f: &str| r[k][f].as_u64().unwrap_or(u64::MAX);
-    let total = n("tcp", "established") + n("udp", "established");
-    let lost = n("tcp", "lost") + n("udp", "lost");
-    println!(
-        "{what}: connections lost: {lost} of {total} (tcp {} of {}, udp {} of {}; {} TCP round \
-         trips, slowest {} ms; {} UDP round trips)",
-        n("tcp", "lost"),
-        n("tcp", "established"),
-        n("udp", "lost"),
-        n("udp", "established"),
-        n("tcp", "round_trips"),
-        n("tcp", "max_rtt_ms"),
-        n("udp", "round_trips"),
-    );
-    assert_eq!(n("tcp", "established"), want.tcp, "{what}: {r:#}");
-    assert_eq!(n("udp", "established"), want.udp, "{what}: {r:#}");
-    assert_eq!(lost, 0, "{what}: connections lost: {r:#}");
-    // Every connection kept talking throughout (100 ms interval; the run lasts a minute).
-    assert!(n("tcp", "round_trips") >= want.tcp * 50, "{what}: {r:#}");
-    assert!(n("udp", "round_trips") >= want.udp * 50, "{what}: {r:#}");
+/// No connection lost, and every one kept talking throughout (100 ms interval; the run lasts
+/// a minute).
+fn check_report(r: &serde_json::Value, tcp: u64, udp: u64, what: &str) {
+    assert_canary_lost_nothing(r, tcp, udp, what);
+    let n = |k: &str, f: &str| r[k][f].as_u64().unwrap_or(0);
+    assert!(n("tcp", "round_trips") >= tcp * 50, "{what}: {r:#}");
+    assert!(n("udp", "round_trips") >= udp * 50, "{what}: {r:#}");
 }
 
 /// Every service entry (with its id) and its endpoints on `node`, as `inspect` shows them
@@ -210,7 +194,7 @@ fn sigkill_restarts_with_the_api_server_down_drop_nothing() {
     let (mut c, eps) = up();
     c.start_canary_service(&eps).expect("canary service");
     let (tcp, udp) = (60, 12);
-    let canary = c.start_canary(tcp, udp).expect("canary");
+    let canary = c.start_canary("kube", tcp, udp).expect("canary");
     let service_key = format!("{CANARY_IP}:{CANARY_PORT}/TCP");
     let baseline: Vec<serde_json::Value> = NODES.iter().map(|&n| programmed(&c, n)).collect();
     assert_eq!(
@@ -296,10 +280,8 @@ fn sigkill_restarts_with_the_api_server_down_drop_nothing() {
     let r = c.finish_canary(canary).expect("canary report");
     check_report(
         &r,
-        Totals {
-            tcp: tcp as u64,
-            udp: udp as u64,
-        },
+        tcp as u64,
+        udp as u64,
         &format!(
             "{cycles} SIGKILL+restart cycles of both agents ({down_cycles} with the API server \
              down)"

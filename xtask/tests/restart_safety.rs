@@ -2,15 +2,10 @@
 //! datapath keeps forwarding while the agent is down, and each new agent swaps its freshly
 //! loaded programs into the existing links atomically (BPF_LINK_UPDATE). A canary holds
 //! long-lived TCP connections and UDP flows through a ClusterIP the whole time. Needs root.
-use std::{
-    collections::BTreeMap,
-    fs,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
 
 use xtask::{
-    cluster::{CANARY_IP, CANARY_PORT, CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT},
+    cluster::{CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT, assert_canary_lost_nothing},
     lab::{LabSpec, NODES},
 };
 
@@ -62,110 +57,14 @@ fn assert_all_attached(c: &Cluster, node: u8, what: &str) -> LinkView {
     l
 }
 
-struct Canary {
-    pid: u32,
-    stop: PathBuf,
-    report: PathBuf,
-}
-
-fn start_canary(c: &Cluster, tcp: usize, udp: usize) -> Canary {
-    let dir = c.lab.state_dir();
-    let stop = dir.join("canary.stop");
-    let report = dir.join("canary.json");
-    let _ = fs::remove_file(&stop);
-    let _ = fs::remove_file(&report);
-    let pid = c
-        .spawn_in_pod(
-            "client",
-            &[
-                c.bin.display().to_string(),
-                "canary".into(),
-                format!("{CANARY_IP}:{CANARY_PORT}"),
-                "--tcp".into(),
-                tcp.to_string(),
-                "--udp".into(),
-                udp.to_string(),
-                "--interval-ms".into(),
-                "100".into(),
-                "--timeout-ms".into(),
-                "3000".into(),
-                "--duration-s".into(),
-                "600".into(),
-                "--until-file".into(),
-                stop.display().to_string(),
-                "--report".into(),
-                report.display().to_string(),
-            ],
-        )
-        .expect("spawn canary");
-    let start = Instant::now();
-    loop {
-        let log = c
-            .lab
-            .log_path(pid)
-            .and_then(|p| fs::read_to_string(p).ok())
-            .unwrap_or_default();
-        if log.contains("canary: established") {
-            eprintln!("{}", log.trim());
-            assert!(
-                log.contains(&format!("established {tcp} of {tcp} tcp"))
-                    && log.contains(&format!("{udp} of {udp} udp")),
-                "every canary connection is established: {log}"
-            );
-            break;
-        }
-        if let Some(st) = c.lab.child_status(pid).expect("status") {
-            panic!("canary exited early ({st}): {log}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "canary did not establish its connections: {log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Canary { pid, stop, report }
-}
-
-fn finish_canary(c: &Cluster, k: Canary) -> serde_json::Value {
-    fs::write(&k.stop, b"stop").expect("stop file");
-    let start = Instant::now();
-    while c.lab.child_status(k.pid).expect("status").is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "canary did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let log = c
-        .lab
-        .log_path(k.pid)
-        .and_then(|p| fs::read_to_string(p).ok())
-        .unwrap_or_default();
-    eprintln!("{}", log.trim());
-    let text = fs::read_to_string(&k.report).expect("canary report");
-    serde_json::from_str(&text).expect("canary report JSON")
-}
-
+/// No connection lost, and every one kept talking throughout (100 ms interval; the runs last
+/// seconds).
 fn check_report(r: &serde_json::Value, tcp: u64, udp: u64, what: &str) {
-    let n = |k: &str, f: &str| r[k][f].as_u64().unwrap_or(u64::MAX);
-    let total = n("tcp", "established") + n("udp", "established");
-    let lost = n("tcp", "lost") + n("udp", "lost");
-    println!(
-        "{what}: connections lost: {lost} of {total} (tcp {} of {}, udp {} of {}; {} TCP round \
-         trips, slowest {} ms; {} UDP round trips)",
-        n("tcp", "lost"),
-        n("tcp", "established"),
-        n("udp", "lost"),
-        n("udp", "established"),
-        n("tcp", "round_trips"),
-        n("tcp", "max_rtt_ms"),
-        n("udp", "round_trips"),
+    assert_canary_lost_nothing(r, tcp, udp, what);
+    assert!(
+        r["tcp"]["round_trips"].as_u64().unwrap_or(0) >= tcp * 5,
+        "{what}: {r:#}"
     );
-    assert_eq!(n("tcp", "established"), tcp, "{what}: {r:#}");
-    assert_eq!(n("udp", "established"), udp, "{what}: {r:#}");
-    assert_eq!(lost, 0, "{what}: connections lost: {r:#}");
-    // Every connection kept talking throughout (100 ms interval; the runs last seconds).
-    assert!(n("tcp", "round_trips") >= tcp * 5, "{what}: {r:#}");
 }
 
 /// ≥ 10 SIGKILL/restart cycles of both agents (three of them with the manifests directory
@@ -178,7 +77,7 @@ fn sigkill_and_restart_agents_drops_no_connection() {
     let mut c = Cluster::up(&bin(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
     c.start_canary_service(&eps).expect("canary service");
     let (tcp, udp) = (60, 12);
-    let canary = start_canary(&c, tcp, udp);
+    let canary = c.start_canary("restart", tcp, udp).expect("canary");
 
     let mut before: BTreeMap<u8, LinkView> = NODES
         .iter()
@@ -258,7 +157,7 @@ fn sigkill_and_restart_agents_drops_no_connection() {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    let r = finish_canary(&c, canary);
+    let r = c.finish_canary(canary).expect("canary report");
     check_report(
         &r,
         tcp as u64,
@@ -275,7 +174,7 @@ fn sigterm_keeps_forwarding_and_cleanup_removes_the_datapath() {
     let eps = endpoints(&spec);
     let mut c = Cluster::up(&bin(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
     c.start_canary_service(&eps).expect("canary service");
-    let canary = start_canary(&c, 50, 10);
+    let canary = c.start_canary("sigterm", 50, 10).expect("canary");
     for n in NODES {
         let st = c.stop_agent(n).expect("SIGTERM");
         assert!(st.success(), "agent exits cleanly on SIGTERM: {st}");
@@ -287,7 +186,7 @@ fn sigterm_keeps_forwarding_and_cleanup_removes_the_datapath() {
     let vip = format!("{CLUSTER_IP}:{SERVICE_PORT}");
     let p = c.probe("client", &vip, false, 30).expect("probe");
     assert_eq!(p.ok(), 30, "forwarding after SIGTERM: {:?}", p.0);
-    let r = finish_canary(&c, canary);
+    let r = c.finish_canary(canary).expect("canary report");
     check_report(&r, 50, 10, "across SIGTERM of both agents");
 
     for n in NODES {

@@ -8,17 +8,10 @@ const XDP_PASS: u32 = 2;
 const LOCAL_EP: Ipv4Addr = Ipv4Addr::new(10, 76, 0, 10);
 
 fn run_xdp(f: &Fixture, pkt: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; pkt.len() + 256];
-    let p = f.dp.xdp_program(programs::UPLINK_XDP).expect("xdp program");
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN (xdp)");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    test_run(
+        f.dp.xdp_program(programs::UPLINK_XDP).expect("xdp program"),
+        pkt,
+    )
 }
 
 /// XDP must hand `pkt` to tc byte for byte.
