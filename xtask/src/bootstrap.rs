@@ -22,6 +22,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("nft", "nftables"),
     ("iptables", "iptables"),
+    // The bench flushes netfilter conntrack between modes and reports its statistics.
+    ("conntrack", "conntrack"),
 ];
 
 pub fn have_command(cmd: &str) -> bool {

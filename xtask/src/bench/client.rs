@@ -2,6 +2,12 @@
 //! (`xtask bench-client ...`, hidden). Blocking sockets, one connection at a time for latency,
 //! a few threads for the rate; every connection is closed with SO_LINGER 0 (RST) so the
 //! client never piles up TIME_WAIT sockets and runs out of ports.
+//!
+//! The `wait` probes bind source ports below the ephemeral range. A probe sent before the
+//! rule-based modes' rules exist leaves a netfilter conntrack entry without NAT (SYN_SENT,
+//! 120 s); a later connection that happened to reuse its source port would match that
+//! entry, skip the DNAT and be lost. With disjoint ports the probes never poison the
+//! measured connections.
 use std::{
     io::Read as _,
     net::{SocketAddr, SocketAddrV4, TcpStream},
@@ -68,10 +74,34 @@ fn linger0(s: &TcpStream) {
     };
 }
 
+/// Source ports of the `wait` probes: below the default ephemeral range (32768-60999), and
+/// enough of them that a port comes round again only after conntrack's 120 s SYN_SENT
+/// timeout at the probe rate (one per ~11 ms when nothing answers).
+const PROBE_PORTS: std::ops::Range<u16> = 10_000..32_000;
+
+/// Connects from `src_port` (0: an ephemeral one).
+fn connect(target: SocketAddr, src_port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    if src_port == 0 {
+        return TcpStream::connect_timeout(&target, timeout);
+    }
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::from(([0, 0, 0, 0], src_port)).into())?;
+    s.connect_timeout(&target.into(), timeout)?;
+    Ok(s.into())
+}
+
 /// One request: connect, read the whole reply, RST. Returns (connect, total) durations.
 fn one(target: SocketAddr, timeout: Duration) -> std::io::Result<(Duration, Duration, String)> {
+    one_from(target, 0, timeout)
+}
+
+fn one_from(
+    target: SocketAddr,
+    src_port: u16,
+    timeout: Duration,
+) -> std::io::Result<(Duration, Duration, String)> {
     let t0 = Instant::now();
-    let mut s = TcpStream::connect_timeout(&target, timeout)?;
+    let mut s = connect(target, src_port, timeout)?;
     let t1 = t0.elapsed();
     linger0(&s);
     s.set_read_timeout(Some(Duration::from_millis(500)))?;
@@ -159,8 +189,10 @@ pub fn run(cmd: ClientCmd) -> Result<()> {
         } => {
             let deadline = Instant::now() + Duration::from_millis(timeout_ms);
             let target = SocketAddr::V4(target);
+            let mut ports = PROBE_PORTS.cycle();
             loop {
-                if let Ok((_, _, reply)) = one(target, Duration::from_millis(10))
+                let port = ports.next().unwrap_or(0);
+                if let Ok((_, _, reply)) = one_from(target, port, Duration::from_millis(10))
                     && reply.starts_with(expect.as_str())
                 {
                     println!("{}", monotonic_ns());

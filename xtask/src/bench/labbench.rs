@@ -26,6 +26,15 @@ use super::{client::monotonic_ns, rules, rules::Svc};
 /// `--service-map-entries` (a build before the map-size flags): such runs stay within it.
 pub const AGENT_SVC_ENTRIES: usize = 65_536;
 const SERVERS: u8 = 10;
+/// The target service's NodePort, measured from the external client.
+const NODE_PORT: u16 = 30080;
+/// How long full programming may take before the target must answer. nft 1.0.6 on 6.18
+/// needs about two minutes for 10k services x 10 endpoints in one transaction: the kernel
+/// binds each of the 10k anonymous `numgen` verdict maps by walking the transaction list
+/// (`__nft_set_trans_bind`), so loading is quadratic.
+const FULL_PROGRAM_TIMEOUT: Duration = Duration::from_secs(600);
+/// The same for one incremental step.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 const CLIENT: &str = "client";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -133,6 +142,7 @@ fn services(n: usize, e: usize) -> Vec<Svc> {
                 ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 100 + i as u32),
                 port: 80,
                 endpoints,
+                node_port: target.then_some(NODE_PORT),
             }
         })
         .collect()
@@ -141,9 +151,13 @@ fn services(n: usize, e: usize) -> Vec<Svc> {
 fn manifests(svcs: &[Svc]) -> String {
     let mut o = String::with_capacity(svcs.len() * 700);
     for s in svcs {
+        let (kind, node_port) = match s.node_port {
+            Some(np) => ("NodePort", format!(", nodePort: {np}")),
+            None => ("ClusterIP", String::new()),
+        };
         let _ = write!(
             o,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  clusterIP: {}\n  ports:\n  - {{name: http, port: {}, targetPort: {POD_SERVER_PORT}, protocol: TCP}}\n\
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  type: {kind}\n  clusterIP: {}\n  ports:\n  - {{name: http, port: {}, targetPort: {POD_SERVER_PORT}, protocol: TCP{node_port}}}\n\
              ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-abcde\n  namespace: {}\n  labels: {{kubernetes.io/service-name: {}}}\naddressType: IPv4\nports:\n- {{name: http, port: {POD_SERVER_PORT}, protocol: TCP}}\nendpoints:\n",
             s.name, s.ns, s.ip, s.port, s.name, s.ns, s.name
         );
@@ -234,8 +248,14 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// Starts a waiter in the client pod for `target` answering with `expect`.
-    fn waiter(&self, target: (Ipv4Addr, u16), expect: &str) -> Result<std::process::Child> {
+    /// Starts a waiter in the client pod for `target` answering with `expect` within
+    /// `timeout`.
+    fn waiter(
+        &self,
+        target: (Ipv4Addr, u16),
+        expect: &str,
+        timeout: Duration,
+    ) -> Result<std::process::Child> {
         Command::new("ip")
             .args(["netns", "exec", &self.lab.pod_ns(CLIENT)])
             .arg(&self.me)
@@ -247,7 +267,7 @@ impl Bench<'_> {
                 "--expect",
                 expect,
                 "--timeout-ms",
-                "60000",
+                &timeout.as_millis().to_string(),
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -271,7 +291,7 @@ impl Bench<'_> {
         let w = if mode == Mode::Routed {
             None
         } else {
-            Some(self.waiter((target.ip, target.port), "")?)
+            Some(self.waiter((target.ip, target.port), "", FULL_PROGRAM_TIMEOUT)?)
         };
         let t0 = monotonic_ns();
         let mut v = json!({});
@@ -330,7 +350,11 @@ impl Bench<'_> {
             }
         }
         if let Some(w) = w {
-            v["until_forwarding_ms"] = json!(Self::wait_done(w, t0)?);
+            // Keep the command's own time in the error: it tells a slow loader from rules
+            // that never forward.
+            let ms =
+                Self::wait_done(w, t0).with_context(|| format!("after the rules loaded ({v})"))?;
+            v["until_forwarding_ms"] = json!(ms);
         }
         if mode == Mode::Ebpf {
             v["bpf_map_memory_bytes"] = json!(self.bpf_memory());
@@ -363,6 +387,7 @@ impl Bench<'_> {
             ip: Ipv4Addr::new(10, 96, 250, 1),
             port: 80,
             endpoints: vec![(server_ip(0), POD_SERVER_PORT)],
+            node_port: None,
         };
         let mut all: Vec<Svc> = svcs.to_vec();
         all.push(added.clone());
@@ -380,7 +405,7 @@ impl Bench<'_> {
             } else {
                 ("srv0", vec![], vec![])
             };
-            let w = self.waiter((added.ip, added.port), expect)?;
+            let w = self.waiter((added.ip, added.port), expect, STEP_TIMEOUT)?;
             let t0 = monotonic_ns();
             let mut cmd_ms = None;
             match mode {
@@ -418,9 +443,51 @@ impl Bench<'_> {
         Ok(out)
     }
 
-    fn measure(&self, target: (Ipv4Addr, u16), count: usize, rate_count: usize) -> Result<Value> {
+    /// Kernel counters that explain lost connections: TCP and TcpExt of the client and
+    /// the servers (summed), netfilter conntrack statistics of node1.
+    fn loss_counters(&self) -> BTreeMap<String, i64> {
+        let mut c = BTreeMap::new();
+        let mut add = |who: &str, text: &str| {
+            for (k, v) in parse_proc_net(text) {
+                *c.entry(format!("{who}.{k}")).or_insert(0) += v;
+            }
+        };
+        let snmp = |ns: &str| {
+            self.lab
+                .exec(ns, &["cat", "/proc/net/snmp", "/proc/net/netstat"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        add("client", &snmp(&self.lab.pod_ns(CLIENT)));
+        for i in 0..SERVERS {
+            add("servers", &snmp(&self.lab.pod_ns(&format!("srv{i}"))));
+        }
+        if let Ok(o) = self.lab.exec(&self.node(), &["conntrack", "-S"]) {
+            for line in String::from_utf8_lossy(&o.stdout).lines() {
+                for kv in line.split_whitespace() {
+                    if let Some((k, v)) = kv.split_once('=')
+                        && k != "cpu"
+                        && let Ok(v) = v.parse::<i64>()
+                    {
+                        *c.entry(format!("node1.conntrack.{k}")).or_insert(0) += v;
+                    }
+                }
+            }
+        }
+        c
+    }
+
+    /// Latency and rate from the client in namespace `ns` to `target`.
+    fn measure(
+        &self,
+        ns: &str,
+        target: (Ipv4Addr, u16),
+        count: usize,
+        rate_count: usize,
+    ) -> Result<Value> {
+        let before = self.loss_counters();
         let out = self.lab.exec(
-            &self.lab.pod_ns(CLIENT),
+            ns,
             &[
                 self.me.display().to_string(),
                 "bench-client".into(),
@@ -436,7 +503,19 @@ impl Bench<'_> {
         if !out.status.success() {
             bail!("client: {}", String::from_utf8_lossy(&out.stderr));
         }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        let mut v: Value = serde_json::from_slice(&out.stdout)?;
+        // Only the counters that moved, and only those that name trouble.
+        let after = self.loss_counters();
+        let moved: serde_json::Map<String, Value> = after
+            .iter()
+            .filter(|(k, _)| LOSS_COUNTERS.iter().any(|w| k.ends_with(w)))
+            .filter_map(|(k, a)| {
+                let d = a - before.get(k).copied().unwrap_or(0);
+                (d != 0).then(|| (k.clone(), json!(d)))
+            })
+            .collect();
+        v["kernel_counters"] = Value::Object(moved);
+        Ok(v)
     }
 
     fn teardown(&mut self, mode: Mode) -> Result<()> {
@@ -464,6 +543,53 @@ impl Bench<'_> {
         let _ = self.node_sh("conntrack -F >/dev/null 2>&1 || true");
         Ok(())
     }
+}
+
+/// Counter names (suffixes) worth reporting next to lost connections. (Every measured
+/// connection ends in a client RST, so the reset counters are left out.)
+const LOSS_COUNTERS: &[&str] = &[
+    "Tcp.RetransSegs",
+    "Tcp.AttemptFails",
+    "Tcp.InErrs",
+    "TcpExt.TCPSynRetrans",
+    "TcpExt.TCPTimeouts",
+    "TcpExt.ListenDrops",
+    "TcpExt.ListenOverflows",
+    "TcpExt.TW",
+    "TcpExt.TWRecycled",
+    "TcpExt.TCPChallengeACK",
+    "TcpExt.TCPACKSkippedSynRecv",
+    "TcpExt.TCPACKSkippedTimeWait",
+    "TcpExt.PAWSEstab",
+    "TcpExt.TCPAbortOnClose",
+    "conntrack.invalid",
+    "conntrack.insert_failed",
+    "conntrack.drop",
+    "conntrack.early_drop",
+    "conntrack.clash_resolve",
+    "conntrack.search_restart",
+];
+
+/// `/proc/net/snmp`-style text (a header line of names, then a line of values, both
+/// prefixed `Group:`) as `Group.Name -> value`.
+fn parse_proc_net(text: &str) -> Vec<(String, i64)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        let (Some((g1, n)), Some((g2, v))) = (names.split_once(':'), values.split_once(':')) else {
+            continue;
+        };
+        if g1 != g2 {
+            continue;
+        }
+        for (k, val) in n.split_whitespace().zip(v.split_whitespace()) {
+            if let Ok(val) = val.parse() {
+                out.push((format!("{g1}.{k}"), val));
+            }
+        }
+    }
+    out
 }
 
 fn read_i64(p: &Path) -> i64 {
@@ -544,12 +670,16 @@ fn run_all(b: &mut Bench, opts: &LabOpts) -> Result<Value> {
                 ));
                 let res = (|| -> Result<()> {
                     let prog = b.program(mode, &svcs)?;
-                    let tgt = if mode == Mode::Routed {
-                        (server_ip(0), POD_SERVER_PORT)
+                    let (tgt, np) = if mode == Mode::Routed {
+                        let direct = (server_ip(0), POD_SERVER_PORT);
+                        (direct, direct)
                     } else {
-                        target
+                        (target, (node_ip(1), NODE_PORT))
                     };
-                    let m = b.measure(tgt, opts.count, opts.rate_count)?;
+                    let client = b.lab.pod_ns(CLIENT);
+                    let mut m = b.measure(&client, tgt, opts.count, opts.rate_count)?;
+                    // The same service's NodePort on node1, from the external client.
+                    m["nodeport"] = b.measure(&b.lab.ext_ns(), np, opts.count, opts.rate_count)?;
                     samples.entry(mode).or_default().push(m);
                     programming.entry(mode).or_default().push(prog);
                     if opts.control_plane_at == Some(n) && mode != Mode::Routed {
@@ -573,6 +703,11 @@ fn run_all(b: &mut Bench, opts: &LabOpts) -> Result<Value> {
         for m in Mode::ALL {
             let s = samples.remove(&m).unwrap_or_default();
             let med = |k: &str| median(s.iter().filter_map(|v| v[k].as_f64()).collect());
+            let np_med =
+                |k: &str| median(s.iter().filter_map(|v| v["nodeport"][k].as_f64()).collect());
+            let failed = |v: &Value| {
+                v["failed"].as_u64().unwrap_or(0) + v["rate_failed"].as_u64().unwrap_or(0)
+            };
             let p = programming.remove(&m).unwrap_or_default();
             let pmed = |k: &str| median(p.iter().filter_map(|v| v[k].as_f64()).collect());
             let inc = incremental.remove(&m).unwrap_or_default();
@@ -586,7 +721,11 @@ fn run_all(b: &mut Bench, opts: &LabOpts) -> Result<Value> {
                     "connect_p99_us": med("connect_p99_us"),
                     "request_p50_us": med("request_p50_us"),
                     "conn_per_s": med("conn_per_s"),
-                    "failed": s.iter().map(|v| v["failed"].as_u64().unwrap_or(0) + v["rate_failed"].as_u64().unwrap_or(0)).sum::<u64>(),
+                    "failed": s.iter().map(failed).sum::<u64>(),
+                    "nodeport_connect_p50_us": np_med("connect_p50_us"),
+                    "nodeport_connect_p99_us": np_med("connect_p99_us"),
+                    "nodeport_conn_per_s": np_med("conn_per_s"),
+                    "nodeport_failed": s.iter().map(|v| failed(&v["nodeport"])).sum::<u64>(),
                     "errors": s.iter().filter_map(|v| v["error"].as_str()).collect::<Vec<_>>(),
                     "full_program_until_forwarding_ms": pmed("until_forwarding_ms"),
                     "full_program_command_ms": pmed("command_ms"),

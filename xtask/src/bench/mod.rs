@@ -46,6 +46,29 @@ pub struct BenchArgs {
     /// Lab modes to run, comma-separated: ebpf, iptables_legacy, iptables_nft, nftables, routed.
     #[arg(long, value_delimiter = ',')]
     pub modes: Vec<String>,
+    /// Lab service counts, comma-separated (default 10,1000,10000; `--quick` 10,1000).
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub services: Vec<usize>,
+    /// Lab repetitions per mode (default 5; `--quick` 3).
+    #[arg(long, value_name = "N")]
+    pub reps: Option<usize>,
+    /// Write results.{json,md} and plots here. Default: docs/bench (and the results section of
+    /// BENCHMARKS.md) for a complete run; target/bench for a run narrowed with --modes,
+    /// --services, --reps, --no-packet or --no-lab, so a partial run never replaces the
+    /// published figures.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// A run narrowed to part of the benchmark.
+    fn partial(&self) -> bool {
+        !self.modes.is_empty()
+            || !self.services.is_empty()
+            || self.reps.is_some()
+            || self.no_packet
+            || self.no_lab
+    }
 }
 
 const BEGIN: &str = "<!-- bench:results:begin -->";
@@ -141,7 +164,7 @@ pub fn bench(bin: &Path, args: &BenchArgs) -> Result<()> {
                 .map(|m| Mode::parse(m).with_context(|| format!("unknown mode {m:?}")))
                 .collect::<Result<Vec<_>>>()?
         };
-        let opts = if args.quick {
+        let mut opts = if args.quick {
             LabOpts {
                 services: vec![10, 1_000],
                 reps: 3,
@@ -160,6 +183,14 @@ pub fn bench(bin: &Path, args: &BenchArgs) -> Result<()> {
                 modes,
             }
         };
+        if !args.services.is_empty() {
+            // The control-plane steps run at the largest size asked for.
+            opts.control_plane_at = args.services.iter().max().copied();
+            opts.services = args.services.clone();
+        }
+        if let Some(r) = args.reps {
+            opts.reps = r.max(1);
+        }
         labbench::run(bin, &opts, &say)?
     };
     let results = json!({
@@ -169,7 +200,12 @@ pub fn bench(bin: &Path, args: &BenchArgs) -> Result<()> {
         "packet_cost": packet,
         "lab": lab,
     });
-    let dir = root().join("docs/bench");
+    let publish = args.out.is_none() && !args.partial();
+    let dir = match &args.out {
+        Some(d) => d.clone(),
+        None if publish => root().join("docs/bench"),
+        None => root().join("target/bench"),
+    };
     fs::create_dir_all(&dir)?;
     fs::write(
         dir.join("results.json"),
@@ -180,11 +216,15 @@ pub fn bench(bin: &Path, args: &BenchArgs) -> Result<()> {
     if let Err(e) = plot::plots(&results, &dir) {
         say(&format!("plots failed: {e:#}"));
     }
-    update_benchmarks_md(&md)?;
+    if publish {
+        update_benchmarks_md(&md)?;
+    }
     println!("{md}");
     say(&format!(
-        "done in {:.0} s; wrote docs/bench/results.{{json,md}}, docs/bench/*.png, BENCHMARKS.md",
-        start.elapsed().as_secs_f64()
+        "done in {:.0} s; wrote {d}/results.{{json,md}} and {d}/*.png{}",
+        start.elapsed().as_secs_f64(),
+        if publish { " and BENCHMARKS.md" } else { "" },
+        d = dir.display()
     ));
     Ok(())
 }
@@ -223,6 +263,14 @@ fn mib(v: &Value) -> String {
 }
 
 /// The results as markdown tables.
+/// The modes a lab size has results for (a run narrowed with --modes has fewer).
+fn ran(size: &Value) -> impl Iterator<Item = Mode> + '_ {
+    Mode::ALL.into_iter().filter(|m| {
+        let v = &size["modes"][m.key()];
+        v["samples"].as_array().is_some_and(|s| !s.is_empty())
+    })
+}
+
 pub fn markdown(r: &Value) -> String {
     let mut o = String::new();
     let m = &r["machine"];
@@ -281,6 +329,42 @@ pub fn markdown(r: &Value) -> String {
                 f(&s["repeat_1000"]["non_service_ns"], 0),
             );
         }
+        // Results from before the XDP cases existed have none of these keys: no table then,
+        // and "-" for a size that lacks them.
+        let xdp_keys = [
+            "xdp_established",
+            "xdp_established_ipip",
+            "uplink_after_xdp",
+            "uplink_established",
+            "uplink_established_ipip",
+        ];
+        if sizes
+            .iter()
+            .any(|s| !s["cases"]["xdp_established"].is_null())
+        {
+            o.push_str("\n### XDP fast path on the uplink (same runs, ns per packet)\n\nAn established external flow to a LoadBalancer IP with externalTrafficPolicy Local (the flows XDP translates: destination rewrite only, client kept; eTP Local LB IPs for up to 4096 of the services), on `lb_up_xdp`, plain and wrapped in IPIP to the node, and the same packets on tc `lb_up_in` alone. XDP always returns XDP_PASS, so tc still sees the translated packet and passes it (`tc after XDP`): the fast path costs XDP + tc after XDP against tc alone. Every XDP run is checked to have rewritten the destination. `net` = case - empty program of the same hook (XDP floor: `r0 = XDP_PASS`; tc: the floor above).\n\n| services | XDP floor | XDP established (net) | XDP IPIP decap + established (net) | tc after XDP (net) | tc `lb_up_in` established (net) | tc `lb_up_in` IPIP decap + established (net) |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+            for s in sizes.iter().filter(|s| s["error"].is_null()) {
+                let c = &s["cases"];
+                let cell = |k: &str| {
+                    if c[k]["median_ns"].is_null() {
+                        "-".to_owned()
+                    } else {
+                        format!("{} ({})", f(&c[k]["median_ns"], 0), f(&c[k]["net_ns"], 0))
+                    }
+                };
+                let floor = if c["xdp_floor"]["median_ns"].is_null() {
+                    "-".to_owned()
+                } else {
+                    f(&c["xdp_floor"]["median_ns"], 0)
+                };
+                let _ = writeln!(
+                    o,
+                    "| {} | {floor} | {} |",
+                    s["services"],
+                    xdp_keys.map(cell).join(" | ")
+                );
+            }
+        }
         o.push_str("\n### Map programming and BPF map memory (same runs)\n\nClusterIP entries from scratch, then NodePort entries for the same services as an incremental plan. Maps sized exactly for both.\n\n| services x endpoints | map writes | plan | apply (syscalls) | + NodePort: writes / plan / apply | service map | backend map | conntrack map (entries) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for s in sizes.iter().filter(|s| s["error"].is_null()) {
             let cp = &s["control_plane"];
@@ -320,7 +404,7 @@ pub fn markdown(r: &Value) -> String {
         o.push_str("| services x endpoints | mode | connect p50 µs | connect p99 µs | request p50 µs | conn/s | conn/s vs ebpf-proxy | p50 vs ebpf-proxy | failed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for s in sizes {
             let ebpf = &s["modes"]["ebpf"];
-            for mode in Mode::ALL {
+            for mode in ran(s) {
                 let v = &s["modes"][mode.key()];
                 let _ = writeln!(
                     o,
@@ -343,9 +427,33 @@ pub fn markdown(r: &Value) -> String {
                 );
             }
         }
+        o.push_str("\n### The same service's NodePort from outside the cluster (lab; client in `ext`, node1:30080, externalTrafficPolicy Cluster)\n\nDNAT to one of the 10 endpoints on node2 and masquerade to node1's address. `routed` connects to an endpoint directly.\n\n| services x endpoints | mode | connect p50 µs | connect p99 µs | conn/s | conn/s vs ebpf-proxy | p50 vs ebpf-proxy | failed |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
+        for s in sizes {
+            let ebpf = &s["modes"]["ebpf"];
+            for mode in ran(s).filter(|m| !s["modes"][m.key()]["nodeport_connect_p50_us"].is_null())
+            {
+                let v = &s["modes"][mode.key()];
+                let _ = writeln!(
+                    o,
+                    "| {} x {} | {} | {} | {} | {} | {} | {} | {} |",
+                    s["services"],
+                    s["endpoints_per_service"],
+                    mode.name(),
+                    f(&v["nodeport_connect_p50_us"], 0),
+                    f(&v["nodeport_connect_p99_us"], 0),
+                    f(&v["nodeport_conn_per_s"], 0),
+                    ratio(&v["nodeport_conn_per_s"], &ebpf["nodeport_conn_per_s"]),
+                    ratio(
+                        &v["nodeport_connect_p50_us"],
+                        &ebpf["nodeport_connect_p50_us"]
+                    ),
+                    v["nodeport_failed"],
+                );
+            }
+        }
         o.push_str("\n### Control plane (lab, node1; ms until the client's connections are forwarded accordingly, median; command time in parentheses)\n\n| services x endpoints | mode | full programming | add one service | change one endpoint | kernel memory of the rules / BPF maps |\n|---|---|---:|---:|---:|---:|\n");
         for s in sizes {
-            for mode in Mode::ALL {
+            for mode in ran(s) {
                 if mode == Mode::Routed {
                     continue;
                 }
@@ -360,10 +468,7 @@ pub fn markdown(r: &Value) -> String {
                     }
                 };
                 let memv = if mode == Mode::Ebpf {
-                    format!(
-                        "{} (BPF maps, default sizes)",
-                        mib(&v["bpf_map_memory_bytes"])
-                    )
+                    format!("{} (BPF maps)", mib(&v["bpf_map_memory_bytes"]))
                 } else {
                     mib(&v["kernel_memory_bytes"])
                 };

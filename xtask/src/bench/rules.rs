@@ -15,6 +15,12 @@
 //! with `numgen random mod N vmap { i : goto endpoint-* }`, one `endpoint-*` chain per endpoint
 //! with the masquerade mark for hairpin and `dnat to`, plus the `mark-for-masquerade` /
 //! `masquerading` chains and the nat hooks.
+//!
+//! NodePorts (eTP Cluster): iptables sends local-destination traffic that no ClusterIP rule
+//! matched from the end of `KUBE-SERVICES` to `KUBE-NODEPORTS`, which jumps per port to a
+//! `KUBE-EXT-X` chain that marks for masquerade and goes on to `KUBE-SVC-X`; nftables looks
+//! the port up in the `service-nodeports` verdict map and goes to an `external-*` chain that
+//! does the same.
 use std::{fmt::Write as _, net::Ipv4Addr};
 
 pub const CLUSTER_CIDR: &str = "10.76.0.0/16";
@@ -27,6 +33,8 @@ pub struct Svc {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
+    /// A NodePort (type NodePort, externalTrafficPolicy Cluster).
+    pub node_port: Option<u16>,
 }
 
 impl Svc {
@@ -58,6 +66,10 @@ fn hash16(s: &str) -> String {
 
 pub fn svc_chain(s: &Svc) -> String {
     format!("KUBE-SVC-{}", hash16(&format!("{}tcp", s.port_name())))
+}
+
+fn ext_chain(s: &Svc) -> String {
+    format!("KUBE-EXT-{}", hash16(&format!("{}tcp", s.port_name())))
 }
 
 pub fn sep_chain(s: &Svc, ep: (Ipv4Addr, u16)) -> String {
@@ -100,6 +112,20 @@ fn services_rules(out: &mut String, svcs: &[Svc]) {
 /// One service's `KUBE-SVC` chain body and its `KUBE-SEP` chains (declarations separate).
 fn service_chains(out: &mut String, s: &Svc, comments: bool) {
     let svc = svc_chain(s);
+    if let Some(np) = s.node_port {
+        let ext = ext_chain(s);
+        let _ = writeln!(
+            out,
+            "-A KUBE-NODEPORTS -m comment --comment {} -m tcp -p tcp --dport {np} -j {ext}",
+            s.port_name()
+        );
+        let _ = writeln!(
+            out,
+            "-A {ext} -m comment --comment \"masquerade traffic for {} external destinations\" -j KUBE-MARK-MASQ",
+            s.port_name()
+        );
+        let _ = writeln!(out, "-A {ext} -j {svc}");
+    }
     let _ = writeln!(
         out,
         "-A {svc} -m comment --comment \"{} cluster IP\" -d {}/32 -p tcp -m tcp --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
@@ -135,6 +161,9 @@ fn service_chains(out: &mut String, s: &Svc, comments: bool) {
 
 fn declare(out: &mut String, s: &Svc) {
     let _ = writeln!(out, ":{} - [0:0]", svc_chain(s));
+    if s.node_port.is_some() {
+        let _ = writeln!(out, ":{} - [0:0]", ext_chain(s));
+    }
     for ep in &s.endpoints {
         let _ = writeln!(out, ":{} - [0:0]", sep_chain(s, *ep));
     }
@@ -208,6 +237,15 @@ fn nft_svc_chain(s: &Svc) -> String {
     )
 }
 
+fn nft_ext_chain(s: &Svc) -> String {
+    format!(
+        "external-{}-{}/{}/tcp/http",
+        &hash16(&s.port_name())[..8],
+        s.ns,
+        s.name
+    )
+}
+
 fn nft_ep_chain(s: &Svc, ep: (Ipv4Addr, u16)) -> String {
     format!(
         "endpoint-{}-{}/{}/tcp/http__{}/{}",
@@ -223,6 +261,17 @@ fn nft_service(o: &mut String, s: &Svc) {
     let chain = nft_svc_chain(s);
     let _ = writeln!(o, "add chain ip kube-proxy {chain}");
     let _ = writeln!(o, "flush chain ip kube-proxy {chain}");
+    if let Some(np) = s.node_port {
+        let ext = nft_ext_chain(s);
+        let _ = writeln!(o, "add chain ip kube-proxy {ext}");
+        let _ = writeln!(o, "flush chain ip kube-proxy {ext}");
+        let _ = writeln!(o, "add rule ip kube-proxy {ext} jump mark-for-masquerade");
+        let _ = writeln!(o, "add rule ip kube-proxy {ext} goto {chain}");
+        let _ = writeln!(
+            o,
+            "add element ip kube-proxy service-nodeports {{ tcp . {np} : goto {ext} }}"
+        );
+    }
     let _ = writeln!(
         o,
         "add rule ip kube-proxy {chain} ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
@@ -357,7 +406,41 @@ mod tests {
             endpoints: (0..n)
                 .map(|j| (Ipv4Addr::new(10, 76, 1, j), 9376))
                 .collect(),
+            node_port: None,
         }
+    }
+
+    #[test]
+    fn nodeports_go_through_an_external_chain() {
+        let s = Svc {
+            node_port: Some(30080),
+            ..svc(1, 2)
+        };
+        let ipt = iptables_full(std::slice::from_ref(&s));
+        let ext = ext_chain(&s);
+        assert!(ipt.contains(&format!(":{ext} - [0:0]")));
+        assert!(ipt.contains(&format!("--dport 30080 -j {ext}")));
+        assert!(ipt.contains(&format!("-A {ext} -j {}", svc_chain(&s))));
+        // KUBE-NODEPORTS is reached from the end of KUBE-SERVICES only.
+        let last = ipt
+            .lines()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES"))
+            .unwrap_or_default();
+        assert!(last.ends_with("--dst-type LOCAL -j KUBE-NODEPORTS"));
+        let nft = nft_full(std::slice::from_ref(&s));
+        assert!(nft.contains(&format!(
+            "service-nodeports {{ tcp . 30080 : goto {} }}",
+            nft_ext_chain(&s)
+        )));
+        assert!(nft.contains(&format!(
+            "add rule ip kube-proxy {} goto {}",
+            nft_ext_chain(&s),
+            nft_svc_chain(&s)
+        )));
+        // Without a NodePort, neither layout mentions one.
+        let plain = svc(1, 2);
+        assert!(!iptables_full(std::slice::from_ref(&plain)).contains("KUBE-EXT-"));
+        assert!(!nft_full(std::slice::from_ref(&plain)).contains("external-"));
     }
 
     #[test]
