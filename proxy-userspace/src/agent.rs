@@ -252,7 +252,11 @@ pub fn load_manifests(dir: &Path) -> Result<Snapshot> {
 }
 
 /// The one place a `translate::Input` is built.
-fn translate_snapshot(snapshot: &Snapshot, ctx: &Context) -> translate::Translation {
+fn translate_snapshot(
+    snapshot: &Snapshot,
+    ctx: &Context,
+    translator: &mut translate::Translator,
+) -> translate::Translation {
     // Validated at startup; should a bad value get here, serve NodePorts nowhere rather
     // than on addresses the operator excluded.
     let flag = ctx
@@ -269,7 +273,7 @@ fn translate_snapshot(snapshot: &Snapshot, ctx: &Context) -> translate::Translat
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(ctx.node_name.as_str()))
         .and_then(translate::node_zone);
-    translate::translate(&translate::Input {
+    translator.translate(&translate::Input {
         services: &snapshot.objects.services,
         slices: &snapshot.objects.slices,
         node_name: &ctx.node_name,
@@ -278,32 +282,94 @@ fn translate_snapshot(snapshot: &Snapshot, ctx: &Context) -> translate::Translat
     })
 }
 
-/// One reconciliation: translate the snapshot, admit what fits the maps, plan, write. Bad
-/// objects are skipped and returned in [`SyncSummary::rejected`]; everything valid is
-/// programmed. The same path serves the manifests and the Kubernetes sources.
+/// One reconciliation with nothing remembered from earlier ones: [`Reconciler::reconcile`]
+/// with a new [`Reconciler`].
 pub fn reconcile<W: plan::MapWriter>(
     snapshot: &Snapshot,
     ctx: &Context,
     state: &mut MapState,
     writer: &mut W,
 ) -> Result<SyncSummary> {
-    let mut t = translate_snapshot(snapshot, ctx);
-    let over = plan::fit_capacity(
-        &mut t.desired,
-        &mut t.cluster_ips,
-        &ctx.map_sizes.capacity(),
-    );
-    t.issues.extend(over);
-    let p = plan::plan(state, &t.desired, &t.cluster_ips);
-    let ops = p.ops.len();
-    plan::apply_plan(state, &p, writer).context("writing the service maps")?;
+    Reconciler::new().reconcile(snapshot, ctx, state, writer)
+}
+
+/// Reconciles snapshot after snapshot, remembering each service's translation
+/// ([`translate::Translator`]) so that a change to one service re-translates that service
+/// only. The result is always that of [`reconcile`] on the same snapshot and state.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    translator: translate::Translator,
+}
+
+/// Where the time of one reconciliation went (the agent logs it at debug level).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncStages {
+    pub translate: Duration,
+    /// Service groups translated again / reused from the previous reconciliation.
+    pub translated: usize,
+    pub reused: usize,
+    /// [`plan::fit_capacity`].
+    pub capacity: Duration,
+    pub plan: Duration,
+    /// The map writes.
+    pub apply: Duration,
+}
+
+impl Reconciler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One reconciliation: translate the snapshot, admit what fits the maps, plan, write. Bad
+    /// objects are skipped and returned in [`SyncSummary::rejected`]; everything valid is
+    /// programmed. The same path serves the manifests and the Kubernetes sources.
+    pub fn reconcile<W: plan::MapWriter>(
+        &mut self,
+        snapshot: &Snapshot,
+        ctx: &Context,
+        state: &mut MapState,
+        writer: &mut W,
+    ) -> Result<SyncSummary> {
+        let mut stages = SyncStages::default();
+        let started = Instant::now();
+        let mut t = translate_snapshot(snapshot, ctx, &mut self.translator);
+        let tstats = self.translator.stats();
+        (stages.translated, stages.reused) = (tstats.translated, tstats.reused);
+        stages.translate = started.elapsed();
+        let started = Instant::now();
+        let over = plan::fit_capacity(
+            &mut t.desired,
+            &mut t.cluster_ips,
+            &ctx.map_sizes.capacity(),
+        );
+        t.issues.extend(over);
+        stages.capacity = started.elapsed();
+        let started = Instant::now();
+        let p = plan::plan(state, &t.desired, &t.cluster_ips);
+        stages.plan = started.elapsed();
+        let ops = p.ops.len();
+        let started = Instant::now();
+        plan::apply_plan(state, &p, writer).context("writing the service maps")?;
+        stages.apply = started.elapsed();
+        Ok(summarize(snapshot, ctx, state, &t, ops, stages))
+    }
+}
+
+fn summarize(
+    snapshot: &Snapshot,
+    ctx: &Context,
+    state: &MapState,
+    t: &translate::Translation,
+    ops: usize,
+    stages: SyncStages,
+) -> SyncSummary {
     let node = snapshot
         .objects
         .nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(ctx.node_name.as_str()))
         .cloned();
-    Ok(SyncSummary {
+    SyncSummary {
         services: t.desired.len(),
         backends: t.desired.values().map(|s| s.backends.len()).sum(),
         ops,
@@ -322,7 +388,8 @@ pub fn reconcile<W: plan::MapWriter>(
             })
             .collect(),
         service_ids: crate::metrics::service_ids(&t.desired, state),
-    })
+        stages,
+    }
 }
 
 /// [`load_manifests`] then [`reconcile`].
@@ -350,6 +417,7 @@ pub struct SyncSummary {
     pub health_checks: Vec<(u16, String, String, usize)>,
     /// Service ID -> service port, for the per-service packet counters.
     pub service_ids: crate::metrics::ServiceIds,
+    pub stages: SyncStages,
 }
 
 impl SyncSummary {
@@ -410,6 +478,15 @@ impl RejectionLog {
     }
 }
 
+/// How a [`Source`] read its last snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    pub took: Duration,
+    /// Manifest files parsed (changed) and reused (unchanged).
+    pub parsed: usize,
+    pub reused: usize,
+}
+
 /// Where snapshots come from: a manifests directory (polled) or the Kubernetes API (watched).
 pub enum Source {
     Manifests {
@@ -422,6 +499,10 @@ pub enum Source {
         watch: Option<manifests::DirWatch>,
         /// Fingerprint of the directory when it was last read; `None` forces a read.
         last: Option<u64>,
+        /// The files' objects as last parsed: only changed files are parsed again.
+        cache: manifests::DirCache,
+        /// How the last read went.
+        read: ReadStats,
     },
     Kube(Box<KubeSource>),
 }
@@ -464,6 +545,17 @@ impl Source {
             poll: tokio::time::interval(poll),
             watch: None,
             last: None,
+            cache: manifests::DirCache::new(),
+            read: ReadStats::default(),
+        }
+    }
+
+    /// How the read of the last snapshot went (manifests only; zero for the Kubernetes API,
+    /// whose objects arrive parsed).
+    pub fn read_stats(&self) -> ReadStats {
+        match self {
+            Self::Manifests { read, .. } => *read,
+            Self::Kube(_) => ReadStats::default(),
         }
     }
 
@@ -477,6 +569,8 @@ impl Source {
                 poll,
                 watch,
                 last,
+                cache,
+                read,
             } => loop {
                 match watch {
                     Some(w) => tokio::select! {
@@ -506,10 +600,19 @@ impl Source {
                 if *last == Some(fp) {
                     continue;
                 }
-                match load_manifests(dir) {
-                    Ok(s) => {
+                let started = Instant::now();
+                match cache.load(dir) {
+                    Ok((objects, unreadable, stats)) => {
                         *last = Some(fp);
-                        return s;
+                        *read = ReadStats {
+                            took: started.elapsed(),
+                            parsed: stats.parsed,
+                            reused: stats.reused,
+                        };
+                        return Snapshot {
+                            objects,
+                            unreadable,
+                        };
                     }
                     Err(e) => warn!("{e:#}"),
                 }
@@ -673,6 +776,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut resync = tokio::time::interval(Duration::from_secs(5));
+    let mut reconciler = Reconciler::new();
     info!(
         "ebpf-proxy running on node {} with {source}",
         args.node_name
@@ -687,7 +791,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 triggers.note(&snapshot.objects.slices);
                 let result = {
                     let mut maps = dp.lb_maps()?;
-                    reconcile(&snapshot, &ctx, &mut state, &mut maps)
+                    reconciler.reconcile(&snapshot, &ctx, &mut state, &mut maps)
                 };
                 match result {
                     Ok(s) => {
@@ -709,6 +813,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             node_ips_programmed = Some(node_ips);
                         }
                         rejection_log.report(&s.rejected);
+                        let read = source.read_stats();
+                        let st = &s.stages;
+                        debug!(
+                            "sync stages: read {:?} ({} files parsed, {} unchanged), translate {:?} \
+                             ({} services translated, {} unchanged), capacity {:?}, plan {:?}, \
+                             apply {:?} ({} map writes), total {:?}",
+                            read.took, read.parsed, read.reused, st.translate, st.translated,
+                            st.reused, st.capacity, st.plan, st.apply, s.ops, read.took + started.elapsed()
+                        );
                         info!(
                             "synced {} service ports, {} endpoints: {} map operations in {:?}{}",
                             s.services, s.backends, s.ops, started.elapsed(),

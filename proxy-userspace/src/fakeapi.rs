@@ -869,10 +869,10 @@ pub fn served_objects(objects: &crate::manifests::Objects) -> Served {
         }
     };
     for s in &objects.services {
-        put(Kind::Service, serde_json::to_value(s));
+        put(Kind::Service, serde_json::to_value(&**s));
     }
     for s in &objects.slices {
-        put(Kind::EndpointSlice, serde_json::to_value(s));
+        put(Kind::EndpointSlice, serde_json::to_value(&**s));
     }
     for n in &objects.nodes {
         put(Kind::Node, serde_json::to_value(n));

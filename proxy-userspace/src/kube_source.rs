@@ -293,7 +293,14 @@ pub struct KubeSource {
     /// A snapshot is due even without a change (the last one could not be applied).
     retry: bool,
     tasks: Vec<JoinHandle<()>>,
+    /// The objects handed out by the last snapshot, by store entry: an unchanged object is
+    /// handed out again, shared, so the translation recognises it without comparing it.
+    shared: std::sync::Mutex<(Shared<Service>, Shared<EndpointSlice>)>,
 }
+
+/// Store entry (by allocation, kept alive here so the address is not reused) -> the object
+/// handed out for it. The store replaces an entry's allocation on every change.
+type Shared<K> = HashMap<usize, (Arc<Lenient<K>>, Arc<K>)>;
 
 impl Drop for KubeSource {
     fn drop(&mut self) {
@@ -362,6 +369,7 @@ impl KubeSource {
             dirty: false,
             retry: false,
             tasks,
+            shared: Default::default(),
         }
     }
 
@@ -416,25 +424,54 @@ impl KubeSource {
             slices,
             nodes,
         } = &mut snap.objects;
-        collect(&self.services, services, &mut snap.unreadable);
-        collect(&self.slices, slices, &mut snap.unreadable);
-        collect(&self.nodes, nodes, &mut snap.unreadable);
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let (shared_services, shared_slices) = &mut *shared;
+        collect(
+            &self.services,
+            shared_services,
+            services,
+            &mut snap.unreadable,
+        );
+        collect(&self.slices, shared_slices, slices, &mut snap.unreadable);
+        let mut node_objects = Vec::new();
+        collect(
+            &self.nodes,
+            &mut Shared::new(),
+            &mut node_objects,
+            &mut snap.unreadable,
+        );
+        nodes.extend(node_objects.into_iter().map(Arc::unwrap_or_clone));
         snap.unreadable.sort();
         snap
     }
 }
 
-fn collect<K>(store: &Store<Lenient<K>>, out: &mut Vec<K>, unreadable: &mut Vec<String>)
-where
+/// The store's objects, sorted by namespace/name; those handed out before (same store entry)
+/// are shared again instead of copied.
+fn collect<K>(
+    store: &Store<Lenient<K>>,
+    shared: &mut Shared<K>,
+    out: &mut Vec<Arc<K>>,
+    unreadable: &mut Vec<String>,
+) where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
     let mut objs = store.state();
     objs.sort_by(|a, b| {
         (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
     });
+    let mut next = Shared::with_capacity(objs.len());
     for o in objs {
         match &o.object {
-            Ok(k) => out.push(k.clone()),
+            Ok(k) => {
+                let at = Arc::as_ptr(&o) as usize;
+                let obj = match shared.remove(&at) {
+                    Some((_, obj)) => obj,
+                    None => Arc::new(k.clone()),
+                };
+                out.push(Arc::clone(&obj));
+                next.insert(at, (o, obj));
+            }
             Err(e) => unreadable.push(format!(
                 "{} {}: cannot be decoded ({e}); the object is skipped",
                 K::kind(&()),
@@ -442,6 +479,7 @@ where
             )),
         }
     }
+    *shared = next;
 }
 
 fn display_name(m: &ObjectMeta) -> String {
@@ -582,9 +620,10 @@ impl TriggerTimes {
     }
 
     /// Notes the slices of a snapshot that is about to be reconciled.
-    pub fn note(&mut self, slices: &[EndpointSlice]) {
+    pub fn note<S: std::borrow::Borrow<EndpointSlice>>(&mut self, slices: &[S]) {
         let mut seen = HashMap::with_capacity(slices.len());
         for s in slices {
+            let s = s.borrow();
             let ns = s.metadata.namespace.clone().unwrap_or_default();
             let name = s.metadata.name.clone().unwrap_or_default();
             // kube-proxy keys trigger times by service; a slice without one is not used.

@@ -10,13 +10,20 @@
 //! object and field, and never stops the other objects from loading.
 //!
 //! Like `kubectl apply`, a namespaced object without `metadata.namespace` lands in `default`.
+//!
+//! Services and EndpointSlices are held by [`Arc`]: a [`DirCache`] re-parses only the files
+//! that changed and hands out the other files' objects again without copying them, and
+//! [`translate::Translator`](crate::translate::Translator) recognises an object it has seen
+//! by pointer before comparing contents.
 
+use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::fmt;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 #[cfg(test)]
 use std::time::Duration;
 use std::time::UNIX_EPOCH;
@@ -37,12 +44,22 @@ const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 /// documents read from one file should the parser keep reporting the same error.
 const MAX_DOCUMENTS_PER_FILE: usize = 100_000;
 
-/// The objects the agent uses, in file order.
+/// The objects the agent uses, in file order. Services and EndpointSlices are shared (see
+/// the module docs); the few Nodes are not.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
     pub nodes: Vec<Node>,
+}
+
+impl Objects {
+    /// Appends `other`'s objects (the services and slices are shared, not copied).
+    pub fn extend_from(&mut self, other: &Objects) {
+        self.services.extend(other.services.iter().cloned());
+        self.slices.extend(other.slices.iter().cloned());
+        self.nodes.extend(other.nodes.iter().cloned());
+    }
 }
 
 /// The directory itself could not be listed.
@@ -150,25 +167,146 @@ pub fn load_dir_by_file(dir: &Path) -> Result<(Vec<FileObjects>, Vec<ManifestErr
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for file in files {
-        let modified = fs::metadata(&file).and_then(|m| m.modified()).ok();
-        let mut objects = Objects::default();
-        match fs::read_to_string(&file) {
-            Ok(text) => load_text(&file, &text, &mut objects, &mut errors),
-            Err(e) => errors.push(ManifestError {
-                file: file.clone(),
-                document: None,
-                item: None,
-                object: None,
-                problem: ManifestProblem::Read(e),
-            }),
-        }
-        out.push(FileObjects {
-            file,
-            modified,
-            objects,
-        });
+        let meta = fs::metadata(&file).ok();
+        out.push(load_file(file, meta.as_ref(), &mut errors));
     }
     Ok((out, errors))
+}
+
+/// Reads and parses one manifest file. `meta` is the file's metadata taken before reading it.
+fn load_file(
+    file: PathBuf,
+    meta: Option<&fs::Metadata>,
+    errors: &mut Vec<ManifestError>,
+) -> FileObjects {
+    let modified = meta.and_then(|m| m.modified().ok());
+    let mut objects = Objects::default();
+    match fs::read_to_string(&file) {
+        Ok(text) => load_text(&file, &text, &mut objects, errors),
+        Err(e) => errors.push(ManifestError {
+            file: file.clone(),
+            document: None,
+            item: None,
+            object: None,
+            problem: ManifestProblem::Read(e),
+        }),
+    }
+    FileObjects {
+        file,
+        modified,
+        objects,
+    }
+}
+
+/// What identifies one version of a file without reading it: length, modification and change
+/// times and inode (the same facts as [`fingerprint`]). A file whose metadata cannot be read
+/// has none and is always read again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FileStamp {
+    len: u64,
+    mtime: Option<i128>,
+    #[cfg(unix)]
+    inode: (u64, u64, i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            len: meta.len(),
+            mtime: meta
+                .modified()
+                .ok()
+                .map(|t| match t.duration_since(UNIX_EPOCH) {
+                    Ok(d) => d.as_nanos() as i128,
+                    Err(e) => -(e.duration().as_nanos() as i128),
+                }),
+            #[cfg(unix)]
+            inode: {
+                use std::os::unix::fs::MetadataExt;
+                (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+            },
+        }
+    }
+}
+
+/// One file as last parsed by a [`DirCache`].
+#[derive(Debug)]
+struct CachedFile {
+    stamp: FileStamp,
+    objects: Objects,
+    /// Its problems, as [`ManifestError`] messages.
+    errors: Vec<String>,
+}
+
+/// How a [`DirCache::load`] went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Files read and parsed (new or changed since the last load).
+    pub parsed: usize,
+    /// Files whose objects were reused (same length, times and inode as last time).
+    pub reused: usize,
+}
+
+/// [`load_dir`] for a directory that is read again and again (the agent's manifests source):
+/// a file is parsed again only when its [`fingerprint`] facts (length, times, inode) changed;
+/// the others' objects are handed out again, shared. Errors are given as messages, since
+/// those of an unchanged file are repeated from the parse that found them.
+#[derive(Debug, Default)]
+pub struct DirCache {
+    files: HashMap<PathBuf, CachedFile>,
+}
+
+impl DirCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The directory's objects and problems, as [`load_dir`] would give them.
+    pub fn load(&mut self, dir: &Path) -> Result<(Objects, Vec<String>, CacheStats), LoadError> {
+        let files = manifest_files(dir).map_err(|source| LoadError {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        let mut stats = CacheStats::default();
+        let mut next = HashMap::with_capacity(files.len());
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        for file in files {
+            // Taken before the read: a write racing with it changes the stamp, so the file is
+            // read again at the next load.
+            let meta = fs::metadata(&file).ok();
+            let stamp = meta.as_ref().map(FileStamp::of);
+            let old = self.files.remove(&file);
+            let (objects_of, errors_of) = match (old, stamp) {
+                (Some(c), Some(stamp)) if c.stamp == stamp => {
+                    stats.reused += 1;
+                    (c.objects, c.errors)
+                }
+                _ => {
+                    stats.parsed += 1;
+                    let mut errs = Vec::new();
+                    let f = load_file(file.clone(), meta.as_ref(), &mut errs);
+                    (f.objects, errs.iter().map(ToString::to_string).collect())
+                }
+            };
+            objects.extend_from(&objects_of);
+            errors.extend(errors_of.iter().cloned());
+            // Without metadata there is nothing to recognise the file by: read it every time.
+            if let Some(stamp) = stamp {
+                next.insert(
+                    file,
+                    CachedFile {
+                        stamp,
+                        objects: objects_of,
+                        errors: errors_of,
+                    },
+                );
+            }
+        }
+        // Files that are gone are dropped with the old map.
+        self.files = next;
+        Ok((objects, errors, stats))
+    }
 }
 
 /// A cheap change detector for polling: a hash of the name, length, modification time (and on
@@ -182,22 +320,7 @@ pub fn fingerprint(dir: &Path) -> io::Result<u64> {
     for file in files {
         file.file_name().hash(&mut h);
         match fs::metadata(&file) {
-            Ok(meta) => {
-                meta.len().hash(&mut h);
-                let mtime = meta
-                    .modified()
-                    .ok()
-                    .map(|t| match t.duration_since(UNIX_EPOCH) {
-                        Ok(d) => d.as_nanos() as i128,
-                        Err(e) => -(e.duration().as_nanos() as i128),
-                    });
-                mtime.hash(&mut h);
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::MetadataExt;
-                    (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec()).hash(&mut h);
-                }
-            }
+            Ok(meta) => FileStamp::of(&meta).hash(&mut h),
             Err(e) => format!("{:?}", e.kind()).hash(&mut h),
         }
     }
@@ -423,13 +546,21 @@ fn load_value(
     match kind.as_str() {
         "Service" => {
             default_namespace(&mut value);
-            push(at, &kind, value, &mut objects.services, errors);
+            if let Some(o) = typed(at, &kind, value, errors) {
+                objects.services.push(Arc::new(o));
+            }
         }
         "EndpointSlice" => {
             default_namespace(&mut value);
-            push(at, &kind, value, &mut objects.slices, errors);
+            if let Some(o) = typed(at, &kind, value, errors) {
+                objects.slices.push(Arc::new(o));
+            }
         }
-        "Node" => push(at, &kind, value, &mut objects.nodes, errors),
+        "Node" => {
+            if let Some(o) = typed(at, &kind, value, errors) {
+                objects.nodes.push(o);
+            }
+        }
         _ => log::debug!(
             "{} doc {}{}: ignoring {} {}",
             at.file.display(),
@@ -442,16 +573,15 @@ fn load_value(
 }
 
 /// Deserializes one object, naming the failing field through `serde_path_to_error`.
-fn push<T: DeserializeOwned>(
+fn typed<T: DeserializeOwned>(
     at: Location<'_>,
     kind: &str,
     value: Value,
-    out: &mut Vec<T>,
     errors: &mut Vec<ManifestError>,
-) {
+) -> Option<T> {
     let object = format!("{kind} {}", object_name(&value));
     match serde_path_to_error::deserialize::<_, T>(value) {
-        Ok(obj) => out.push(obj),
+        Ok(obj) => Some(obj),
         Err(e) => {
             let path = e.path().to_string();
             let field = if path == "." { String::new() } else { path };
@@ -462,6 +592,7 @@ fn push<T: DeserializeOwned>(
                     source: e.into_inner(),
                 },
             ));
+            None
         }
     }
 }
@@ -829,6 +960,57 @@ ports:
 
         fs::remove_file(dir.path().join("c.json")).expect("remove");
         assert_ne!(fp(), renamed, "removal");
+    }
+
+    /// A DirCache gives what load_dir gives after every kind of edit, parsing only the files
+    /// that changed and sharing the others' objects.
+    #[test]
+    fn dir_cache_reparses_changed_files_only() {
+        let dir = dir_with(&[
+            ("a.yaml", SVC),
+            ("b.yaml", SLICE),
+            ("c.yaml", &SVC.replace("port: 80", "port: x")),
+        ]);
+        let mut cache = DirCache::new();
+        let check = |cache: &mut DirCache, parsed: usize, what: &str| -> Objects {
+            let (objects, errors, stats) = cache.load(dir.path()).expect(what);
+            let (fresh, fresh_errors) = load_dir(dir.path()).expect(what);
+            let errors_now: Vec<String> = fresh_errors.iter().map(ToString::to_string).collect();
+            assert_eq!(
+                summarize(dir.path(), &objects, &[]),
+                summarize(dir.path(), &fresh, &[]),
+                "{what}"
+            );
+            assert_eq!(errors, errors_now, "{what}");
+            assert_eq!(stats.parsed, parsed, "{what}: files parsed");
+            objects
+        };
+        let first = check(&mut cache, 3, "first load");
+        let again = check(&mut cache, 0, "unchanged");
+        assert!(
+            Arc::ptr_eq(&first.services[0], &again.services[0]),
+            "shared"
+        );
+        assert!(Arc::ptr_eq(&first.slices[0], &again.slices[0]), "shared");
+
+        // An edit of the same length: the times and inode still tell.
+        let edited = SLICE.replace("10.0.0.1", "10.0.0.2");
+        fs::write(dir.path().join(".b.tmp"), &edited).expect("write");
+        fs::rename(dir.path().join(".b.tmp"), dir.path().join("b.yaml")).expect("rename");
+        let after = check(&mut cache, 1, "edited slice");
+        assert_eq!(after.slices[0].endpoints[0].addresses, ["10.0.0.2"]);
+        assert!(Arc::ptr_eq(&first.services[0], &after.services[0]));
+
+        // Fixed in place (same inode).
+        fs::write(dir.path().join("c.yaml"), SVC.replace("hostnames", "fixed")).expect("write");
+        let fixed = check(&mut cache, 1, "fixed file");
+        assert_eq!(fixed.services.len(), 2);
+
+        fs::rename(dir.path().join("a.yaml"), dir.path().join("d.yaml")).expect("rename");
+        check(&mut cache, 1, "renamed");
+        fs::remove_file(dir.path().join("d.yaml")).expect("remove");
+        let removed = check(&mut cache, 0, "removed");
+        assert_eq!(removed.services.len(), 1);
     }
 
     #[tokio::test]

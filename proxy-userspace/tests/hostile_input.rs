@@ -43,8 +43,14 @@ fn snapshot_with(services: Vec<Value>, slices: Vec<Value>) -> Snapshot {
     e.extend(slices);
     Snapshot {
         objects: Objects {
-            services: s.into_iter().map(parse).collect(),
-            slices: e.into_iter().map(parse).collect(),
+            services: s
+                .into_iter()
+                .map(|v| std::sync::Arc::new(parse(v)))
+                .collect(),
+            slices: e
+                .into_iter()
+                .map(|v| std::sync::Arc::new(parse(v)))
+                .collect(),
             nodes: vec![],
         },
         unreadable: vec![],

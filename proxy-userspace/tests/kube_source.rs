@@ -307,8 +307,8 @@ async fn failing_lists_are_retried() {
 /// What the maps hold after an earlier run: web with two endpoints and a service that was
 /// since deleted from the cluster.
 fn earlier_maps() -> MemMaps {
-    fn parse<T: serde::de::DeserializeOwned>(v: Value) -> T {
-        serde_json::from_value(v).expect("typed")
+    fn parse<T: serde::de::DeserializeOwned>(v: Value) -> std::sync::Arc<T> {
+        std::sync::Arc::new(serde_json::from_value(v).expect("typed"))
     }
     let snapshot = Snapshot {
         objects: Objects {

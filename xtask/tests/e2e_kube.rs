@@ -36,7 +36,13 @@ fn up() -> (Cluster, Vec<Endpoint>) {
             "node{n}'s agent watches the API server: {log}"
         );
         // Addresses from its Node object (field selector metadata.name=nodeN), not a flag.
+        // Logged after the first sync's map writes, which is what `up_kube` waited for.
         let want = format!("node node{n} addresses: [{}]", xtask::lab::node_ip(n));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !c.agent_log(n).contains(&want) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = c.agent_log(n);
         assert!(log.contains(&want), "node{n}: {want:?} in {log}");
     }
     (c, eps)

@@ -1,4 +1,4 @@
-//! The agent's control loop as `ebpf-proxy run` drives it (a [`Source`] -> [`reconcile`] ->
+//! The agent's control loop as `ebpf-proxy run` drives it (a [`Source`] -> [`Reconciler`] ->
 //! map writer), with in-memory maps that record every write, so tests can watch what the
 //! datapath would see.
 #![allow(dead_code, reason = "each test binary uses a different part")]
@@ -13,7 +13,7 @@ use std::{
 
 use proxy_common::{Backend4, SrcRange4Key, Svc4Key, Svc4Value, VipValue};
 use proxy_userspace::{
-    agent::{Context, RejectionLog, Source, reconcile},
+    agent::{Context, Reconciler, RejectionLog, Source},
     datapath::MapSizes,
     kube_source::{self, KubeSource, KubeSourceOptions, SourceStats, TriggerTimes},
     metrics::Metrics,
@@ -197,6 +197,8 @@ pub fn view_of(state: &MapState) -> View {
 async fn run_loop(mut source: Source, ctx: Context, inner: Arc<Mutex<Inner>>, metrics: Metrics) {
     let mut log = RejectionLog::default();
     let mut triggers = TriggerTimes::new(SystemTime::now());
+    // As the agent: each service's translation is remembered between snapshots.
+    let mut reconciler = Reconciler::new();
     loop {
         let snapshot = source.next_snapshot().await;
         triggers.note(&snapshot.objects.slices);
@@ -213,7 +215,7 @@ async fn run_loop(mut source: Source, ctx: Context, inner: Arc<Mutex<Inner>>, me
             deleted: deleted_services,
             broken,
         };
-        match reconcile(&snapshot, &ctx, state, &mut w) {
+        match reconciler.reconcile(&snapshot, &ctx, state, &mut w) {
             Ok(s) => {
                 let warned = log.report(&s.rejected);
                 g.warned.extend(warned);
