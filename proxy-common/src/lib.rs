@@ -152,10 +152,13 @@ pub mod counter {
     /// holds only the pseudo-header sum (a CHECKSUM_PARTIAL skb, e.g. from a veth peer):
     /// XDP cannot see `ip_summed`, the tc helpers handle it.
     pub const XDP_PASS_PARTIAL_CSUM: u32 = 21;
+    /// tc on the uplink: a packet XDP already translated (marked in its metadata), passed
+    /// without running the pipeline a second time.
+    pub const TC_PASS_XDP_TRANSLATED: u32 = 22;
     pub const MAX: u32 = 32;
 
     /// Human names for `inspect` and metrics, indexed by counter.
-    pub const NAMES: [&str; 22] = [
+    pub const NAMES: [&str; 23] = [
         "forward_new",
         "forward_established",
         "reply_reverse_nat",
@@ -178,8 +181,17 @@ pub mod counter {
         "xdp_forward_established",
         "xdp_decapsulated",
         "xdp_pass_partial_checksum",
+        "tc_pass_xdp_translated",
     ];
 }
+
+/// XDP metadata (4 bytes in front of the frame, `data_meta`) with which `lb_up_xdp` marks a
+/// packet it translated, so the uplink's tc program passes it at once instead of parsing it
+/// and missing every map again. Only XDP programs can write metadata, and on our uplinks
+/// that is ours.
+pub const XDP_META_TRANSLATED: u32 = 0x5844_5054;
+/// Length of that metadata.
+pub const XDP_META_LEN: usize = 4;
 
 /// Value of the per-service counter map (`maps::SVC_COUNTERS`), one per CPU: forward packets
 /// the datapath translated for the service and their bytes (L3 length as received).

@@ -11,7 +11,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{GUE_PORT, counter, proto};
+use proxy_common::{GUE_PORT, XDP_META_LEN, XDP_META_TRANSLATED, counter, proto};
 
 use crate::{
     lb::{Origin, process},
@@ -22,12 +22,31 @@ use crate::{
 /// tc ingress on the uplink.
 #[classifier]
 pub fn lb_up_in(ctx: TcContext) -> i32 {
+    if translated_by_xdp(&ctx) {
+        count(counter::TC_PASS_XDP_TRANSLATED);
+        return TC_ACT_OK;
+    }
     if decapsulate(&ctx).is_err() {
         return TC_ACT_OK;
     }
     match process(&ctx, Origin::External, true) {
         Ok(v) | Err(v) => v,
     }
+}
+
+/// The packet carries the mark `lb_up_xdp` leaves on packets it translated.
+#[inline(always)]
+fn translated_by_xdp(ctx: &TcContext) -> bool {
+    // SAFETY: the skb pointer is valid for the program's run.
+    let (meta, data) = unsafe {
+        (
+            (*ctx.skb.skb).data_meta as usize,
+            (*ctx.skb.skb).data as usize,
+        )
+    };
+    // SAFETY: the bounds check keeps the read inside the metadata area.
+    meta + XDP_META_LEN <= data
+        && unsafe { (meta as *const u32).read_unaligned() } == XDP_META_TRANSLATED
 }
 
 /// Strips an IPIP or GUE header addressed to this node. `Ok` also when there is nothing to do.

@@ -11,7 +11,10 @@
 //! Every verdict is `XDP_PASS`: the packet always continues to tc, and whatever XDP did not
 //! translate (new flows, replies, masqueraded flows that need routing, ICMP errors, REJECT,
 //! fragments, non-IPv4, malformed packets) is translated there by the full pipeline. A packet
-//! XDP translated no longer matches any entry, so tc leaves it alone.
+//! XDP translated carries `XDP_META_TRANSLATED` in its metadata and tc passes it at once:
+//! running the pipeline on it again would cost about as much as translating it at tc in the
+//! first place (measured per packet in `benches/packet_cost.rs`), for a verdict of "pass".
+//! Where metadata is not available tc runs the pipeline, which passes the packet too.
 //!
 //! Checksums: XDP cannot see `skb->ip_summed`. A CHECKSUM_PARTIAL skb (what a veth peer hands
 //! over for locally generated or forwarded traffic) holds only the pseudo-header sum in its
@@ -22,9 +25,12 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    macros::xdp,
+    programs::XdpContext,
 };
-use proxy_common::{Ct4Key, counter, csum, ct_flags, proto};
+use proxy_common::{Ct4Key, XDP_META_LEN, XDP_META_TRANSLATED, counter, csum, ct_flags, proto};
 
 use crate::{
     lb::{ct_lookup, validate_flow},
@@ -37,10 +43,27 @@ use crate::{
 /// arriving from outside the node before tc ingress (`lb_up_in`).
 #[xdp]
 pub fn lb_up_xdp(ctx: XdpContext) -> u32 {
-    if decapsulate(&ctx).is_ok() {
-        fast_path(&ctx);
+    if decapsulate(&ctx).is_ok() && fast_path(&ctx).is_some() {
+        mark_translated(&ctx);
     }
     xdp_action::XDP_PASS
+}
+
+/// Puts `XDP_META_TRANSLATED` in the packet's metadata for tc (`uplink::translated_by_xdp`).
+/// Best effort: without room or driver support tc simply runs its pipeline.
+#[inline(always)]
+fn mark_translated(ctx: &XdpContext) {
+    // SAFETY: growing our own packet's metadata area; pointers are re-derived afterwards.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(XDP_META_LEN as i32)) } != 0 {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the program's run.
+    let meta = unsafe { (*ctx.ctx).data_meta } as usize;
+    if meta + XDP_META_LEN > ctx.data() {
+        return;
+    }
+    // SAFETY: the bounds check above keeps the write inside the metadata area.
+    unsafe { (meta as *mut u32).write_unaligned(XDP_META_TRANSLATED) };
 }
 
 /// A pointer to a `T` at `off` bytes into the packet, if the packet is long enough.

@@ -12,7 +12,7 @@ use aya::{
     maps::{
         Array, HashMap, LpmTrie, MapData, MapError, MapInfo, MapType, PerCpuArray, lpm_trie::Key,
     },
-    programs::{Program, ProgramError, SchedClassifier, Xdp},
+    programs::{Program, ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use proxy_common::{
     Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, NodeConfig, SrcRange4Data, SrcRange4Key,
@@ -536,6 +536,53 @@ impl Datapath {
 }
 
 /// Sums the per-CPU counters of each ID in `ids` that the map holds.
+/// One BPF_PROG_TEST_RUN of an XDP program, split the way the kernel hands the packet on:
+/// the metadata in front (what tc sees between `data_meta` and `data`) and the frame.
+#[derive(Debug, Clone)]
+pub struct XdpTestRun {
+    pub verdict: u32,
+    pub frame: Vec<u8>,
+    pub meta: Vec<u8>,
+    /// The kernel's per-run time (averaged over `repeat`).
+    pub duration: std::time::Duration,
+}
+
+impl XdpTestRun {
+    /// `lb_up_xdp` translated the packet and marked it for tc (`XDP_META_TRANSLATED`).
+    pub fn translated(&self) -> bool {
+        self.meta == proxy_common::XDP_META_TRANSLATED.to_ne_bytes()
+    }
+}
+
+/// Runs `prog` on `pkt` (`repeat` times) with an `xdp_md` context in and out, so the metadata
+/// the program adds can be told apart from the frame.
+pub fn xdp_test_run(prog: &Xdp, pkt: &[u8], repeat: u32) -> Result<XdpTestRun, ProgramError> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex (u32 each). In: the frame with no metadata. Out: offsets from data_meta.
+    let len = u32::try_from(pkt.len()).unwrap_or(u32::MAX);
+    let mut ctx_in = [0u8; 24];
+    ctx_in[4..8].copy_from_slice(&len.to_ne_bytes());
+    let mut ctx_out = [0u8; 24];
+    let mut out = vec![0u8; pkt.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx_in),
+        ctx_out: Some(&mut ctx_out),
+        repeat: repeat.max(1),
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    let meta_len = u32::from_ne_bytes([ctx_out[0], ctx_out[1], ctx_out[2], ctx_out[3]]) as usize;
+    let frame = out.split_off(meta_len.min(out.len()));
+    Ok(XdpTestRun {
+        verdict: r.return_value,
+        frame,
+        meta: out,
+        duration: r.duration,
+    })
+}
+
 pub fn read_service_counters<T: std::borrow::Borrow<MapData>>(
     a: &PerCpuArray<T, SvcCounter>,
     ids: impl IntoIterator<Item = u32>,

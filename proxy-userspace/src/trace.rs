@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::{
     abi::Protocol,
     agent::{self, Cidr, Context},
-    datapath::{Datapath, LoadOptions},
+    datapath::{self, Datapath, LoadOptions},
     plan::MapState,
 };
 
@@ -220,35 +220,35 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
             None => 40000u16.wrapping_add(i as u16),
         };
         let mut pkt = packet(args.protocol, (src_ip, sport), dst);
+        // A packet XDP translated carries its mark to tc, which passes it as it is.
+        let mut tc_runs = true;
         if xdp_first {
-            let mut out = vec![0u8; pkt.len() + 256];
-            let r = dp
-                .xdp_program(programs::UPLINK_XDP)?
-                .test_run(TestRunOptions {
-                    data_in: Some(&pkt),
-                    data_out: Some(&mut out),
-                    ..Default::default()
-                })?;
-            out.truncate(r.data_size_out as usize);
-            if r.return_value != XDP_PASS {
+            let r = datapath::xdp_test_run(dp.xdp_program(programs::UPLINK_XDP)?, &pkt, 1)?;
+            if r.verdict != XDP_PASS {
                 drop += 1;
                 continue;
             }
-            if parse(&out).is_some_and(|o| (o.dst.0, o.dst.1) != dst) {
+            if r.translated() {
                 by_xdp += 1;
+                tc_runs = false;
             }
-            pkt = out;
+            pkt = r.frame;
         }
         let before_tc = parse(&pkt).map(|o| o.dst);
-        let mut out = vec![0u8; pkt.len() + 256];
-        let r = dp.program(prog)?.test_run(TestRunOptions {
-            data_in: Some(&pkt),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })?;
-        out.truncate(r.data_size_out as usize);
+        let (rc, out) = if tc_runs {
+            let mut out = vec![0u8; pkt.len() + 256];
+            let r = dp.program(prog)?.test_run(TestRunOptions {
+                data_in: Some(&pkt),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })?;
+            out.truncate(r.data_size_out as usize);
+            (r.return_value, out)
+        } else {
+            (TC_ACT_OK, pkt)
+        };
         let o = parse(&out);
-        match r.return_value {
+        match rc {
             TC_ACT_SHOT => drop += 1,
             TC_ACT_OK | TC_ACT_REDIRECT => match o {
                 Some(o) if o.proto == 1 || (o.proto == 6 && o.tcp_flags & 0x04 != 0) => rej += 1,

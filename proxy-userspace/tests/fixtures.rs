@@ -8,7 +8,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{NodeConfig, counter, csum, programs};
 use proxy_userspace::{
     abi,
-    datapath::{Datapath, LoadOptions},
+    datapath::{self, Datapath, LoadOptions},
     plan::{self, MapState},
     translate,
 };

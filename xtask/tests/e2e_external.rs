@@ -536,10 +536,17 @@ fn xdp_fast_path_translates_established_flows_with_data_intact() {
     router_tx_checksums_in_software(&c);
     let fast0 = counter_sum(&c, "xdp_forward_established");
     let tc0 = counter_sum(&c, "forward_established");
+    let skip0 = counter_sum(&c, "tc_pass_xdp_translated");
     let (ok, bad, names) = bulk_echo(&c, &target, 8, 16);
     assert_eq!((ok, bad), (8, 0), "complete checksums: every echo intact");
     let fast = counter_sum(&c, "xdp_forward_established") - fast0;
     let tc = counter_sum(&c, "forward_established") - tc0;
+    let skipped = counter_sum(&c, "tc_pass_xdp_translated") - skip0;
+    // XDP's metadata mark reaches tc on every packet XDP translated, and tc stops there.
+    assert_eq!(
+        skipped, fast,
+        "tc passed {skipped} XDP-marked packets, XDP translated {fast}"
+    );
     eprintln!(
         "complete checksums: {fast} packets fast-pathed at XDP, {tc} established at tc, pods {names}"
     );

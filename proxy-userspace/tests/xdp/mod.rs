@@ -7,14 +7,32 @@ use super::*;
 const XDP_PASS: u32 = 2;
 const LOCAL_EP: Ipv4Addr = Ipv4Addr::new(10, 76, 0, 10);
 
+/// XDP's verdict and the frame it hands on. Whether it marked the packet as translated (the
+/// metadata tc reads) must agree with whether it rewrote the destination.
 fn run_xdp(f: &Fixture, pkt: &[u8]) -> (u32, Vec<u8>) {
-    test_run(
+    let before = f.counter(counter::XDP_FWD_ESTABLISHED);
+    let r = datapath::xdp_test_run(
         f.dp.xdp_program(programs::UPLINK_XDP).expect("xdp program"),
         pkt,
+        1,
     )
+    .expect("BPF_PROG_TEST_RUN");
+    let translated = f.counter(counter::XDP_FWD_ESTABLISHED) > before;
+    assert_eq!(
+        r.translated(),
+        translated,
+        "the XDP_META_TRANSLATED mark (meta {:?}) goes with a translation",
+        r.meta
+    );
+    assert!(
+        r.translated() || r.meta.is_empty(),
+        "no other metadata: {:?}",
+        r.meta
+    );
+    (r.verdict, r.frame)
 }
 
-/// XDP must hand `pkt` to tc byte for byte.
+/// XDP must hand `pkt` to tc byte for byte, unmarked.
 fn assert_untouched(f: &Fixture, pkt: &[u8], what: &str) {
     let (rc, out) = run_xdp(f, pkt);
     assert_eq!(rc, XDP_PASS, "{what}: XDP_PASS");
