@@ -85,6 +85,8 @@ pub struct LabOpts {
     pub control_plane_at: Option<usize>,
     /// Modes to run (all by default).
     pub modes: Vec<Mode>,
+    /// Extra `ebpf-proxy run` arguments (e.g. `--xdp-mode generic`).
+    pub agent_args: Vec<String>,
 }
 
 fn server_ip(i: u8) -> Ipv4Addr {
@@ -200,6 +202,7 @@ struct Bench<'a> {
     agent_has_size_flags: bool,
     /// Endpoints per service of the current run.
     endpoints: usize,
+    agent_args: Vec<String>,
     cgroup: PathBuf,
 }
 
@@ -327,6 +330,7 @@ impl Bench<'_> {
                 if self.agent_has_size_flags {
                     args.extend(map_size_flags(svcs.len(), self.endpoints));
                 }
+                args.extend(self.agent_args.iter().cloned());
                 self.agent = Some(self.lab.spawn(&self.node(), &args)?);
             }
             Mode::IptLegacy | Mode::IptNft => {
@@ -637,6 +641,7 @@ pub fn run(bin: &Path, opts: &LabOpts, say: &dyn Fn(&str)) -> Result<Value> {
         agent_has_cgroup_flag: help.contains("--cgroup-path"),
         agent_has_size_flags: help.contains("--service-map-entries"),
         endpoints: 10,
+        agent_args: opts.agent_args.clone(),
         cgroup: cgroup.clone(),
     };
     let r = run_all(&mut b, opts);

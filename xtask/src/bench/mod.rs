@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// published figures.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Extra arguments for the agent in the lab, whitespace-separated (e.g. "--xdp-mode
+    /// generic"). Makes the run partial.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub agent_args: Option<String>,
 }
 
 impl BenchArgs {
@@ -68,6 +72,7 @@ impl BenchArgs {
             || self.reps.is_some()
             || self.no_packet
             || self.no_lab
+            || self.agent_args.is_some()
     }
 }
 
@@ -164,6 +169,11 @@ pub fn bench(bin: &Path, args: &BenchArgs) -> Result<()> {
                 .map(|m| Mode::parse(m).with_context(|| format!("unknown mode {m:?}")))
                 .collect::<Result<Vec<_>>>()?
         };
+        let agent_args: Vec<String> = args
+            .agent_args
+            .iter()
+            .flat_map(|a| a.split_whitespace().map(String::from))
+            .collect();
         let mut opts = if args.quick {
             LabOpts {
                 services: vec![10, 1_000],
@@ -172,6 +182,7 @@ pub fn bench(bin: &Path, args: &BenchArgs) -> Result<()> {
                 rate_count: 2_000,
                 control_plane_at: Some(1_000),
                 modes,
+                agent_args,
             }
         } else {
             LabOpts {
@@ -181,6 +192,7 @@ pub fn bench(bin: &Path, args: &BenchArgs) -> Result<()> {
                 rate_count: 6_000,
                 control_plane_at: Some(10_000),
                 modes,
+                agent_args,
             }
         };
         if !args.services.is_empty() {
@@ -342,7 +354,7 @@ pub fn markdown(r: &Value) -> String {
             .iter()
             .any(|s| !s["cases"]["xdp_established"].is_null())
         {
-            o.push_str("\n### XDP fast path on the uplink (same runs, ns per packet)\n\nAn established external flow to a LoadBalancer IP with externalTrafficPolicy Local (the flows XDP translates: destination rewrite only, client kept; eTP Local LB IPs for up to 4096 of the services), on `lb_up_xdp`, plain and wrapped in IPIP to the node, and the same packets on tc `lb_up_in` alone. XDP always returns XDP_PASS, so tc still sees the translated packet and passes it (`tc after XDP`): the fast path costs XDP + tc after XDP against tc alone. Every XDP run is checked to have rewritten the destination. `net` = case - empty program of the same hook (XDP floor: `r0 = XDP_PASS`; tc: the floor above).\n\n| services | XDP floor | XDP established (net) | XDP IPIP decap + established (net) | tc after XDP (net) | tc `lb_up_in` established (net) | tc `lb_up_in` IPIP decap + established (net) |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+            o.push_str("\n### XDP fast path on the uplink (same runs, ns per packet)\n\nAn established external flow to a LoadBalancer IP with externalTrafficPolicy Local (the flows XDP translates: destination rewrite only, client kept; eTP Local LB IPs for up to 4096 of the services), on `lb_up_xdp`, plain and wrapped in IPIP to the node, and the same packets on tc `lb_up_in` alone. XDP always returns XDP_PASS and marks what it translated in the packet's metadata; tc `lb_up_in` then passes the packet after one bounds check and a counter (not measurable here: test-run cannot hand XDP metadata to a tc run). `tc after XDP` is tc's full pipeline on the unmarked translated packet: what each packet costs tc behind XDP where the driver drops metadata. Every XDP run is checked to have rewritten the destination and set the mark. `net` = case - empty program of the same hook (XDP floor: `r0 = XDP_PASS`; tc: the floor above).\n\n| services | XDP floor | XDP established (net) | XDP IPIP decap + established (net) | tc after XDP, no mark (net) | tc `lb_up_in` established (net) | tc `lb_up_in` IPIP decap + established (net) |\n|---:|---:|---:|---:|---:|---:|---:|\n");
             for s in sizes.iter().filter(|s| s["error"].is_null()) {
                 let c = &s["cases"];
                 let cell = |k: &str| {
