@@ -167,8 +167,9 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
             print_link(l, l["hook"].as_str().unwrap_or("?"), 14);
         }
         println!("COUNTERS");
+        let width = counters.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
         for (n, c) in counters {
-            println!("  {n:<24} {c}");
+            println!("  {n:<width$} {c}");
         }
     }
     Ok(())
