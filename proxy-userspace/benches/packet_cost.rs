@@ -188,57 +188,49 @@ fn main() {
 }
 
 fn print_table(r: &Value) {
-    println!(
-        "{:>8} {:>10} {:>10} {:>12} {:>10} {:>12} {:>10}",
-        "services", "floor ns", "new ns", "established", "reply", "non-service", "nodeport"
+    print_cases(
+        r,
+        &[
+            ("floor ns", "floor"),
+            ("new ns", "new_flow"),
+            ("established", "established"),
+            ("reply", "reply"),
+            ("non-service", "non_service"),
+            ("nodeport", "nodeport"),
+        ],
     );
-    for s in r["sizes"].as_array().into_iter().flatten() {
-        let c = |k: &str| {
-            s["cases"][k]["median_ns"]
-                .as_f64()
-                .map(|v| format!("{v:.0}"))
-                .unwrap_or_else(|| "n/a".into())
-        };
-        println!(
-            "{:>8} {:>10} {:>10} {:>12} {:>10} {:>12} {:>10}",
-            s["services"].to_string(),
-            c("floor"),
-            c("new_flow"),
-            c("established"),
-            c("reply"),
-            c("non_service"),
-            c("nodeport")
-        );
+    println!();
+    print_cases(
+        r,
+        &[
+            ("xdp floor", "xdp_floor"),
+            ("xdp est", "xdp_established"),
+            ("xdp ipip", "xdp_established_ipip"),
+            ("tc after xdp", "uplink_after_xdp"),
+            ("tc floor", "floor"),
+            ("tc up est", "uplink_established"),
+            ("tc up ipip", "uplink_established_ipip"),
+        ],
+    );
+}
+
+/// One text table: a row per service count, a column of median ns per `(heading, case)`.
+fn print_cases(r: &Value, cols: &[(&str, &str)]) {
+    let mut head = format!("{:>8}", "services");
+    for (h, _) in cols {
+        head += &format!(" {h:>12}");
     }
-    println!(
-        "\n{:>8} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
-        "services",
-        "xdp floor",
-        "xdp est",
-        "xdp ipip",
-        "tc after xdp",
-        "tc floor",
-        "tc up est",
-        "tc up ipip"
-    );
+    println!("{head}");
     for s in r["sizes"].as_array().into_iter().flatten() {
-        let c = |k: &str| {
-            s["cases"][k]["median_ns"]
+        let mut row = format!("{:>8}", s["services"].to_string());
+        for (_, k) in cols {
+            let v = s["cases"][*k]["median_ns"]
                 .as_f64()
                 .map(|v| format!("{v:.0}"))
-                .unwrap_or_else(|| "n/a".into())
-        };
-        println!(
-            "{:>8} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
-            s["services"].to_string(),
-            c("xdp_floor"),
-            c("xdp_established"),
-            c("xdp_established_ipip"),
-            c("uplink_after_xdp"),
-            c("floor"),
-            c("uplink_established"),
-            c("uplink_established_ipip")
-        );
+                .unwrap_or_else(|| "n/a".into());
+            row += &format!(" {v:>12}");
+        }
+        println!("{row}");
     }
 }
 

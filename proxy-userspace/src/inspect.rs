@@ -98,15 +98,8 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         .with_context(|| format!("listing {}", crate::links::links_dir(pin_dir).display()))?
         .iter()
         .map(|l| {
-            serde_json::json!({
-                "pin": l.path.file_name().map(|n| n.to_string_lossy().into_owned()),
-                "interface": l.ifname,
-                "ifindex": l.ifindex,
-                "direction": l.dir.suffix(),
-                "attached": l.is_live(),
-                "link_id": l.info.map(|i| i.id),
-                "prog_id": l.info.map(|i| i.prog_id),
-            })
+            let role = ("direction", Some(l.dir.suffix().to_owned()));
+            link_json(&l.path, &l.ifname, l.ifindex, role, l.is_live(), l.info)
         })
         .collect();
     // The uplink hooks (tc ingress and the XDP fast path): bpftool shows neither TCX links
@@ -115,15 +108,8 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         .with_context(|| format!("listing {}", crate::uplinks::uplinks_dir(pin_dir).display()))?
         .iter()
         .map(|l| {
-            serde_json::json!({
-                "pin": l.path.file_name().map(|n| n.to_string_lossy().into_owned()),
-                "interface": l.ifname,
-                "ifindex": l.ifindex,
-                "hook": l.hook.map(|h| h.to_string()),
-                "attached": l.is_live(),
-                "link_id": l.info.map(|i| i.id),
-                "prog_id": l.info.map(|i| i.prog_id),
-            })
+            let role = ("hook", l.hook.map(|h| h.to_string()));
+            link_json(&l.path, &l.ifname, l.ifindex, role, l.is_live(), l.info)
         })
         .collect();
     if json {
@@ -246,4 +232,26 @@ pub fn cleanup(pin_dir: &Path) -> Result<Cleanup> {
         _ => {}
     }
     Ok(Cleanup { links, maps })
+}
+
+/// One pinned link (pod port or uplink) as `inspect --json` lists it; `role` is its
+/// direction or hook.
+fn link_json(
+    pin: &Path,
+    ifname: &str,
+    ifindex: u32,
+    role: (&str, Option<String>),
+    attached: bool,
+    info: Option<crate::links::LinkInfo>,
+) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "pin": pin.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "interface": ifname,
+        "ifindex": ifindex,
+        "attached": attached,
+        "link_id": info.map(|i| i.id),
+        "prog_id": info.map(|i| i.prog_id),
+    });
+    v[role.0] = serde_json::json!(role.1);
+    v
 }

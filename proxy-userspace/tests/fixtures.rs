@@ -617,17 +617,28 @@ fn load_balancer_source_ranges() {
 
 /// Wraps `inner` (an Ethernet frame) in IPIP or GUE (variant 1) from `EXT` to the node.
 fn wrap(inner: &[u8], gue: bool) -> Vec<u8> {
-    let l3 = &inner[14..];
-    let (proto, extra): (u8, Vec<u8>) = if gue {
-        let mut u = Vec::new();
-        u.extend_from_slice(&40000u16.to_be_bytes());
-        u.extend_from_slice(&proxy_common::GUE_PORT.to_be_bytes());
-        u.extend_from_slice(&((8 + l3.len()) as u16).to_be_bytes());
-        u.extend_from_slice(&[0, 0]);
-        (UDP, u)
+    if gue {
+        encap(inner, UDP, &gue_udp(inner, &[]))
     } else {
-        (4, Vec::new())
-    };
+        encap(inner, 4, &[])
+    }
+}
+
+/// The UDP header (to `GUE_PORT`) and `gue_header` that go in front of `inner`'s IPv4 packet.
+fn gue_udp(inner: &[u8], gue_header: &[u8]) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend_from_slice(&40000u16.to_be_bytes());
+    u.extend_from_slice(&proxy_common::GUE_PORT.to_be_bytes());
+    u.extend_from_slice(&((8 + gue_header.len() + inner.len() - 14) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(gue_header);
+    u
+}
+
+/// `inner`'s Ethernet header, an outer IPv4 header (`proto`, `EXT` to the node), `extra`,
+/// then `inner`'s IPv4 packet.
+fn encap(inner: &[u8], proto: u8, extra: &[u8]) -> Vec<u8> {
+    let l3 = &inner[14..];
     let total = 20 + extra.len() + l3.len();
     let mut ip = vec![0x45, 0];
     ip.extend_from_slice(&(total as u16).to_be_bytes());
@@ -638,7 +649,7 @@ fn wrap(inner: &[u8], gue: bool) -> Vec<u8> {
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     let mut f = inner[..14].to_vec();
     f.extend_from_slice(&ip);
-    f.extend_from_slice(&extra);
+    f.extend_from_slice(extra);
     f.extend_from_slice(l3);
     f
 }

@@ -97,6 +97,9 @@ fn main() -> Result<()> {
             demo::demo(&bin, connections)
         }
         Cmd::Bench(args) => {
+            if let Some(json) = &args.render {
+                return bench::render(json, args.out.as_deref());
+            }
             bootstrap::bootstrap()?;
             let bin = match &args.ebpf_proxy {
                 Some(p) => p.clone(),

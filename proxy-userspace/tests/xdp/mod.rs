@@ -44,25 +44,8 @@ type Wrapper = fn(&[u8]) -> Vec<u8>;
 
 /// Wraps an Ethernet frame in GUE variant 0 with an empty GUE header (hlen 0, proto IPIP).
 fn wrap_gue_v0(inner: &[u8]) -> Vec<u8> {
-    let l3 = &inner[14..];
-    let mut extra = Vec::new();
-    extra.extend_from_slice(&40000u16.to_be_bytes());
-    extra.extend_from_slice(&proxy_common::GUE_PORT.to_be_bytes());
-    extra.extend_from_slice(&((8 + 4 + l3.len()) as u16).to_be_bytes());
-    extra.extend_from_slice(&[0, 0]);
-    extra.extend_from_slice(&[0, 4, 0, 0]); // version 0, C 0, hlen 0, proto 4, flags 0
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + extra.len() + l3.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0, 0, 64, UDP, 0, 0]);
-    ip.extend_from_slice(&EXT.octets());
-    ip.extend_from_slice(&NODE.octets());
-    let c = csum::ipv4_header(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = inner[..14].to_vec();
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&extra);
-    f.extend_from_slice(l3);
-    f
+    // Version 0, C 0, hlen 0, proto 4, flags 0.
+    encap(inner, UDP, &gue_udp(inner, &[0, 4, 0, 0]))
 }
 
 /// The L4 checksum field rewritten to the folded pseudo-header sum: what a CHECKSUM_PARTIAL

@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// generic"). Makes the run partial.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub agent_args: Option<String>,
+    /// Measure nothing: render results.md and the plots from this results.json (into --out,
+    /// default target/bench).
+    #[arg(long, value_name = "JSON")]
+    pub render: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -140,6 +144,19 @@ fn packet_cost(quick: bool, workspace: Option<&Path>) -> Result<Value> {
         .find(|l| l.starts_with('{'))
         .context("packet_cost printed no JSON")?;
     Ok(serde_json::from_str(line)?)
+}
+
+/// `--render`: results.md and the plots from a results.json, nothing measured.
+pub fn render(json: &Path, out: Option<&Path>) -> Result<()> {
+    let text = fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let results: Value = serde_json::from_str(&text)?;
+    let dir = out.map_or_else(|| root().join("target/bench"), Path::to_path_buf);
+    fs::create_dir_all(&dir)?;
+    let md = markdown(&results);
+    fs::write(dir.join("results.md"), &md)?;
+    plot::plots(&results, &dir)?;
+    println!("{md}");
+    Ok(())
 }
 
 pub fn bench(bin: &Path, args: &BenchArgs) -> Result<()> {
@@ -283,6 +300,46 @@ fn ran(size: &Value) -> impl Iterator<Item = Mode> + '_ {
     })
 }
 
+/// The rows of a connection table: the lab's per-mode figures under keys `{prefix}connect_p50_us`
+/// and so on (`""`: pod to ClusterIP, with request p50 and errors; `"nodeport_"`: from
+/// outside to the NodePort), with ratios to ebpf-proxy. Modes without figures are skipped.
+fn connection_rows(o: &mut String, sizes: &[Value], prefix: &str) {
+    let k = |name: &str| format!("{prefix}{name}");
+    for s in sizes {
+        let ebpf = &s["modes"]["ebpf"];
+        // A mode that failed keeps its ClusterIP row (it names the errors).
+        let measured =
+            |m: &Mode| prefix.is_empty() || !s["modes"][m.key()][k("connect_p50_us")].is_null();
+        for mode in ran(s).filter(measured) {
+            let v = &s["modes"][mode.key()];
+            let request = if prefix.is_empty() {
+                format!(" {} |", f(&v["request_p50_us"], 0))
+            } else {
+                String::new()
+            };
+            let errors = v["errors"].as_array().is_some_and(|e| !e.is_empty());
+            let _ = writeln!(
+                o,
+                "| {} x {} | {} | {} | {} |{request} {} | {} | {} | {}{} |",
+                s["services"],
+                s["endpoints_per_service"],
+                mode.name(),
+                f(&v[k("connect_p50_us")], 0),
+                f(&v[k("connect_p99_us")], 0),
+                f(&v[k("conn_per_s")], 0),
+                ratio(&v[k("conn_per_s")], &ebpf[k("conn_per_s")]),
+                ratio(&v[k("connect_p50_us")], &ebpf[k("connect_p50_us")]),
+                v[k("failed")],
+                if prefix.is_empty() && errors {
+                    " (errors: see results.json)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+}
+
 pub fn markdown(r: &Value) -> String {
     let mut o = String::new();
     let m = &r["machine"];
@@ -414,55 +471,9 @@ pub fn markdown(r: &Value) -> String {
             r["lab"]["reps"], r["lab"]["count"], r["lab"]["rate_count"]
         );
         o.push_str("| services x endpoints | mode | connect p50 µs | connect p99 µs | request p50 µs | conn/s | conn/s vs ebpf-proxy | p50 vs ebpf-proxy | failed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
-        for s in sizes {
-            let ebpf = &s["modes"]["ebpf"];
-            for mode in ran(s) {
-                let v = &s["modes"][mode.key()];
-                let _ = writeln!(
-                    o,
-                    "| {} x {} | {} | {} | {} | {} | {} | {} | {} | {}{} |",
-                    s["services"],
-                    s["endpoints_per_service"],
-                    mode.name(),
-                    f(&v["connect_p50_us"], 0),
-                    f(&v["connect_p99_us"], 0),
-                    f(&v["request_p50_us"], 0),
-                    f(&v["conn_per_s"], 0),
-                    ratio(&v["conn_per_s"], &ebpf["conn_per_s"]),
-                    ratio(&v["connect_p50_us"], &ebpf["connect_p50_us"]),
-                    v["failed"],
-                    if v["errors"].as_array().is_some_and(|e| !e.is_empty()) {
-                        " (errors: see results.json)"
-                    } else {
-                        ""
-                    }
-                );
-            }
-        }
+        connection_rows(&mut o, sizes, "");
         o.push_str("\n### The same service's NodePort from outside the cluster (lab; client in `ext`, node1:30080, externalTrafficPolicy Cluster)\n\nDNAT to one of the 10 endpoints on node2 and masquerade to node1's address. `routed` connects to an endpoint directly.\n\n| services x endpoints | mode | connect p50 µs | connect p99 µs | conn/s | conn/s vs ebpf-proxy | p50 vs ebpf-proxy | failed |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
-        for s in sizes {
-            let ebpf = &s["modes"]["ebpf"];
-            for mode in ran(s).filter(|m| !s["modes"][m.key()]["nodeport_connect_p50_us"].is_null())
-            {
-                let v = &s["modes"][mode.key()];
-                let _ = writeln!(
-                    o,
-                    "| {} x {} | {} | {} | {} | {} | {} | {} | {} |",
-                    s["services"],
-                    s["endpoints_per_service"],
-                    mode.name(),
-                    f(&v["nodeport_connect_p50_us"], 0),
-                    f(&v["nodeport_connect_p99_us"], 0),
-                    f(&v["nodeport_conn_per_s"], 0),
-                    ratio(&v["nodeport_conn_per_s"], &ebpf["nodeport_conn_per_s"]),
-                    ratio(
-                        &v["nodeport_connect_p50_us"],
-                        &ebpf["nodeport_connect_p50_us"]
-                    ),
-                    v["nodeport_failed"],
-                );
-            }
-        }
+        connection_rows(&mut o, sizes, "nodeport_");
         o.push_str("\n### Control plane (lab, node1; ms until the client's connections are forwarded accordingly, median; command time in parentheses)\n\n| services x endpoints | mode | full programming | add one service | change one endpoint | kernel memory of the rules / BPF maps |\n|---|---|---:|---:|---:|---:|\n");
         for s in sizes {
             for mode in ran(s) {
