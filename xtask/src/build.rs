@@ -78,6 +78,8 @@ pub fn build_all() -> Result<PathBuf> {
 }
 
 pub fn lint() -> Result<()> {
+    /// The crates built for `bpfel-unknown-none`, clippy'd below.
+    const EBPF_CRATES: &[&str] = &["proxy-ebpf"];
     let root = workspace_root();
     eprintln!("lint: cargo fmt --check");
     run(Command::new("cargo")
@@ -91,6 +93,23 @@ pub fn lint() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The eBPF crates are not workspace default members and only build for the BPF target,
+    // so the run above skips them: clippy them the way the object is built (nightly,
+    // build-std, the bpf_target_arch cfg aya-ebpf needs).
+    for krate in EBPF_CRATES {
+        eprintln!(
+            "lint: cargo +nightly clippy -p {krate} --target bpfel-unknown-none -- -D warnings"
+        );
+        run(Command::new("cargo")
+            .current_dir(&root)
+            .args(["+nightly", "clippy", "--package", krate])
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+            .args(["--", "-D", "warnings"])
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                "--cfg=bpf_target_arch=\"x86_64\"",
+            ))?;
+    }
     validate_deploy_manifests(&root)?;
     Ok(())
 }
