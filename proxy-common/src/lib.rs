@@ -9,6 +9,7 @@
 
 pub mod crc32c;
 pub mod csum;
+pub mod wire;
 
 /// Map names (kernel object names are truncated at 15 characters).
 pub mod maps {
