@@ -14,7 +14,7 @@ use proxy_common::{Ct4Key, Ct4Value, counter, csum, ct_flags, proto};
 use crate::{
     fib,
     maps::{CT4_V2, count},
-    parse::{ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+    parse::{ETH_HLEN, ETH_P_IP_BE, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
 };
 
 struct Failed;
@@ -41,7 +41,7 @@ fn try_translate(ctx: &TcContext) -> Result<Option<i32>, Failed> {
     let Ok(ethertype) = ctx.load::<u16>(12) else {
         return Ok(None);
     };
-    if ethertype != 0x0800u16.to_be() {
+    if ethertype != ETH_P_IP_BE {
         return Ok(None);
     }
     let Ok(vihl) = ctx.load::<u8>(ETH_HLEN) else {

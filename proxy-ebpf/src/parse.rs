@@ -1,27 +1,29 @@
-//! Header parsing for tc programs. Reads go through `bpf_skb_load_bytes` (`TcContext::load`),
-//! which bounds-checks and works on non-linear skbs, so there is one vocabulary and no
-//! verifier-specific pointer arithmetic.
+//! The one IPv4/L4 parse of the datapath, for every hook (tc through `bpf_skb_load_bytes`,
+//! XDP through direct packet access, both behind [`PacketRead`]), so tc and XDP validate a
+//! header by the same rules and only differ in what they then do with it.
 use aya_ebpf::programs::TcContext;
+pub use proxy_common::wire::{ETH_HLEN, ETH_P_IP_BE, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
 use proxy_common::{counter, proto};
 
 use crate::maps::count;
-
-pub const ETH_HLEN: usize = 14;
-pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
-pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 
 /// Bounds-checked reads from a packet, whichever hook holds it (tc: `bpf_skb_load_bytes`;
 /// XDP: direct access), so a rule that only reads headers is written once.
 pub trait PacketRead {
     fn read<T: Copy>(&self, off: usize) -> Option<T>;
+    /// Bytes in the frame, Ethernet header included.
+    fn frame_len(&self) -> usize;
 }
 
 impl PacketRead for TcContext {
     #[inline(always)]
     fn read<T: Copy>(&self, off: usize) -> Option<T> {
         self.load(off).ok()
+    }
+
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.len() as usize
     }
 }
 
@@ -38,6 +40,8 @@ pub struct Packet {
     /// Bytes from the L4 header to the end of the IPv4 datagram (not of the frame, which may
     /// carry Ethernet padding): the length the SCTP checksum covers.
     pub l4_len: u16,
+    /// The IPv4 total length field, host order (0 for a BIG TCP super-packet).
+    pub tot_len: u16,
 }
 
 impl Packet {
@@ -50,46 +54,55 @@ impl Packet {
             self.l4_off + 6
         }
     }
+
+    /// The IPv4 header length (IHL, in bytes).
+    #[inline(always)]
+    pub fn ihl(&self) -> usize {
+        self.l4_off - ETH_HLEN
+    }
 }
 
-/// Parses Ethernet + IPv4 + TCP/UDP/SCTP. `None` means "not ours, pass it untouched".
+/// Why [`parse`] did not return a packet. Only tc counts the reasons.
+pub enum Skip {
+    /// Not IPv4 TCP/UDP/SCTP: pass it untouched (maybe an ICMP error, see `icmp.rs`).
+    NotOurs,
+    /// IPv4 whose headers are broken or cut short.
+    Malformed,
+    /// A non-first fragment: it carries no ports.
+    Fragment,
+}
+
+/// Parses Ethernet + IPv4 + TCP/UDP/SCTP by the datapath's one set of rules: IPv4 with
+/// IHL >= 5, not a non-first fragment, ports readable, and the L4 checksum field inside both
+/// the frame and the IPv4 total length (so a rewrite never touches bytes past the datagram).
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet> {
-    let ethertype: u16 = ctx.load(12).ok()?;
+pub fn parse<P: PacketRead>(pkt: &P) -> Result<Packet, Skip> {
+    let ethertype: u16 = pkt.read(12).ok_or(Skip::NotOurs)?;
     if ethertype != ETH_P_IP_BE {
-        return None;
+        return Err(Skip::NotOurs);
     }
-    let vihl: u8 = match ctx.load(ETH_HLEN) {
-        Ok(v) => v,
-        Err(_) => {
-            count(counter::PASS_MALFORMED);
-            return None;
-        }
-    };
+    let vihl: u8 = pkt.read(ETH_HLEN).ok_or(Skip::Malformed)?;
     let ihl = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || ihl < 20 {
-        count(counter::PASS_MALFORMED);
-        return None;
+        return Err(Skip::Malformed);
     }
-    let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    let proto: u8 = pkt.read(ETH_HLEN + 9).ok_or(Skip::NotOurs)?;
     if proto != proto::TCP && proto != proto::UDP && proto != proto::SCTP {
-        return None;
+        return Err(Skip::NotOurs);
     }
-    let frag_be: u16 = ctx.load(ETH_HLEN + 6).ok()?;
+    let frag_be: u16 = pkt.read(ETH_HLEN + 6).ok_or(Skip::NotOurs)?;
     if u16::from_be(frag_be) & 0x1fff != 0 {
         // Only the first fragment carries ports.
-        count(counter::PASS_FRAGMENT);
-        return None;
+        return Err(Skip::Fragment);
     }
     let l4_off = ETH_HLEN + ihl;
-    let (Ok(saddr_be), Ok(daddr_be), Ok(sport_be), Ok(dport_be)) = (
-        ctx.load::<u32>(IP_SADDR_OFF),
-        ctx.load::<u32>(IP_DADDR_OFF),
-        ctx.load::<u16>(l4_off),
-        ctx.load::<u16>(l4_off + 2),
+    let (Some(saddr_be), Some(daddr_be), Some(sport_be), Some(dport_be)) = (
+        pkt.read::<u32>(IP_SADDR_OFF),
+        pkt.read::<u32>(IP_DADDR_OFF),
+        pkt.read::<u16>(l4_off),
+        pkt.read::<u16>(l4_off + 2),
     ) else {
-        count(counter::PASS_MALFORMED);
-        return None;
+        return Err(Skip::Malformed);
     };
     // The checksum field must be inside the packet before we promise to rewrite it.
     let csum_end = match proto {
@@ -97,21 +110,17 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet> {
         proto::SCTP => l4_off + 12,
         _ => l4_off + 8,
     };
-    let Ok(tot_len_be) = ctx.load::<u16>(ETH_HLEN + 2) else {
-        count(counter::PASS_MALFORMED);
-        return None;
-    };
-    let frame_end = ctx.len() as usize;
+    let tot_len = u16::from_be(pkt.read::<u16>(ETH_HLEN + 2).ok_or(Skip::Malformed)?);
+    let frame_end = pkt.frame_len();
     // IPv4 BIG TCP super-packets carry a zero total length: they end with the frame.
-    let ip_end = match u16::from_be(tot_len_be) as usize {
+    let ip_end = match tot_len as usize {
         0 => frame_end,
         n => (ETH_HLEN + n).min(frame_end),
     };
     if frame_end < csum_end || ip_end < csum_end {
-        count(counter::PASS_MALFORMED);
-        return None;
+        return Err(Skip::Malformed);
     }
-    Some(Packet {
+    Ok(Packet {
         saddr_be,
         daddr_be,
         sport_be,
@@ -119,5 +128,24 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet> {
         proto,
         l4_off,
         l4_len: (ip_end - l4_off) as u16,
+        tot_len,
     })
+}
+
+/// [`parse`] for tc, counting malformed packets and fragments. `None` means "not ours, pass
+/// it untouched".
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet> {
+    match parse(ctx) {
+        Ok(p) => Some(p),
+        Err(Skip::NotOurs) => None,
+        Err(Skip::Malformed) => {
+            count(counter::PASS_MALFORMED);
+            None
+        }
+        Err(Skip::Fragment) => {
+            count(counter::PASS_FRAGMENT);
+            None
+        }
+    }
 }

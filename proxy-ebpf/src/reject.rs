@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use proxy_common::proto;
+use proxy_common::{csum, proto, wire::write_ipv4_header};
 
 use crate::parse::{ETH_HLEN, Packet};
 
@@ -16,37 +16,10 @@ const TCP_RST_LEN: usize = ETH_HLEN + 20 + 20;
 /// Ethernet + IPv4 + ICMP + the offending IPv4 header (no options) + 8 bytes of it.
 const ICMP_UNREACH_LEN: usize = ETH_HLEN + 20 + 8 + 20 + 8;
 
+/// The complemented checksum of `len` bytes of `buf` from `start`, added to `acc`.
 #[inline(always)]
-fn sum16(buf: &[u8], start: usize, len: usize, mut acc: u32) -> u32 {
-    let mut i = 0;
-    while i + 1 < len {
-        acc += ((buf[start + i] as u32) << 8) | buf[start + i + 1] as u32;
-        i += 2;
-    }
-    acc
-}
-
-#[inline(always)]
-fn fold(mut acc: u32) -> u16 {
-    acc = (acc & 0xffff) + (acc >> 16);
-    acc = (acc & 0xffff) + (acc >> 16);
-    !(acc as u16)
-}
-
-#[inline(always)]
-fn ipv4_header(buf: &mut [u8], off: usize, total_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]) {
-    buf[off] = 0x45;
-    buf[off + 1] = 0;
-    buf[off + 2..off + 4].copy_from_slice(&total_len.to_be_bytes());
-    buf[off + 4..off + 8].copy_from_slice(&[0, 0, 0x40, 0]); // id 0, DF
-    buf[off + 8] = 64;
-    buf[off + 9] = proto;
-    buf[off + 10] = 0;
-    buf[off + 11] = 0;
-    buf[off + 12..off + 16].copy_from_slice(&src);
-    buf[off + 16..off + 20].copy_from_slice(&dst);
-    let c = fold(sum16(buf, off, 20, 0));
-    buf[off + 10..off + 12].copy_from_slice(&c.to_be_bytes());
+fn checksum(buf: &[u8], start: usize, len: usize, acc: u32) -> u16 {
+    !csum::fold(csum::sum16(buf, start, len, acc))
 }
 
 /// Turns the packet into its rejection and sends it back. `Err` means "drop instead".
@@ -105,8 +78,8 @@ fn tcp_rst(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
         // Never answer a RST.
         return Err(());
     }
-    let total: u16 = u16::from_be(ctx.load(ETH_HLEN + 2).map_err(|_| ())?);
-    let ihl = p.l4_off - ETH_HLEN;
+    let total = p.tot_len;
+    let ihl = p.ihl();
     let payload = (total as usize).saturating_sub(ihl + ((doff >> 4) as usize) * 4) as u32;
     let (rseq, rack, rflags) = if flags & 0x10 != 0 {
         (ack, 0u32, 0x04u8)
@@ -120,7 +93,7 @@ fn tcp_rst(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     };
     let src = p.daddr_be.to_ne_bytes();
     let dst = p.saddr_be.to_ne_bytes();
-    ipv4_header(&mut buf, ETH_HLEN, 40, proto::TCP, src, dst);
+    write_ipv4_header(&mut buf, ETH_HLEN, 40, true, proto::TCP, src, dst);
     let t = ETH_HLEN + 20;
     buf[t..t + 2].copy_from_slice(&u16::from_be(p.dport_be).to_be_bytes());
     buf[t + 2..t + 4].copy_from_slice(&u16::from_be(p.sport_be).to_be_bytes());
@@ -129,9 +102,9 @@ fn tcp_rst(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     buf[t + 12] = 0x50;
     buf[t + 13] = rflags;
     // Window, checksum, urgent pointer: zero, then the checksum.
-    let mut acc = sum16(&buf, ETH_HLEN + 12, 8, 0); // pseudo header: addresses
+    let mut acc = csum::sum16(&buf, ETH_HLEN + 12, 8, 0); // pseudo header: addresses
     acc += proto::TCP as u32 + 20;
-    let c = fold(sum16(&buf, t, 20, acc));
+    let c = checksum(&buf, t, 20, acc);
     buf[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
     send(ctx, &buf)
 }
@@ -148,10 +121,11 @@ fn icmp_unreach(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     let quoted: [u8; 28] = ctx.load(ETH_HLEN).map_err(|_| ())?;
     let src = p.daddr_be.to_ne_bytes();
     let dst = p.saddr_be.to_ne_bytes();
-    ipv4_header(
+    write_ipv4_header(
         &mut buf,
         ETH_HLEN,
         (20 + 8 + 28) as u16,
+        true,
         proto::ICMP,
         src,
         dst,
@@ -160,7 +134,7 @@ fn icmp_unreach(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     buf[i] = 3; // destination unreachable
     buf[i + 1] = 3; // port unreachable
     buf[i + 8..i + 36].copy_from_slice(&quoted);
-    let c = fold(sum16(&buf, i, 36, 0));
+    let c = checksum(&buf, i, 36, 0);
     buf[i + 2..i + 4].copy_from_slice(&c.to_be_bytes());
     let _ = TC_ACT_SHOT;
     send(ctx, &buf)

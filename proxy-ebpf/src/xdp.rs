@@ -35,7 +35,7 @@ use proxy_common::{Ct4Key, XDP_META_LEN, XDP_META_TRANSLATED, counter, csum, ct_
 use crate::{
     lb::{ct_lookup, validate_flow},
     maps::{count, count_service},
-    parse::{ETH_HLEN, ETH_P_IP_BE, PacketRead},
+    parse::{ETH_HLEN, PacketRead, parse},
     uplink::{GUE_V0_STRIP, GUE_V1_STRIP, IPIP_STRIP, encap_strip},
 };
 
@@ -99,6 +99,11 @@ impl PacketRead for XdpContext {
     fn read<T: Copy>(&self, off: usize) -> Option<T> {
         load(self, off)
     }
+
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.data_end() - self.data()
+    }
 }
 
 /// Strips an IPIP or GUE header addressed to this node (the rule of `uplink::encap_strip`).
@@ -134,46 +139,22 @@ fn strip<const N: usize>(ctx: &XdpContext) -> Result<(), ()> {
     Ok(())
 }
 
-/// The folded (not complemented) IPv4 pseudo-header sum, host order: what the L4 checksum
-/// field of a CHECKSUM_PARTIAL packet holds.
-#[inline(always)]
-fn pseudo_header_sum(saddr_be: u32, daddr_be: u32, proto: u8, l4_len: u16) -> u16 {
-    let (s, d) = (u32::from_be(saddr_be), u32::from_be(daddr_be));
-    csum::fold((s >> 16) + (s & 0xffff) + (d >> 16) + (d & 0xffff) + proto as u32 + l4_len as u32)
-}
-
 /// DNATs a packet of a tracked flow when its conntrack entry allows it. Anything else is left
 /// untouched for tc.
 #[inline(always)]
 fn fast_path(ctx: &XdpContext) -> Option<()> {
-    if load::<u16>(ctx, 12)? != ETH_P_IP_BE {
-        return None;
-    }
-    let vihl: u8 = load(ctx, ETH_HLEN)?;
-    let ihl = ((vihl & 0x0f) as usize) * 4;
-    // tc counts malformed headers (parse_ipv4); here they are just not ours.
-    if vihl >> 4 != 4 || ihl < 20 {
-        return None;
-    }
-    let l4_proto: u8 = load(ctx, ETH_HLEN + 9)?;
+    // The parse tc uses; tc counts what it rejects, here it is just not ours.
+    let p = parse(ctx).ok()?;
+    let l4_proto = p.proto;
     if l4_proto != proto::TCP && l4_proto != proto::UDP {
         return None;
     }
     // Fragments (first ones included) go to tc: it owns the fragment counters.
-    if u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?) & 0x3fff != 0 {
+    if u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?) & 0x2000 != 0 {
         return None;
     }
-    let tot_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2)?);
-    let saddr_be: u32 = load(ctx, ETH_HLEN + 12)?;
-    let daddr_be: u32 = load(ctx, ETH_HLEN + 16)?;
-    let l4_off = ETH_HLEN + ihl;
-    let csum_off = if l4_proto == proto::TCP {
-        l4_off + 16
-    } else {
-        l4_off + 6
-    };
-    let sport_be: u16 = load(ctx, l4_off)?;
-    let dport_be: u16 = load(ctx, l4_off + 2)?;
+    let (saddr_be, daddr_be, sport_be, dport_be) = (p.saddr_be, p.daddr_be, p.sport_be, p.dport_be);
+    let (tot_len, ihl, l4_off, csum_off) = (p.tot_len, p.ihl(), p.l4_off, p.l4_csum_off());
     let l4_csum = u16::from_be(load::<u16>(ctx, csum_off)?);
 
     let key = Ct4Key::new(saddr_be, daddr_be, sport_be, dport_be, l4_proto);
@@ -193,7 +174,7 @@ fn fast_path(ctx: &XdpContext) -> Option<()> {
     let udp_no_csum = l4_proto == proto::UDP && l4_csum == 0;
     if !udp_no_csum
         && tot_len as usize >= ihl
-        && l4_csum == pseudo_header_sum(saddr_be, daddr_be, l4_proto, tot_len - ihl as u16)
+        && l4_csum == csum::pseudo_header_sum(saddr_be, daddr_be, l4_proto, tot_len - ihl as u16)
     {
         count(counter::XDP_PASS_PARTIAL_CSUM);
         return None;
