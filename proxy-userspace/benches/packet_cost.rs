@@ -62,10 +62,11 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions, TestRunResult, Xdp};
-use proxy_common::{NodeConfig, counter, csum, programs, svc_flags};
+use proxy_common::{NodeConfig, counter, programs, svc_flags};
 use proxy_userspace::{
     abi::{self, Protocol},
     datapath::{self, Datapath, LoadOptions, MapSizes},
+    packet::{self, Ipv4, tcp_flags},
     plan::{self, MapState},
     translate::{BackendAddr, Desired, DesiredService, ServiceKey},
 };
@@ -356,66 +357,39 @@ fn desired(n: u32, nodeports: bool, lb_local: bool) -> Desired {
 
 /// Ethernet + IPv4 + TCP (ACK for established/reply, SYN for new), valid checksums.
 fn packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), syn: bool) -> Vec<u8> {
-    let mut l4 = Vec::with_capacity(20);
-    l4.extend_from_slice(&src.1.to_be_bytes());
-    l4.extend_from_slice(&dst.1.to_be_bytes());
-    l4.extend_from_slice(&1000u32.to_be_bytes());
-    l4.extend_from_slice(&(if syn { 0u32 } else { 1u32 }).to_be_bytes());
-    l4.extend_from_slice(&[0x50, if syn { 0x02 } else { 0x10 }, 0xff, 0xff, 0, 0, 0, 0]);
-    let c = csum::l4_ipv4(src.0.octets(), dst.0.octets(), TCP, &l4);
-    l4[16..18].copy_from_slice(&c.to_be_bytes());
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, TCP, 0, 0]);
-    ip.extend_from_slice(&src.0.octets());
-    ip.extend_from_slice(&dst.0.octets());
-    let c = csum::ipv4_header(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x20, 0x08, 0x00];
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&l4);
-    f
+    let ip = Ipv4::new(TCP, src.0, dst.0).id(0x1234).dont_fragment();
+    let (ack, flags) = if syn {
+        (0, tcp_flags::SYN)
+    } else {
+        (1, tcp_flags::ACK)
+    };
+    let l4 = ip.with_checksum(packet::tcp(src.1, dst.1, 1000, ack, flags, &[]));
+    packet::ethernet(
+        [0x02, 0, 0, 0, 0, 0x01],
+        [0x02, 0, 0, 0, 0, 0x20],
+        &ip.packet(&l4),
+    )
 }
 
 /// `inner` (a frame from [`packet`]) wrapped in IPIP from [`TUNNEL_SRC`] to the node.
 fn wrap_ipip(inner: &[u8]) -> Vec<u8> {
-    let l3 = &inner[14..];
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + l3.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 4, 0, 0]);
-    ip.extend_from_slice(&TUNNEL_SRC.octets());
-    ip.extend_from_slice(&NODE.octets());
-    let c = csum::ipv4_header(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = inner[..14].to_vec();
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(l3);
-    f
+    packet::encapsulate(inner, &Ipv4::new(4, TUNNEL_SRC, NODE).dont_fragment(), &[])
 }
 
 /// Whether the TCP checksum of a frame built by [`packet`] equals its folded pseudo-header
 /// sum: what a CHECKSUM_PARTIAL skb carries, so `lb_up_xdp` leaves such a packet to tc.
 fn looks_partial(f: &[u8]) -> bool {
-    let mut pseudo = f[26..34].to_vec();
-    pseudo.extend_from_slice(&[0, TCP]);
-    pseudo.extend_from_slice(&((f.len() - 34) as u16).to_be_bytes());
-    csum::fold(csum::add_bytes(0, &pseudo)) == u16::from_be_bytes([f[50], f[51]])
+    packet::pseudo_header_sum(f) == u16::from_be_bytes([f[50], f[51]])
 }
 
 /// The source of a frame built by [`packet`].
 fn src_of(f: &[u8]) -> (Ipv4Addr, u16) {
-    (
-        Ipv4Addr::new(f[26], f[27], f[28], f[29]),
-        u16::from_be_bytes([f[34], f[35]]),
-    )
+    packet::headers(f).expect("a frame from packet()").src
 }
 
 /// The destination of a frame built by [`packet`] (after the program rewrote it).
 fn dst_of(f: &[u8]) -> (Ipv4Addr, u16) {
-    (
-        Ipv4Addr::new(f[30], f[31], f[32], f[33]),
-        u16::from_be_bytes([f[36], f[37]]),
-    )
+    packet::headers(f).expect("a frame from packet()").dst
 }
 
 /// A never-seen client tuple per counter value: 10.76.0.0/16 x ports 1024..60999.

@@ -18,6 +18,7 @@ pub mod links;
 pub mod manifests;
 pub mod metrics;
 pub mod netlink;
+pub mod packet;
 pub mod plan;
 pub mod sockhooks;
 pub mod trace;

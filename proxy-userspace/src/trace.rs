@@ -13,13 +13,14 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun as _, TestRunOptions};
-use proxy_common::{counter, csum, programs};
+use proxy_common::{counter, programs};
 use serde::Serialize;
 
 use crate::{
     abi::Protocol,
     agent::{self, Cidr, Context},
     datapath::{self, Datapath, LoadOptions},
+    packet::{self, Ipv4, tcp_flags},
     plan::MapState,
 };
 
@@ -96,68 +97,16 @@ fn parse_source(s: &str) -> Result<(Ipv4Addr, Option<u16>)> {
 
 /// Builds Ethernet + IPv4 + TCP SYN/UDP/SCTP common header with correct checksums.
 fn packet(proto: Protocol, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&src.1.to_be_bytes());
-    l4.extend_from_slice(&dst.1.to_be_bytes());
-    match proto {
-        Protocol::Tcp => {
-            l4.extend_from_slice(&[
-                0, 0, 0x10, 0, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
-            ]);
-        }
-        Protocol::Udp => l4.extend_from_slice(&[0, 12, 0, 0, b't', b'r', b'a', b'c']),
-        Protocol::Sctp => l4.extend_from_slice(&[0; 8]),
-    }
-    let off = match proto {
-        Protocol::Tcp => Some(16),
-        Protocol::Udp => Some(6),
-        Protocol::Sctp => None,
+    let ip = Ipv4::new(proto.number(), src.0, dst.0)
+        .id(1)
+        .dont_fragment();
+    let l4 = match proto {
+        Protocol::Tcp => packet::tcp(src.1, dst.1, 0x1000, 0, tcp_flags::SYN, &[]),
+        Protocol::Udp => packet::udp(src.1, dst.1, b"trac"),
+        Protocol::Sctp => packet::sctp(src.1, dst.1, 0, &[]),
     };
-    if let Some(off) = off {
-        let c = csum::l4_ipv4(src.0.octets(), dst.0.octets(), proto.number(), &l4);
-        l4[off..off + 2].copy_from_slice(&c.to_be_bytes());
-    } else {
-        // SCTP: CRC32c, stored little-endian.
-        let c = proxy_common::crc32c::sctp_checksum(&l4);
-        l4[8..12].copy_from_slice(&c.to_le_bytes());
-    }
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, proto.number(), 0, 0]);
-    ip.extend_from_slice(&src.0.octets());
-    ip.extend_from_slice(&dst.0.octets());
-    let c = csum::ipv4_header(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&l4);
-    f
-}
-
-struct Out {
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
-    proto: u8,
-    tcp_flags: u8,
-}
-
-fn parse(f: &[u8]) -> Option<Out> {
-    let ip = f.get(14..)?;
-    let ihl = ((ip.first()? & 0x0f) as usize) * 4;
-    let l4 = ip.get(ihl..)?;
-    let ports = l4.get(..4)?;
-    Some(Out {
-        src: (
-            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-            u16::from_be_bytes([ports[0], ports[1]]),
-        ),
-        dst: (
-            Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-            u16::from_be_bytes([ports[2], ports[3]]),
-        ),
-        proto: ip[9],
-        tcp_flags: l4.get(13).copied().unwrap_or(0),
-    })
+    let l4 = ip.with_checksum(l4);
+    packet::ethernet([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], &ip.packet(&l4))
 }
 
 pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
@@ -234,7 +183,7 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
             }
             pkt = r.frame;
         }
-        let before_tc = parse(&pkt).map(|o| o.dst);
+        let before_tc = packet::headers(&pkt).map(|o| o.dst);
         let (rc, out) = if tc_runs {
             let mut out = vec![0u8; pkt.len() + 256];
             let r = dp.program(prog)?.test_run(TestRunOptions {
@@ -247,7 +196,7 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
         } else {
             (TC_ACT_OK, pkt)
         };
-        let o = parse(&out);
+        let o = packet::headers(&out);
         match rc {
             TC_ACT_SHOT => drop += 1,
             TC_ACT_OK | TC_ACT_REDIRECT => match o {

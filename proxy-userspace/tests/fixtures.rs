@@ -9,6 +9,7 @@ use proxy_common::{NodeConfig, counter, csum, programs};
 use proxy_userspace::{
     abi,
     datapath::{self, Datapath, LoadOptions},
+    packet::{self, Ipv4, tcp_flags},
     plan::{self, MapState},
     translate,
 };
@@ -154,44 +155,31 @@ fn packet(
     udp_zero_csum: bool,
 ) -> Vec<u8> {
     let payload = b"hello";
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&src.1.to_be_bytes());
-    l4.extend_from_slice(&dst.1.to_be_bytes());
-    if proto == TCP {
-        l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
-        l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-        l4.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]); // SYN, window, csum, urg
+    let l4 = if proto == TCP {
+        packet::tcp(src.1, dst.1, 1000, 0, tcp_flags::SYN, payload)
     } else {
-        l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-        l4.extend_from_slice(&[0, 0]);
-    }
-    l4.extend_from_slice(payload);
-    let csum_off = if proto == TCP { 16 } else { 6 };
-    if !(proto == UDP && udp_zero_csum) {
-        let c = csum::l4_ipv4(src.0.octets(), dst.0.octets(), proto, &l4);
-        l4[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
-    }
+        packet::udp(src.1, dst.1, payload)
+    };
+    let l4 = if proto == UDP && udp_zero_csum {
+        l4
+    } else {
+        ip(proto, src.0, dst.0, ip_options).with_checksum(l4)
+    };
     frame(proto, src.0, dst.0, ip_options, &l4)
+}
+
+/// The fixtures' IPv4 header: identification 0x1234, DF, `ip_options` bytes of NOP options.
+fn ip(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, ip_options: usize) -> Ipv4 {
+    Ipv4::new(proto, src, dst)
+        .id(0x1234)
+        .dont_fragment()
+        .nop_options(ip_options)
 }
 
 /// Ethernet + IPv4 (with `ip_options` bytes of NOP options, checksum computed) around `l4`.
 fn frame(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, ip_options: usize, l4: &[u8]) -> Vec<u8> {
-    let ihl = 5 + ip_options / 4;
-    let mut ip = vec![0x40 | ihl as u8, 0];
-    ip.extend_from_slice(&((ihl * 4 + l4.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]);
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    ip.extend(std::iter::repeat_n(1u8, ip_options)); // NOP options
-    let c = csum::ipv4_header(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = Vec::new();
-    f.extend_from_slice(&MAC_GW);
-    f.extend_from_slice(&MAC_POD);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(l4);
-    f
+    let l3 = ip(proto, src, dst, ip_options).packet(l4);
+    packet::ethernet(MAC_GW, MAC_POD, &l3)
 }
 
 #[derive(Debug)]
@@ -204,36 +192,30 @@ struct Parsed {
 
 /// Parses a frame and asserts that both checksums are right, recomputed from scratch.
 fn parse_checked(f: &[u8]) -> Parsed {
+    let h = packet::headers(f).expect("IPv4 + L4 headers");
     let ip = &f[14..];
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    let mut hdr = ip[..ihl].to_vec();
-    let stored = u16::from_be_bytes([hdr[10], hdr[11]]);
-    hdr[10] = 0;
-    hdr[11] = 0;
-    assert_eq!(stored, csum::ipv4_header(&hdr), "IPv4 header checksum");
-    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    let proto = ip[9];
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let mut l4 = ip[ihl..total].to_vec();
-    let off = if proto == TCP { 16 } else { 6 };
+    let (ihl, proto) = (h.ihl, h.proto);
+    let stored = u16::from_be_bytes([ip[10], ip[11]]);
+    assert_eq!(
+        stored,
+        packet::ipv4_header_checksum(&ip[..ihl]),
+        "IPv4 header checksum"
+    );
+    let l4 = &ip[ihl..h.total_len];
+    let off = packet::l4_csum_off(proto);
     let l4_csum = u16::from_be_bytes([l4[off], l4[off + 1]]);
     if !(proto == UDP && l4_csum == 0) {
-        l4[off] = 0;
-        l4[off + 1] = 0;
         assert_eq!(
             l4_csum,
-            csum::l4_ipv4(src.octets(), dst.octets(), proto, &l4),
+            packet::l4_checksum(h.src.0, h.dst.0, proto, l4),
             "L4 checksum"
         );
     }
-    let sport = u16::from_be_bytes([ip[ihl], ip[ihl + 1]]);
-    let dport = u16::from_be_bytes([ip[ihl + 2], ip[ihl + 3]]);
     let mut dst_mac = [0u8; 6];
     dst_mac.copy_from_slice(&f[..6]);
     Parsed {
-        src: (src, sport),
-        dst: (dst, dport),
+        src: h.src,
+        dst: h.dst,
         l4_csum,
         dst_mac,
     }
@@ -434,12 +416,9 @@ fn service_without_endpoints_rejects_udp_with_icmp_port_unreachable() {
     assert_eq!(rc, TC_ACT_REDIRECT);
     assert_eq!(out.len(), 14 + 20 + 8 + 28);
     let ip = &out[14..34];
-    let mut hdr = ip.to_vec();
-    hdr[10] = 0;
-    hdr[11] = 0;
     assert_eq!(
         u16::from_be_bytes([ip[10], ip[11]]),
-        csum::ipv4_header(&hdr),
+        packet::ipv4_header_checksum(ip),
         "IPv4 checksum"
     );
     assert_eq!(ip[9], 1, "ICMP");
@@ -638,20 +617,7 @@ fn gue_udp(inner: &[u8], gue_header: &[u8]) -> Vec<u8> {
 /// `inner`'s Ethernet header, an outer IPv4 header (`proto`, `EXT` to the node), `extra`,
 /// then `inner`'s IPv4 packet.
 fn encap(inner: &[u8], proto: u8, extra: &[u8]) -> Vec<u8> {
-    let l3 = &inner[14..];
-    let total = 20 + extra.len() + l3.len();
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&(total as u16).to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0, 0, 64, proto, 0, 0]);
-    ip.extend_from_slice(&EXT.octets());
-    ip.extend_from_slice(&NODE.octets());
-    let c = csum::ipv4_header(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = inner[..14].to_vec();
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(extra);
-    f.extend_from_slice(l3);
-    f
+    packet::encapsulate(inner, &Ipv4::new(proto, EXT, NODE), extra)
 }
 
 #[test]
@@ -682,23 +648,15 @@ fn ipip_and_gue_wrapped_load_balancer_traffic_is_decapsulated_keeping_the_vip() 
 /// An ICMP error (type/code) from `from` to `to`, quoting the first 28 bytes of `quoted`'s
 /// IPv4 packet, checksums computed from scratch.
 fn icmp_error(ty: u8, code: u8, from: Ipv4Addr, to: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
-    let mut icmp = vec![ty, code, 0, 0, 0, 0, 0x05, 0x78]; // next-hop MTU 1400
-    icmp.extend_from_slice(&quoted[14..14 + 28]);
-    let c = !csum::fold(csum::add_bytes(0, &icmp));
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
-    ip.extend_from_slice(&from.octets());
-    ip.extend_from_slice(&to.octets());
-    let c = csum::ipv4_header(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = MAC_GW.to_vec();
-    f.extend_from_slice(&MAC_POD);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&icmp);
-    f
+    let ip = Ipv4::new(1, from, to);
+    // Next-hop MTU 1400.
+    let icmp = ip.with_checksum(packet::icmp(
+        ty,
+        code,
+        [0, 0, 0x05, 0x78],
+        &quoted[14..14 + 28],
+    ));
+    packet::ethernet(MAC_GW, MAC_POD, &ip.packet(&icmp))
 }
 
 /// Checks the outer IPv4, ICMP and quoted IPv4 checksums; returns (outer src, outer dst,
@@ -708,12 +666,9 @@ type Quoted = ((Ipv4Addr, u16), (Ipv4Addr, u16));
 
 fn parse_icmp_error(f: &[u8]) -> (Outer, Quoted) {
     let ip = &f[14..34];
-    let mut h = ip.to_vec();
-    h[10] = 0;
-    h[11] = 0;
     assert_eq!(
         u16::from_be_bytes([ip[10], ip[11]]),
-        csum::ipv4_header(&h),
+        packet::ipv4_header_checksum(ip),
         "outer IPv4 checksum"
     );
     let icmp = &f[34..];
@@ -723,12 +678,9 @@ fn parse_icmp_error(f: &[u8]) -> (Outer, Quoted) {
         "ICMP checksum"
     );
     let q = &icmp[8..];
-    let mut qh = q[..20].to_vec();
-    qh[10] = 0;
-    qh[11] = 0;
     assert_eq!(
         u16::from_be_bytes([q[10], q[11]]),
-        csum::ipv4_header(&qh),
+        packet::ipv4_header_checksum(&q[..20]),
         "quoted IPv4 checksum"
     );
     let a = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
@@ -815,19 +767,14 @@ const SCTP: u8 = 132;
 /// computed from scratch, followed by `trailer` bytes of Ethernet padding beyond the datagram.
 fn sctp_packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), trailer: usize) -> Vec<u8> {
     let payload = b"sctp payload, 27 bytes long";
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&src.1.to_be_bytes());
-    l4.extend_from_slice(&dst.1.to_be_bytes());
-    l4.extend_from_slice(&0x5ca1_ab1eu32.to_be_bytes()); // verification tag
-    l4.extend_from_slice(&[0; 4]); // checksum, filled below
     // DATA chunk: type 0, flags B|E, length, TSN, stream id, stream seq, PPID, payload.
-    l4.extend_from_slice(&[0, 0x03]);
-    l4.extend_from_slice(&((16 + payload.len()) as u16).to_be_bytes());
-    l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
-    l4.extend_from_slice(payload);
-    l4.resize(l4.len().next_multiple_of(4), 0);
-    let crc = proxy_common::crc32c::sctp_checksum(&l4);
-    l4[8..12].copy_from_slice(&crc.to_le_bytes());
+    let mut chunk = vec![0, 0x03];
+    chunk.extend_from_slice(&((16 + payload.len()) as u16).to_be_bytes());
+    chunk.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+    chunk.extend_from_slice(payload);
+    chunk.resize(chunk.len().next_multiple_of(4), 0);
+    let l4 = packet::sctp(src.1, dst.1, 0x5ca1_ab1e, &chunk); // verification tag
+    let l4 = ip(SCTP, src.0, dst.0, 0).with_checksum(l4);
     let mut f = frame(SCTP, src.0, dst.0, 0, &l4);
     f.extend(std::iter::repeat_n(0xeeu8, trailer));
     f
@@ -837,11 +784,12 @@ fn sctp_packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), trailer: usize) -> Ve
 /// not the Ethernet padding), both recomputed from scratch. Returns (src, dst).
 fn parse_sctp_checked(f: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
     let ip = &f[14..];
-    let mut hdr = ip[..20].to_vec();
-    let stored = u16::from_be_bytes([hdr[10], hdr[11]]);
-    hdr[10] = 0;
-    hdr[11] = 0;
-    assert_eq!(stored, csum::ipv4_header(&hdr), "IPv4 header checksum");
+    let stored = u16::from_be_bytes([ip[10], ip[11]]);
+    assert_eq!(
+        stored,
+        packet::ipv4_header_checksum(&ip[..20]),
+        "IPv4 header checksum"
+    );
     assert_eq!(ip[9], SCTP);
     let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     let l4 = &ip[20..total];

@@ -52,16 +52,9 @@ fn wrap_gue_v0(inner: &[u8]) -> Vec<u8> {
 /// skb from a veth peer carries.
 fn as_partial_checksum(pkt: &[u8]) -> Vec<u8> {
     let mut p = pkt.to_vec();
-    let ip = &p[14..];
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    let proto = ip[9];
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&ip[12..20]);
-    pseudo.extend_from_slice(&[0, proto]);
-    pseudo.extend_from_slice(&((total - ihl) as u16).to_be_bytes());
-    let sum = csum::fold(csum::add_bytes(0, &pseudo));
-    let off = 14 + ihl + if proto == TCP { 16 } else { 6 };
+    let h = packet::headers(pkt).expect("IPv4 + L4 headers");
+    let sum = packet::pseudo_header_sum(pkt);
+    let off = 14 + h.ihl + packet::l4_csum_off(h.proto);
     p[off..off + 2].copy_from_slice(&sum.to_be_bytes());
     p
 }
@@ -234,6 +227,16 @@ fn xdp_passes_non_service_malformed_truncated_and_fragmented_packets_untouched()
     let mut bad_ihl = pkt.clone();
     bad_ihl[14] = 0x43;
     assert_untouched(&f, &bad_ihl, "IHL below 5");
+    // tc's rule, which XDP shares: the IPv4 total length must cover the L4 checksum.
+    let mut short_total = pkt.clone();
+    short_total[16..18].copy_from_slice(&(20u16 + 10).to_be_bytes());
+    let c = packet::ipv4_header_checksum(&short_total[14..34]);
+    short_total[24..26].copy_from_slice(&c.to_be_bytes());
+    assert_untouched(
+        &f,
+        &short_total,
+        "an IPv4 total length short of the TCP header",
+    );
     let mut v6 = pkt.clone();
     v6[14] = 0x65;
     assert_untouched(&f, &v6, "IP version 6 in an IPv4 ethertype");
