@@ -1048,7 +1048,7 @@ ports:
             )
         };
         fs::write(dir.join("svc.yaml"), svc("10.96.0.1")).expect("write");
-        let mut source = crate::agent::Source::manifests(dir.clone(), Duration::from_secs(3600));
+        let mut source = crate::source::Source::manifests(dir.clone(), Duration::from_secs(3600));
         let first = tokio::time::timeout(Duration::from_secs(2), source.next_snapshot())
             .await
             .expect("the first read is immediate");

@@ -1646,6 +1646,27 @@ fn display_id(meta: &ObjectMeta) -> String {
     }
 }
 
+/// The node's own IPv4 addresses from its Node object (InternalIP first).
+pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> Vec<Ipv4Addr> {
+    let mut addrs: Vec<(u8, Ipv4Addr)> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            let rank = match a.type_.as_str() {
+                "InternalIP" => 0,
+                "ExternalIP" => 1,
+                _ => return None,
+            };
+            a.address.parse().ok().map(|ip| (rank, ip))
+        })
+        .collect();
+    addrs.sort();
+    addrs.into_iter().map(|(_, ip)| ip).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! The Kubernetes source: Services, EndpointSlices (all namespaces) and this node's Node object,
 //! each watched with a kube-runtime watcher into an in-memory store.
 //!
-//! The stores only feed snapshots; the agent's one writer ([`crate::agent::reconcile`]) turns a
+//! The stores only feed snapshots; the agent's one writer ([`crate::sync::reconcile`]) turns a
 //! snapshot into map writes. The contract, following client-go's informers and kube-proxy:
 //!
 //! - **Nothing before the initial lists.** [`KubeSource::next_snapshot`] returns nothing until
@@ -51,7 +51,7 @@ use log::{debug, info, warn};
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use tokio::{sync::watch, task::JoinHandle};
 
-use crate::{agent::Snapshot, manifests::Objects};
+use super::{Snapshot, manifests::Objects};
 
 /// Set in every pod (and so in the agent's DaemonSet pod) to the API server's address.
 pub const IN_CLUSTER_ENV: &str = "KUBERNETES_SERVICE_HOST";
