@@ -13,7 +13,7 @@
 //!
 //! Services and EndpointSlices are held by [`Arc`]: a [`DirCache`] re-parses only the files
 //! that changed and hands out the other files' objects again without copying them, and
-//! [`translate::Translator`](crate::translate::Translator) recognises an object it has seen
+//! `translate::Translator` recognises an object it has seen
 //! by pointer before comparing contents.
 
 use std::collections::HashMap;

@@ -3,6 +3,7 @@
 //! type this room owns and the sync step consumes.
 pub mod kube;
 pub mod manifests;
+pub mod triggers;
 
 use std::{
     path::{Path, PathBuf},

@@ -205,7 +205,7 @@ pub struct DesiredService {
     pub backends: Vec<BackendAddr>,
     /// Serving+terminating endpoints of the entry's scope that are not in `backends` (because
     /// ready ones exist), sorted and without duplicates. New flows never go to them, but
-    /// [`plan`](crate::plan::plan) keeps their existing backend entries (same ID, in no slot)
+    /// `plan::plan` keeps their existing backend entries (same ID, in no slot)
     /// so established flows to them continue while they drain (Cilium's approach); once an
     /// endpoint is no longer reported here its backend is deleted and its flows re-balance.
     pub terminating: Vec<BackendAddr>,

@@ -18,7 +18,8 @@ use proxy_userspace::{
     serve::metrics::Metrics,
     source::{
         Source,
-        kube::{self as kube_source, KubeSource, KubeSourceOptions, SourceStats, TriggerTimes},
+        kube::{self as kube_source, KubeSource, KubeSourceOptions, SourceStats},
+        triggers::TriggerTimes,
     },
     sync::{Context, Reconciler, RejectionLog},
     translate::{BackendAddr, ServiceKey},
