@@ -1,6 +1,7 @@
 //! Where Services, EndpointSlices and Nodes come from: a manifests directory (polled and
 //! watched with inotify) or the Kubernetes API (watched). Both produce a [`Snapshot`], the
 //! type this room owns and the sync step consumes.
+pub mod dirwatch;
 pub mod kube;
 pub mod manifests;
 pub mod triggers;
@@ -51,7 +52,7 @@ pub enum Source {
         poll: tokio::time::Interval,
         /// inotify on the directory: an edit is read at once, not at the next poll. `None`
         /// while the directory is missing (set up again at a poll).
-        watch: Option<manifests::DirWatch>,
+        watch: Option<dirwatch::DirWatch>,
         /// Fingerprint of the directory when it was last read; `None` forces a read.
         last: Option<u64>,
         /// The files' objects as last parsed: only changed files are parsed again.
@@ -139,7 +140,7 @@ impl Source {
                     None => {
                         poll.tick().await;
                         // Set up before the read below, so no change falls in between.
-                        *watch = manifests::DirWatch::new(dir)
+                        *watch = dirwatch::DirWatch::new(dir)
                             .map_err(|e| {
                                 debug!("{}: no inotify watch ({e}); polling", dir.display())
                             })
@@ -190,6 +191,51 @@ impl std::fmt::Display for Source {
         match self {
             Self::Manifests { dir, .. } => write!(f, "manifests from {}", dir.display()),
             Self::Kube(_) => write!(f, "the Kubernetes API"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    /// The agent's manifests source reads an edit at once (inotify), long before the next poll,
+    /// and falls back to polling while the directory is gone.
+    #[tokio::test]
+    async fn manifests_source_reads_edits_without_waiting_for_the_poll() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("m");
+        fs::create_dir(&dir).expect("mkdir");
+        let svc = |ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: 80}}]\n"
+            )
+        };
+        fs::write(dir.join("svc.yaml"), svc("10.96.0.1")).expect("write");
+        let mut source = Source::manifests(dir.clone(), Duration::from_secs(3600));
+        let first = tokio::time::timeout(Duration::from_secs(2), source.next_snapshot())
+            .await
+            .expect("the first read is immediate");
+        assert_eq!(first.objects.services.len(), 1);
+        for ip in ["10.96.0.2", "10.96.0.3"] {
+            let start = std::time::Instant::now();
+            fs::write(dir.join(".svc.tmp"), svc(ip)).expect("write");
+            fs::rename(dir.join(".svc.tmp"), dir.join("svc.yaml")).expect("rename");
+            let snap = tokio::time::timeout(Duration::from_secs(2), source.next_snapshot())
+                .await
+                .expect("an edit is read without waiting for the hourly poll");
+            let got = snap.objects.services[0]
+                .spec
+                .as_ref()
+                .and_then(|s| s.cluster_ip.clone());
+            assert_eq!(got.as_deref(), Some(ip));
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "{:?}",
+                start.elapsed()
+            );
         }
     }
 }
