@@ -860,7 +860,7 @@ pub struct LabApiArgs {
 pub type Served = BTreeMap<(Kind, String, String), Value>;
 
 /// The objects of a manifests directory as API objects (namespace `""` for Nodes).
-pub fn served_objects(objects: &crate::manifests::Objects) -> Served {
+pub fn served_objects(objects: &crate::source::manifests::Objects) -> Served {
     let mut out = Served::new();
     let mut put = |kind: Kind, v: serde_json::Result<Value>| {
         if let Ok(v) = v {
@@ -998,7 +998,7 @@ fn sync_dir(
     served: &mut Served,
     last_fp: &mut Option<u64>,
 ) {
-    let fp = match crate::manifests::fingerprint(dir) {
+    let fp = match crate::source::manifests::fingerprint(dir) {
         Ok(fp) => fp,
         Err(e) => {
             log::warn!("reading {}: {e}; serving the last state", dir.display());
@@ -1008,7 +1008,7 @@ fn sync_dir(
     if *last_fp == Some(fp) {
         return;
     }
-    let (files, errors) = match crate::manifests::load_dir_by_file(dir) {
+    let (files, errors) = match crate::source::manifests::load_dir_by_file(dir) {
         Ok(r) => r,
         Err(e) => {
             log::warn!("{e}; serving the last state");

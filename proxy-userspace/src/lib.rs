@@ -1,26 +1,16 @@
-//! ebpf-proxy's agent as a library: pure translation and planning, and the syscall edges
-//! (datapath, netlink, bpffs) kept apart so the logic can be tested without a kernel.
+//! ebpf-proxy's agent as a library, in rooms along the data flow: `source` (API objects) ->
+//! `sync` (one reconcile step) -> `translate` (pure) -> `plan` (pure) -> `datapath` (syscalls),
+//! with `serve` (health, metrics) beside and `cmd` (the subcommands) on top.
 pub mod abi;
-pub mod agent;
-pub mod attach;
-pub mod bpffs;
 pub mod canary;
-pub mod config;
+pub mod cmd;
 pub mod datapath;
 pub mod fakeapi;
-pub mod health;
-pub mod httpd;
-pub mod inspect;
-pub mod kube_source;
 pub mod labencap;
 pub mod labtools;
-pub mod links;
-pub mod manifests;
-pub mod metrics;
-pub mod netlink;
 pub mod packet;
 pub mod plan;
-pub mod sockhooks;
-pub mod trace;
+pub mod serve;
+pub mod source;
+pub mod sync;
 pub mod translate;
-pub mod uplinks;

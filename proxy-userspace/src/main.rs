@@ -3,7 +3,11 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
-use proxy_userspace::{agent, canary, config, fakeapi, inspect, labencap, labtools, trace};
+use proxy_userspace::{
+    canary,
+    cmd::{cleanup, config, inspect, run, trace},
+    datapath, fakeapi, labencap, labtools,
+};
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +33,7 @@ enum Command {
     /// Run the agent: load and attach the datapath, then keep the maps in sync with the
     /// Kubernetes API or a manifests directory until SIGINT/SIGTERM.
     // Boxed: the largest variant by far (clippy::large_enum_variant).
-    Run(Box<agent::RunArgs>),
+    Run(Box<config::RunArgs>),
     /// Show the programmed services, their endpoints and the datapath counters.
     Inspect {
         /// The bpffs directory the agent was started with.
@@ -104,12 +108,12 @@ fn real_main(cli: Cli, run_matches: Option<&clap::ArgMatches>) -> Result<ExitCod
             for note in config::resolve(&mut args, run_matches)? {
                 log::info!("{note}");
             }
-            rt.block_on(agent::run(*args))?
+            rt.block_on(run::run(*args))?
         }
-        Command::Inspect { bpffs, json } => inspect::inspect(&agent::pin_dir(&bpffs), json)?,
+        Command::Inspect { bpffs, json } => inspect::inspect(&datapath::pin_dir(&bpffs), json)?,
         Command::Cleanup { bpffs } => {
-            let dir = agent::pin_dir(&bpffs);
-            let n = inspect::cleanup(&dir)?;
+            let dir = datapath::pin_dir(&bpffs);
+            let n = cleanup::cleanup(&dir)?;
             println!(
                 "detached and unpinned {} program links, removed {} pinned maps from {}",
                 n.links,

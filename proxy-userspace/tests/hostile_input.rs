@@ -8,10 +8,10 @@ mod support;
 use std::{collections::BTreeMap, time::Duration};
 
 use proxy_userspace::{
-    agent::{Context, RejectionLog, Snapshot, SyncSummary, reconcile},
     datapath::{Datapath, LoadOptions, MapSizes},
-    manifests::Objects,
     plan::{self, MapState, MemMaps},
+    source::{Snapshot, manifests::Objects},
+    sync::{Context, RejectionLog, SyncSummary, reconcile},
 };
 use serde_json::{Value, json};
 use support::{

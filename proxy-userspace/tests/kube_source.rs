@@ -8,9 +8,9 @@ mod support;
 use std::{path::PathBuf, time::Duration};
 
 use proxy_userspace::{
-    agent::{Context, Snapshot, reconcile},
-    manifests::Objects,
     plan::{MapState, MemMaps},
+    source::{Snapshot, manifests::Objects},
+    sync::{Context, reconcile},
 };
 use serde_json::Value;
 use support::{

@@ -4,7 +4,7 @@
 //! maps programmed by the production reconcile path). Needs root.
 use std::path::PathBuf;
 
-use proxy_userspace::trace::{TraceArgs, trace};
+use proxy_userspace::cmd::trace::{TraceArgs, trace};
 
 struct Case {
     name: &'static str,

@@ -13,11 +13,15 @@ use std::{
 
 use proxy_common::{Backend4, SrcRange4Key, Svc4Key, Svc4Value, VipValue};
 use proxy_userspace::{
-    agent::{Context, Reconciler, RejectionLog, Source},
     datapath::MapSizes,
-    kube_source::{self, KubeSource, KubeSourceOptions, SourceStats, TriggerTimes},
-    metrics::Metrics,
     plan::{ExtWriteError, MapState, MapWriter, MemMaps},
+    serve::metrics::Metrics,
+    source::{
+        Source,
+        kube::{self as kube_source, KubeSource, KubeSourceOptions, SourceStats},
+        triggers::TriggerTimes,
+    },
+    sync::{Context, Reconciler, RejectionLog},
     translate::{BackendAddr, ServiceKey},
 };
 use tokio::task::JoinHandle;

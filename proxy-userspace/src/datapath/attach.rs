@@ -1,5 +1,5 @@
 //! Keeping the pod programs attached to every port of the pod bridge, through pinned links
-//! (see [`crate::links`]) so they stay attached while the agent is down.
+//! (see [`crate::datapath::links`]) so they stay attached while the agent is down.
 //!
 //! For each port and direction, [`Attachments::sync`]:
 //! - adopts a live pinned link and swaps this agent's program into it atomically
@@ -24,8 +24,8 @@ use aya::programs::{
 use log::{debug, info, warn};
 use proxy_common::programs;
 
-use crate::{
-    datapath::Datapath,
+use super::{
+    Datapath,
     links::{self, Direction},
     netlink::Iface,
 };

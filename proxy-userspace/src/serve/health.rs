@@ -19,7 +19,7 @@ use anyhow::Result;
 use log::{info, warn};
 use tokio::task::JoinHandle;
 
-use crate::httpd::{self, Response};
+use super::http::{self, Response};
 
 /// kube-proxy's default: twice the default sync period (30 s).
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -157,7 +157,7 @@ impl ProxyHealth {
     }
 
     /// The HTTP handler: `/healthz`, `/livez`, else 404.
-    pub fn handler(&self) -> httpd::Handler {
+    pub fn handler(&self) -> http::Handler {
         let h = self.clone();
         Arc::new(move |path| match path {
             "/healthz" => h.response(true),
@@ -168,9 +168,9 @@ impl ProxyHealth {
 
     /// Binds `addr` and serves `/healthz` and `/livez` in the background.
     pub async fn serve(&self, addr: SocketAddr) -> Result<JoinHandle<()>> {
-        let l = httpd::bind(addr, "health (--healthz-bind-address)").await?;
+        let l = http::bind(addr, "health (--healthz-bind-address)").await?;
         info!("serving /healthz and /livez on {}", l.local_addr()?);
-        Ok(tokio::spawn(httpd::serve(l, self.handler())))
+        Ok(tokio::spawn(http::serve(l, self.handler())))
     }
 }
 
@@ -247,13 +247,13 @@ impl HealthCheckResponders {
                 continue;
             }
             let addr = SocketAddr::new(self.bind_ip, port);
-            match httpd::bind(addr, "healthCheckNodePort").await {
+            match http::bind(addr, "healthCheckNodePort").await {
                 Ok(l) => {
                     let (svcs, proxy) = (self.services.clone(), self.proxy.clone());
-                    let handler: httpd::Handler =
+                    let handler: http::Handler =
                         Arc::new(move |_| Self::response(&svcs, &proxy, port));
                     self.listeners
-                        .insert(port, tokio::spawn(httpd::serve(l, handler)));
+                        .insert(port, tokio::spawn(http::serve(l, handler)));
                     info!(
                         "health check responder for {}/{} on {addr}",
                         s.namespace, s.name
@@ -346,18 +346,18 @@ mod tests {
     #[tokio::test]
     async fn healthz_and_livez_over_http() {
         let h = ProxyHealth::new(Duration::from_millis(50));
-        let l = httpd::bind((Ipv4Addr::LOCALHOST, 0).into(), "test")
+        let l = http::bind((Ipv4Addr::LOCALHOST, 0).into(), "test")
             .await
             .unwrap();
         let addr = l.local_addr().unwrap();
-        let task = tokio::spawn(httpd::serve(l, h.handler()));
-        let (code, body) = httpd::get(addr, "/healthz").await.unwrap();
+        let task = tokio::spawn(http::serve(l, h.handler()));
+        let (code, body) = http::get(addr, "/healthz").await.unwrap();
         assert_eq!(code, 503, "{body}");
         assert!(body.contains("not attached"), "{body}");
         h.set_attached(true);
         h.updated();
         for path in ["/healthz", "/livez", "/healthz?verbose"] {
-            let (code, body) = httpd::get(addr, path).await.unwrap();
+            let (code, body) = http::get(addr, path).await.unwrap();
             assert_eq!(code, 200, "{path}: {body}");
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
             assert!(v["lastUpdated"].as_str().unwrap().ends_with('Z'), "{body}");
@@ -367,12 +367,12 @@ mod tests {
             );
         }
         h.set_node_eligible(false);
-        assert_eq!(httpd::get(addr, "/healthz").await.unwrap().0, 503);
-        assert_eq!(httpd::get(addr, "/livez").await.unwrap().0, 200);
+        assert_eq!(http::get(addr, "/healthz").await.unwrap().0, 503);
+        assert_eq!(http::get(addr, "/livez").await.unwrap().0, 200);
         h.queued_update();
         tokio::time::sleep(Duration::from_millis(80)).await;
-        assert_eq!(httpd::get(addr, "/livez").await.unwrap().0, 503);
-        assert_eq!(httpd::get(addr, "/nope").await.unwrap().0, 404);
+        assert_eq!(http::get(addr, "/livez").await.unwrap().0, 503);
+        assert_eq!(http::get(addr, "/nope").await.unwrap().0, 404);
         task.abort();
     }
 
@@ -399,24 +399,24 @@ mod tests {
             .await;
         assert_eq!(served.len(), 2);
         let at = |p| SocketAddr::from((Ipv4Addr::LOCALHOST, p));
-        let (code, body) = httpd::get(at(p1), "/").await.unwrap();
+        let (code, body) = http::get(at(p1), "/").await.unwrap();
         assert_eq!(code, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["localEndpoints"], 2);
         assert_eq!(v["service"]["name"], "web");
         assert_eq!(v["serviceProxyHealthy"], true);
-        let (code, body) = httpd::get(at(p2), "/healthz").await.unwrap();
+        let (code, body) = http::get(at(p2), "/healthz").await.unwrap();
         assert_eq!(code, 503, "{body}");
         assert!(body.contains("\"localEndpoints\":0"), "{body}");
 
         // Counts change in place; a removed port stops answering.
         r.sync_counts(&[(p2, "default".into(), "db".into(), 1)])
             .await;
-        assert_eq!(httpd::get(at(p2), "/").await.unwrap().0, 200);
+        assert_eq!(http::get(at(p2), "/").await.unwrap().0, 200);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(httpd::get(at(p1), "/").await.is_err(), "port {p1} closed");
+        assert!(http::get(at(p1), "/").await.is_err(), "port {p1} closed");
         // An unhealthy proxy makes every responder fail.
         proxy.set_attached(false);
-        assert_eq!(httpd::get(at(p2), "/").await.unwrap().0, 503);
+        assert_eq!(http::get(at(p2), "/").await.unwrap().0, 503);
     }
 }

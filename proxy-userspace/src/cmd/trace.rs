@@ -18,10 +18,11 @@ use serde::Serialize;
 
 use crate::{
     abi::Protocol,
-    agent::{self, Cidr, Context},
     datapath::{self, Datapath, LoadOptions},
     packet::{self, Ipv4, tcp_flags},
     plan::MapState,
+    source,
+    sync::{self, Cidr, Context},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -119,12 +120,12 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
     ctx.cluster_cidr = args.cluster_cidr;
     ctx.masquerade_all = args.masquerade_all;
     ctx.nodeport_addresses = args.nodeport_addresses.clone();
-    let snapshot = agent::load_manifests(&args.manifests)?;
+    let snapshot = source::load_manifests(&args.manifests)?;
     let mut dp = Datapath::load(&LoadOptions::default())?;
     let mut state = MapState::default();
     let summary = {
         let mut maps = dp.lb_maps()?;
-        agent::reconcile(&snapshot, &ctx, &mut state, &mut maps)?
+        sync::reconcile(&snapshot, &ctx, &mut state, &mut maps)?
     };
     // The hairpin source is the pod bridge's address; in a trace it only has to be a node
     // address distinct from the pods, so use the node's first address.

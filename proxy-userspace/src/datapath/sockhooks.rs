@@ -7,19 +7,19 @@
 //! host process, kubelet and hostNetwork pods included); in the lab it is a per-node cgroup, since
 //! all lab "nodes" share one machine's cgroup hierarchy.
 //!
-//! Like the tc links ([`crate::links`]), the cgroup links are pinned, at
+//! Like the tc links ([`crate::datapath::links`]), the cgroup links are pinned, at
 //! `<bpffs>/ebpf-proxy/sock-links/<program>`, so host processes keep reaching services while the
 //! agent is down. The next agent adopts a pin that is live on the same cgroup and hook and swaps
 //! its own program in with `BPF_LINK_UPDATE` (one atomic pointer swap; aya 0.14 has no
 //! `attach_to_link` for cgroup programs, so this module makes that call itself). A pin on
 //! another cgroup (the agent was restarted with another `--cgroup-path`) is detached first.
-//! The pins live outside `links/` because [`crate::attach`] removes every pin there that is not
+//! The pins live outside `links/` because [`crate::datapath::attach`] removes every pin there that is not
 //! a bridge port's.
 use std::{
     fs::File,
     io,
     os::{
-        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+        fd::{AsFd as _, BorrowedFd, OwnedFd},
         unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
@@ -30,7 +30,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use log::{debug, info};
 use proxy_common::sock_programs;
 
-use crate::{datapath::Datapath, links};
+use super::{Datapath, links, sys};
 
 /// Sub-directory of the pin directory holding the cgroup link pins.
 pub const SOCK_LINKS_DIR: &str = "sock-links";
@@ -40,8 +40,6 @@ pub const DEFAULT_CGROUP_PATHS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/u
 
 /// `BPF_LINK_TYPE_CGROUP`.
 const LINK_TYPE_CGROUP: u32 = 3;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// `enum bpf_attach_type` of each program (the kernel's UAPI values).
 fn attach_type_of(prog: &str) -> Option<u32> {
@@ -132,24 +130,6 @@ pub fn sock_links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(SOCK_LINKS_DIR)
 }
 
-fn sys_bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a valid, writable, zero-initialised buffer of the given size; the
-    // commands used here read and write only within it (and the info buffer it points to).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr) as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
 /// What the kernel says about a cgroup link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CgroupLinkInfo {
@@ -172,27 +152,19 @@ impl CgroupLinkInfo {
 
 /// `BPF_OBJ_GET_INFO_BY_FD` on a cgroup link.
 pub fn cgroup_link_info(fd: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
-    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned union whose cgroup
-    // member is { __u64 cgroup_id; __u32 attach_type; } at byte 16.
-    let mut info = [0u64; 8];
-    let mut attr = [0u64; 2];
-    attr[0] = (fd.as_raw_fd() as u32 as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
-    attr[1] = info.as_mut_ptr() as u64;
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // The cgroup member of the union is { __u64 cgroup_id; __u32 attach_type; }.
+    let info = sys::link_info(fd)?;
     Ok(CgroupLinkInfo {
-        link_type: info[0] as u32,
-        prog_id: info[1] as u32,
-        cgroup_id: info[2],
-        attach_type: info[3] as u32,
+        link_type: info.link_type,
+        prog_id: info.prog_id,
+        cgroup_id: info.union[0],
+        attach_type: info.union[1] as u32,
     })
 }
 
 /// `BPF_LINK_UPDATE`: replaces the link's program atomically.
 fn link_update(link: &OwnedFd, prog: BorrowedFd<'_>) -> io::Result<()> {
-    // struct { __u32 link_fd; __u32 new_prog_fd; __u32 flags; __u32 old_prog_fd; }
-    let mut attr = [0u64; 2];
-    attr[0] = (link.as_raw_fd() as u32 as u64) | ((prog.as_raw_fd() as u32 as u64) << 32);
-    sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+    sys::link_update(link.as_fd(), prog)
 }
 
 /// The cgroup id of a cgroup v2 directory (its inode number on the cgroup2 filesystem).

@@ -2,7 +2,7 @@
 //! carry the node's addresses and its default route (or those named with `--uplink`). Links
 //! are pinned under `<pins>/uplinks/` so north-south traffic keeps flowing while the agent is
 //! down; a restart adopts them and swaps its programs in atomically (see
-//! [`crate::attach::attach_pinned`]).
+//! [`crate::datapath::attach::attach_pinned`]).
 //!
 //! XDP is a fast path only (decapsulation and established-flow DNAT, see
 //! `proxy-ebpf/src/xdp.rs`): tc ingress always runs the full pipeline, so an interface where
@@ -18,9 +18,9 @@ use aya::programs::{SchedClassifier, Xdp, XdpMode, links::FdLink};
 use log::{info, warn};
 use proxy_common::programs;
 
-use crate::{
+use super::{
+    Datapath,
     attach::{AttachOutcome, Hook, attach_pinned},
-    datapath::Datapath,
     links::{self, Direction},
     netlink::{Iface, Netlink},
 };

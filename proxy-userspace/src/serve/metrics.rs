@@ -50,7 +50,7 @@ use tokio::task::JoinHandle;
 
 use crate::{
     datapath::{MapSizes, WriteError},
-    httpd::{self, Response},
+    serve::http::{self, Response},
 };
 
 /// Conntrack can hold hundreds of thousands of entries; counting them costs a syscall each.
@@ -283,7 +283,7 @@ impl Metrics {
         out
     }
 
-    pub fn handler(&self) -> httpd::Handler {
+    pub fn handler(&self) -> http::Handler {
         let m = self.clone();
         Arc::new(move |path| match path {
             "/metrics" => Response::new(
@@ -297,9 +297,9 @@ impl Metrics {
 
     /// Binds `addr` and serves `/metrics` in the background.
     pub async fn serve(&self, addr: SocketAddr) -> Result<JoinHandle<()>> {
-        let l = httpd::bind(addr, "metrics (--metrics-bind-address)").await?;
+        let l = http::bind(addr, "metrics (--metrics-bind-address)").await?;
         info!("serving /metrics on {}", l.local_addr()?);
-        Ok(tokio::spawn(httpd::serve(l, self.handler())))
+        Ok(tokio::spawn(http::serve(l, self.handler())))
     }
 }
 

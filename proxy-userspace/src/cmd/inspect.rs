@@ -1,4 +1,4 @@
-//! `ebpf-proxy inspect` and `ebpf-proxy cleanup`: read what the agent pinned.
+//! `ebpf-proxy inspect`: read what the agent pinned (services, backends, counters, links).
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context as _, Result};
@@ -94,8 +94,13 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         .map(|(i, n)| Ok((*n, cnt.get(&(i as u32), 0)?.iter().sum())))
         .collect::<Result<_>>()?;
     let flows = ct.keys().filter_map(Result::ok).count();
-    let links: Vec<serde_json::Value> = crate::links::list_pinned(pin_dir)
-        .with_context(|| format!("listing {}", crate::links::links_dir(pin_dir).display()))?
+    let links: Vec<serde_json::Value> = crate::datapath::links::list_pinned(pin_dir)
+        .with_context(|| {
+            format!(
+                "listing {}",
+                crate::datapath::links::links_dir(pin_dir).display()
+            )
+        })?
         .iter()
         .map(|l| {
             let role = ("direction", Some(l.dir.suffix().to_owned()));
@@ -104,8 +109,13 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         .collect();
     // The uplink hooks (tc ingress and the XDP fast path): bpftool shows neither TCX links
     // nor which XDP mode is ours, so say it here.
-    let uplinks: Vec<serde_json::Value> = crate::uplinks::list_pinned(pin_dir)
-        .with_context(|| format!("listing {}", crate::uplinks::uplinks_dir(pin_dir).display()))?
+    let uplinks: Vec<serde_json::Value> = crate::datapath::uplinks::list_pinned(pin_dir)
+        .with_context(|| {
+            format!(
+                "listing {}",
+                crate::datapath::uplinks::uplinks_dir(pin_dir).display()
+            )
+        })?
         .iter()
         .map(|l| {
             let role = ("hook", l.hook.map(|h| h.to_string()));
@@ -143,7 +153,7 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         println!(
             "LINKS ({}, pinned under {})",
             links.len(),
-            crate::links::links_dir(pin_dir).display()
+            crate::datapath::links::links_dir(pin_dir).display()
         );
         for l in &links {
             print_link(l, l["direction"].as_str().unwrap_or(""), 4);
@@ -159,13 +169,6 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// What `cleanup` removed.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Cleanup {
-    pub links: usize,
-    pub maps: usize,
 }
 
 /// One pinned link of `inspect`'s readable output; `hook` is its direction or hook name.
@@ -184,56 +187,6 @@ fn print_link(l: &serde_json::Value, hook: &str, hook_width: usize) {
     );
 }
 
-/// Detaches and unpins every program link, then removes every map pin the agent owns under
-/// `pin_dir`. Links go first so no program is left running against maps that are gone.
-/// Everything under `pin_dir` is the agent's: link pins in any sub-directory (`links/`,
-/// `sock-links/`, and those of other hooks such as `uplinks/`) are detached explicitly
-/// (`BPF_LINK_DETACH`) before being removed; files at the top are maps, those of older
-/// versions (`proxy_common::maps::RETIRED`) included.
-pub fn cleanup(pin_dir: &Path) -> Result<Cleanup> {
-    let mut links = crate::links::cleanup(pin_dir).with_context(|| {
-        format!(
-            "detaching the program links pinned under {}",
-            crate::links::links_dir(pin_dir).display()
-        )
-    })?;
-    links += crate::sockhooks::cleanup(pin_dir).with_context(|| {
-        format!(
-            "detaching the cgroup links pinned under {}",
-            crate::sockhooks::sock_links_dir(pin_dir).display()
-        )
-    })?;
-    // Other link directories (every sub-directory holds link pins), before any map goes.
-    let mut entries: Vec<std::path::PathBuf> = std::fs::read_dir(pin_dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    entries.sort_by_key(|p| !p.is_dir());
-    let mut maps = 0;
-    for p in entries {
-        if p.is_dir() {
-            for f in std::fs::read_dir(&p)
-                .with_context(|| format!("reading {}", p.display()))?
-                .flatten()
-            {
-                crate::links::detach_and_unpin(&f.path())
-                    .with_context(|| format!("detaching {}", f.path().display()))?;
-                links += 1;
-            }
-            std::fs::remove_dir(&p).with_context(|| format!("removing {}", p.display()))?;
-        } else {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-            maps += 1;
-        }
-    }
-    match std::fs::remove_dir(pin_dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", pin_dir.display()))?
-        }
-        _ => {}
-    }
-    Ok(Cleanup { links, maps })
-}
-
 /// One pinned link (pod port or uplink) as `inspect --json` lists it; `role` is its
 /// direction or hook.
 fn link_json(
@@ -242,7 +195,7 @@ fn link_json(
     ifindex: u32,
     role: (&str, Option<String>),
     attached: bool,
-    info: Option<crate::links::LinkInfo>,
+    info: Option<crate::datapath::links::LinkInfo>,
 ) -> serde_json::Value {
     let mut v = serde_json::json!({
         "pin": pin.file_name().map(|n| n.to_string_lossy().into_owned()),

@@ -16,7 +16,76 @@ use anyhow::{Context as _, Result, bail};
 use clap::{ArgMatches, parser::ValueSource};
 use serde::Deserialize;
 
-use crate::agent::RunArgs;
+use crate::datapath::uplinks;
+
+/// Options of `ebpf-proxy run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Directory of Service, EndpointSlice and Node manifests (YAML or JSON, multi-document).
+    /// Reloaded whenever a file changes. Instead of a Kubernetes API server.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Watch Services, EndpointSlices and this node's Node object on the API server this
+    /// kubeconfig names. Without --kubeconfig and --manifests, the in-cluster configuration
+    /// is used when KUBERNETES_SERVICE_HOST is set (set it, and KUBERNETES_SERVICE_PORT, to
+    /// the API server's own address: the `kubernetes` ClusterIP needs this proxy to work).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name: selects its Node object (addresses) and local endpoints.
+    /// `--hostname-override` is kube-proxy's name for it. Default: the config file's
+    /// hostnameOverride, else the hostname (as kube-proxy).
+    #[arg(
+        long,
+        env = "NODE_NAME",
+        value_name = "NAME",
+        alias = "hostname-override",
+        default_value = "",
+        hide_default_value = true
+    )]
+    pub node_name: String,
+    /// This node's address(es); overrides the Node object's InternalIP/ExternalIP addresses.
+    #[arg(long = "node-ip", value_name = "IP")]
+    pub node_ips: Vec<Ipv4Addr>,
+    /// The pod network's CIDR (traffic from outside it is external; used for masquerade rules).
+    #[arg(long, value_name = "CIDR", default_value = "10.76.0.0/16")]
+    pub cluster_cidr: String,
+    /// The bridge holding the pods' veths; every port gets the pod programs.
+    #[arg(long, value_name = "IFACE", default_value = "cbr0")]
+    pub pod_bridge: String,
+    /// Interface(s) where traffic from outside the node arrives (NodePort, LoadBalancer IPs,
+    /// externalIPs, IPIP/GUE). Repeatable. Default: the interfaces holding the node's
+    /// addresses and the default route.
+    #[arg(long = "uplink", value_name = "IFACE")]
+    pub uplinks: Vec<String>,
+    /// The XDP fast path on the uplinks (IPIP/GUE decapsulation, established-flow DNAT) in
+    /// front of tc: auto (native, else generic with a warning), native, generic, or off.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = uplinks::XdpModeArg::Auto)]
+    pub xdp_mode: uplinks::XdpModeArg,
+    /// A BPF filesystem directory; maps are pinned under DIR/ebpf-proxy. Mounted if missing.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+    /// Source address used when a pod reaches itself through a service (hairpin).
+    /// Default: the pod bridge's first IPv4 address.
+    #[arg(long, value_name = "IP")]
+    pub hairpin_ip: Option<Ipv4Addr>,
+    /// How often the manifests directory is checked for changes that inotify did not report
+    /// (network file systems, a directory that did not exist yet). Edits are read at once
+    /// otherwise.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    pub poll_interval_ms: u64,
+    /// The cgroup v2 directory whose processes (and descendants') get socket-level load
+    /// balancing (host-network processes: kubelet, hostNetwork pods). Default: /sys/fs/cgroup
+    /// if it is cgroup2, else /sys/fs/cgroup/unified.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_path: Option<PathBuf>,
+    /// Map sizes (--max-services, --service-map-entries, --max-backends, --conntrack-max, ...).
+    #[command(flatten)]
+    pub map_sizes: crate::datapath::MapSizeArgs,
+    /// kube-proxy's flags (--config, --nodeport-addresses, --masquerade-all,
+    /// --healthz-bind-address, --metrics-bind-address).
+    #[command(flatten)]
+    pub kp: KubeProxyFlags,
+}
 
 /// The kube-proxy flags ebpf-proxy shares (flattened into `ebpf-proxy run`).
 #[derive(clap::Args, Debug, Clone, Default)]

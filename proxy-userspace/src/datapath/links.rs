@@ -12,16 +12,15 @@
 //! no longer exists is stale and is removed, never adopted for the new device.
 //!
 //! aya 0.14 does not expose a TCX link's ifindex nor an explicit detach of a pinned link, so
-//! this module makes those two calls itself (`BPF_OBJ_GET_INFO_BY_FD`, `BPF_LINK_DETACH`).
+//! this module makes those two calls itself (`BPF_OBJ_GET_INFO_BY_FD`, `BPF_LINK_DETACH`)
+//! through [`super::sys`].
 use std::{
-    ffi::CString,
     io,
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
+
+use super::sys;
 
 /// Sub-directory of the pin directory holding the link pins.
 pub const LINKS_DIR: &str = "links";
@@ -33,10 +32,6 @@ pub const LINK_TYPE_XDP: u32 = 6;
 /// `BPF_TCX_INGRESS` / `BPF_TCX_EGRESS`.
 pub const ATTACH_TCX_INGRESS: u32 = 46;
 pub const ATTACH_TCX_EGRESS: u32 = 47;
-
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// Which tc hook of a bridge port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -120,61 +115,27 @@ impl LinkInfo {
     }
 }
 
-fn sys_bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a valid, writable, zero-initialised buffer of the given size; the
-    // commands used here read and write only within it (and the info buffer it points to).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr) as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
 /// Opens a pinned BPF object (`BPF_OBJ_GET`).
 pub fn open_pin(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // union bpf_attr { struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; ... } }
-    let mut attr = [0u64; 4];
-    attr[0] = c.as_ptr() as u64;
-    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    sys::obj_get(path)
 }
 
 /// `BPF_OBJ_GET_INFO_BY_FD` on a link.
 pub fn link_info(fd: &OwnedFd) -> io::Result<LinkInfo> {
-    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned union whose tcx
-    // member is { ifindex, attach_type } and whose xdp member is { ifindex } at byte 16.
-    let mut info = [0u64; 8];
-    let mut attr = [0u64; 2];
-    // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
-    attr[0] = (fd.as_raw_fd() as u32 as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
-    attr[1] = info.as_mut_ptr() as u64;
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    let lo = |w: u64| w as u32;
-    let hi = |w: u64| (w >> 32) as u32;
+    // The tcx member of the union is { ifindex, attach_type } and the xdp member { ifindex }.
+    let info = sys::link_info(fd.as_fd())?;
     Ok(LinkInfo {
-        link_type: lo(info[0]),
-        id: hi(info[0]),
-        prog_id: lo(info[1]),
-        ifindex: lo(info[2]),
-        attach_type: hi(info[2]),
+        link_type: info.link_type,
+        id: info.id,
+        prog_id: info.prog_id,
+        ifindex: info.union[0] as u32,
+        attach_type: (info.union[0] >> 32) as u32,
     })
 }
 
 /// `BPF_LINK_DETACH`: detaches the link now, whoever else holds it (pins, other processes).
 pub fn link_detach(fd: &OwnedFd) -> io::Result<()> {
-    let mut attr = [0u64; 1];
-    attr[0] = fd.as_raw_fd() as u32 as u64;
-    sys_bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+    sys::link_detach(fd.as_fd())
 }
 
 /// Detaches the link pinned at `path` and removes the pin. A missing pin is not an error; a

@@ -13,7 +13,7 @@
 //!
 //! Services and EndpointSlices are held by [`Arc`]: a [`DirCache`] re-parses only the files
 //! that changed and hands out the other files' objects again without copying them, and
-//! [`translate::Translator`](crate::translate::Translator) recognises an object it has seen
+//! `translate::Translator` recognises an object it has seen
 //! by pointer before comparing contents.
 
 use std::collections::HashMap;
@@ -24,8 +24,6 @@ use std::hash::{Hash, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-#[cfg(test)]
-use std::time::Duration;
 use std::time::UNIX_EPOCH;
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -325,104 +323,6 @@ pub fn fingerprint(dir: &Path) -> io::Result<u64> {
         }
     }
     Ok(h.finish())
-}
-
-/// Change notification for a manifests directory (inotify): wakes the reader as soon as a file
-/// in it is written, renamed, created or removed, so an edit is programmed without waiting
-/// for the next poll. Pollers keep polling as a fallback: inotify misses changes made on
-/// another machine (network file systems), and the watch ends when the directory itself is
-/// removed or renamed ([`DirWatch::changed`] then fails; make a new one when it is back).
-#[derive(Debug)]
-pub struct DirWatch {
-    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
-}
-
-impl DirWatch {
-    /// Watches `dir` (which must exist). Needs a tokio runtime.
-    pub fn new(dir: &Path) -> io::Result<Self> {
-        use std::os::fd::{FromRawFd as _, OwnedFd};
-        use std::os::unix::ffi::OsStrExt as _;
-        // SAFETY: no pointers; the returned descriptor is owned below.
-        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let mask = libc::IN_CLOSE_WRITE
-            | libc::IN_MODIFY
-            | libc::IN_ATTRIB
-            | libc::IN_CREATE
-            | libc::IN_DELETE
-            | libc::IN_MOVED_FROM
-            | libc::IN_MOVED_TO
-            | libc::IN_DELETE_SELF
-            | libc::IN_MOVE_SELF
-            | libc::IN_ONLYDIR;
-        // SAFETY: `path` is a NUL-terminated string that outlives the call.
-        if unsafe { libc::inotify_add_watch(raw, path.as_ptr(), mask) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is an open descriptor owned by the AsyncFd for its whole life.
-        let fd = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-        }
-        .map_err(io::Error::from)?;
-        Ok(Self { fd })
-    }
-
-    /// Waits until something in the directory changed (events are drained: one wake-up per
-    /// burst). Fails once the watch ended (the directory was removed or renamed). Cancel safe.
-    pub async fn changed(&mut self) -> io::Result<()> {
-        use std::os::fd::AsRawFd as _;
-        // Room for many events at once; each is 16 bytes plus the name.
-        let mut buf = [0u8; 4096];
-        loop {
-            let mut guard = self.fd.readable().await?;
-            let mut ended = false;
-            let mut any = false;
-            loop {
-                let fd = guard.get_inner().as_raw_fd();
-                // SAFETY: `buf` is valid for writes of its length.
-                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::WouldBlock {
-                        guard.clear_ready();
-                        break;
-                    }
-                    return Err(e);
-                }
-                any = true;
-                ended |= inotify_watch_ended(&buf[..n as usize]);
-            }
-            if ended {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "the watched directory was removed or renamed",
-                ));
-            }
-            if any {
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// Whether a buffer of inotify events says the watch on the directory itself ended.
-fn inotify_watch_ended(mut buf: &[u8]) -> bool {
-    const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
-    let mut ended = false;
-    while buf.len() >= HEADER {
-        // inotify_event: wd i32, mask u32, cookie u32, len u32, then `len` name bytes.
-        let field = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
-        let (mask, len) = (field(4), field(12) as usize);
-        ended |= mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_IGNORED) != 0;
-        buf = buf.get(HEADER + len..).unwrap_or_default();
-    }
-    ended
 }
 
 /// The manifest files in `dir`, sorted by name. Symlinks are followed when deciding whether an
@@ -1011,65 +911,5 @@ ports:
         fs::remove_file(dir.path().join("d.yaml")).expect("remove");
         let removed = check(&mut cache, 0, "removed");
         assert_eq!(removed.services.len(), 1);
-    }
-
-    #[tokio::test]
-    async fn dir_watch_wakes_on_edits_and_ends_with_the_directory() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let dir = root.path().join("m");
-        fs::create_dir(&dir).expect("mkdir");
-        let mut w = DirWatch::new(&dir).expect("inotify");
-        let wait = Duration::from_secs(2);
-        // An atomic replace, as the lab and ConfigMap volumes do it.
-        fs::write(dir.join(".x.tmp"), "a: 1\n").expect("write");
-        fs::rename(dir.join(".x.tmp"), dir.join("x.yaml")).expect("rename");
-        tokio::time::timeout(wait, w.changed())
-            .await
-            .expect("woken by the edit")
-            .expect("watch alive");
-        fs::rename(&dir, root.path().join("away")).expect("move the directory");
-        let r = tokio::time::timeout(wait, w.changed())
-            .await
-            .expect("woken");
-        assert!(r.is_err(), "the watch ends with the directory: {r:?}");
-        assert!(DirWatch::new(&dir).is_err(), "no directory, no watch");
-    }
-
-    /// The agent's manifests source reads an edit at once (inotify), long before the next poll,
-    /// and falls back to polling while the directory is gone.
-    #[tokio::test]
-    async fn manifests_source_reads_edits_without_waiting_for_the_poll() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let dir = root.path().join("m");
-        fs::create_dir(&dir).expect("mkdir");
-        let svc = |ip: &str| {
-            format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: 80}}]\n"
-            )
-        };
-        fs::write(dir.join("svc.yaml"), svc("10.96.0.1")).expect("write");
-        let mut source = crate::agent::Source::manifests(dir.clone(), Duration::from_secs(3600));
-        let first = tokio::time::timeout(Duration::from_secs(2), source.next_snapshot())
-            .await
-            .expect("the first read is immediate");
-        assert_eq!(first.objects.services.len(), 1);
-        for ip in ["10.96.0.2", "10.96.0.3"] {
-            let start = std::time::Instant::now();
-            fs::write(dir.join(".svc.tmp"), svc(ip)).expect("write");
-            fs::rename(dir.join(".svc.tmp"), dir.join("svc.yaml")).expect("rename");
-            let snap = tokio::time::timeout(Duration::from_secs(2), source.next_snapshot())
-                .await
-                .expect("an edit is read without waiting for the hourly poll");
-            let got = snap.objects.services[0]
-                .spec
-                .as_ref()
-                .and_then(|s| s.cluster_ip.clone());
-            assert_eq!(got.as_deref(), Some(ip));
-            assert!(
-                start.elapsed() < Duration::from_secs(1),
-                "{:?}",
-                start.elapsed()
-            );
-        }
     }
 }

@@ -1,0 +1,448 @@
+//! `ebpf-proxy run`: the control loop. Loads and attaches the datapath, then feeds each
+//! snapshot from the source through one sync step (translate -> plan -> apply), keeps the
+//! programs attached to every pod bridge port, and exits on SIGINT/SIGTERM.
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail};
+use log::{debug, info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    cmd::config::{RunArgs, parse_bind_address},
+    datapath::{
+        self, Datapath, LoadOptions, MapSizes,
+        attach::Attachments,
+        bpffs,
+        netlink::{Iface, LinkEvents, Netlink},
+        sockhooks,
+        uplinks::{self, Uplinks},
+    },
+    plan::MapState,
+    serve::{
+        health::{self, HealthCheckResponders, ProxyHealth},
+        metrics::Metrics,
+    },
+    source::{Snapshot, Source, triggers::TriggerTimes},
+    sync::{Context, Reconciler, RejectionLog, SyncSummary},
+    translate::node_addresses,
+};
+
+/// Runs the agent until SIGINT or SIGTERM (the programs stay attached and the maps pinned).
+pub async fn run(args: RunArgs) -> Result<()> {
+    // Fails fast on a bad source before touching the datapath; the watches start now.
+    let mut source = Source::select(
+        args.manifests.as_deref(),
+        args.kubeconfig.as_deref(),
+        &args.node_name,
+        Duration::from_millis(args.poll_interval_ms.max(10)),
+    )
+    .await?;
+    let ctx = context(&args)?;
+    let (mut agent, mut link_events) = Agent::start(&args, ctx).await?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut resync = tokio::time::interval(Duration::from_secs(5));
+    info!(
+        "ebpf-proxy running on node {} with {source}",
+        args.node_name
+    );
+    let pins = agent.pins.clone();
+    let stopped = |sig: &str| {
+        info!(
+            "{sig} received: exiting; programs stay attached and maps pinned under {} (remove \
+             with `ebpf-proxy cleanup`)",
+            pins.display()
+        )
+    };
+    loop {
+        tokio::select! {
+            // source -> sync (translate -> plan -> apply).
+            snapshot = source.next_snapshot() => agent.sync(&snapshot, &mut source).await?,
+            ev = link_events.next() => {
+                if ev.is_none() { bail!("the rtnetlink event socket closed"); }
+                agent.ports_changed().await?;
+            }
+            // Belt and braces against a missed netlink event.
+            _ = resync.tick() => agent.resync_ports().await?,
+            _ = sigint.recv() => { stopped("SIGINT"); break; }
+            _ = sigterm.recv() => { stopped("SIGTERM"); break; }
+        }
+    }
+    Ok(())
+}
+
+/// What translation needs beyond the API objects, from the flags.
+fn context(args: &RunArgs) -> Result<Context> {
+    let mut ctx = Context::new(args.node_name.clone());
+    ctx.node_ips = args.node_ips.clone();
+    ctx.masquerade_all = args.kp.masquerade_all;
+    ctx.nodeport_addresses = args.kp.nodeport_addresses.join(",");
+    ctx.cluster_cidr = args
+        .cluster_cidr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?;
+    ctx.map_sizes = args.map_sizes.sizes().map_err(anyhow::Error::msg)?;
+    Ok(ctx)
+}
+
+/// The running agent: the loaded datapath with its map model, and everything that follows
+/// the snapshots (node config, uplinks, health checks, metrics) and the pod bridge's ports.
+struct Agent {
+    ctx: Context,
+    node_name: String,
+    /// `--node-ip` as given (only for the log line naming the node's addresses).
+    node_ip_flags: Vec<Ipv4Addr>,
+    uplink_flags: Vec<String>,
+    pod_bridge: String,
+    pins: PathBuf,
+    dp: Datapath,
+    state: MapState,
+    reconciler: Reconciler,
+    rejection_log: RejectionLog,
+    nl: Netlink,
+    bridge: Iface,
+    hairpin: Ipv4Addr,
+    /// Node addresses come with the first snapshot (Node object) unless --node-ip gave them.
+    node_ips_programmed: Option<Vec<Ipv4Addr>>,
+    uplink_hooks: Uplinks,
+    attachments: Attachments,
+    health: ProxyHealth,
+    metrics: Metrics,
+    responders: HealthCheckResponders,
+    /// kubeproxy_network_programming_duration_seconds, from EndpointSlice trigger times.
+    triggers: TriggerTimes,
+    node_logged: bool,
+}
+
+impl Agent {
+    /// Loads (or adopts) the datapath, restores the map model, attaches the programs to the
+    /// pod bridge's ports and starts the health and metrics servers. The link events are
+    /// subscribed before the ports are listed, so no change falls in between.
+    async fn start(args: &RunArgs, ctx: Context) -> Result<(Self, LinkEvents)> {
+        let rejection_log = RejectionLog::default();
+        let (mut dp, state, pins, retired) = load_datapath(args, &ctx)?;
+
+        let nl = Netlink::connect()?;
+        let (bridge, hairpin) = pod_bridge(&nl, args).await?;
+        dp.set_config(&ctx.node_config(&ctx.node_ips, Some(hairpin)))?;
+        let uplink_hooks = Uplinks::new(Some(&pins), args.xdp_mode);
+        info!(
+            "pod bridge {} (ifindex {}), hairpin source {hairpin}",
+            bridge.name, bridge.index
+        );
+
+        // Links are pinned under <pins>/links: adopting them swaps this agent's programs in
+        // atomically (a restart or an upgrade), and they stay attached after this process exits.
+        let mut attachments = Attachments::new(Some(&pins));
+        let link_events = LinkEvents::subscribe()?;
+        let ports = nl.bridge_ports(bridge.index).await?;
+        let st = attachments.sync(&mut dp, &ports);
+        info!(
+            "datapath on {} bridge ports: {} links adopted with their programs replaced \
+             atomically, {} attached and pinned, {} stale pins removed, {} failed",
+            ports.len(),
+            st.replaced,
+            st.created,
+            st.removed_stale,
+            st.failed
+        );
+        if !retired.is_empty() {
+            remove_retired(&retired, &pins);
+        }
+        let (health, metrics) = start_telemetry(args, &pins, &ctx.map_sizes).await?;
+        health.set_attached(attachments.covers(&ports));
+        // healthCheckNodePort responders for externalTrafficPolicy Local services, on every
+        // node address (kube-proxy serves them on the node's IPs).
+        let responders =
+            HealthCheckResponders::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), health.clone());
+        metrics.link_replacements.inc_by(st.replaced as u64);
+        metrics
+            .attached_links
+            .set(2 * attachments.ports().count() as i64);
+        let agent = Self {
+            ctx,
+            node_name: args.node_name.clone(),
+            node_ip_flags: args.node_ips.clone(),
+            uplink_flags: args.uplinks.clone(),
+            pod_bridge: args.pod_bridge.clone(),
+            pins,
+            dp,
+            state,
+            reconciler: Reconciler::new(),
+            rejection_log,
+            nl,
+            bridge,
+            hairpin,
+            node_ips_programmed: None,
+            uplink_hooks,
+            attachments,
+            health,
+            metrics,
+            responders,
+            triggers: TriggerTimes::new(SystemTime::now()),
+            node_logged: false,
+        };
+        Ok((agent, link_events))
+    }
+
+    /// One snapshot through the sync step (translate -> plan -> apply). A failed write is
+    /// logged and the source asked for the snapshot again; other errors end the agent.
+    async fn sync(&mut self, snapshot: &Snapshot, source: &mut Source) -> Result<()> {
+        self.health.queued_update();
+        self.metrics.queued();
+        let started = Instant::now();
+        let node_ips = self.ctx.node_addresses(snapshot);
+        self.triggers.note(&snapshot.objects.slices);
+        let result = {
+            let mut maps = self.dp.lb_maps()?;
+            self.reconciler
+                .reconcile(snapshot, &self.ctx, &mut self.state, &mut maps)
+        };
+        match result {
+            Ok(s) => self.synced(&s, started, node_ips, source).await,
+            Err(e) => {
+                self.metrics.synced(started.elapsed(), Err(&e));
+                warn!("sync failed (will retry): {e:#}");
+                source.retry();
+                Ok(())
+            }
+        }
+    }
+
+    /// After a sync: health and metrics, the health-check responders, the node's addresses
+    /// in the datapath config and the uplinks when they changed, and the logs.
+    async fn synced(
+        &mut self,
+        s: &SyncSummary,
+        started: Instant,
+        node_ips: Vec<Ipv4Addr>,
+        source: &Source,
+    ) -> Result<()> {
+        self.health.updated();
+        self.metrics.synced(started.elapsed(), Ok(()));
+        for t in self.triggers.programmed() {
+            self.metrics.observe_network_programming(t);
+        }
+        self.responders.sync_counts(&s.health_checks).await;
+        self.metrics.set_service_labels(s.service_ids.clone());
+        if self.node_ips_programmed.as_ref() != Some(&node_ips) {
+            // Masquerade source, IPIP/GUE decap address, uplink discovery.
+            self.dp
+                .set_config(&self.ctx.node_config(&node_ips, Some(self.hairpin)))?;
+            let want = uplinks::discover(&self.nl, &self.uplink_flags, &node_ips, &self.pod_bridge)
+                .await?;
+            self.uplink_hooks.sync(&mut self.dp, &want);
+            if want.is_empty() {
+                warn!(
+                    "no uplink found (no interface holds {node_ips:?} or a default route): pass \
+                     --uplink IFACE"
+                );
+            }
+            self.node_ips_programmed = Some(node_ips);
+        }
+        self.rejection_log.report(&s.rejected);
+        let read = source.read_stats();
+        let st = &s.stages;
+        debug!(
+            "sync stages: read {:?} ({} files parsed, {} unchanged), translate {:?} \
+             ({} services translated, {} unchanged), capacity {:?}, plan {:?}, \
+             apply {:?} ({} map writes), total {:?}",
+            read.took,
+            read.parsed,
+            read.reused,
+            st.translate,
+            st.translated,
+            st.reused,
+            st.capacity,
+            st.plan,
+            st.apply,
+            s.ops,
+            read.took + started.elapsed()
+        );
+        info!(
+            "synced {} service ports, {} endpoints: {} map operations in {:?}{}",
+            s.services,
+            s.backends,
+            s.ops,
+            started.elapsed(),
+            if s.rejected_objects() > 0 {
+                format!(" ({} objects rejected)", s.rejected_objects())
+            } else {
+                String::new()
+            }
+        );
+        if !self.node_logged {
+            self.node_logged = true;
+            let ips = if !self.node_ip_flags.is_empty() {
+                self.node_ip_flags.clone()
+            } else {
+                s.node.as_ref().map(node_addresses).unwrap_or_default()
+            };
+            if ips.is_empty() {
+                warn!(
+                    "no Node object named {:?} and no --node-ip: node addresses unknown",
+                    self.node_name
+                );
+            } else {
+                info!("node {} addresses: {ips:?}", self.node_name);
+            }
+        }
+        Ok(())
+    }
+
+    /// A pod bridge port came or went: attach to the new ones.
+    async fn ports_changed(&mut self) -> Result<()> {
+        let ports = self.nl.bridge_ports(self.bridge.index).await?;
+        let st = self.attachments.sync(&mut self.dp, &ports);
+        self.health.set_attached(self.attachments.covers(&ports));
+        self.metrics.link_replacements.inc_by(st.replaced as u64);
+        self.metrics
+            .attached_links
+            .set(2 * self.attachments.ports().count() as i64);
+        Ok(())
+    }
+
+    /// The periodic check of the pod bridge's ports.
+    async fn resync_ports(&mut self) -> Result<()> {
+        let ports = self.nl.bridge_ports(self.bridge.index).await?;
+        self.attachments.sync(&mut self.dp, &ports);
+        self.health.set_attached(self.attachments.covers(&ports));
+        self.metrics
+            .attached_links
+            .set(2 * self.attachments.ports().count() as i64);
+        debug!(
+            "attached to {} bridge ports",
+            self.attachments.ports().count()
+        );
+        Ok(())
+    }
+}
+
+/// Mounts the bpffs if needed, loads the programs with maps created or adopted under the pin
+/// directory, attaches the socket hooks and restores the map model from the maps, so the
+/// first plan is a diff, not a rewrite. Also returns the pins of retired map versions.
+fn load_datapath(
+    args: &RunArgs,
+    ctx: &Context,
+) -> Result<(Datapath, MapState, PathBuf, Vec<PathBuf>)> {
+    if bpffs::ensure(&args.bpffs)? {
+        info!("mounted a BPF filesystem at {}", args.bpffs.display());
+    }
+    let pins = datapath::pin_dir(&args.bpffs);
+    // Maps of an older layout are never adopted (their names differ); they go once this
+    // agent's programs have replaced the old ones in every link (see `remove_retired`).
+    let retired = datapath::retired_pins(&pins);
+    if !retired.is_empty() {
+        warn!(
+            "found maps of an older ebpf-proxy version ({}): their layout differs, so they are \
+             not reused and their connection state is not carried over; they are removed once \
+             this agent's programs are attached",
+            retired
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut dp = Datapath::load(&LoadOptions {
+        pin_dir: Some(pins.clone()),
+        sizes: ctx.map_sizes,
+    })?;
+    if dp.adopted.is_empty() {
+        info!("created maps pinned under {}", pins.display());
+    } else {
+        info!(
+            "adopted pinned maps {:?} under {} (connection state kept)",
+            dp.adopted,
+            pins.display()
+        );
+    }
+
+    sockhooks::attach(&mut dp, args.cgroup_path.as_deref(), Some(&pins))?;
+
+    // Restore what is already programmed so the first plan is a diff, not a rewrite.
+    let (mut state, warnings) = {
+        let maps = dp.lb_maps()?;
+        MapState::from_maps(
+            maps.read_services(),
+            maps.read_backends(),
+            maps.read_vips(),
+            maps.read_src_ranges().into_iter().map(|k| (k, 1u8)),
+        )
+    };
+    state.set_svc_id_limit(ctx.map_sizes.svc_ids);
+    for w in warnings {
+        warn!("restoring map state: {w}");
+    }
+    Ok((dp, state, pins, retired))
+}
+
+/// The pod bridge (`--pod-bridge`) and the hairpin source address (`--hairpin-ip`, else the
+/// bridge's first IPv4 address).
+async fn pod_bridge(nl: &Netlink, args: &RunArgs) -> Result<(Iface, Ipv4Addr)> {
+    let Some(bridge) = nl.link_by_name(&args.pod_bridge).await? else {
+        bail!(
+            "pod bridge {:?} does not exist in this network namespace; pass --pod-bridge with \
+             the bridge that holds the pods' veths",
+            args.pod_bridge
+        );
+    };
+    let hairpin = match args.hairpin_ip {
+        Some(ip) => ip,
+        None => nl
+            .ipv4_addrs(bridge.index)
+            .await?
+            .first()
+            .copied()
+            .with_context(|| {
+                format!("{} has no IPv4 address; pass --hairpin-ip", args.pod_bridge)
+            })?,
+    };
+    Ok((bridge, hairpin))
+}
+
+/// Removes the pins of retired map versions once every link runs this agent's programs
+/// (failed ports keep old programs that still hold their maps open; removing the pins only
+/// drops the names).
+fn remove_retired(retired: &[PathBuf], pins: &Path) {
+    match datapath::remove_pins(retired) {
+        Ok(n) => info!("removed {n} pins of older-version maps"),
+        Err(e) => warn!(
+            "could not remove older-version map pins under {}: {e}; remove them by hand \
+             (rm {}/<name>_V1) or with `ebpf-proxy cleanup` once the agent is stopped",
+            pins.display(),
+            pins.display()
+        ),
+    }
+}
+
+/// Starts the health (`/healthz`, `/livez`) and metrics (`/metrics`) servers on the
+/// kube-proxy bind addresses (an empty address disables one). A port that cannot be bound is
+/// an error: a DaemonSet probe would fail anyway, better say why at once.
+async fn start_telemetry(
+    args: &RunArgs,
+    pins: &Path,
+    sizes: &MapSizes,
+) -> Result<(ProxyHealth, Metrics)> {
+    let h = ProxyHealth::new(health::DEFAULT_HEALTH_TIMEOUT);
+    let m = Metrics::new(Some(pins), *sizes);
+    if let Some(addr) = parse_bind_address(
+        &args.kp.healthz_bind_address,
+        10256,
+        "--healthz-bind-address",
+    )? {
+        h.serve(addr).await?;
+    }
+    if let Some(addr) = parse_bind_address(
+        &args.kp.metrics_bind_address,
+        10249,
+        "--metrics-bind-address",
+    )? {
+        m.serve(addr).await?;
+    }
+    Ok((h, m))
+}

@@ -1,0 +1,338 @@
+//! Everything that touches the kernel: loading the eBPF object, pinning and adopting maps
+//! (this file), map layouts and sizes, typed map access, and attaching programs (pod ports,
+//! uplinks, socket hooks) through netlink, bpffs and raw bpf(2) where aya has no API.
+//!
+//! This is the only room that talks to the BPF syscall for maps; the planner talks to it
+//! through [`crate::plan::MapWriter`], which [`service_maps::LbMaps`] implements.
+pub mod attach;
+pub mod bpffs;
+pub mod layout;
+pub mod links;
+pub mod netlink;
+pub mod service_maps;
+pub mod sockhooks;
+pub mod sys;
+pub mod uplinks;
+
+// The load options name these, and the tests, the bench and `trace` use them with `Datapath`.
+use layout::check_pin;
+pub use layout::{MapLayout, MapSizeArgs, MapSizes, remove_pins, retired_pins};
+pub use service_maps::{LbMaps, WriteError, pinned_service_counters, read_service_counters};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
+    programs::{Program, ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+};
+use proxy_common::{Ct4Key, Ct4Value, NodeConfig, SvcCounter, counter, maps};
+
+/// The eBPF object built by `build.rs` (aya-build, with BTF).
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "pinned map {path} has a different layout (type {found_type}, key {found_key} B, value \
+         {found_value} B, {found_max} entries; this agent needs {want_type}, key {want_key} B, \
+         value {want_value} B, {want_max} entries). It was left by another version of \
+         ebpf-proxy; run `ebpf-proxy cleanup --bpffs ...` (drops its connection state) or \
+         remove the pin, then start again"
+    )]
+    PinLayoutMismatch {
+        path: PathBuf,
+        found_type: String,
+        found_key: u32,
+        found_value: u32,
+        found_max: u32,
+        want_type: String,
+        want_key: u32,
+        want_value: u32,
+        want_max: u32,
+    },
+    #[error(
+        "pinned map {path} has {found} entries but this agent was asked for {want} ({flag}). \
+         A pinned map cannot be resized in place: start the agent with {flag}={found} to keep \
+         it, or stop the agent and run `ebpf-proxy cleanup --bpffs ...` (drops connection \
+         state; Service traffic is not translated until the agent runs again) to recreate it"
+    )]
+    PinSizeMismatch {
+        path: PathBuf,
+        flag: &'static str,
+        found: u32,
+        want: u32,
+    },
+    #[error("cannot read pinned map {path}: {source}")]
+    PinUnreadable { path: PathBuf, source: MapError },
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error(
+        "loading the eBPF programs failed: {0}. The agent needs root (CAP_BPF, CAP_NET_ADMIN) \
+         and a kernel with BTF"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("loading program {name} into the kernel: {source}")]
+    ProgramLoad { name: String, source: ProgramError },
+}
+
+/// Where and how to load.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Pin maps here (reusing existing, checked pins). `None` = private, unpinned maps (tests,
+    /// `trace`).
+    pub pin_dir: Option<PathBuf>,
+    pub sizes: MapSizes,
+}
+
+/// The loaded programs and their maps.
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    /// Names of the maps that were adopted from existing pins (a restart).
+    pub adopted: Vec<&'static str>,
+}
+
+impl Datapath {
+    pub fn load(opts: &LoadOptions) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        let mut adopted = Vec::new();
+        let mut pin_paths = Vec::new();
+        for l in opts.sizes.layouts() {
+            loader.map_max_entries(l.name, l.max_entries);
+            if let Some(dir) = &opts.pin_dir {
+                let path = dir.join(l.name);
+                if check_pin(&path, &l)? {
+                    adopted.push(l.name);
+                }
+                pin_paths.push((l.name, path));
+            }
+        }
+        if let Some(dir) = &opts.pin_dir {
+            std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // Load every program in the object; attaching is up to the caller.
+        let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+        for name in names {
+            let Some(prog) = ebpf.program_mut(&name) else {
+                continue;
+            };
+            let r = match prog {
+                Program::SchedClassifier(p) => p.load(),
+                Program::Xdp(p) => p.load(),
+                Program::CgroupSockAddr(p) => p.load(),
+                _ => continue,
+            };
+            r.map_err(|source| DatapathError::ProgramLoad {
+                name: name.clone(),
+                source,
+            })?;
+        }
+        Ok(Self { ebpf, adopted })
+    }
+
+    /// A program of the object as its aya type (`SchedClassifier`, `Xdp`, ...).
+    fn typed<'a, P>(&'a self, name: &'static str) -> Result<&'a P, DatapathError>
+    where
+        &'a P: TryFrom<&'a Program, Error = ProgramError>,
+    {
+        self.ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn typed_mut<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, DatapathError>
+    where
+        &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+    {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// A tc program of the object.
+    pub fn program(&self, name: &'static str) -> Result<&SchedClassifier, DatapathError> {
+        self.typed(name)
+    }
+
+    pub fn program_mut(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut SchedClassifier, DatapathError> {
+        self.typed_mut(name)
+    }
+
+    /// An XDP program of the object (the uplink fast path).
+    pub fn xdp_program(&self, name: &'static str) -> Result<&Xdp, DatapathError> {
+        self.typed(name)
+    }
+
+    pub fn xdp_program_mut(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
+        self.typed_mut(name)
+    }
+
+    /// Typed handles on the service and backend maps (for the writer and for restore).
+    pub fn lb_maps(&mut self) -> Result<LbMaps<'_>, DatapathError> {
+        let [svc, be, vip, src, cnt] = self.ebpf.maps_disjoint_mut([
+            maps::SVC4,
+            maps::BACKEND4,
+            maps::VIP4,
+            maps::SRC_RANGE4,
+            maps::SVC_COUNTERS,
+        ]);
+        let svc = svc.ok_or(DatapathError::MissingMap(maps::SVC4))?;
+        let be = be.ok_or(DatapathError::MissingMap(maps::BACKEND4))?;
+        let vip = vip.ok_or(DatapathError::MissingMap(maps::VIP4))?;
+        let src = src.ok_or(DatapathError::MissingMap(maps::SRC_RANGE4))?;
+        let cnt = cnt.ok_or(DatapathError::MissingMap(maps::SVC_COUNTERS))?;
+        Ok(LbMaps {
+            svc_counters: PerCpuArray::try_from(cnt).map_err(|source| DatapathError::Map {
+                name: maps::SVC_COUNTERS,
+                source,
+            })?,
+            vips: HashMap::try_from(vip).map_err(|source| DatapathError::Map {
+                name: maps::VIP4,
+                source,
+            })?,
+            src_ranges: LpmTrie::try_from(src).map_err(|source| DatapathError::Map {
+                name: maps::SRC_RANGE4,
+                source,
+            })?,
+            services: HashMap::try_from(svc).map_err(|source| DatapathError::Map {
+                name: maps::SVC4,
+                source,
+            })?,
+            backends: HashMap::try_from(be).map_err(|source| DatapathError::Map {
+                name: maps::BACKEND4,
+                source,
+            })?,
+        })
+    }
+
+    pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), DatapathError> {
+        let name = maps::CONFIG;
+        let m = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut a: Array<&mut MapData, NodeConfig> =
+            Array::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
+        a.set(0, cfg, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Verdict counters summed over CPUs, indexed by `proxy_common::counter`.
+    pub fn counters(&self) -> Result<Vec<u64>, DatapathError> {
+        let name = maps::COUNTERS;
+        let m = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let a: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
+        (0..counter::MAX)
+            .map(|i| {
+                a.get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(|source| DatapathError::Map { name, source })
+            })
+            .collect()
+    }
+
+    /// Per-service packet counters of `ids`, summed over CPUs (IDs past the map are skipped).
+    pub fn service_counters(
+        &self,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> Result<Vec<(u32, SvcCounter)>, DatapathError> {
+        let name = maps::SVC_COUNTERS;
+        let m = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let a: PerCpuArray<&MapData, SvcCounter> =
+            PerCpuArray::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
+        read_service_counters(&a, ids).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Number of conntrack entries (both directions count).
+    pub fn conntrack(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, DatapathError> {
+        let name = maps::CT4;
+        let m = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let h: HashMap<&MapData, Ct4Key, Ct4Value> =
+            HashMap::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
+        Ok(h.iter().filter_map(Result::ok).collect())
+    }
+}
+
+/// One BPF_PROG_TEST_RUN of an XDP program, split the way the kernel hands the packet on:
+/// the metadata in front (what tc sees between `data_meta` and `data`) and the frame.
+#[derive(Debug, Clone)]
+pub struct XdpTestRun {
+    pub verdict: u32,
+    pub frame: Vec<u8>,
+    pub meta: Vec<u8>,
+    /// The kernel's per-run time (averaged over `repeat`).
+    pub duration: std::time::Duration,
+}
+
+impl XdpTestRun {
+    /// `lb_up_xdp` translated the packet and marked it for tc (`XDP_META_TRANSLATED`).
+    pub fn translated(&self) -> bool {
+        self.meta == proxy_common::XDP_META_TRANSLATED.to_ne_bytes()
+    }
+}
+
+/// Runs `prog` on `pkt` (`repeat` times) with an `xdp_md` context in and out, so the metadata
+/// the program adds can be told apart from the frame.
+pub fn xdp_test_run(prog: &Xdp, pkt: &[u8], repeat: u32) -> Result<XdpTestRun, ProgramError> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex (u32 each). In: the frame with no metadata. Out: offsets from data_meta.
+    let len = u32::try_from(pkt.len()).unwrap_or(u32::MAX);
+    let mut ctx_in = [0u8; 24];
+    ctx_in[4..8].copy_from_slice(&len.to_ne_bytes());
+    let mut ctx_out = [0u8; 24];
+    let mut out = vec![0u8; pkt.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx_in),
+        ctx_out: Some(&mut ctx_out),
+        repeat: repeat.max(1),
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    let meta_len = u32::from_ne_bytes([ctx_out[0], ctx_out[1], ctx_out[2], ctx_out[3]]) as usize;
+    let frame = out.split_off(meta_len.min(out.len()));
+    Ok(XdpTestRun {
+        verdict: r.return_value,
+        frame,
+        meta: out,
+        duration: r.duration,
+    })
+}
+
+/// Where the agent pins its maps inside the bpffs directory.
+pub fn pin_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("ebpf-proxy")
+}

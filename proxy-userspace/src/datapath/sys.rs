@@ -1,0 +1,170 @@
+//! The one raw bpf(2) wrapper, for the few link commands aya 0.14 has no API for: open a pin
+//! (`BPF_OBJ_GET`), read a link's info (`BPF_OBJ_GET_INFO_BY_FD`), swap a link's program
+//! (`BPF_LINK_UPDATE`) and detach a link (`BPF_LINK_DETACH`). `links` and `sockhooks` use it.
+//!
+//! Typed with our own minimal `repr(C)` mirrors of the kernel's `union bpf_attr` members and
+//! `enum bpf_cmd` values: aya 0.14 keeps aya-obj's generated `bpf_attr`/`bpf_cmd` bindings
+//! private (no public re-export), so they are not reachable through aya's API.
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+/// The `enum bpf_cmd` values used here (the kernel's UAPI numbers).
+#[derive(Clone, Copy, Debug)]
+#[repr(i64)]
+enum Cmd {
+    ObjGet = 7,
+    ObjGetInfoByFd = 15,
+    LinkUpdate = 29,
+    LinkDetach = 34,
+}
+
+/// `bpf_attr` for `BPF_OBJ_GET`: `{ __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags;
+/// __s32 path_fd; }`, padded to the 32 bytes this agent has always passed.
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: [u32; 3],
+}
+
+/// `bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`: `{ __u32 bpf_fd; __u32 info_len; __aligned_u64
+/// info; }`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `bpf_attr` for `BPF_LINK_UPDATE`: `{ __u32 link_fd; __u32 new_prog_fd; __u32 flags; __u32
+/// old_prog_fd; }`.
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// `bpf_attr` for `BPF_LINK_DETACH`: `{ __u32 link_fd; }`, padded to 8 bytes.
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+    _pad: u32,
+}
+
+/// `struct bpf_link_info` as far as the agent reads it: type, id, prog_id, then the 8-aligned
+/// per-link-type union at byte 16 (`tcx { ifindex; attach_type; }`, `xdp { ifindex; }`,
+/// `cgroup { __u64 cgroup_id; __u32 attach_type; }`), 64 bytes in all.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LinkInfoRaw {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    _pad: u32,
+    /// The per-link-type union, as 64-bit words.
+    pub union: [u64; 6],
+}
+
+/// bpf(2) with one `bpf_attr` member.
+///
+/// # Safety
+/// `attr` must be the member `cmd` expects; any pointer it holds must be valid for what the
+/// kernel reads or writes through it during the call.
+unsafe fn bpf<T>(cmd: Cmd, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a valid, writable, zero-initialised buffer of the given size; the
+    // commands used here read and write only within it (and the buffers it points to, which the
+    // caller vouches for).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Opens a pinned BPF object (`BPF_OBJ_GET`).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: pathname points to a NUL-terminated string that outlives the call.
+    let fd = unsafe { bpf(Cmd::ObjGet, &mut attr)? };
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a link.
+pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfoRaw> {
+    let mut info = LinkInfoRaw::default();
+    let mut attr = InfoByFdAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfoRaw>() as u32,
+        info: &mut info as *mut LinkInfoRaw as u64,
+    };
+    // SAFETY: info points to a writable buffer of info_len bytes that outlives the call.
+    unsafe { bpf(Cmd::ObjGetInfoByFd, &mut attr)? };
+    Ok(info)
+}
+
+/// `BPF_LINK_UPDATE`: replaces the link's program atomically.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the attribute holds no pointers.
+    unsafe { bpf(Cmd::LinkUpdate, &mut attr).map(|_| ()) }
+}
+
+/// `BPF_LINK_DETACH`: detaches the link now, whoever else holds it (pins, other processes).
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the attribute holds no pointers.
+    unsafe { bpf(Cmd::LinkDetach, &mut attr).map(|_| ()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attr_layouts_match_the_kernel() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(size_of::<ObjGetAttr>(), 32);
+        assert_eq!(offset_of!(ObjGetAttr, bpf_fd), 8);
+        assert_eq!(size_of::<InfoByFdAttr>(), 16);
+        assert_eq!(offset_of!(InfoByFdAttr, info), 8);
+        assert_eq!(size_of::<LinkUpdateAttr>(), 16);
+        assert_eq!(size_of::<LinkDetachAttr>(), 8);
+        assert_eq!(size_of::<LinkInfoRaw>(), 64);
+        assert_eq!(offset_of!(LinkInfoRaw, union), 16);
+    }
+}

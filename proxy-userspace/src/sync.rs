@@ -1,0 +1,361 @@
+//! One reconcile step: snapshot -> translate -> admit what fits -> plan -> apply, with the
+//! time each stage took, and the node context (name, addresses, flags) translation needs
+//! beyond the API objects. The run loop calls it once per snapshot.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use k8s_openapi::api::core::v1::Node;
+use log::{debug, warn};
+use proxy_common::{NodeConfig, cfg_flags};
+
+use crate::{
+    abi,
+    datapath::MapSizes,
+    plan::{self, MapState},
+    source::{Snapshot, load_manifests},
+    translate,
+};
+
+/// What the agent knows besides the API objects: who it is and how it is configured.
+/// Everything translation needs beyond the objects is added here, and reaches
+/// `translate::Input` only through [`translate_snapshot`].
+#[derive(Clone, Debug)]
+pub struct Context {
+    pub node_name: String,
+    /// Capacity of the service and backend maps. Services are admitted whole, smallest
+    /// first, while they fit (see [`fit_capacity`]).
+    pub map_sizes: MapSizes,
+    /// `--node-ip`: overrides the Node object's addresses.
+    pub node_ips: Vec<Ipv4Addr>,
+    /// `--cluster-cidr`.
+    pub cluster_cidr: Cidr,
+    /// `--masquerade-all`.
+    pub masquerade_all: bool,
+    /// `--nodeport-addresses`, unparsed (`primary`, CIDRs, or empty for all node addresses).
+    pub nodeport_addresses: String,
+}
+
+impl Context {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Self {
+            node_name: node_name.into(),
+            map_sizes: MapSizes::default(),
+            node_ips: Vec::new(),
+            cluster_cidr: Cidr {
+                addr: Ipv4Addr::new(10, 76, 0, 0),
+                prefix: 16,
+            },
+            masquerade_all: false,
+            nodeport_addresses: String::new(),
+        }
+    }
+
+    /// This node's addresses: `--node-ip` if given, else its Node object's.
+    pub fn node_addresses(&self, snapshot: &Snapshot) -> Vec<Ipv4Addr> {
+        if !self.node_ips.is_empty() {
+            return self.node_ips.clone();
+        }
+        snapshot
+            .objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            .map(translate::node_addresses)
+            .unwrap_or_default()
+    }
+
+    /// The datapath's per-node configuration for these addresses.
+    pub fn node_config(&self, node_ips: &[Ipv4Addr], hairpin: Option<Ipv4Addr>) -> NodeConfig {
+        NodeConfig {
+            hairpin_addr_be: hairpin.map(abi::addr_be).unwrap_or(0),
+            node_addr_be: node_ips.first().copied().map(abi::addr_be).unwrap_or(0),
+            cluster_cidr_be: abi::addr_be(self.cluster_cidr.addr),
+            cluster_mask_be: abi::addr_be(self.cluster_cidr.mask()),
+            flags: if self.masquerade_all {
+                cfg_flags::MASQUERADE_ALL
+            } else {
+                0
+            },
+            snat_port_min: SNAT_PORTS.0,
+            snat_port_max: SNAT_PORTS.1,
+            ..Default::default()
+        }
+    }
+}
+
+/// Source ports for masqueraded flows: above the kernel's default ephemeral range
+/// (32768-60999) so they never collide with the node's own sockets, and outside the
+/// NodePort range.
+pub const SNAT_PORTS: (u16, u16) = (61000, 65000);
+
+/// An IPv4 CIDR (`--cluster-cidr`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn mask(&self) -> Ipv4Addr {
+        if self.prefix == 0 {
+            Ipv4Addr::UNSPECIFIED
+        } else {
+            Ipv4Addr::from(u32::MAX << (32 - self.prefix as u32))
+        }
+    }
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & u32::from(self.mask()) == u32::from(self.addr) & u32::from(self.mask())
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX, e.g. 10.76.0.0/16"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{s:?}: prefix must be 0-32"))?;
+        let c = Cidr { addr, prefix };
+        Ok(Cidr {
+            addr: Ipv4Addr::from(u32::from(addr) & u32::from(c.mask())),
+            prefix,
+        })
+    }
+}
+
+/// The one place a `translate::Input` is built.
+fn translate_snapshot(
+    snapshot: &Snapshot,
+    ctx: &Context,
+    translator: &mut translate::Translator,
+) -> translate::Translation {
+    // Validated at startup; should a bad value get here, serve NodePorts nowhere rather
+    // than on addresses the operator excluded.
+    let flag = ctx
+        .nodeport_addresses
+        .parse::<translate::NodePortAddresses>()
+        .unwrap_or_else(|e| {
+            warn!("{e}; NodePorts are not served");
+            translate::NodePortAddresses::Cidrs(Vec::new())
+        });
+    let nodeport_addresses = translate::nodeport_addresses(&ctx.node_addresses(snapshot), &flag);
+    let node_zone = snapshot
+        .objects
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(ctx.node_name.as_str()))
+        .and_then(translate::node_zone);
+    translator.translate(&translate::Input {
+        services: &snapshot.objects.services,
+        slices: &snapshot.objects.slices,
+        node_name: &ctx.node_name,
+        node_zone: node_zone.as_deref(),
+        nodeport_addresses: &nodeport_addresses,
+    })
+}
+
+/// One reconciliation with nothing remembered from earlier ones: [`Reconciler::reconcile`]
+/// with a new [`Reconciler`].
+pub fn reconcile<W: plan::MapWriter>(
+    snapshot: &Snapshot,
+    ctx: &Context,
+    state: &mut MapState,
+    writer: &mut W,
+) -> Result<SyncSummary> {
+    Reconciler::new().reconcile(snapshot, ctx, state, writer)
+}
+
+/// Reconciles snapshot after snapshot, remembering each service's translation
+/// ([`translate::Translator`]) so that a change to one service re-translates that service
+/// only. The result is always that of [`reconcile`] on the same snapshot and state.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    translator: translate::Translator,
+}
+
+/// Where the time of one reconciliation went (the agent logs it at debug level).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncStages {
+    pub translate: Duration,
+    /// Service groups translated again / reused from the previous reconciliation.
+    pub translated: usize,
+    pub reused: usize,
+    /// [`plan::fit_capacity`].
+    pub capacity: Duration,
+    pub plan: Duration,
+    /// The map writes.
+    pub apply: Duration,
+}
+
+impl Reconciler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One reconciliation: translate the snapshot, admit what fits the maps, plan, write. Bad
+    /// objects are skipped and returned in [`SyncSummary::rejected`]; everything valid is
+    /// programmed. The same path serves the manifests and the Kubernetes sources.
+    pub fn reconcile<W: plan::MapWriter>(
+        &mut self,
+        snapshot: &Snapshot,
+        ctx: &Context,
+        state: &mut MapState,
+        writer: &mut W,
+    ) -> Result<SyncSummary> {
+        let mut stages = SyncStages::default();
+        let started = Instant::now();
+        let mut t = translate_snapshot(snapshot, ctx, &mut self.translator);
+        let tstats = self.translator.stats();
+        (stages.translated, stages.reused) = (tstats.translated, tstats.reused);
+        stages.translate = started.elapsed();
+        let started = Instant::now();
+        let over = plan::fit_capacity(
+            &mut t.desired,
+            &mut t.cluster_ips,
+            &ctx.map_sizes.capacity(),
+        );
+        t.issues.extend(over);
+        stages.capacity = started.elapsed();
+        let started = Instant::now();
+        let p = plan::plan(state, &t.desired, &t.cluster_ips);
+        stages.plan = started.elapsed();
+        let ops = p.ops.len();
+        let started = Instant::now();
+        plan::apply_plan(state, &p, writer).context("writing the service maps")?;
+        stages.apply = started.elapsed();
+        Ok(summarize(snapshot, ctx, state, &t, ops, stages))
+    }
+}
+
+fn summarize(
+    snapshot: &Snapshot,
+    ctx: &Context,
+    state: &MapState,
+    t: &translate::Translation,
+    ops: usize,
+    stages: SyncStages,
+) -> SyncSummary {
+    let node = snapshot
+        .objects
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(ctx.node_name.as_str()))
+        .cloned();
+    SyncSummary {
+        services: t.desired.len(),
+        backends: t.desired.values().map(|s| s.backends.len()).sum(),
+        ops,
+        invalid: snapshot.unreadable.len() + t.issues.len(),
+        rejected: rejections(&snapshot.unreadable, &t.issues),
+        node,
+        health_checks: t
+            .health_checks
+            .iter()
+            .map(|(port, h)| {
+                let (ns, name) = h
+                    .service
+                    .split_once('/')
+                    .unwrap_or(("", h.service.as_str()));
+                (*port, ns.to_owned(), name.to_owned(), h.local_endpoints)
+            })
+            .collect(),
+        service_ids: crate::serve::metrics::service_ids(&t.desired, state),
+        stages,
+    }
+}
+
+/// [`load_manifests`] then [`reconcile`].
+pub fn sync_once<W: plan::MapWriter>(
+    dir: &Path,
+    ctx: &Context,
+    state: &mut MapState,
+    writer: &mut W,
+) -> Result<SyncSummary> {
+    reconcile(&load_manifests(dir)?, ctx, state, writer)
+}
+
+pub struct SyncSummary {
+    /// Service entries (address, port, protocol) programmed.
+    pub services: usize,
+    pub backends: usize,
+    pub ops: usize,
+    /// Problems found (unreadable objects plus invalid fields).
+    pub invalid: usize,
+    /// Each object that was skipped whole or in part, with its problems. Its length is the
+    /// per-object rejection count.
+    pub rejected: BTreeMap<String, Vec<String>>,
+    pub node: Option<Node>,
+    /// healthCheckNodePort responders wanted: (port, namespace, name, local endpoints).
+    pub health_checks: Vec<(u16, String, String, usize)>,
+    /// Service ID -> service port, for the per-service packet counters.
+    pub service_ids: crate::serve::metrics::ServiceIds,
+    pub stages: SyncStages,
+}
+
+impl SyncSummary {
+    /// Objects rejected (whole or in part) in this reconciliation.
+    pub fn rejected_objects(&self) -> usize {
+        self.rejected.len()
+    }
+}
+
+/// Groups problems by object: `"Service ns/x" -> ["spec.ports[1].port: invalid port ..."]`.
+fn rejections(unreadable: &[String], issues: &[translate::Issue]) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for u in unreadable {
+        out.entry(u.clone()).or_default();
+    }
+    for i in issues {
+        let what = if i.field.is_empty() {
+            i.message.clone()
+        } else {
+            format!("{}: {}", i.field, i.message)
+        };
+        out.entry(i.object.clone()).or_default().push(what);
+    }
+    out
+}
+
+/// Logs one line per rejected object, at warn level when it is new or its problems changed
+/// and at debug level when it was already reported by the previous reconciliation (so a
+/// busy cluster does not repeat the same warnings every 100 ms).
+#[derive(Debug, Default)]
+pub struct RejectionLog {
+    last: BTreeMap<String, Vec<String>>,
+}
+
+impl RejectionLog {
+    /// Logs `rejected` and returns the lines logged at warn level.
+    pub fn report(&mut self, rejected: &BTreeMap<String, Vec<String>>) -> Vec<String> {
+        const SHOWN: usize = 3;
+        let mut warned = Vec::new();
+        for (object, problems) in rejected {
+            let mut line = format!("rejected {object}");
+            for p in problems.iter().take(SHOWN) {
+                line.push_str("; ");
+                line.push_str(p);
+            }
+            if problems.len() > SHOWN {
+                line.push_str(&format!("; and {} more problems", problems.len() - SHOWN));
+            }
+            if self.last.get(object) == Some(problems) {
+                debug!("{line}");
+            } else {
+                warn!("{line}");
+                warned.push(line);
+            }
+        }
+        self.last = rejected.clone();
+        warned
+    }
+}

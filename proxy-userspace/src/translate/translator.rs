@@ -1,0 +1,398 @@
+//! The translation itself: objects grouped per service, each group translated on its own,
+//! then the cross-group steps (key claims, health checks, ClusterIP set); and the incremental
+//! [`Translator`] that reuses the groups whose objects did not change.
+use super::*;
+
+/// The kinds of entries, in the order they claim keys (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Kind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl Kind {
+    pub(super) const fn flag(self) -> u32 {
+        match self {
+            Kind::ClusterIp => svc_flags::CLUSTER_IP,
+            Kind::NodePort => svc_flags::NODE_PORT,
+            Kind::LoadBalancer => svc_flags::LOAD_BALANCER,
+            Kind::ExternalIp => svc_flags::EXTERNAL_IP,
+        }
+    }
+
+    pub(super) const fn name(self) -> &'static str {
+        match self {
+            Kind::ClusterIp => "ClusterIP",
+            Kind::NodePort => "NodePort",
+            Kind::LoadBalancer => "LoadBalancer",
+            Kind::ExternalIp => "externalIP",
+        }
+    }
+}
+
+impl<S, E> Clone for Input<'_, S, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<S, E> Copy for Input<'_, S, E> {}
+
+/// An entry (and its INTERNAL twin) a service wants, before keys are claimed.
+#[derive(Clone, Debug)]
+pub(super) struct Wanted {
+    pub(super) kind: Kind,
+    pub(super) object: String,
+    pub(super) field: String,
+    pub(super) key: ServiceKey,
+    pub(super) external: DesiredService,
+    pub(super) internal: Option<DesiredService>,
+}
+
+/// Translates the API objects into the desired map contents.
+pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(input: &Input<S, E>) -> Translation {
+    let node = NodeView {
+        name: input.node_name,
+        zone: input.node_zone.filter(|z| !z.is_empty()),
+    };
+    let groups = group_objects(input.services, input.slices);
+    let outs: Vec<GroupOut> = groups
+        .values()
+        .map(|g| translate_group(&g.services, &g.slices, &node, input.nodeport_addresses))
+        .collect();
+    assemble(outs.iter())
+}
+
+/// `(namespace, name)` of a service group or an object, owned.
+pub(super) type GroupKey = (String, String);
+
+/// The objects of one service group, each kind sorted by namespace/name (stable, so
+/// duplicates keep their listed order).
+pub(super) struct Group<'a, S, E> {
+    pub(super) services: Vec<&'a S>,
+    pub(super) slices: Vec<&'a E>,
+}
+
+/// Sorts the objects into service groups, in namespace/name order. EndpointSlices without a
+/// service label or of another address type than IPv4 belong to none (they are not used).
+pub(super) fn group_objects<'a, S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &'a [S],
+    slices: &'a [E],
+) -> BTreeMap<(&'a str, &'a str), Group<'a, S, E>> {
+    let mut groups: BTreeMap<(&str, &str), Group<S, E>> = BTreeMap::new();
+    let mut sorted: Vec<&S> = services.iter().collect();
+    sorted.sort_by(|a, b| {
+        object_id(&(*a).borrow().metadata).cmp(&object_id(&(*b).borrow().metadata))
+    });
+    for svc in sorted {
+        groups
+            .entry(object_id(&svc.borrow().metadata))
+            .or_insert_with(|| Group {
+                services: Vec::new(),
+                slices: Vec::new(),
+            })
+            .services
+            .push(svc);
+    }
+    let mut sorted: Vec<&E> = slices.iter().collect();
+    sorted.sort_by(|a, b| {
+        object_id(&(*a).borrow().metadata).cmp(&object_id(&(*b).borrow().metadata))
+    });
+    for slice in sorted {
+        let s = slice.borrow();
+        let Some(service) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .filter(|n| !n.is_empty())
+        else {
+            continue;
+        };
+        if s.address_type != ADDRESS_TYPE_IPV4 {
+            continue;
+        }
+        groups
+            .entry((namespace(&s.metadata), service.as_str()))
+            .or_insert_with(|| Group {
+                services: Vec::new(),
+                slices: Vec::new(),
+            })
+            .slices
+            .push(slice);
+    }
+    groups
+}
+
+/// What one service group contributes, before it is related to the other groups.
+#[derive(Clone, Debug, Default)]
+pub(super) struct GroupOut {
+    /// The problems of the group's slices, with each slice's namespace/name (all slices'
+    /// problems come first, in that order).
+    pub(super) slice_issues: Vec<(GroupKey, Issue)>,
+    pub(super) services: Vec<ServiceOut>,
+}
+
+/// What one Service contributes.
+#[derive(Clone, Debug, Default)]
+pub(super) struct ServiceOut {
+    pub(super) issues: Vec<Issue>,
+    pub(super) cluster_ips: Vec<Ipv4Addr>,
+    pub(super) wanted: Vec<Wanted>,
+    /// `(field, healthCheckNodePort, check)`, claimed in [`assemble`].
+    pub(super) health_check: Option<(String, u16, HealthCheck)>,
+    /// `Service ns/name`, for the issue of a healthCheckNodePort clash.
+    pub(super) object: String,
+}
+
+/// Translates one service group: its services (sorted) and their slices (sorted). Depends on
+/// nothing else but the node.
+pub(super) fn translate_group<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &[&S],
+    slices: &[&E],
+    node: &NodeView,
+    nodeport_addresses: &[Ipv4Addr],
+) -> GroupOut {
+    let mut out = GroupOut::default();
+    let mut views = Vec::with_capacity(slices.len());
+    for slice in slices {
+        let slice = (*slice).borrow();
+        let mut issues = Vec::new();
+        let mut ctx = Ctx {
+            object: format!("EndpointSlice {}", display_id(&slice.metadata)),
+            issues: &mut issues,
+        };
+        views.push(slice_view(slice, &mut ctx));
+        let (ns, name) = object_id(&slice.metadata);
+        out.slice_issues.extend(
+            issues
+                .into_iter()
+                .map(|i| ((ns.to_owned(), name.to_owned()), i)),
+        );
+    }
+    for svc in services {
+        let svc = (*svc).borrow();
+        let mut issues = Vec::new();
+        let mut ctx = Ctx {
+            object: format!("Service {}", display_id(&svc.metadata)),
+            issues: &mut issues,
+        };
+        let Some(view) = service_view(svc, &mut ctx) else {
+            out.services.push(ServiceOut {
+                issues,
+                ..Default::default()
+            });
+            continue;
+        };
+        let mut local_ready: BTreeSet<(Ipv4Addr, u16)> = BTreeSet::new();
+        let mut wanted = Vec::new();
+        for port in &view.ports {
+            let candidates = port_endpoints(&views, port);
+            local_ready.extend(
+                candidates
+                    .iter()
+                    .filter(|(_, ep)| ep.ready && node.is_local(ep))
+                    .map(|(b, _)| (b.ip, b.port)),
+            );
+            let sets = EndpointSets::new(&candidates, node);
+            wanted.extend(port_entries(
+                &view,
+                port,
+                &sets,
+                nodeport_addresses,
+                &ctx.object,
+            ));
+        }
+        let health_check = view.health_check_node_port.as_ref().map(|(field, port)| {
+            (
+                field.clone(),
+                *port,
+                HealthCheck {
+                    service: format!("{}/{}", view.namespace, view.name),
+                    local_endpoints: local_ready.len(),
+                },
+            )
+        });
+        let object = ctx.object;
+        out.services.push(ServiceOut {
+            issues,
+            cluster_ips: view.cluster_ips,
+            wanted,
+            health_check,
+            object,
+        });
+    }
+    out
+}
+
+/// Relates the groups (in namespace/name order) to each other: the issues in order, the
+/// ClusterIP set, healthCheckNodePort clashes, and who claims each key (see the module docs).
+pub(super) fn assemble<'a>(groups: impl Iterator<Item = &'a GroupOut> + Clone) -> Translation {
+    let mut slice_issues: Vec<&(GroupKey, Issue)> =
+        groups.clone().flat_map(|g| &g.slice_issues).collect();
+    slice_issues.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut issues: Vec<Issue> = slice_issues.into_iter().map(|(_, i)| i.clone()).collect();
+    let mut cluster_ips = BTreeSet::new();
+    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+    let mut wanted: Vec<&Wanted> = Vec::new();
+    for svc in groups.flat_map(|g| &g.services) {
+        issues.extend(svc.issues.iter().cloned());
+        cluster_ips.extend(svc.cluster_ips.iter().copied());
+        wanted.extend(&svc.wanted);
+        if let Some((field, hc_port, check)) = &svc.health_check {
+            match health_checks.get(hc_port) {
+                Some(other) => issues.push(Issue {
+                    object: svc.object.clone(),
+                    field: field.clone(),
+                    message: format!(
+                        "healthCheckNodePort {hc_port} is already used by {}; no health check \
+                         is served for this service",
+                        other.service
+                    ),
+                }),
+                None => {
+                    health_checks.insert(*hc_port, check.clone());
+                }
+            }
+        }
+    }
+
+    // Claim keys kind by kind (stable: services stay in namespace/name order within a kind).
+    wanted.sort_by_key(|w| w.kind);
+    let mut desired = Desired::new();
+    for w in wanted {
+        let internal_key = w.key.internal();
+        let taken = desired
+            .get(&w.key)
+            .or_else(|| w.internal.as_ref().and_then(|_| desired.get(&internal_key)));
+        if let Some(other) = taken {
+            issues.push(Issue {
+                object: w.object.clone(),
+                field: w.field.clone(),
+                message: format!(
+                    "{} is already used by {}; this {} entry is skipped",
+                    w.key,
+                    other.name,
+                    w.kind.name()
+                ),
+            });
+            continue;
+        }
+        desired.insert(w.key, w.external.clone());
+        if let Some(internal) = &w.internal {
+            desired.insert(internal_key, internal.clone());
+        }
+    }
+    Translation {
+        desired,
+        issues,
+        cluster_ips,
+        health_checks,
+    }
+}
+
+/// [`translate`] that remembers each service group's result and computes a group again only
+/// when its objects or the node changed: the agent's translation, where one edit among 10^4
+/// services costs one group plus the cheap steps over all of them.
+///
+/// An object is the same as last time when it is the same allocation (the sources hand out
+/// unchanged objects again, shared) or, failing that, equal by value; so a stale result is
+/// never served, whatever the caller passes.
+#[derive(Debug, Default)]
+pub struct Translator {
+    /// The node the cached results were computed for.
+    pub(super) node: Option<(String, Option<String>, Vec<Ipv4Addr>)>,
+    pub(super) groups: BTreeMap<GroupKey, CachedGroup>,
+    pub(super) stats: TranslatorStats,
+}
+
+#[derive(Debug)]
+pub(super) struct CachedGroup {
+    pub(super) services: Vec<Arc<Service>>,
+    pub(super) slices: Vec<Arc<EndpointSlice>>,
+    pub(super) out: GroupOut,
+}
+
+/// How the last [`Translator::translate`] went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TranslatorStats {
+    /// Service groups computed (new or changed).
+    pub translated: usize,
+    /// Service groups whose result was reused.
+    pub reused: usize,
+}
+
+/// The same object: the same allocation, or equal.
+pub(super) fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
+impl Translator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The same result as [`translate`] of `input`.
+    pub fn translate(
+        &mut self,
+        input: &Input<'_, Arc<Service>, Arc<EndpointSlice>>,
+    ) -> Translation {
+        let node_inputs = (
+            input.node_name.to_owned(),
+            input.node_zone.map(str::to_owned),
+            input.nodeport_addresses.to_vec(),
+        );
+        if self.node.as_ref() != Some(&node_inputs) {
+            self.groups.clear();
+            self.node = Some(node_inputs);
+        }
+        let node = NodeView {
+            name: input.node_name,
+            zone: input.node_zone.filter(|z| !z.is_empty()),
+        };
+        let mut stats = TranslatorStats::default();
+        let mut old = std::mem::take(&mut self.groups);
+        for ((ns, name), g) in group_objects(input.services, input.slices) {
+            let key = (ns.to_owned(), name.to_owned());
+            let cached = old.remove(&key).filter(|c| {
+                c.services.len() == g.services.len()
+                    && c.slices.len() == g.slices.len()
+                    && c.services.iter().zip(&g.services).all(|(a, b)| same(a, b))
+                    && c.slices.iter().zip(&g.slices).all(|(a, b)| same(a, b))
+            });
+            let entry = match cached {
+                Some(mut c) => {
+                    stats.reused += 1;
+                    // Keep the caller's allocations: next time they compare by pointer.
+                    c.services = g.services.iter().map(|s| Arc::clone(s)).collect();
+                    c.slices = g.slices.iter().map(|s| Arc::clone(s)).collect();
+                    c
+                }
+                None => {
+                    stats.translated += 1;
+                    CachedGroup {
+                        out: translate_group(
+                            &g.services,
+                            &g.slices,
+                            &node,
+                            input.nodeport_addresses,
+                        ),
+                        services: g.services.iter().map(|s| Arc::clone(s)).collect(),
+                        slices: g.slices.iter().map(|s| Arc::clone(s)).collect(),
+                    }
+                }
+            };
+            self.groups.insert(key, entry);
+        }
+        // Groups left in `old` are gone from the input.
+        self.stats = stats;
+        assemble(self.groups.values().map(|c| &c.out))
+    }
+
+    /// How the last translation went.
+    pub fn stats(&self) -> TranslatorStats {
+        self.stats
+    }
+}
