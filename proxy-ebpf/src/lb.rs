@@ -212,7 +212,7 @@ pub fn select_backend(svc: &Service, client_be: u32) -> Option<(u32, Backend4)> 
     Some((id, b))
 }
 
-/// kube-proxy's masquerade rules (SEMANTICS.md), given the flow's origin.
+/// kube-proxy's masquerade rules (docs/semantics.md, S8-S10), given the flow's origin.
 #[inline(always)]
 fn must_masquerade(p: &Packet, svc: &Service, origin: Origin, cfg: &NodeConfig) -> bool {
     if cfg.flags & cfg_flags::MASQUERADE_ALL != 0 {

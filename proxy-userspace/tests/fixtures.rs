@@ -759,7 +759,7 @@ fn fragmentation_needed_about_a_masqueraded_reply_reaches_the_backend() {
     assert_eq!(qdst, p.src, "to the masquerade address it used");
 }
 
-// ---- SCTP: DNAT with the CRC32c kept valid (SEMANTICS: "SCTP at least DNAT") ----
+// ---- SCTP: DNAT with the CRC32c kept valid (docs/semantics.md S18) ----
 
 const SCTP: u8 = 132;
 

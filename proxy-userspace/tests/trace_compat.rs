@@ -1,5 +1,5 @@
 //! The kube-proxy compatibility table: for each flow, the verdict, the endpoints a packet may
-//! reach and whether the backend sees a node address, exactly as SEMANTICS.md says kube-proxy
+//! reach and whether the backend sees a node address, exactly as docs/semantics.md says kube-proxy
 //! answers. Each row runs `ebpf-proxy trace` (the real programs through BPF_PROG_TEST_RUN on
 //! maps programmed by the production reconcile path). Needs root.
 use std::path::PathBuf;

@@ -69,7 +69,7 @@
 //!   endpoint ip:port pairs over the service's ports: only-terminating local endpoints count
 //!   0 (KEP-1669: the balancer drains the node while they finish).
 //!
-//! Other kube-proxy behaviours this follows (see `SEMANTICS.md`):
+//! Other kube-proxy behaviours this follows (see `docs/semantics.md`, rules S1-S18):
 //! - services labelled `service.kubernetes.io/service-proxy-name`, `type: ExternalName` and
 //!   headless services (`clusterIP: None`) get nothing;
 //! - the endpoint port is the EndpointSlice port whose name and protocol equal the Service
