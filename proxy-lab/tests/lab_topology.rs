@@ -1,7 +1,7 @@
 //! End-to-end checks of the network-namespace lab. They need root (network namespaces, veth,
 //! bpffs) and iproute2; without them they fail loudly instead of skipping.
 //!
-//! Run: `sudo -E cargo test -p xtask --test lab_topology` (as root: drop the sudo).
+//! Run: `sudo -E cargo test -p proxy-lab --test lab_topology` (as root: drop the sudo).
 //! The pod-server test also needs the `ebpf-proxy` binary (`cargo xtask test` builds it and
 //! sets `EBPF_PROXY_BIN`).
 
@@ -11,12 +11,12 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 
-use xtask::lab::{self, Lab, LabSpec, PodSpec};
+use proxy_lab::lab::{self, Lab, LabSpec, PodSpec};
 
 fn require_root() {
     if let Err(e) = lab::ensure_prereqs() {
         panic!(
-            "lab tests cannot run: {e:#}\n(run them as root, e.g. `sudo -E cargo test -p xtask \
+            "lab tests cannot run: {e:#}\n(run them as root, e.g. `sudo -E cargo test -p proxy-lab \
              --test lab_topology`; they are never skipped silently)"
         );
     }
@@ -220,15 +220,21 @@ fn two_labs_side_by_side() {
     ping(&b, &b.ext_ns(), b.pod_ip("hostnames-b").unwrap());
 }
 
-fn ebpf_proxy_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("EBPF_PROXY_BIN") {
+/// The lab tools binary (`ebpf-proxy-lab`): `EBPF_PROXY_LAB_BIN`, else beside the agent
+/// (`EBPF_PROXY_BIN` or `target/release/ebpf-proxy`).
+fn lab_tools_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("EBPF_PROXY_LAB_BIN") {
         return p.into();
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let p = root.join("target/release/ebpf-proxy");
+    let agent = std::env::var_os("EBPF_PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/ebpf-proxy")
+        });
+    let p = proxy_lab::cluster::Binaries::beside(&agent).tools;
     assert!(
         p.exists(),
-        "{} not found: build it (`cargo xtask build`) or set EBPF_PROXY_BIN",
+        "{} not found: build it (`cargo xtask build`) or set EBPF_PROXY_LAB_BIN",
         p.display()
     );
     p
@@ -237,7 +243,7 @@ fn ebpf_proxy_bin() -> PathBuf {
 #[test]
 fn pod_servers_answer_across_the_lab() {
     require_root();
-    let bin = ebpf_proxy_bin();
+    let bin = lab_tools_bin();
     let lab = Lab::up(None, &LabSpec::default_demo()).expect("lab up");
     let pids = lab.start_pod_servers(&bin).expect("pod servers");
     assert_eq!(pids.len(), 4);

@@ -1,13 +1,13 @@
 //! `/healthz`, `/livez` and `/metrics` of a running agent in the namespace lab. Needs root.
-use std::{fs, path::PathBuf, time::Duration};
+use std::{fs, time::Duration};
 
-use xtask::{
-    cluster::{CLUSTER_IP, Cluster, SERVICE_PORT, hostnames_endpoints},
+use proxy_lab::{
+    cluster::{Binaries, CLUSTER_IP, Cluster, SERVICE_PORT, hostnames_endpoints},
     lab::LabSpec,
 };
 
-fn bin() -> PathBuf {
-    xtask::cluster::test_binary()
+fn bins() -> Binaries {
+    proxy_lab::cluster::test_binaries()
 }
 
 /// The value of the first sample line starting with `prefix` (name plus labels).
@@ -22,7 +22,7 @@ fn sample(text: &str, prefix: &str) -> Option<f64> {
 fn health_and_metrics_endpoints_of_a_running_agent() {
     let spec = LabSpec::default_demo();
     let eps = hostnames_endpoints(&spec);
-    let c = Cluster::up(&bin(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
+    let c = Cluster::up(&bins(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
     let p = c
         .probe("client", &format!("{CLUSTER_IP}:{SERVICE_PORT}"), false, 50)
         .expect("probe");
@@ -120,7 +120,7 @@ fn health_and_metrics_endpoints_of_a_running_agent() {
     fs::rename(&away, &c.manifests).expect("restore manifests");
 
     // Metrics are bound to loopback by default (kube-proxy's default): not on the node IP.
-    let node_ip = xtask::lab::node_ip(1);
+    let node_ip = proxy_lab::lab::node_ip(1);
     assert!(
         c.http_get(1, &format!("http://{node_ip}:10249/metrics"))
             .is_err()

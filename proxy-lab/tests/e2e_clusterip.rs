@@ -1,17 +1,14 @@
 //! End to end in the namespace lab: real TCP and UDP connections from pods to a ClusterIP
 //! whose endpoints are on both nodes, through the real agent and programs. Needs root.
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use xtask::{
-    cluster::{CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT},
+use proxy_lab::{
+    cluster::{Binaries, CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT},
     lab::LabSpec,
 };
 
-fn bin() -> PathBuf {
-    xtask::cluster::test_binary()
+fn bins() -> Binaries {
+    proxy_lab::cluster::test_binaries()
 }
 
 fn endpoints(spec: &LabSpec) -> Vec<Endpoint> {
@@ -36,7 +33,7 @@ fn up() -> (Cluster, Vec<Endpoint>) {
         2,
         "two endpoints on node1, one on node2"
     );
-    let c = Cluster::up(&bin(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
+    let c = Cluster::up(&bins(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
     (c, eps)
 }
 

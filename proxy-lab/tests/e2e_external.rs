@@ -1,16 +1,16 @@
 //! End to end in the lab: NodePort, LoadBalancer IP (plain and IPIP/GUE-wrapped DSR),
 //! externalTrafficPolicy Local, loadBalancerSourceRanges and REJECT, with real connections
 //! from the external client and from pods. Needs root.
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
-use xtask::{
-    cluster::{Cluster, Endpoint, hostnames_endpoints},
+use proxy_lab::{
+    cluster::{Binaries, Cluster, Endpoint, hostnames_endpoints},
     lab::{LabSpec, node_ip},
     services::{self, EMPTY, LOCAL, RANGES, WEB},
 };
 
-fn bin() -> PathBuf {
-    xtask::cluster::test_binary()
+fn bins() -> Binaries {
+    proxy_lab::cluster::test_binaries()
 }
 
 const EXT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -19,7 +19,7 @@ const EXT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 fn up() -> (Cluster, Vec<Endpoint>) {
     let spec = LabSpec::default_demo();
     let eps = hostnames_endpoints(&spec);
-    let c = Cluster::up(&bin(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
+    let c = Cluster::up(&bins(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
     let node2: Vec<Endpoint> = eps.iter().filter(|e| e.node == 2).cloned().collect();
     services::install(&c, &WEB, &eps).expect("web");
     services::install(&c, &LOCAL, &node2).expect("local");
@@ -176,7 +176,7 @@ fn load_balancer_ip_wrapped_in_ipip_and_gue_keeps_the_vip() {
     let target = format!("{vip}:80");
     for mode in ["ipip", "gue"] {
         let args: Vec<String> = [
-            c.bin.display().to_string(),
+            c.bins.tools.display().to_string(),
             "lab-encap".into(),
             "--iface".into(),
             "eth0".into(),
@@ -234,7 +234,7 @@ fn icmp_fragmentation_needed_through_a_vip() {
         .find(|e| e.node == 2)
         .expect("an endpoint on node2")
         .clone();
-    let echo = xtask::services::Svc {
+    let echo = proxy_lab::services::Svc {
         name: "echo",
         cluster_ip: Ipv4Addr::new(10, 96, 0, 200),
         lb_ip: None,
@@ -245,7 +245,7 @@ fn icmp_fragmentation_needed_through_a_vip() {
         health_check_node_port: None,
     };
     let args: Vec<String> = [
-        c.bin.display().to_string(),
+        c.bins.tools.display().to_string(),
         "serve-hostname".into(),
         "--name".into(),
         c_pod.pod.clone(),
@@ -330,7 +330,7 @@ const XECHO: services::Svc = services::Svc {
 fn start_xecho(c: &Cluster, eps: &[Endpoint]) {
     for e in eps {
         let args: Vec<String> = [
-            c.bin.display().to_string(),
+            c.bins.tools.display().to_string(),
             "serve-hostname".into(),
             "--name".into(),
             e.pod.clone(),
@@ -661,7 +661,7 @@ fn xdp_link_survives_restarts_and_cleanup_removes_it() {
             uplink_ip_link(&c, n).contains("prog/xdp"),
             "XDP stays after SIGTERM"
         );
-        let out = std::process::Command::new(&c.bin)
+        let out = std::process::Command::new(&c.bins.agent)
             .args(["cleanup", "--bpffs"])
             .arg(c.lab.bpffs(n))
             .output()

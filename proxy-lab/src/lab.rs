@@ -640,12 +640,12 @@ impl Lab {
             .with_context(|| format!("waiting for pid {pid}"))
     }
 
-    /// Spawns `<bin> serve-hostname --name <pod> --port 9376` in every pod and waits (up to
-    /// 10 s) until each answers `<bin> probe <ip>:9376` over TCP and UDP from inside its pod.
-    /// Returns pod name -> pid.
-    pub fn start_pod_servers(&self, ebpf_proxy_binary: &Path) -> Result<BTreeMap<String, u32>> {
-        let bin = fs::canonicalize(ebpf_proxy_binary)
-            .with_context(|| format!("ebpf-proxy binary {}", ebpf_proxy_binary.display()))?;
+    /// Spawns `<tools> serve-hostname --name <pod> --port 9376` in every pod and waits (up to
+    /// 10 s) until each answers `<tools> probe <ip>:9376` over TCP and UDP from inside its pod
+    /// (`tools`: the `ebpf-proxy-lab` binary). Returns pod name -> pid.
+    pub fn start_pod_servers(&self, tools_binary: &Path) -> Result<BTreeMap<String, u32>> {
+        let bin = fs::canonicalize(tools_binary)
+            .with_context(|| format!("ebpf-proxy-lab binary {}", tools_binary.display()))?;
         let port = POD_SERVER_PORT.to_string();
         let mut pids = BTreeMap::new();
         for pod in &self.state.pods {

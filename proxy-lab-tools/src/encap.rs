@@ -1,6 +1,6 @@
-//! `ebpf-proxy lab-encap` (hidden, lab tooling): plays a Katran-style balancer by wrapping
-//! every packet to a VIP in IPIP or GUE towards one node, from a tc egress program on a client
-//! interface. Runs until SIGINT/SIGTERM; the attachment goes with the process.
+//! `ebpf-proxy-lab lab-encap` (lab tooling): plays a Katran-style balancer by wrapping every
+//! packet to a VIP in IPIP or GUE towards one node, from a tc egress program (proxy-lab-ebpf's
+//! object) on a client interface. Runs until SIGINT/SIGTERM; the attachment goes with the process.
 use std::{net::Ipv4Addr, process::Command};
 
 use anyhow::{Context as _, Result, bail};
@@ -12,10 +12,11 @@ use log::info;
 use proxy_common::lab::{ENCAP_MAP, ENCAP_PROGRAM, EncapConfig, MODE_GUE, MODE_IPIP};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{
-    abi,
-    datapath::{Datapath, LoadOptions},
-};
+use proxy_userspace::abi;
+
+/// The lab's eBPF object built by `build.rs` (aya-build, with BTF).
+static LAB_EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-lab-ebpf"));
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum Mode {
@@ -45,7 +46,7 @@ pub struct EncapArgs {
 }
 
 pub async fn run(args: EncapArgs) -> Result<()> {
-    let mut dp = Datapath::load(&LoadOptions::default())?;
+    let mut ebpf = aya::Ebpf::load(LAB_EBPF_OBJECT).context("loading the lab eBPF object")?;
     let cfg = EncapConfig {
         vip_be: abi::addr_be(args.vip),
         outer_src_be: abi::addr_be(args.from),
@@ -56,7 +57,7 @@ pub async fn run(args: EncapArgs) -> Result<()> {
         },
     };
     {
-        let m = dp.ebpf.map_mut(ENCAP_MAP).context("encap map missing")?;
+        let m = ebpf.map_mut(ENCAP_MAP).context("encap map missing")?;
         let mut a: Array<_, EncapConfig> = Array::try_from(m)?;
         a.set(0, cfg, 0)?;
     }
@@ -74,11 +75,12 @@ pub async fn run(args: EncapArgs) -> Result<()> {
     if !st.success() {
         bail!("setting the MTU of {} failed", args.iface);
     }
-    let prog: &mut SchedClassifier = dp
-        .ebpf
+    let prog: &mut SchedClassifier = ebpf
         .program_mut(ENCAP_PROGRAM)
         .context("encap program missing")?
         .try_into()?;
+    prog.load()
+        .with_context(|| format!("loading {ENCAP_PROGRAM}"))?;
     prog.attach(&args.iface, TcAttachType::Egress)
         .with_context(|| format!("attaching {ENCAP_PROGRAM} to {}", args.iface))?;
     info!(

@@ -3,24 +3,23 @@
 //! socket-level programs (cgroup connect4/sendmsg4/recvmsg4/getpeername4). Needs root.
 use std::{
     fs,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use xtask::{
-    cluster::{CLUSTER_IP, Cluster, Endpoint, Probe, SERVICE_PORT},
+use proxy_lab::{
+    cluster::{Binaries, CLUSTER_IP, Cluster, Endpoint, Probe, SERVICE_PORT},
     lab::{LabSpec, node_bridge_ip, node_ip},
 };
 
-fn bin() -> PathBuf {
-    xtask::cluster::test_binary()
+fn bins() -> Binaries {
+    proxy_lab::cluster::test_binaries()
 }
 
 fn up() -> (Cluster, Vec<Endpoint>) {
     let spec = LabSpec::default_demo();
-    let eps = xtask::cluster::hostnames_endpoints(&spec);
+    let eps = proxy_lab::cluster::hostnames_endpoints(&spec);
     assert_eq!(eps.len(), 3);
-    let c = Cluster::up(&bin(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
+    let c = Cluster::up(&bins(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
     (c, eps)
 }
 
@@ -28,10 +27,10 @@ fn vip() -> String {
     format!("{CLUSTER_IP}:{SERVICE_PORT}")
 }
 
-/// `ebpf-proxy probe` as a host process of `node` (its namespace and its cgroup).
+/// `ebpf-proxy-lab probe` as a host process of `node` (its namespace and its cgroup).
 fn host_probe(c: &Cluster, node: u8, target: &str, udp: bool, count: u32) -> Probe {
     let mut args: Vec<String> = vec![
-        c.bin.display().to_string(),
+        c.bins.tools.display().to_string(),
         "probe".into(),
         target.into(),
         "--count".into(),
@@ -110,7 +109,7 @@ fn host_tcp_connections_to_a_cluster_ip_reach_every_endpoint_and_see_the_vip() {
     let _ = c.lab.exec(
         &c.lab.node_ns(1),
         &[
-            c.bin.display().to_string(),
+            c.bins.tools.display().to_string(),
             "probe".into(),
             vip(),
             "--udp".into(),

@@ -1,6 +1,6 @@
 //! The Kubernetes source end to end over HTTP: the real kube client (built from a kubeconfig
 //! file), kube-runtime watchers, the source's stores and debounce, and the agent's
-//! `reconcile`, against the loopback fake API server (`proxy_userspace::fakeapi`). The maps are
+//! `reconcile`, against the loopback fake API server (`proxy_lab_tools::fakeapi`). The maps are
 //! in memory and checked after every single write (no service entry ever points at a
 //! missing slot or backend).
 mod support;

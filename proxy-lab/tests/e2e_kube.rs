@@ -1,15 +1,12 @@
 //! End to end in the namespace lab in Kubernetes mode: both nodes' agents run `ebpf-proxy run
-//! --kubeconfig` against `ebpf-proxy lab-apiserver` (in the router namespace, serving the
+//! --kubeconfig` against `ebpf-proxy-lab lab-apiserver` (in the router namespace, serving the
 //! lab's manifests directory over list/watch), so every change reaches the maps through the
 //! real kube client, watches and stores. Needs root.
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use xtask::{
+use proxy_lab::{
     cluster::{
-        CANARY_IP, CANARY_PORT, CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT,
+        Binaries, CANARY_IP, CANARY_PORT, CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT,
         assert_canary_lost_nothing,
     },
     lab::{LabSpec, NODES},
@@ -17,18 +14,18 @@ use xtask::{
 
 const PROGRAMMING: &str = "kubeproxy_network_programming_duration_seconds";
 
-fn bin() -> PathBuf {
-    xtask::cluster::test_binary()
+fn bins() -> Binaries {
+    proxy_lab::cluster::test_binaries()
 }
 
 fn up() -> (Cluster, Vec<Endpoint>) {
     let spec = LabSpec::default_demo();
-    let eps = xtask::cluster::hostnames_endpoints(&spec);
+    let eps = proxy_lab::cluster::hostnames_endpoints(&spec);
     assert!(
         eps.iter().any(|e| e.node == 1) && eps.iter().any(|e| e.node == 2),
         "endpoints on both nodes: {eps:?}"
     );
-    let c = Cluster::up_kube(&bin(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
+    let c = Cluster::up_kube(&bins(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
     for n in NODES {
         let log = c.agent_log(n);
         assert!(
@@ -37,7 +34,7 @@ fn up() -> (Cluster, Vec<Endpoint>) {
         );
         // Addresses from its Node object (field selector metadata.name=nodeN), not a flag.
         // Logged after the first sync's map writes, which is what `up_kube` waited for.
-        let want = format!("node node{n} addresses: [{}]", xtask::lab::node_ip(n));
+        let want = format!("node node{n} addresses: [{}]", proxy_lab::lab::node_ip(n));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !c.agent_log(n).contains(&want) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));

@@ -17,7 +17,7 @@
 //!
 //! Resource versions are one global counter, like etcd's revision.
 //!
-//! The integration tests (`tests/kube_source.rs`) drive it directly; `ebpf-proxy lab-apiserver`
+//! The integration tests (`tests/kube_source.rs`) drive it directly; `ebpf-proxy-lab lab-apiserver`
 //! ([`run_lab`]) serves a manifests directory through it, so the lab's agents can run in
 //! Kubernetes mode.
 
@@ -835,7 +835,7 @@ async fn start_stream(stream: &mut TcpStream) -> bool {
 /// from it.
 pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
-/// Options of `ebpf-proxy lab-apiserver`.
+/// Options of `ebpf-proxy-lab lab-apiserver`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LabApiArgs {
     /// The manifests directory to serve (the format `run --manifests` reads). Changes to it
@@ -860,7 +860,7 @@ pub struct LabApiArgs {
 pub type Served = BTreeMap<(Kind, String, String), Value>;
 
 /// The objects of a manifests directory as API objects (namespace `""` for Nodes).
-pub fn served_objects(objects: &crate::manifests::Objects) -> Served {
+pub fn served_objects(objects: &proxy_userspace::manifests::Objects) -> Served {
     let mut out = Served::new();
     let mut put = |kind: Kind, v: serde_json::Result<Value>| {
         if let Ok(v) = v {
@@ -946,7 +946,7 @@ fn first_resource_version() -> u64 {
         .unwrap_or(1)
 }
 
-/// `ebpf-proxy lab-apiserver`: serves a manifests directory over the list/watch protocol
+/// `ebpf-proxy-lab lab-apiserver`: serves a manifests directory over the list/watch protocol
 /// until SIGINT/SIGTERM. An unreadable directory or file is logged and the last good state
 /// kept (like an API server whose objects nobody changes).
 pub async fn run_lab(args: LabApiArgs) -> anyhow::Result<()> {
@@ -998,7 +998,7 @@ fn sync_dir(
     served: &mut Served,
     last_fp: &mut Option<u64>,
 ) {
-    let fp = match crate::manifests::fingerprint(dir) {
+    let fp = match proxy_userspace::manifests::fingerprint(dir) {
         Ok(fp) => fp,
         Err(e) => {
             log::warn!("reading {}: {e}; serving the last state", dir.display());
@@ -1008,7 +1008,7 @@ fn sync_dir(
     if *last_fp == Some(fp) {
         return;
     }
-    let (files, errors) = match crate::manifests::load_dir_by_file(dir) {
+    let (files, errors) = match proxy_userspace::manifests::load_dir_by_file(dir) {
         Ok(r) => r,
         Err(e) => {
             log::warn!("{e}; serving the last state");

@@ -17,8 +17,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use proxy_lab::cluster::Binaries;
+use proxy_lab::lab::{Lab, LabSpec, NODES, POD_SERVER_PORT, PodSpec, node_ip, node_pod_cidr};
 use serde_json::{Value, json};
-use xtask::lab::{Lab, LabSpec, NODES, POD_SERVER_PORT, PodSpec, node_ip, node_pod_cidr};
 
 use super::{client::monotonic_ns, rules, rules::Svc};
 
@@ -603,7 +604,7 @@ fn read_i64(p: &Path) -> i64 {
         .unwrap_or(0)
 }
 
-pub fn run(bin: &Path, opts: &LabOpts, say: &dyn Fn(&str)) -> Result<Value> {
+pub fn run(bins: &Binaries, opts: &LabOpts, say: &dyn Fn(&str)) -> Result<Value> {
     let mut pods = vec![PodSpec {
         name: CLIENT.into(),
         node: 1,
@@ -618,7 +619,8 @@ pub fn run(bin: &Path, opts: &LabOpts, say: &dyn Fn(&str)) -> Result<Value> {
     }
     say("bench lab: client on node1, srv0..srv9 on node2");
     let lab = Lab::up(None, &LabSpec { pods })?;
-    lab.start_pod_servers(bin)?;
+    lab.start_pod_servers(&bins.tools)?;
+    let bin = &bins.agent;
     let dir = lab.state_dir().join("bench");
     fs::create_dir_all(&dir)?;
     let cgroup = PathBuf::from(format!(

@@ -1,7 +1,11 @@
 //! Lab tooling, not part of the node datapath: a tc egress program that plays the
 //! Katran-style balancer in front of the nodes, wrapping packets for a VIP in IPIP or GUE
-//! (variant 1) addressed to one node. `ebpf-proxy lab-encap` attaches it in the lab's external
-//! client namespace so tests can send encapsulated traffic (the kernel here has no ipip module).
+//! (variant 1) addressed to one node. `ebpf-proxy-lab lab-encap` attaches it in the lab's
+//! external client namespace so tests can send encapsulated traffic (the kernel here has no
+//! ipip module). Its own object, so the shipped proxy-ebpf object carries only the product.
+#![no_std]
+#![no_main]
+
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, TC_ACT_OK, TC_ACT_SHOT,
@@ -18,7 +22,8 @@ use proxy_common::{
     proto,
 };
 
-use crate::parse::ETH_HLEN;
+/// Ethernet header length (the product's `parse::ETH_HLEN`).
+const ETH_HLEN: usize = 14;
 
 #[btf_map]
 static LAB_ENC_V1: Array<EncapConfig, 1> = Array::new();
@@ -95,3 +100,13 @@ fn try_encap(ctx: &TcContext) -> Result<(), ()> {
     }
     Ok(())
 }
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

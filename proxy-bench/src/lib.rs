@@ -4,8 +4,8 @@
 //! `docs/bench/results.json`, `docs/bench/results.md`, `docs/bench/*.png`, and refreshes the
 //! results section of `BENCHMARKS.md` between its markers.
 //!
-//! xtask does not depend on proxy-userspace (it is built before bpf-linker exists): the
-//! per-packet part runs as `cargo bench -p proxy-userspace --bench packet_cost -- --json`.
+//! A library called by `cargo xtask bench`; like xtask it does not depend on proxy-userspace
+//! (it is built before bpf-linker exists): the per-packet part runs as `cargo bench -p proxy-userspace --bench packet_cost -- --json`.
 pub mod client;
 mod labbench;
 mod plot;
@@ -23,6 +23,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
 use labbench::{LabOpts, Mode};
+pub use proxy_lab::cluster::Binaries;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -39,6 +40,9 @@ pub struct BenchArgs {
     /// Use this ebpf-proxy binary instead of building one (e.g. while the tree does not build).
     #[arg(long, value_name = "PATH")]
     pub ebpf_proxy: Option<PathBuf>,
+    /// The lab tools binary to use with --ebpf-proxy (default: `ebpf-proxy-lab` beside it).
+    #[arg(long, value_name = "PATH", requires = "ebpf_proxy")]
+    pub ebpf_proxy_lab: Option<PathBuf>,
     /// Run the packet_cost bench in this workspace (e.g. an export of a commit) instead of
     /// this one.
     #[arg(long, value_name = "DIR")]
@@ -159,7 +163,7 @@ pub fn render(json: &Path, out: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-pub fn bench(bin: &Path, args: &BenchArgs) -> Result<()> {
+pub fn bench(bins: &Binaries, args: &BenchArgs) -> Result<()> {
     let start = Instant::now();
     let say = |s: &str| eprintln!("bench: {s}");
     let m = machine();
@@ -220,7 +224,7 @@ pub fn bench(bin: &Path, args: &BenchArgs) -> Result<()> {
         if let Some(r) = args.reps {
             opts.reps = r.max(1);
         }
-        labbench::run(bin, &opts, &say)?
+        labbench::run(bins, &opts, &say)?
     };
     let results = json!({
         "machine": m,

@@ -14,23 +14,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xtask::{
-    cluster::{CANARY_IP, CANARY_PORT, CLUSTER_IP, Cluster, Conditions, Endpoint, SERVICE_PORT},
+use proxy_lab::{
+    cluster::{
+        Binaries, CANARY_IP, CANARY_PORT, CLUSTER_IP, Cluster, Conditions, Endpoint, SERVICE_PORT,
+    },
     lab::{LabSpec, NODES},
 };
 
 /// The bound the issue sets: flows to a removed endpoint stop within this long.
 const BOUND: Duration = Duration::from_secs(2);
 
-fn bin() -> PathBuf {
-    xtask::cluster::test_binary()
+fn bins() -> Binaries {
+    proxy_lab::cluster::test_binaries()
 }
 
 fn up() -> (Cluster, Vec<Endpoint>) {
     let spec = LabSpec::default_demo();
-    let eps = xtask::cluster::hostnames_endpoints(&spec);
+    let eps = proxy_lab::cluster::hostnames_endpoints(&spec);
     assert_eq!(eps.len(), 3);
-    let c = Cluster::up(&bin(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
+    let c = Cluster::up(&bins(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
     (c, eps)
 }
 
@@ -224,7 +226,7 @@ fn udp_flow_leaves_a_removed_endpoint_within_2s() {
 // ---- scale to zero and back ----------------------------------------------------------------
 
 /// Short-timeout probe from the client pod.
-fn quick_probe(c: &Cluster, target: &str, udp: bool, n: u32) -> xtask::cluster::Probe {
+fn quick_probe(c: &Cluster, target: &str, udp: bool, n: u32) -> proxy_lab::cluster::Probe {
     c.probe_in(&c.lab.pod_ns("client"), target, udp, n, 500)
         .expect("probe")
 }
@@ -234,7 +236,7 @@ fn until(
     c: &Cluster,
     t0: Instant,
     udp: bool,
-    done: impl Fn(&xtask::cluster::Probe) -> bool,
+    done: impl Fn(&proxy_lab::cluster::Probe) -> bool,
 ) -> Duration {
     loop {
         let p = quick_probe(c, &vip(), udp, 1);
@@ -260,7 +262,7 @@ fn scale_to_zero_rejects_and_back_serves_within_2s() {
 
     let t0 = Instant::now();
     c.set_endpoints(&[]).expect("empty slice");
-    let refused = |p: &xtask::cluster::Probe| p.failures().get("refused") == Some(&1);
+    let refused = |p: &proxy_lab::cluster::Probe| p.failures().get("refused") == Some(&1);
     let tcp_refused = until(&c, t0, false, refused);
     let udp_refused = until(&c, t0, true, refused);
     for udp in [false, true] {
@@ -277,7 +279,7 @@ fn scale_to_zero_rejects_and_back_serves_within_2s() {
     std::thread::sleep(Duration::from_millis(500));
     let t1 = Instant::now();
     c.set_endpoints(&eps).expect("slice back");
-    let ok = |p: &xtask::cluster::Probe| p.ok() == 1;
+    let ok = |p: &proxy_lab::cluster::Probe| p.ok() == 1;
     let tcp_back = until(&c, t1, false, ok);
     let udp_back = until(&c, t1, true, ok);
     std::thread::sleep(Duration::from_millis(1500));

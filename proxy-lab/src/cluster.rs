@@ -102,10 +102,39 @@ pub fn nodes_yaml() -> String {
         .join("---\n")
 }
 
+/// The programs the lab runs: the agent under test and the lab tools.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// `ebpf-proxy`: the product (agent, `inspect`, `trace`).
+    pub agent: PathBuf,
+    /// `ebpf-proxy-lab`: pod servers, probes, canaries, the lab API server, the encapsulator.
+    pub tools: PathBuf,
+}
+
+impl Binaries {
+    /// Both paths made absolute (the lab runs them from other namespaces and directories).
+    pub fn canonicalize(&self) -> Result<Self> {
+        Ok(Self {
+            agent: fs::canonicalize(&self.agent)
+                .with_context(|| format!("ebpf-proxy binary {}", self.agent.display()))?,
+            tools: fs::canonicalize(&self.tools)
+                .with_context(|| format!("ebpf-proxy-lab binary {}", self.tools.display()))?,
+        })
+    }
+
+    /// `ebpf-proxy-lab` next to `ebpf-proxy` (both built into the same target directory).
+    pub fn beside(agent: &Path) -> Self {
+        Self {
+            agent: agent.to_path_buf(),
+            tools: agent.with_file_name("ebpf-proxy-lab"),
+        }
+    }
+}
+
 /// The lab with agents running.
 pub struct Cluster {
     pub lab: Lab,
-    pub bin: PathBuf,
+    pub bins: Binaries,
     pub manifests: PathBuf,
     agents: BTreeMap<u8, u32>,
     /// Kubernetes mode: the lab API server the agents watch (`None`: agents read
@@ -115,7 +144,7 @@ pub struct Cluster {
     pub agent_args: Vec<String>,
 }
 
-/// `ebpf-proxy lab-apiserver` serving the manifests directory, in the router namespace (every
+/// `ebpf-proxy-lab lab-apiserver` serving the manifests directory, in the router namespace (every
 /// node reaches the router's fabric address, like a control plane outside the nodes).
 #[derive(Debug)]
 pub struct LabApiServer {
@@ -131,40 +160,40 @@ impl Cluster {
     /// Brings up the lab, starts the pod servers, writes the manifests and starts both agents.
     /// Returns once both agents have programmed the service with `endpoints.len()` endpoints.
     pub fn up(
-        bin: &Path,
+        bins: &Binaries,
         spec: &LabSpec,
         endpoints: &[Endpoint],
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        Self::up_from(bin, spec, endpoints, None, say)
+        Self::up_from(bins, spec, endpoints, None, say)
     }
 
     /// Like [`Cluster::up`], but copies the manifests from `src` (YAML files) instead of
     /// generating them; `endpoints` must describe what `src` holds.
     pub fn up_from(
-        bin: &Path,
+        bins: &Binaries,
         spec: &LabSpec,
         endpoints: &[Endpoint],
         src: Option<&Path>,
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        Self::up_with(bin, spec, endpoints, src, false, say)
+        Self::up_with(bins, spec, endpoints, src, false, say)
     }
 
-    /// Like [`Cluster::up`], in Kubernetes mode: `ebpf-proxy lab-apiserver` serves the
+    /// Like [`Cluster::up`], in Kubernetes mode: `ebpf-proxy-lab lab-apiserver` serves the
     /// manifests directory (so the manifest helpers change API objects) and the agents run
     /// with `--kubeconfig`.
     pub fn up_kube(
-        bin: &Path,
+        bins: &Binaries,
         spec: &LabSpec,
         endpoints: &[Endpoint],
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        Self::up_with(bin, spec, endpoints, None, true, say)
+        Self::up_with(bins, spec, endpoints, None, true, say)
     }
 
     fn up_with(
-        bin: &Path,
+        bins: &Binaries,
         spec: &LabSpec,
         endpoints: &[Endpoint],
         src: Option<&Path>,
@@ -174,7 +203,7 @@ impl Cluster {
         say("creating the lab: router, node1, node2, external client, pods on cbr0 bridges");
         let lab = Lab::up(None, spec)?;
         say("starting serve-hostname in every pod (TCP and UDP :9376)");
-        lab.start_pod_servers(bin)?;
+        lab.start_pod_servers(&bins.tools)?;
         let manifests = lab.state_dir().join("manifests");
         fs::create_dir_all(&manifests)?;
         match src {
@@ -195,7 +224,7 @@ impl Cluster {
         }
         let mut c = Cluster {
             lab,
-            bin: fs::canonicalize(bin)?,
+            bins: bins.canonicalize()?,
             manifests,
             agents: BTreeMap::new(),
             kube: None,
@@ -228,7 +257,7 @@ impl Cluster {
             None => ["--manifests".into(), self.manifests.display().to_string()],
         };
         let args: Vec<String> = vec![
-            self.bin.display().to_string(),
+            self.bins.agent.display().to_string(),
             "run".into(),
             source[0].clone(),
             source[1].clone(),
@@ -333,7 +362,7 @@ impl Cluster {
             self.spawn_in_pod(
                 &e.pod,
                 &[
-                    self.bin.display().to_string(),
+                    self.bins.tools.display().to_string(),
                     "serve-hostname".into(),
                     "--name".into(),
                     e.pod.clone(),
@@ -409,7 +438,7 @@ impl Cluster {
 
     /// `ebpf-proxy inspect --json` against node `node`'s pins.
     pub fn inspect(&self, node: u8) -> Result<serde_json::Value> {
-        let out = std::process::Command::new(&self.bin)
+        let out = std::process::Command::new(&self.bins.agent)
             .args(["inspect", "--json", "--bpffs"])
             .arg(self.lab.bpffs(node))
             .output()?;
@@ -463,12 +492,12 @@ impl Cluster {
         Ok(())
     }
 
-    /// `ebpf-proxy probe` from inside pod `pod`.
+    /// `ebpf-proxy-lab probe` from inside pod `pod`.
     pub fn probe(&self, pod: &str, target: &str, udp: bool, count: u32) -> Result<Probe> {
         self.probe_in(&self.lab.pod_ns(pod), target, udp, count, 2000)
     }
 
-    /// `ebpf-proxy probe` from any lab namespace (a pod, a node, `ext`).
+    /// `ebpf-proxy-lab probe` from any lab namespace (a pod, a node, `ext`).
     pub fn probe_in(
         &self,
         ns: &str,
@@ -478,7 +507,7 @@ impl Cluster {
         timeout_ms: u32,
     ) -> Result<Probe> {
         let mut args: Vec<String> = vec![
-            self.bin.display().to_string(),
+            self.bins.tools.display().to_string(),
             "probe".into(),
             target.into(),
             "--count".into(),
@@ -502,7 +531,7 @@ impl Cluster {
     }
 }
 
-/// A probe report (the JSON of `ebpf-proxy probe --json`).
+/// A probe report (the JSON of `ebpf-proxy-lab probe --json`).
 #[derive(Debug)]
 pub struct Probe(pub serde_json::Value);
 
@@ -706,10 +735,11 @@ impl Cluster {
     }
 }
 
-/// For lab tests: the `ebpf-proxy` binary under test (`EBPF_PROXY_BIN`, as `cargo xtask test`
-/// sets it, else `target/release/ebpf-proxy`). Panics with the fix when not root or when the
-/// binary is missing: lab tests never skip silently.
-pub fn test_binary() -> PathBuf {
+/// For lab tests: the binaries under test, `EBPF_PROXY_BIN` (the agent) and
+/// `EBPF_PROXY_LAB_BIN` (the lab tools) as `cargo xtask test` sets them, else
+/// `target/release/ebpf-proxy` and `ebpf-proxy-lab` beside it. Panics with the fix when not
+/// root or when a binary is missing: lab tests never skip silently.
+pub fn test_binaries() -> Binaries {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         panic!(
@@ -717,17 +747,26 @@ pub fn test_binary() -> PathBuf {
              test` as root"
         );
     }
-    let p = std::env::var_os("EBPF_PROXY_BIN")
+    let agent = std::env::var_os("EBPF_PROXY_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/ebpf-proxy")
         });
-    assert!(
-        p.is_file(),
-        "{} not found: build it first (cargo xtask build) or set EBPF_PROXY_BIN",
-        p.display()
-    );
-    p
+    let mut bins = Binaries::beside(&agent);
+    if let Some(t) = std::env::var_os("EBPF_PROXY_LAB_BIN") {
+        bins.tools = PathBuf::from(t);
+    }
+    for (p, var) in [
+        (&bins.agent, "EBPF_PROXY_BIN"),
+        (&bins.tools, "EBPF_PROXY_LAB_BIN"),
+    ] {
+        assert!(
+            p.is_file(),
+            "{} not found: build it first (cargo xtask build) or set {var}",
+            p.display()
+        );
+    }
+    bins
 }
 
 /// Kubernetes mode ([`Cluster::up_kube`]): the lab API server.
@@ -748,7 +787,7 @@ impl Cluster {
             .clone();
         let (ip, port) = API_SERVER_ADDR;
         let args: Vec<String> = vec![
-            self.bin.display().to_string(),
+            self.bins.tools.display().to_string(),
             "lab-apiserver".into(),
             "--manifests".into(),
             self.manifests.display().to_string(),
@@ -828,7 +867,7 @@ impl Cluster {
     }
 }
 
-/// A canary (`ebpf-proxy canary`) running in the `client` pod against the canary service.
+/// A canary (`ebpf-proxy-lab canary`) running in the `client` pod against the canary service.
 #[derive(Debug)]
 pub struct CanaryRun {
     pub pid: u32,
@@ -851,7 +890,7 @@ impl Cluster {
         let pid = self.spawn_in_pod(
             "client",
             &[
-                self.bin.display().to_string(),
+                self.bins.tools.display().to_string(),
                 "canary".into(),
                 format!("{CANARY_IP}:{CANARY_PORT}"),
                 "--tcp".into(),

@@ -1,4 +1,4 @@
-//! `ebpf-proxy canary`: long-lived TCP connections and UDP flows through a service, checked
+//! `ebpf-proxy-lab canary`: long-lived TCP connections and UDP flows through a service, checked
 //! continuously, to prove that agent restarts and program replacements drop nothing.
 //!
 //! - TCP: `--tcp N` connections to a `serve-hostname --echo` service. Each reads the server's
@@ -27,7 +27,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::labtools::parse_reply_line;
+use crate::serve_probe::parse_reply_line;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CanaryArgs {
@@ -390,7 +390,7 @@ pub async fn run_cli(args: CanaryArgs) -> Result<i32> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::labtools::{HostnameServer, ServeArgs};
+    use crate::serve_probe::{HostnameServer, ServeArgs};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn canary_holds_connections_to_an_echo_server_and_notices_it_going_away() {
@@ -441,7 +441,7 @@ mod tests {
             while let Ok((mut s, peer)) = l.accept().await {
                 tokio::spawn(async move {
                     let _ = s
-                        .write_all(crate::labtools::reply_line("pod-b", peer).as_bytes())
+                        .write_all(crate::serve_probe::reply_line("pod-b", peer).as_bytes())
                         .await;
                     let (mut rd, mut wr) = s.split();
                     let _ = tokio::time::timeout(

@@ -2,19 +2,19 @@
 //! datapath keeps forwarding while the agent is down, and each new agent swaps its freshly
 //! loaded programs into the existing links atomically (BPF_LINK_UPDATE). A canary holds
 //! long-lived TCP connections and UDP flows through a ClusterIP the whole time. Needs root.
-use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, fs, time::Duration};
 
-use xtask::{
-    cluster::{CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT, assert_canary_lost_nothing},
+use proxy_lab::{
+    cluster::{Binaries, CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT, assert_canary_lost_nothing},
     lab::{LabSpec, NODES},
 };
 
-fn bin() -> PathBuf {
-    xtask::cluster::test_binary()
+fn bins() -> Binaries {
+    proxy_lab::cluster::test_binaries()
 }
 
 fn endpoints(spec: &LabSpec) -> Vec<Endpoint> {
-    xtask::cluster::hostnames_endpoints(spec)
+    proxy_lab::cluster::hostnames_endpoints(spec)
 }
 
 /// (interface, direction) -> (link id, prog id, attached) from `inspect --json`.
@@ -74,7 +74,7 @@ fn check_report(r: &serde_json::Value, tcp: u64, udp: u64, what: &str) {
 fn sigkill_and_restart_agents_drops_no_connection() {
     let spec = LabSpec::default_demo();
     let eps = endpoints(&spec);
-    let mut c = Cluster::up(&bin(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
+    let mut c = Cluster::up(&bins(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
     c.start_canary_service(&eps).expect("canary service");
     let (tcp, udp) = (60, 12);
     let canary = c.start_canary("restart", tcp, udp).expect("canary");
@@ -172,7 +172,7 @@ fn sigkill_and_restart_agents_drops_no_connection() {
 fn sigterm_keeps_forwarding_and_cleanup_removes_the_datapath() {
     let spec = LabSpec::default_demo();
     let eps = endpoints(&spec);
-    let mut c = Cluster::up(&bin(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
+    let mut c = Cluster::up(&bins(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
     c.start_canary_service(&eps).expect("canary service");
     let canary = c.start_canary("sigterm", 50, 10).expect("canary");
     for n in NODES {
@@ -190,7 +190,7 @@ fn sigterm_keeps_forwarding_and_cleanup_removes_the_datapath() {
     check_report(&r, 50, 10, "across SIGTERM of both agents");
 
     for n in NODES {
-        let out = std::process::Command::new(&c.bin)
+        let out = std::process::Command::new(&c.bins.agent)
             .args(["cleanup", "--bpffs"])
             .arg(c.lab.bpffs(n))
             .output()
