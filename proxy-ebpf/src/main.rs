@@ -5,7 +5,6 @@
 
 mod fib;
 mod icmp;
-mod labencap;
 mod lb;
 mod maps;
 mod nat;

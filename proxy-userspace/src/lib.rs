@@ -2,12 +2,8 @@
 //! `sync` (one reconcile step) -> `translate` (pure) -> `plan` (pure) -> `datapath` (syscalls),
 //! with `serve` (health, metrics) beside and `cmd` (the subcommands) on top.
 pub mod abi;
-pub mod canary;
 pub mod cmd;
 pub mod datapath;
-pub mod fakeapi;
-pub mod labencap;
-pub mod labtools;
 pub mod packet;
 pub mod plan;
 pub mod serve;

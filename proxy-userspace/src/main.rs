@@ -4,9 +4,8 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Result;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use proxy_userspace::{
-    canary,
     cmd::{cleanup, config, inspect, run, trace},
-    datapath, fakeapi, labencap, labtools,
+    datapath,
 };
 
 #[derive(Parser)]
@@ -52,27 +51,10 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
-    /// A test server like Kubernetes' serve_hostname: answers TCP and UDP with its name and
-    /// the client address it saw.
-    ServeHostname(labtools::ServeArgs),
-    /// A connect-per-request client: N connections (or datagrams) to an address, and a count of
-    /// who answered.
-    Probe(labtools::ProbeArgs),
     /// Where does this packet go? Runs the real programs on synthesized packets against
     /// private maps programmed from the manifests; prints the verdict, the endpoints reached,
     /// and whether the backend sees the client's address. Exit 0 whatever the verdict.
     Trace(trace::TraceArgs),
-    /// Lab tooling: wrap packets to a VIP in IPIP/GUE towards a node (a stand-in for a
-    /// Katran-style balancer).
-    #[command(hide = true)]
-    LabEncap(labencap::EncapArgs),
-    /// Lab tooling: a stand-in Kubernetes API server serving a manifests directory (Services,
-    /// EndpointSlices, Nodes) over list/watch, for agents run with --kubeconfig.
-    #[command(hide = true)]
-    LabApiserver(fakeapi::LabApiArgs),
-    /// Long-lived TCP connections and UDP flows through a service, checked continuously;
-    /// reports "connections lost: L of N" (exit 1 if any was lost).
-    Canary(canary::CanaryArgs),
 }
 
 fn main() -> ExitCode {
@@ -121,18 +103,7 @@ fn real_main(cli: Cli, run_matches: Option<&clap::ArgMatches>) -> Result<ExitCod
                 dir.display()
             );
         }
-        Command::ServeHostname(args) => rt.block_on(labtools::serve(args))?,
-        Command::Canary(args) => {
-            let code = rt.block_on(canary::run_cli(args))?;
-            return Ok(ExitCode::from(code as u8));
-        }
-        Command::Probe(args) => {
-            let code = rt.block_on(labtools::run_probe_cli(args))?;
-            return Ok(ExitCode::from(code as u8));
-        }
         Command::Trace(args) => trace::run(&args)?,
-        Command::LabEncap(args) => rt.block_on(labencap::run(args))?,
-        Command::LabApiserver(args) => rt.block_on(fakeapi::run_lab(args))?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,7 @@
 //! Toolchain bootstrap: idempotent, quick when already done, and loud about what it changes.
 //!
-//! - Debian packages the lab and tests use (iproute2, bpftool, ...), installed with apt-get.
+//! - Debian packages for every program the lab, tests, demo and bench run (iproute2, bpftool,
+//!   ethtool, ...: [`PACKAGES`]), installed with apt-get.
 //! - The nightly toolchain's `rust-src` (eBPF builds use `-Z build-std=core`).
 //! - bpf-linker, linked against the nightly rustc's own libLLVM (no LLVM package of the right
 //!   major exists here). Versions and file names are derived from the installed toolchain.
@@ -15,15 +16,30 @@ use anyhow::{Context as _, Result, bail};
 /// bpf-linker release known to build against LLVM 22 with the `llvm-22` feature.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// (command that must exist, Debian package providing it)
+/// Every program the build, lint, tests, demo and bench run, and the Debian package providing
+/// it: (command that must exist, package). Coreutils and `sh` are always there.
 const PACKAGES: &[(&str, &str)] = &[
+    // The lab: namespaces, veths, bridges, routes (`ip netns exec` runs every lab process).
     ("ip", "iproute2"),
+    // Map dumps in the demo, cgroup program checks in e2e_hostnet, `inspect`-style debugging.
     ("bpftool", "bpftool"),
+    // e2e_external turns tx checksum offload off on the uplinks (partial-checksum packets).
+    ("ethtool", "ethtool"),
+    // Lab topology checks.
     ("ping", "iputils-ping"),
+    // The bench's kube-proxy nftables layout.
     ("nft", "nftables"),
+    // The bench's kube-proxy iptables layouts (legacy and nft backends, `*-restore`).
     ("iptables", "iptables"),
+    ("iptables-legacy-restore", "iptables"),
+    ("iptables-nft-restore", "iptables"),
     // The bench flushes netfilter conntrack between modes and reports its statistics.
     ("conntrack", "conntrack"),
+    // health_metrics: /healthz and /metrics from inside a node namespace.
+    ("curl", "curl"),
+    // e2e_external's socket scripts; `lint` validates the deploy manifests with a pip package.
+    ("python3", "python3"),
+    ("pip3", "python3-pip"),
 ];
 
 pub fn have_command(cmd: &str) -> bool {
@@ -71,11 +87,14 @@ fn cargo_bin_dir() -> PathBuf {
 }
 
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(c, _)| !have_command(c))
         .map(|(_, p)| *p)
         .collect();
+    // One package can provide several commands.
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }

@@ -5,6 +5,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use proxy_lab::cluster::Binaries;
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -62,24 +63,27 @@ pub fn build_ebpf() -> Result<PathBuf> {
     Ok(obj)
 }
 
-/// Builds the agent (its build.rs embeds the eBPF object). Returns the binary's path.
-pub fn build_all() -> Result<PathBuf> {
+/// Builds the agent (its build.rs embeds the eBPF object) and the lab tools (theirs embeds the
+/// lab's eBPF object). Returns both binaries' paths.
+pub fn build_all() -> Result<Binaries> {
     let root = workspace_root();
     build_ebpf()?;
-    eprintln!("build: ebpf-proxy and xtask (release)");
+    eprintln!("build: ebpf-proxy, ebpf-proxy-lab and xtask (release)");
     run(Command::new("cargo")
         .current_dir(&root)
         .args(["build", "--release", "--bins"]))?;
-    let bin = root.join("target/release/ebpf-proxy");
-    if !bin.is_file() {
-        bail!("{} was not produced", bin.display());
+    let bins = Binaries::beside(&root.join("target/release/ebpf-proxy"));
+    for bin in [&bins.agent, &bins.tools] {
+        if !bin.is_file() {
+            bail!("{} was not produced", bin.display());
+        }
     }
-    Ok(bin)
+    Ok(bins)
 }
 
 pub fn lint() -> Result<()> {
     /// The crates built for `bpfel-unknown-none`, clippy'd below.
-    const EBPF_CRATES: &[&str] = &["proxy-ebpf"];
+    const EBPF_CRATES: &[&str] = &["proxy-ebpf", "proxy-lab-ebpf"];
     let root = workspace_root();
     eprintln!("lint: cargo fmt --check");
     run(Command::new("cargo")
@@ -169,13 +173,15 @@ pub fn test(extra: &[String]) -> Result<()> {
             "the test suite loads BPF programs and builds network namespaces: run it as root (sudo -E cargo xtask test)"
         );
     }
-    let bin = build_all()?;
-    eprintln!("test: cargo test --workspace --release (unit, packet fixtures, lab end-to-end)");
+    let bins = build_all()?;
+    // Every default member (all crates but the eBPF ones, which only build for bpfel).
+    eprintln!("test: cargo test --release (unit, packet fixtures, lab end-to-end)");
     run(Command::new("cargo")
         .current_dir(&root)
         .args(["test", "--release", "--no-fail-fast"])
         .args(extra)
-        .env("EBPF_PROXY_BIN", &bin))?;
+        .env("EBPF_PROXY_BIN", &bins.agent)
+        .env("EBPF_PROXY_LAB_BIN", &bins.tools))?;
     eprintln!("test: all passed");
     Ok(())
 }

@@ -6,9 +6,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use xtask::{
+use proxy_lab::{
     cluster::{
-        CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT, demo_manifests_dir, hostnames_endpoints,
+        Binaries, CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT, demo_manifests_dir,
+        hostnames_endpoints,
     },
     lab::{self, Lab, LabSpec},
 };
@@ -172,12 +173,12 @@ fn show_bpftool_dump(pin: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn demo(bin: &Path, connections: u32) -> Result<()> {
+pub fn demo(bins: &Binaries, connections: u32) -> Result<()> {
     let t0 = Instant::now();
     let spec = LabSpec::default_demo();
     let eps = hostnames_endpoints(&spec);
     let say = |m: &str| step(t0, m);
-    let c = Cluster::up_from(bin, &spec, &eps, Some(&demo_manifests_dir()), &say)?;
+    let c = Cluster::up_from(bins, &spec, &eps, Some(&demo_manifests_dir()), &say)?;
     step(
         t0,
         &format!(
@@ -206,7 +207,7 @@ pub fn demo(bin: &Path, connections: u32) -> Result<()> {
     );
     show_bpftool_dump(&svc_pin)?;
     step(t0, "ebpf-proxy inspect on node1:");
-    let out = Command::new(&c.bin)
+    let out = Command::new(&c.bins.agent)
         .args(["inspect", "--bpffs"])
         .arg(c.lab.bpffs(1))
         .output()?;

@@ -1,8 +1,9 @@
-//! `cargo xtask`: bootstrap, build, the lab, the demo, tests.
+//! `cargo xtask`: developer tasks (bootstrap, build, lint, test, demo) and the command lines
+//! of the lab (`proxy-lab`) and the bench (`proxy-bench`), which are libraries.
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use proxy_bench as bench;
 
-mod bench;
 mod bootstrap;
 mod build;
 mod demo;
@@ -93,19 +94,25 @@ fn main() -> Result<()> {
         Cmd::Lab { action } => demo::lab_cli(action_to_args(action)),
         Cmd::Demo { connections } => {
             bootstrap::bootstrap()?;
-            let bin = build::build_all()?;
-            demo::demo(&bin, connections)
+            let bins = build::build_all()?;
+            demo::demo(&bins, connections)
         }
         Cmd::Bench(args) => {
             if let Some(json) = &args.render {
                 return bench::render(json, args.out.as_deref());
             }
             bootstrap::bootstrap()?;
-            let bin = match &args.ebpf_proxy {
-                Some(p) => p.clone(),
+            let bins = match &args.ebpf_proxy {
+                Some(p) => {
+                    let mut bins = bench::Binaries::beside(p);
+                    if let Some(t) = &args.ebpf_proxy_lab {
+                        bins.tools = t.clone();
+                    }
+                    bins
+                }
                 None => build::build_all()?,
             };
-            bench::bench(&bin, &args)
+            bench::bench(&bins, &args)
         }
         Cmd::BenchClient { cmd } => bench::client::run(cmd),
     }

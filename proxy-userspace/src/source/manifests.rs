@@ -155,7 +155,7 @@ pub struct FileObjects {
     pub objects: Objects,
 }
 
-/// [`load_dir`], file by file (`ebpf-proxy lab-apiserver` dates each object's last change by
+/// [`load_dir`], file by file (`ebpf-proxy-lab lab-apiserver` dates each object's last change by
 /// its file).
 pub fn load_dir_by_file(dir: &Path) -> Result<(Vec<FileObjects>, Vec<ManifestError>), LoadError> {
     let files = manifest_files(dir).map_err(|source| LoadError {

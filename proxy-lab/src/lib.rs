@@ -1,0 +1,6 @@
+//! The network-namespace lab as a library: the topology (`lab`), a two-node cluster with
+//! agents and pod servers on it (`cluster`), and service fixtures (`services`). `cargo xtask`
+//! (lab CLI, demo), the bench and the end-to-end tests in `tests/` drive it.
+pub mod cluster;
+pub mod lab;
+pub mod services;

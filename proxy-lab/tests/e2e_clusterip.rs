@@ -1,0 +1,188 @@
+//! End to end in the namespace lab: real TCP and UDP connections from pods to a ClusterIP
+//! whose endpoints are on both nodes, through the real agent and programs. Needs root.
+use std::time::{Duration, Instant};
+
+use proxy_lab::{
+    cluster::{Binaries, CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT},
+    lab::LabSpec,
+};
+
+fn bins() -> Binaries {
+    proxy_lab::cluster::test_binaries()
+}
+
+fn endpoints(spec: &LabSpec) -> Vec<Endpoint> {
+    spec.pods
+        .iter()
+        .filter(|p| p.name.starts_with("hostnames-"))
+        .map(|p| Endpoint {
+            pod: p.name.clone(),
+            ip: p.ip,
+            node: p.node,
+            ready: true,
+        })
+        .collect()
+}
+
+fn up() -> (Cluster, Vec<Endpoint>) {
+    let spec = LabSpec::default_demo();
+    let eps = endpoints(&spec);
+    assert_eq!(eps.len(), 3);
+    assert_eq!(
+        eps.iter().filter(|e| e.node == 1).count(),
+        2,
+        "two endpoints on node1, one on node2"
+    );
+    let c = Cluster::up(&bins(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
+    (c, eps)
+}
+
+fn vip() -> String {
+    format!("{CLUSTER_IP}:{SERVICE_PORT}")
+}
+
+#[test]
+fn tcp_connections_to_a_cluster_ip_reach_every_endpoint_on_both_nodes() {
+    let (c, eps) = up();
+    let n = 240;
+    let p = c.probe("client", &vip(), false, n).expect("probe");
+    assert_eq!(p.sent(), n as u64);
+    assert_eq!(p.ok(), n as u64, "every connection succeeds: {:?}", p.0);
+    let answers = p.answers();
+    for e in &eps {
+        let k = answers.get(&e.pod).copied().unwrap_or(0);
+        // Uniform would be 80 each; 40 is far outside random variation.
+        assert!(k >= 40, "{} answered only {k} of {n}: {answers:?}", e.pod);
+    }
+    assert_eq!(
+        p.reply_sources().keys().cloned().collect::<Vec<_>>(),
+        vec![vip()],
+        "the client sees only the VIP as the peer"
+    );
+}
+
+#[test]
+fn udp_request_response_through_a_cluster_ip() {
+    let (c, eps) = up();
+    let n = 90;
+    let p = c.probe("client", &vip(), true, n).expect("probe");
+    assert_eq!(p.ok(), n as u64, "every UDP request answered: {:?}", p.0);
+    assert_eq!(
+        p.reply_sources().keys().cloned().collect::<Vec<_>>(),
+        vec![vip()],
+        "replies come from the VIP"
+    );
+    let answers = p.answers();
+    for e in &eps {
+        assert!(
+            answers.get(&e.pod).copied().unwrap_or(0) > 5,
+            "{} never answered: {answers:?}",
+            e.pod
+        );
+    }
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service() {
+    let (c, eps) = up();
+    let n = 90;
+    // Mixed: some connections hairpin, the others go to the other endpoints.
+    let p = c.probe("hostnames-a", &vip(), false, n).expect("probe");
+    assert_eq!(
+        p.ok(),
+        n as u64,
+        "hairpin and non-hairpin connections all succeed: {:?}",
+        p.0
+    );
+    assert!(
+        p.answers().get("hostnames-a").copied().unwrap_or(0) > 5,
+        "hostnames-a should sometimes answer itself: {:?}",
+        p.0
+    );
+    assert_eq!(
+        p.reply_sources().keys().cloned().collect::<Vec<_>>(),
+        vec![vip()]
+    );
+    // Only itself: every connection hairpins, TCP and UDP.
+    let me: Vec<Endpoint> = eps
+        .iter()
+        .filter(|e| e.pod == "hostnames-a")
+        .cloned()
+        .collect();
+    c.set_endpoints(&me).expect("rewrite slice");
+    c.wait_programmed(1, 1, Duration::from_secs(5))
+        .expect("node1 reprogrammed");
+    for udp in [false, true] {
+        let p = c.probe("hostnames-a", &vip(), udp, 40).expect("probe");
+        assert_eq!(p.ok(), 40, "udp={udp}: {:?}", p.0);
+        assert_eq!(
+            p.answers().keys().cloned().collect::<Vec<_>>(),
+            vec!["hostnames-a".to_owned()]
+        );
+        assert_eq!(
+            p.reply_sources().keys().cloned().collect::<Vec<_>>(),
+            vec![vip()],
+            "udp={udp}"
+        );
+        // The server saw the hairpin address (node1's bridge IP), never its own address.
+        let seen: Vec<String> = p.0["client_addrs_seen_by_server"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        assert_eq!(
+            seen,
+            vec!["10.76.0.1".to_owned()],
+            "udp={udp}: hairpin SNAT to the bridge address"
+        );
+    }
+}
+
+#[test]
+fn removing_an_endpoint_is_followed_within_a_second() {
+    let (c, eps) = up();
+    let removed = eps
+        .iter()
+        .find(|e| e.pod == "hostnames-b")
+        .expect("hostnames-b")
+        .clone();
+    let rest: Vec<Endpoint> = eps
+        .iter()
+        .filter(|e| e.pod != removed.pod)
+        .cloned()
+        .collect();
+    let t0 = Instant::now();
+    c.set_endpoints(&rest).expect("rewrite slice");
+    c.wait_programmed(1, 2, Duration::from_secs(5))
+        .expect("node1 reprogrammed");
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the agent took {took:?} to follow the manifest change"
+    );
+    for udp in [false, true] {
+        let p = c.probe("client", &vip(), udp, 120).expect("probe");
+        assert_eq!(p.ok(), 120, "udp={udp}: {:?}", p.0);
+        assert_eq!(
+            p.answers().get(&removed.pod),
+            None,
+            "udp={udp}: removed endpoint still answered: {:?}",
+            p.0
+        );
+        assert_eq!(
+            p.answers().len(),
+            2,
+            "udp={udp}: both remaining endpoints answer: {:?}",
+            p.0
+        );
+    }
+    // And back: the endpoint returns.
+    c.set_endpoints(&eps).expect("rewrite slice");
+    c.wait_programmed(1, 3, Duration::from_secs(5))
+        .expect("node1 reprogrammed");
+    let p = c.probe("client", &vip(), false, 150).expect("probe");
+    assert!(
+        p.answers().get(&removed.pod).copied().unwrap_or(0) > 10,
+        "endpoint back in rotation: {:?}",
+        p.0
+    );
+}

@@ -1,0 +1,258 @@
+//! End to end in the namespace lab: host-network processes (run in node1's network namespace
+//! and inside node1's cgroup, like kubelet or a hostNetwork pod) reach a ClusterIP through the
+//! socket-level programs (cgroup connect4/sendmsg4/recvmsg4/getpeername4). Needs root.
+use std::{
+    fs,
+    time::{Duration, Instant},
+};
+
+use proxy_lab::{
+    cluster::{Binaries, CLUSTER_IP, Cluster, Endpoint, Probe, SERVICE_PORT},
+    lab::{LabSpec, node_bridge_ip, node_ip},
+};
+
+fn bins() -> Binaries {
+    proxy_lab::cluster::test_binaries()
+}
+
+fn up() -> (Cluster, Vec<Endpoint>) {
+    let spec = LabSpec::default_demo();
+    let eps = proxy_lab::cluster::hostnames_endpoints(&spec);
+    assert_eq!(eps.len(), 3);
+    let c = Cluster::up(&bins(), &spec, &eps, &|m| eprintln!("{m}")).expect("cluster up");
+    (c, eps)
+}
+
+fn vip() -> String {
+    format!("{CLUSTER_IP}:{SERVICE_PORT}")
+}
+
+/// `ebpf-proxy-lab probe` as a host process of `node` (its namespace and its cgroup).
+fn host_probe(c: &Cluster, node: u8, target: &str, udp: bool, count: u32) -> Probe {
+    let mut args: Vec<String> = vec![
+        c.bins.tools.display().to_string(),
+        "probe".into(),
+        target.into(),
+        "--count".into(),
+        count.to_string(),
+        "--timeout-ms".into(),
+        "2000".into(),
+        "--json".into(),
+    ];
+    if udp {
+        args.push("--udp".into());
+    }
+    let out = c.lab.exec_host(node, &args).expect("exec probe");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "probe output ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Probe(v)
+}
+
+fn sock_xlated(c: &Cluster, node: u8) -> u64 {
+    let v = c.inspect(node).expect("inspect");
+    v["counters"]["socket_translated"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no socket_translated counter in {v}"))
+}
+
+fn keys(m: std::collections::BTreeMap<String, u64>) -> Vec<String> {
+    m.keys().cloned().collect()
+}
+
+/// TCP: every connection lands on one of the endpoints (on both nodes), `getpeername` shows the
+/// VIP, each connect is translated exactly once, and the backend sees a node address (the
+/// socket's own source: no masquerade needed). A process of the node that is not in its cgroup
+/// is not touched (the programs are attached to the node's cgroup, not the machine's root).
+#[test]
+fn host_tcp_connections_to_a_cluster_ip_reach_every_endpoint_and_see_the_vip() {
+    let (c, eps) = up();
+    let n = 240;
+    let before = sock_xlated(&c, 1);
+    let before2 = sock_xlated(&c, 2);
+    let p = host_probe(&c, 1, &vip(), false, n);
+    assert_eq!(p.sent(), n as u64);
+    assert_eq!(p.ok(), n as u64, "every connection succeeds: {:?}", p.0);
+    let answers = p.answers();
+    for e in &eps {
+        let k = answers.get(&e.pod).copied().unwrap_or(0);
+        // Uniform would be 80 each; 40 is far outside random variation.
+        assert!(k >= 40, "{} answered only {k} of {n}: {answers:?}", e.pod);
+    }
+    assert_eq!(
+        keys(p.reply_sources()),
+        vec![vip()],
+        "getpeername shows the VIP, never a backend"
+    );
+    let seen: Vec<String> = p.0["client_addrs_seen_by_server"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let node1_addrs = [node_bridge_ip(1).to_string(), node_ip(1).to_string()];
+    assert!(
+        !seen.is_empty() && seen.iter().all(|a| node1_addrs.contains(a)),
+        "backends see node1's own addresses {node1_addrs:?}, saw {seen:?}"
+    );
+    assert_eq!(
+        sock_xlated(&c, 1) - before,
+        n as u64,
+        "one socket translation per connect on node1"
+    );
+    assert_eq!(sock_xlated(&c, 2), before2, "node2's hooks saw nothing");
+
+    // Outside the cgroup: the same namespace, but the hooks do not apply.
+    let before = sock_xlated(&c, 1);
+    let _ = c.lab.exec(
+        &c.lab.node_ns(1),
+        &[
+            c.bins.tools.display().to_string(),
+            "probe".into(),
+            vip(),
+            "--udp".into(),
+            "--count".into(),
+            "1".into(),
+            "--timeout-ms".into(),
+            "300".into(),
+        ],
+    );
+    assert_eq!(
+        sock_xlated(&c, 1),
+        before,
+        "a process outside node1's cgroup is not translated"
+    );
+
+    // node2's host processes go through node2's own agent and cgroup.
+    let p = host_probe(&c, 2, &vip(), false, 60);
+    assert_eq!(p.ok(), 60, "node2 host process: {:?}", p.0);
+    assert_eq!(keys(p.reply_sources()), vec![vip()]);
+    assert!(sock_xlated(&c, 2) >= before2 + 60);
+}
+
+/// UDP on an unconnected socket: sendto(VIP) is translated by sendmsg4, recvfrom shows the
+/// VIP as the source (recvmsg4), and every endpoint answers over many sockets.
+#[test]
+fn host_udp_request_response_through_a_cluster_ip_comes_from_the_vip() {
+    let (c, eps) = up();
+    let n = 90;
+    let p = host_probe(&c, 1, &vip(), true, n);
+    assert_eq!(p.ok(), n as u64, "every UDP request answered: {:?}", p.0);
+    assert_eq!(
+        keys(p.reply_sources()),
+        vec![vip()],
+        "recvfrom reports the VIP as the source"
+    );
+    let answers = p.answers();
+    for e in &eps {
+        assert!(
+            answers.get(&e.pod).copied().unwrap_or(0) > 5,
+            "{} never answered: {answers:?}",
+            e.pod
+        );
+    }
+}
+
+/// A service with no endpoint: connect() and sendto() fail with ECONNREFUSED, what a
+/// kube-proxy REJECT gives a client ("connection refused"), instantly.
+#[test]
+fn host_connections_to_a_service_without_endpoints_are_refused() {
+    let (c, _) = up();
+    let empty_ip = "10.96.0.11";
+    fs::write(
+        c.manifests.join("empty.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: empty\n  namespace: default\n\
+             spec:\n  type: ClusterIP\n  clusterIP: {empty_ip}\n  clusterIPs: [\"{empty_ip}\"]\n\
+             \x20 ports:\n  - name: tcp\n    protocol: TCP\n    port: 80\n\
+             \x20 - name: udp\n    protocol: UDP\n    port: 80\n"
+        ),
+    )
+    .expect("write manifest");
+    let key = format!("{empty_ip}:80/TCP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = c.inspect(1).expect("inspect");
+        let found = v["services"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|x| x["service"] == key.as_str()));
+        if found {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{key} never programmed: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for udp in [false, true] {
+        let t0 = Instant::now();
+        let p = host_probe(&c, 1, &format!("{empty_ip}:80"), udp, 10);
+        assert_eq!(p.ok(), 0, "udp={udp}: {:?}", p.0);
+        assert_eq!(
+            p.failures().get("refused").copied(),
+            Some(10),
+            "udp={udp}: refused, not timed out: {:?}",
+            p.0
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "udp={udp}: refused at once"
+        );
+    }
+    // The VIP itself still works.
+    let p = host_probe(&c, 1, &vip(), false, 10);
+    assert_eq!(p.ok(), 10, "{:?}", p.0);
+}
+
+/// The programs attached to node `node`'s cgroup, from `bpftool cgroup show` (JSON).
+fn cgroup_programs(c: &Cluster, node: u8) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(c.lab.node_cgroup(node))
+        .arg("-j")
+        .output()
+        .expect("bpftool (apt-get install bpftool)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("bpftool JSON")
+}
+
+/// The cgroup links are pinned: host processes keep reaching the service while the agent is
+/// dead (SIGKILL), and a new agent swaps its programs into the pinned links (one program per
+/// hook, never two).
+#[test]
+fn host_processes_keep_working_across_an_agent_restart() {
+    let (mut c, _) = up();
+    let progs = cgroup_programs(&c, 1);
+    assert_eq!(progs.len(), 4, "four hooks on node1's cgroup: {progs:?}");
+    c.kill_agent(1).expect("kill agent");
+    for udp in [false, true] {
+        let p = host_probe(&c, 1, &vip(), udp, 30);
+        assert_eq!(p.ok(), 30, "agent down, udp={udp}: {:?}", p.0);
+        assert_eq!(keys(p.reply_sources()), vec![vip()], "udp={udp}");
+    }
+    c.restart_agent(1, Duration::from_secs(20))
+        .expect("restart agent");
+    c.wait_agent_log(1, "lb_sock_conn4 Replaced", Duration::from_secs(5))
+        .expect("the new agent adopted the pinned cgroup links");
+    let after = cgroup_programs(&c, 1);
+    assert_eq!(after.len(), 4, "still one program per hook: {after:?}");
+    let ids = |v: &[serde_json::Value]| -> Vec<u64> {
+        let mut ids: Vec<u64> = v.iter().filter_map(|p| p["id"].as_u64()).collect();
+        ids.sort_unstable();
+        ids
+    };
+    assert_ne!(
+        ids(&progs),
+        ids(&after),
+        "the new agent's programs are the ones attached"
+    );
+    for udp in [false, true] {
+        let p = host_probe(&c, 1, &vip(), udp, 30);
+        assert_eq!(p.ok(), 30, "after restart, udp={udp}: {:?}", p.0);
+        assert_eq!(keys(p.reply_sources()), vec![vip()], "udp={udp}");
+    }
+}

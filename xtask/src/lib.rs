@@ -1,3 +1,0 @@
-pub mod cluster;
-pub mod lab;
-pub mod services;
