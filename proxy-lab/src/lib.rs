@@ -3,4 +3,5 @@
 //! (lab CLI, demo), the bench and the end-to-end tests in `tests/` drive it.
 pub mod cluster;
 pub mod lab;
+pub mod programs;
 pub mod services;

@@ -12,35 +12,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+// Every program the build, lint, tests, demo and bench run -> its Debian package: one table,
+// shared with the lab, which refuses to run a program missing from it.
+use proxy_lab::programs::PROGRAMS as PACKAGES;
 
 /// bpf-linker release known to build against LLVM 22 with the `llvm-22` feature.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-
-/// Every program the build, lint, tests, demo and bench run, and the Debian package providing
-/// it: (command that must exist, package). Coreutils and `sh` are always there.
-const PACKAGES: &[(&str, &str)] = &[
-    // The lab: namespaces, veths, bridges, routes (`ip netns exec` runs every lab process).
-    ("ip", "iproute2"),
-    // Map dumps in the demo, cgroup program checks in e2e_hostnet, `inspect`-style debugging.
-    ("bpftool", "bpftool"),
-    // e2e_external turns tx checksum offload off on the uplinks (partial-checksum packets).
-    ("ethtool", "ethtool"),
-    // Lab topology checks.
-    ("ping", "iputils-ping"),
-    // The bench's kube-proxy nftables layout.
-    ("nft", "nftables"),
-    // The bench's kube-proxy iptables layouts (legacy and nft backends, `*-restore`).
-    ("iptables", "iptables"),
-    ("iptables-legacy-restore", "iptables"),
-    ("iptables-nft-restore", "iptables"),
-    // The bench flushes netfilter conntrack between modes and reports its statistics.
-    ("conntrack", "conntrack"),
-    // health_metrics: /healthz and /metrics from inside a node namespace.
-    ("curl", "curl"),
-    // e2e_external's socket scripts; `lint` validates the deploy manifests with a pip package.
-    ("python3", "python3"),
-    ("pip3", "python3-pip"),
-];
 
 pub fn have_command(cmd: &str) -> bool {
     env::var_os("PATH")

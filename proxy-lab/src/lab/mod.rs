@@ -227,6 +227,8 @@ impl Lab {
     /// cgroup (joined before exec), so the node's socket-level programs see it. Like
     /// [`Lab::exec`], returns the output whatever the exit status.
     pub fn exec_host<S: AsRef<OsStr>>(&self, node: u8, args: &[S]) -> Result<Output> {
+        ensure!(!args.is_empty(), "exec on node {node}: empty command");
+        crate::programs::ensure_known(args[0].as_ref())?;
         let procs = self.node_cgroup(node).join("cgroup.procs");
         let mut argv: Vec<OsString> = vec![
             "sh".into(),
@@ -242,6 +244,7 @@ impl Lab {
     /// exit status (errors only if it cannot be started).
     pub fn exec<S: AsRef<OsStr>>(&self, ns: &str, args: &[S]) -> Result<Output> {
         ensure!(!args.is_empty(), "exec in {ns}: empty command");
+        crate::programs::ensure_known(args[0].as_ref())?;
         netns_exec_command(ns, args)
             .stdin(Stdio::null())
             .output()
@@ -259,6 +262,7 @@ impl Lab {
     /// ([`Lab::log_path`]). The child is tracked: [`Lab::stop`] stops it, teardown kills it.
     pub fn spawn<S: AsRef<OsStr>>(&self, ns: &str, args: &[S]) -> Result<u32> {
         ensure!(!args.is_empty(), "spawn in {ns}: empty command");
+        crate::programs::ensure_known(args[0].as_ref())?;
         let logs = self.state_dir().join("logs");
         fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
         let seq = self.spawn_seq.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,123 @@
+//! Every program the build, lint, tests, demo and bench run, with the Debian package that
+//! provides it. `cargo xtask bootstrap` installs from this table, and the lab refuses to run a
+//! program missing from it, so a test fails here too, not only on a fresh machine.
+use std::ffi::OsStr;
+
+use anyhow::{Result, bail};
+
+/// (command that must exist, Debian package providing it).
+pub const PROGRAMS: &[(&str, &str)] = &[
+    // The lab: namespaces, veths, bridges, routes (`ip netns exec` runs every lab process).
+    ("ip", "iproute2"),
+    // Map dumps in the demo, cgroup program checks in e2e_hostnet, `inspect`-style debugging.
+    ("bpftool", "bpftool"),
+    // e2e_external turns tx checksum offload off on the uplinks (partial-checksum packets).
+    ("ethtool", "ethtool"),
+    // Lab topology checks.
+    ("ping", "iputils-ping"),
+    // The bench's kube-proxy nftables layout.
+    ("nft", "nftables"),
+    // The bench's kube-proxy iptables layouts (legacy and nft backends, `*-restore`).
+    ("iptables", "iptables"),
+    ("iptables-legacy-restore", "iptables"),
+    ("iptables-nft-restore", "iptables"),
+    // The bench flushes netfilter conntrack between modes and reports its statistics.
+    ("conntrack", "conntrack"),
+    // health_metrics: /healthz and /metrics from inside a node namespace.
+    ("curl", "curl"),
+    // e2e_external's socket scripts; `lint` validates the deploy manifests with a pip package.
+    ("python3", "python3"),
+    ("pip3", "python3-pip"),
+];
+
+/// Programs of Debian's essential packages (coreutils, dash, util-linux), always installed.
+pub const ESSENTIAL: &[&str] = &[
+    "sh", "cat", "sleep", "true", "false", "echo", "env", "timeout", "test", "mkdir", "rm", "ls",
+    "head", "tail", "tee", "stat", "nproc", "mount", "umount", "nsenter", "unshare",
+];
+
+/// Programs the toolchain brings (rustup) or that install the rest (apt-get).
+pub const TOOLCHAIN: &[&str] = &["cargo", "rustc", "rustup", "apt-get"];
+
+/// Fails, naming the fix, when `program` is neither in [`PROGRAMS`] nor always present. Paths
+/// (our own binaries, given by path) are not checked.
+pub fn ensure_known(program: &OsStr) -> Result<()> {
+    let name = program.to_string_lossy();
+    if name.contains('/') || is_known(&name) {
+        return Ok(());
+    }
+    bail!(
+        "the lab runs `{name}`, which bootstrap does not install: add it with its Debian package \
+         to proxy_lab::programs::PROGRAMS (proxy-lab/src/programs.rs)"
+    )
+}
+
+fn is_known(name: &str) -> bool {
+    PROGRAMS.iter().any(|(c, _)| *c == name)
+        || ESSENTIAL.contains(&name)
+        || TOOLCHAIN.contains(&name)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    #[test]
+    fn unknown_programs_are_refused_with_the_fix() {
+        let e =
+            ensure_known(OsStr::new("not-a-real-program")).expect_err("unknown program accepted");
+        assert!(e.to_string().contains("proxy-lab/src/programs.rs"), "{e}");
+        assert!(ensure_known(OsStr::new("ethtool")).is_ok());
+        assert!(ensure_known(OsStr::new("/work/target/release/ebpf-proxy")).is_ok());
+    }
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// Every program literal given to `Command::new` in the crates that run programs is known
+    /// (the lab's `exec`/`spawn` check the programs they run inside namespaces at run time).
+    #[test]
+    fn every_program_the_code_starts_is_in_the_table() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        for krate in [
+            "proxy-lab",
+            "proxy-lab-tools",
+            "proxy-bench",
+            "xtask",
+            "proxy-userspace",
+        ] {
+            rust_files(&root.join(krate), &mut files);
+        }
+        assert!(files.len() > 20, "found only {} source files", files.len());
+        let needle = "Command::new(\"";
+        let mut seen = 0;
+        for f in &files {
+            let text = std::fs::read_to_string(f).expect("read");
+            for (i, _) in text.match_indices(needle) {
+                let rest = &text[i + needle.len()..];
+                let name = &rest[..rest.find('"').expect("closing quote")];
+                seen += 1;
+                assert!(
+                    is_known(name),
+                    "{} starts `{name}`, which is not in proxy_lab::programs::PROGRAMS",
+                    f.display()
+                );
+            }
+        }
+        assert!(
+            seen > 5,
+            "found only {seen} Command::new calls: the scan is broken"
+        );
+    }
+}
