@@ -137,20 +137,38 @@ fn validate_deploy_manifests(root: &Path) -> Result<()> {
     if files.is_empty() {
         bail!("no manifests under {}", dir.display());
     }
-    let have = Command::new("python3")
+    // A private --target directory: Debian's system Python refuses `pip install` into itself
+    // (PEP 668, "externally-managed-environment"), and --target leaves it alone.
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    let site = home
+        .join(".cache/ebpf-proxy/pip")
+        .join(KUBERNETES_VALIDATE.replace("==", "-"));
+    let python = || {
+        let mut c = Command::new("python3");
+        c.env("PYTHONPATH", &site);
+        c
+    };
+    let have = python()
         .args(["-m", "kubernetes_validate", "--version"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !have {
-        eprintln!("lint: installing {KUBERNETES_VALIDATE} (pip)");
-        run(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            KUBERNETES_VALIDATE,
-        ]))
+        eprintln!(
+            "lint: installing {KUBERNETES_VALIDATE} (pip, into {})",
+            site.display()
+        );
+        run(python()
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--upgrade",
+                "--target",
+            ])
+            .arg(&site)
+            .arg(KUBERNETES_VALIDATE))
         .context(
             "installing kubernetes-validate with pip (needs python3 with pip and access to PyPI)",
         )?;
@@ -159,7 +177,7 @@ fn validate_deploy_manifests(root: &Path) -> Result<()> {
         "lint: kubernetes-validate --strict deploy/kubernetes ({} files)",
         files.len()
     );
-    run(Command::new("python3")
+    run(python()
         .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
         .args(&files))
 }
