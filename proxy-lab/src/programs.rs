@@ -23,6 +23,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("iptables-nft-restore", "iptables"),
     // The bench flushes netfilter conntrack between modes and reports its statistics.
     ("conntrack", "conntrack"),
+    // `lint` renders the deploy overlays (`kubectl kustomize`).
+    ("kubectl", "kubectl"),
     // health_metrics: /healthz and /metrics from inside a node namespace.
     ("curl", "curl"),
     // e2e_external's socket scripts; `lint` validates the deploy manifests with a pip package.

@@ -115,6 +115,7 @@ pub fn lint() -> Result<()> {
             ))?;
     }
     validate_deploy_manifests(&root)?;
+    check_container_context(&root)?;
     Ok(())
 }
 
@@ -124,18 +125,68 @@ const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// Validates every Kubernetes manifest under `deploy/kubernetes` against the API schemas
 /// with `kubernetes-validate --strict` (unknown fields are errors), installing it with pip
 /// first if it is missing (idempotent: an installed copy is reused).
+/// The image build (deploy/Containerfile, context = the repository root) must not send the
+/// build output or git history to the builder: gigabytes, and stale binaries in the image.
+fn check_container_context(root: &Path) -> Result<()> {
+    let path = root.join(".dockerignore");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    for needed in ["target", ".git"] {
+        if !text
+            .lines()
+            .map(|l| l.trim().trim_start_matches('/').trim_end_matches('/'))
+            .any(|l| l == needed)
+        {
+            bail!(
+                "{} does not exclude `{needed}`: the container build context would carry it",
+                path.display()
+            );
+        }
+    }
+    eprintln!("lint: .dockerignore excludes target and .git");
+    Ok(())
+}
+
 fn validate_deploy_manifests(root: &Path) -> Result<()> {
     let dir = root.join("deploy/kubernetes");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
+    // What users apply: every overlay as `kubectl kustomize` renders it, and the Jobs.
+    let out_dir = root.join("target/deploy-rendered");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    let overlays = dir.join("overlays");
+    let mut names: Vec<_> = std::fs::read_dir(&overlays)
+        .with_context(|| format!("reading {}", overlays.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    names.sort();
+    for name in names {
+        let out = Command::new("kubectl")
+            .arg("kustomize")
+            .arg(overlays.join(&name))
+            .output()
+            .context("running `kubectl kustomize` (Debian package kubectl)")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl kustomize {}: {}",
+                overlays.join(&name).display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let rendered = out_dir.join(format!("{}.yaml", name.to_string_lossy()));
+        std::fs::write(&rendered, &out.stdout)
+            .with_context(|| format!("writing {}", rendered.display()))?;
+        files.push(rendered);
+    }
+    let jobs = dir.join("jobs");
+    let mut job_files: Vec<PathBuf> = std::fs::read_dir(&jobs)
+        .with_context(|| format!("reading {}", jobs.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        // kustomize's own file is not a Kubernetes API object.
-        .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
         .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!("no manifests under {}", dir.display());
+    job_files.sort();
+    files.extend(job_files);
+    if files.len() < 3 {
+        bail!("expected overlays and jobs under {}", dir.display());
     }
     // A private --target directory: Debian's system Python refuses `pip install` into itself
     // (PEP 668, "externally-managed-environment"), and --target leaves it alone.
@@ -174,7 +225,7 @@ fn validate_deploy_manifests(root: &Path) -> Result<()> {
         )?;
     }
     eprintln!(
-        "lint: kubernetes-validate --strict deploy/kubernetes ({} files)",
+        "lint: kubernetes-validate --strict: rendered overlays and jobs ({} files)",
         files.len()
     );
     run(python()
