@@ -109,6 +109,55 @@ fn health_and_metrics_endpoints_of_a_running_agent() {
     assert!(sample(&text, SVC_BYTES).unwrap_or(0.0) > bytes, "{text}");
     println!("per-service counters: {pkts} -> {pkts2} packets");
 
+    // The cluster autoscaler marks node1 for deletion: /healthz says not eligible (503) so load
+    // balancers drain it, as kube-proxy 1.30+ does; /livez stays 200 (the agent is fine).
+    let nodes = fs::read_to_string(c.manifests.join("nodes.yaml")).expect("nodes.yaml");
+    let tainted = {
+        // node1 comes first in nodes.yaml: its `spec:` is the first one.
+        let at = nodes.find("spec:\n").expect("node1 spec");
+        let mut t = nodes.clone();
+        t.insert_str(
+            at + "spec:\n".len(),
+            "  taints:\n  - key: ToBeDeletedByClusterAutoscaler\n    effect: NoSchedule\n",
+        );
+        t
+    };
+    fs::write(c.manifests.join("nodes.yaml"), &tainted).expect("taint node1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (code, body) = c
+            .http_get(1, "http://127.0.0.1:10256/healthz")
+            .expect("healthz");
+        if code == 503 {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "healthz still {code} 10 s after node1 was tainted for deletion: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["nodeEligible"], serde_json::Value::Bool(false), "{body}");
+    let (code, body) = c
+        .http_get(1, "http://127.0.0.1:10256/livez")
+        .expect("livez");
+    assert_eq!(code, 200, "livez ignores node eligibility: {body}");
+    fs::write(c.manifests.join("nodes.yaml"), &nodes).expect("untaint node1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c
+        .http_get(1, "http://127.0.0.1:10256/healthz")
+        .expect("healthz")
+        .0
+        != 200
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "healthz not 200 again after the taint was removed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // The source goes away (an unreachable API server): nothing is queued, so still healthy.
     let away = c.lab.state_dir().join("manifests.away");
     fs::rename(&c.manifests, &away).expect("hide manifests");

@@ -69,6 +69,17 @@ impl Context {
             .unwrap_or_default()
     }
 
+    /// Whether this node should still get new traffic from load balancers (`/healthz`'s
+    /// `nodeEligible`); a node whose object is not known yet is eligible.
+    pub fn node_eligible(&self, snapshot: &Snapshot) -> bool {
+        snapshot
+            .objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            .is_none_or(translate::node_eligible)
+    }
+
     /// The datapath's per-node configuration for these addresses.
     pub fn node_config(&self, node_ips: &[Ipv4Addr], hairpin: Option<Ipv4Addr>) -> NodeConfig {
         NodeConfig {

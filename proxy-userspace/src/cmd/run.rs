@@ -196,6 +196,8 @@ impl Agent {
         self.metrics.queued();
         let started = Instant::now();
         let node_ips = self.ctx.node_addresses(snapshot);
+        self.health
+            .set_node_eligible(self.ctx.node_eligible(snapshot));
         self.triggers.note(&snapshot.objects.slices);
         let result = {
             let mut maps = self.dp.lb_maps()?;

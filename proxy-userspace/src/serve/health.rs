@@ -6,8 +6,9 @@
 //! for longer than the health timeout without being applied, or (our addition, as the brief
 //! of a datapath proxy demands) when the datapath is not attached. An unreachable API server
 //! alone is *not* unhealthy: nothing is queued, and the programmed state keeps serving.
-//! `/healthz` additionally reports `nodeEligible` (false while the node is being deleted,
-//! as kube-proxy does for load balancers); `/livez` ignores it.
+//! `/healthz` additionally reports `nodeEligible` (false while the node is being deleted or
+//! is tainted `ToBeDeletedByClusterAutoscaler`, as kube-proxy 1.30+ does so load balancers
+//! drain it; set from the Node object on every sync); `/livez` ignores it.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},

@@ -164,3 +164,55 @@ pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> Vec<Ipv4Addr> 
     addrs.sort();
     addrs.into_iter().map(|(_, ip)| ip).collect()
 }
+
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether load balancers should keep sending new traffic to this node: kube-proxy's
+/// `nodeEligible` in `/healthz` (1.30+), false once the node is being deleted or the cluster
+/// autoscaler has tainted it for deletion, so health checks drain it first.
+pub fn node_eligible(node: &Node) -> bool {
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    !deleting && !tainted
+}
+
+#[cfg(test)]
+mod eligibility_tests {
+    use k8s_openapi::{
+        api::core::v1::{NodeSpec, Taint},
+        apimachinery::pkg::apis::meta::v1::Time,
+    };
+
+    use super::*;
+
+    #[test]
+    fn deleting_or_autoscaler_tainted_nodes_are_not_eligible() {
+        let mut node = Node::default();
+        assert!(node_eligible(&node));
+        node.spec = Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: "node.kubernetes.io/unschedulable".into(),
+                effect: "NoSchedule".into(),
+                ..Taint::default()
+            }]),
+            ..NodeSpec::default()
+        });
+        assert!(node_eligible(&node), "other taints do not matter");
+        let mut tainted = node.clone();
+        if let Some(t) = tainted.spec.as_mut().and_then(|s| s.taints.as_mut()) {
+            t.push(Taint {
+                key: TO_BE_DELETED_TAINT.into(),
+                effect: "NoSchedule".into(),
+                ..Taint::default()
+            });
+        }
+        assert!(!node_eligible(&tainted));
+        node.metadata.deletion_timestamp = Some(Time(k8s_openapi::chrono::DateTime::UNIX_EPOCH));
+        assert!(!node_eligible(&node));
+    }
+}
