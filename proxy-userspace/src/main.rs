@@ -11,7 +11,7 @@ use proxy_userspace::{
 #[derive(Parser)]
 #[command(
     name = "ebpf-proxy",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("EBPF_PROXY_GIT_REVISION"), ")"),
     about = "Kubernetes service load balancing in eBPF (a kube-proxy replacement)",
     long_about = "Kubernetes service load balancing in eBPF, a kube-proxy replacement: ClusterIP, \
                   NodePort, LoadBalancer IPs (plain or IPIP/GUE-wrapped, direct server return) \

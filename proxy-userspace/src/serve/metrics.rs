@@ -16,6 +16,9 @@
 //! - `ebpf_proxy_map_write_failures_total{map,op}`, `ebpf_proxy_sync_failures_total`,
 //!   `ebpf_proxy_attached_links`, `ebpf_proxy_link_program_replacements_total`.
 //!
+//! - `process_*` (CPU, memory, file descriptors, start time) and
+//!   `ebpf_proxy_build_info{version,git_revision}`: see [`super::process`].
+//!
 //! - `ebpf_proxy_service_packets_total{namespace,service,port,protocol}` and
 //!   `ebpf_proxy_service_bytes_total{...}`: the per-service counter map (`LB4_SCNT_V1`) summed
 //!   over CPUs and over the service IDs of one service port (ClusterIP, NodePort, LB IP, ...
@@ -156,6 +159,7 @@ impl Metrics {
     /// datapath metrics, e.g. in tests).
     pub fn new(pin_dir: Option<&Path>, sizes: MapSizes) -> Self {
         let mut root = Registry::default();
+        super::process::register(&mut root);
         let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         let network_programming = Histogram::new([
             0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
