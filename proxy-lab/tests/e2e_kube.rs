@@ -32,6 +32,11 @@ fn up() -> (Cluster, Vec<Endpoint>) {
             log.contains("with the Kubernetes API"),
             "node{n}'s agent watches the API server: {log}"
         );
+        // What it waits for before programming anything is said at the default level.
+        assert!(
+            log.contains("waiting for the initial lists of Services, EndpointSlices, Node"),
+            "node{n} says what it waits for: {log}"
+        );
         // Addresses from its Node object (field selector metadata.name=nodeN), not a flag.
         // Logged after the first sync's map writes, which is what `up_kube` waited for.
         let want = format!("node node{n} addresses: [{}]", proxy_lab::lab::node_ip(n));

@@ -47,7 +47,7 @@ use kube::{
         watcher,
     },
 };
-use log::{debug, info, warn};
+use log::{info, warn};
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -292,6 +292,9 @@ pub struct KubeSource {
     dirty: bool,
     /// A snapshot is due even without a change (the last one could not be applied).
     retry: bool,
+    /// "Waiting for the initial lists" was said (once per start, at info: an operator whose
+    /// agent programs nothing wants to see what it waits for).
+    wait_announced: bool,
     tasks: Vec<JoinHandle<()>>,
     /// The objects handed out by the last snapshot, by store entry: an unchanged object is
     /// handed out again, shared, so the translation recognises it without comparing it.
@@ -368,6 +371,7 @@ impl KubeSource {
             debounce: opts.debounce,
             dirty: false,
             retry: false,
+            wait_announced: false,
             tasks,
             shared: Default::default(),
         }
@@ -393,6 +397,20 @@ impl KubeSource {
     /// stores' contents. Cancel safe: a change seen by a cancelled call is not lost.
     pub async fn next_snapshot(&mut self) -> Snapshot {
         loop {
+            if !self.wait_announced && !self.is_synced() {
+                self.wait_announced = true;
+                let pending: Vec<&str> = WATCH_NAMES
+                    .iter()
+                    .zip(&self.progress.borrow().synced)
+                    .filter(|(_, s)| !**s)
+                    .map(|(n, _)| *n)
+                    .collect();
+                info!(
+                    "waiting for the initial lists of {} from the API server before programming \
+                     anything (the pinned datapath keeps forwarding meanwhile)",
+                    pending.join(", ")
+                );
+            }
             if self.progress.has_changed().unwrap_or(false) {
                 self.progress.borrow_and_update();
                 self.dirty = true;
@@ -534,7 +552,7 @@ async fn run_watch<K>(
                         }
                         watcher::Event::InitDone => {
                             if !listed {
-                                debug!("{what}: initial list done");
+                                info!("{what}: initial list done");
                             }
                             listed = true;
                             progress.send_modify(|p| {
