@@ -25,6 +25,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("conntrack", "conntrack"),
     // `lint` renders the deploy overlays (`kubectl kustomize`).
     ("kubectl", "kubectl"),
+    // proxy-userspace/build.rs names the git revision (`--version`, build-info metric).
+    ("git", "git"),
     // health_metrics: /healthz and /metrics from inside a node namespace.
     ("curl", "curl"),
     // e2e_external's socket scripts; `lint` validates the deploy manifests with a pip package.

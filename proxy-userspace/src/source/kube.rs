@@ -292,9 +292,6 @@ pub struct KubeSource {
     dirty: bool,
     /// A snapshot is due even without a change (the last one could not be applied).
     retry: bool,
-    /// "Waiting for the initial lists" was said (once per start, at info: an operator whose
-    /// agent programs nothing wants to see what it waits for).
-    wait_announced: bool,
     tasks: Vec<JoinHandle<()>>,
     /// The objects handed out by the last snapshot, by store entry: an unchanged object is
     /// handed out again, shared, so the translation recognises it without comparing it.
@@ -362,6 +359,12 @@ impl KubeSource {
                 stats.clone(),
             )),
         ];
+        // At info: an operator whose agent programs nothing wants to see what it waits for.
+        info!(
+            "waiting for the initial lists of {} from the API server before programming anything \
+             (the pinned datapath keeps forwarding meanwhile)",
+            WATCH_NAMES.join(", ")
+        );
         Self {
             services,
             slices,
@@ -371,7 +374,6 @@ impl KubeSource {
             debounce: opts.debounce,
             dirty: false,
             retry: false,
-            wait_announced: false,
             tasks,
             shared: Default::default(),
         }
@@ -397,20 +399,6 @@ impl KubeSource {
     /// stores' contents. Cancel safe: a change seen by a cancelled call is not lost.
     pub async fn next_snapshot(&mut self) -> Snapshot {
         loop {
-            if !self.wait_announced && !self.is_synced() {
-                self.wait_announced = true;
-                let pending: Vec<&str> = WATCH_NAMES
-                    .iter()
-                    .zip(&self.progress.borrow().synced)
-                    .filter(|(_, s)| !**s)
-                    .map(|(n, _)| *n)
-                    .collect();
-                info!(
-                    "waiting for the initial lists of {} from the API server before programming \
-                     anything (the pinned datapath keeps forwarding meanwhile)",
-                    pending.join(", ")
-                );
-            }
             if self.progress.has_changed().unwrap_or(false) {
                 self.progress.borrow_and_update();
                 self.dirty = true;
