@@ -540,7 +540,8 @@ pub struct NodeConfig {
     pub hairpin_addr_be: u32,
     /// The node's primary address: the masquerade source towards other nodes.
     pub node_addr_be: u32,
-    /// The cluster (pod) CIDR: sources inside it are pods.
+    /// The cluster (pod) CIDR: sources inside it are pods. A zero mask means none is
+    /// configured: then no ClusterIP traffic is masqueraded because of its source.
     pub cluster_cidr_be: u32,
     pub cluster_mask_be: u32,
     pub flags: u32,

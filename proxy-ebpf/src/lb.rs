@@ -224,8 +224,9 @@ fn must_masquerade(p: &Packet, svc: &Service, origin: Origin, cfg: &NodeConfig) 
         let _ = origin;
         return svc.flags & svc_flags::ETP_LOCAL == 0;
     }
-    // ClusterIP: traffic from outside the cluster CIDR.
-    !cfg.in_cluster(p.saddr_be)
+    // ClusterIP: traffic from outside the cluster CIDR. Without a cluster CIDR (mask 0) local
+    // traffic cannot be told apart, and kube-proxy then masquerades nothing by its source.
+    cfg.cluster_mask_be != 0 && !cfg.in_cluster(p.saddr_be)
 }
 
 /// Records both directions of a new flow and returns the forward rewrite.

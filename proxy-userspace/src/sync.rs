@@ -46,10 +46,7 @@ impl Context {
             node_name: node_name.into(),
             map_sizes: MapSizes::default(),
             node_ips: Vec::new(),
-            cluster_cidr: Cidr {
-                addr: Ipv4Addr::new(10, 76, 0, 0),
-                prefix: 16,
-            },
+            cluster_cidr: Cidr::default(),
             masquerade_all: false,
             nodeport_addresses: String::new(),
         }
@@ -124,23 +121,57 @@ impl Cidr {
     }
 }
 
+/// No cluster CIDR: 0.0.0.0/0.
+impl Default for Cidr {
+    fn default() -> Self {
+        Cidr {
+            addr: Ipv4Addr::UNSPECIFIED,
+            prefix: 0,
+        }
+    }
+}
+
+impl Cidr {
+    /// Whether a cluster CIDR is configured: `None` (0.0.0.0/0, a zero mask in the datapath)
+    /// means local traffic cannot be told apart, so none is masqueraded by its source.
+    pub fn is_set(&self) -> bool {
+        self.prefix != 0
+    }
+
+    /// kube-proxy's `--cluster-cidr` / `clusterCIDR`: empty (none), or comma-separated CIDRs,
+    /// one per family. Returns the IPv4 one (or none) and the IPv6 entries, which are accepted
+    /// but not served yet.
+    pub fn parse_list(s: &str) -> Result<(Cidr, Vec<String>), String> {
+        let mut v4 = None;
+        let mut v6 = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (a, _) = part
+                .split_once('/')
+                .ok_or_else(|| format!("{part:?}: expected ADDRESS/PREFIX, e.g. 10.244.0.0/16"))?;
+            if a.parse::<std::net::Ipv6Addr>().is_ok() {
+                part.parse::<ipnet::Ipv6Net>()
+                    .map_err(|e| format!("{part:?}: {e}"))?;
+                v6.push(part.to_owned());
+                continue;
+            }
+            if v4.is_some() {
+                return Err(format!("{s:?}: more than one IPv4 CIDR (one per family)"));
+            }
+            let net: ipnet::Ipv4Net = part.parse().map_err(|e| format!("{part:?}: {e}"))?;
+            v4 = Some(Cidr {
+                addr: net.network(),
+                prefix: net.prefix_len(),
+            });
+        }
+        Ok((v4.unwrap_or_default(), v6))
+    }
+}
+
 impl std::str::FromStr for Cidr {
     type Err = String;
+    /// [`Cidr::parse_list`]'s IPv4 CIDR (IPv6 entries are skipped).
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX, e.g. 10.76.0.0/16"))?;
-        let addr: Ipv4Addr = a.parse().map_err(|e| format!("{s:?}: {e}"))?;
-        let prefix: u8 = p
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("{s:?}: prefix must be 0-32"))?;
-        let c = Cidr { addr, prefix };
-        Ok(Cidr {
-            addr: Ipv4Addr::from(u32::from(addr) & u32::from(c.mask())),
-            prefix,
-        })
+        Cidr::parse_list(s).map(|(c, _)| c)
     }
 }
 

@@ -868,3 +868,45 @@ fn sctp_service_without_endpoints_is_rejected_with_icmp_port_unreachable() {
     assert_eq!((out[34], out[35]), (3, 3), "destination/port unreachable");
     assert_eq!(f.counter(counter::REJECT), 1);
 }
+
+// ---- docs/semantics.md S8: masquerade by source needs a way to tell local traffic ----
+
+#[test]
+fn cluster_ip_from_outside_is_masqueraded_only_when_a_cluster_cidr_is_configured() {
+    let mut f = Fixture::new(&hostnames(&EPS, "TCP"));
+    let (rc, out) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (EXT, 41000), (VIP, 80), 0, false),
+    );
+    assert!(
+        rc == TC_ACT_OK || rc == TC_ACT_REDIRECT,
+        "forwarded, got {rc}"
+    );
+    let p = parse_checked(&out);
+    assert!(EPS.contains(&p.dst.0.to_string().as_str()), "DNAT: {p:?}");
+    assert_ne!(p.src.0, EXT, "outside the cluster CIDR: masqueraded");
+    assert_eq!(f.counter(counter::MASQUERADE), 1);
+
+    // No cluster CIDR (kube-proxy without --cluster-cidr or a detect-local mode): nothing is
+    // masqueraded because of its source.
+    f.dp.set_config(&NodeConfig {
+        hairpin_addr_be: abi::addr_be(HAIRPIN),
+        node_addr_be: abi::addr_be(NODE),
+        snat_port_min: 61000,
+        snat_port_max: 65000,
+        ..Default::default()
+    })
+    .expect("config");
+    let (rc, out) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (EXT, 41001), (VIP, 80), 0, false),
+    );
+    assert!(
+        rc == TC_ACT_OK || rc == TC_ACT_REDIRECT,
+        "forwarded, got {rc}"
+    );
+    let p = parse_checked(&out);
+    assert!(EPS.contains(&p.dst.0.to_string().as_str()), "DNAT: {p:?}");
+    assert_eq!(p.src, (EXT, 41001), "client address kept");
+    assert_eq!(f.counter(counter::MASQUERADE), 1, "no second masquerade");
+}

@@ -46,8 +46,16 @@ pub struct RunArgs {
     /// This node's address(es); overrides the Node object's InternalIP/ExternalIP addresses.
     #[arg(long = "node-ip", value_name = "IP")]
     pub node_ips: Vec<Ipv4Addr>,
-    /// The pod network's CIDR (traffic from outside it is external; used for masquerade rules).
-    #[arg(long, value_name = "CIDR", default_value = "10.76.0.0/16")]
+    /// The pod network's CIDR, comma-separated, one per family (kube-proxy's flag). ClusterIP
+    /// traffic from outside it is masqueraded. Default: none (the config file's clusterCIDR,
+    /// else none), and then, as with kube-proxy, nothing is masqueraded because of its source.
+    /// IPv6 entries are accepted and not served yet.
+    #[arg(
+        long,
+        value_name = "CIDR[,CIDR]",
+        default_value = "",
+        hide_default_value = true
+    )]
     pub cluster_cidr: String,
     /// The bridge holding the pods' veths; every port gets the pod programs.
     #[arg(long, value_name = "IFACE", default_value = "cbr0")]
@@ -150,21 +158,6 @@ pub fn validate_nodeport_addresses(v: &[String]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Checks a cluster CIDR list (comma-separated, as kube-proxy allows dual-stack).
-pub fn validate_cluster_cidr(v: &str) -> Result<()> {
-    if v.is_empty() {
-        return Ok(());
-    }
-    validate_nodeport_addresses(
-        &v.split(',')
-            .map(str::trim)
-            .filter(|s| *s != "primary")
-            .map(str::to_owned)
-            .collect::<Vec<_>>(),
-    )
-    .with_context(|| format!("--cluster-cidr {v:?}"))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -302,12 +295,13 @@ pub fn resolve(args: &mut RunArgs, matches: Option<&ArgMatches>) -> Result<Vec<S
         {
             args.node_name = v;
         }
-        if let Some(v) = c.healthz_bind_address
+        // Empty fields in the file mean kube-proxy's defaults (kubeadm writes them empty).
+        if let Some(v) = c.healthz_bind_address.filter(|v| !v.is_empty())
             && !from_cli(m, "healthz_bind_address")
         {
             args.kp.healthz_bind_address = v;
         }
-        if let Some(v) = c.metrics_bind_address
+        if let Some(v) = c.metrics_bind_address.filter(|v| !v.is_empty())
             && !from_cli(m, "metrics_bind_address")
         {
             args.kp.metrics_bind_address = v;
@@ -347,7 +341,21 @@ pub fn resolve(args: &mut RunArgs, matches: Option<&ArgMatches>) -> Result<Vec<S
         ));
     }
     validate_nodeport_addresses(&args.kp.nodeport_addresses)?;
-    validate_cluster_cidr(&args.cluster_cidr)?;
+    let (v4, v6) = crate::sync::Cidr::parse_list(&args.cluster_cidr)
+        .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?;
+    if !v6.is_empty() {
+        notes.push(format!(
+            "--cluster-cidr: IPv6 {} accepted but not served yet (IPv4 only)",
+            v6.join(",")
+        ));
+    }
+    if !v4.is_set() {
+        notes.push(
+            "no IPv4 cluster CIDR (--cluster-cidr / clusterCIDR): as with kube-proxy, ClusterIP \
+             traffic is not masqueraded because of its source"
+                .to_owned(),
+        );
+    }
     parse_bind_address(
         &args.kp.healthz_bind_address,
         10256,
@@ -427,6 +435,80 @@ clientConnection:
   kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
   qps: 5
 ";
+
+    /// kubeadm's own kube-proxy ConfigMap starts the agent unchanged: empty fields mean
+    /// kube-proxy's defaults, and the API server comes from its kubeconfig.conf.
+    #[test]
+    fn kubeadm_configmap_is_accepted_unchanged() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kubeadm");
+        let conf = dir.join("config.conf");
+        let (a, notes) =
+            resolve_argv(&["x", "--config", conf.to_str().unwrap(), "--node-name", "n1"]).unwrap();
+        assert_eq!(
+            a.kp.healthz_bind_address, "0.0.0.0:10256",
+            "empty -> default"
+        );
+        assert_eq!(
+            a.kp.metrics_bind_address, "127.0.0.1:10249",
+            "empty -> default"
+        );
+        assert_eq!(a.cluster_cidr, "");
+        assert!(!a.kp.masquerade_all);
+        assert!(a.kp.nodeport_addresses.is_empty());
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("not masqueraded because of its source")),
+            "{notes:?}"
+        );
+        let kc = a.kubeconfig.clone().unwrap();
+        assert_eq!(kc, Path::new("/var/lib/kube-proxy/kubeconfig.conf"));
+        // The kubeconfig it names (here: the fixture beside it) reads with kube-rs.
+        let k = kube::config::Kubeconfig::read_from(dir.join("kubeconfig.conf")).unwrap();
+        let cluster = k.clusters[0].cluster.as_ref().unwrap();
+        assert_eq!(
+            cluster.server.as_deref(),
+            Some("https://control-plane.example.internal:6443")
+        );
+        let user = k.auth_infos[0].auth_info.as_ref().unwrap();
+        assert_eq!(
+            user.token_file.as_deref(),
+            Some("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
+    }
+
+    #[test]
+    fn cluster_cidr_is_optional_and_one_per_family() {
+        let (a, notes) = resolve_argv(&[
+            "x",
+            "--node-name",
+            "n",
+            "--cluster-cidr",
+            "10.0.0.0/16,fd00::/48",
+        ])
+        .unwrap();
+        let (v4, v6) = crate::sync::Cidr::parse_list(&a.cluster_cidr).unwrap();
+        assert_eq!((v4.addr, v4.prefix), (Ipv4Addr::new(10, 0, 0, 0), 16));
+        assert_eq!(v6, ["fd00::/48"]);
+        assert!(
+            notes.iter().any(|n| n.contains("IPv6 fd00::/48")),
+            "{notes:?}"
+        );
+        let (a, _) = resolve_argv(&["x", "--node-name", "n"]).unwrap();
+        let (v4, _) = crate::sync::Cidr::parse_list(&a.cluster_cidr).unwrap();
+        assert!(!v4.is_set(), "no lab value as the default");
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "10.0.0.0/8,10.1.0.0/16",
+            "fd00::/129",
+        ] {
+            assert!(
+                resolve_argv(&["x", "--node-name", "n", "--cluster-cidr", bad]).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
 
     #[test]
     fn config_file_fills_what_flags_do_not_set() {

@@ -42,8 +42,14 @@ pub struct TraceArgs {
     /// The node's address(es) (NodePorts listen on them; masquerade uses the first).
     #[arg(long = "node-ip", value_name = "IP", required = true)]
     pub node_ips: Vec<Ipv4Addr>,
-    /// The pod network's CIDR: sources inside it are pods.
-    #[arg(long, value_name = "CIDR", default_value = "10.76.0.0/16")]
+    /// The pod network's CIDR: sources inside it are pods (traced through the pod hook).
+    /// Default: none, as for `run`: every source that is not a node address is external.
+    #[arg(
+        long,
+        value_name = "CIDR",
+        default_value = "",
+        hide_default_value = true
+    )]
     pub cluster_cidr: Cidr,
     /// Masquerade every service flow (kube-proxy's --masquerade-all).
     #[arg(long)]
@@ -131,7 +137,7 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
     // address distinct from the pods, so use the node's first address.
     dp.set_config(&ctx.node_config(&args.node_ips, args.node_ips.first().copied()))?;
 
-    let origin = if ctx.cluster_cidr.contains(src_ip) {
+    let origin = if ctx.cluster_cidr.is_set() && ctx.cluster_cidr.contains(src_ip) {
         Origin::Pod
     } else if args.node_ips.contains(&src_ip) || src_ip.is_loopback() {
         Origin::Host
