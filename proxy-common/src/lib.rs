@@ -156,10 +156,13 @@ pub mod counter {
     /// tc on the uplink: a packet XDP already translated (marked in its metadata), passed
     /// without running the pipeline a second time.
     pub const TC_PASS_XDP_TRANSLATED: u32 = 22;
+    /// A packet we would forward by redirect (FIB redirect, hairpin) arrived with TTL <= 1:
+    /// dropped, as a router drops it, instead of leaving with TTL 0.
+    pub const DROP_TTL_EXCEEDED: u32 = 23;
     pub const MAX: u32 = 32;
 
     /// Human names for `inspect` and metrics, indexed by counter.
-    pub const NAMES: [&str; 23] = [
+    pub const NAMES: [&str; 24] = [
         "forward_new",
         "forward_established",
         "reply_reverse_nat",
@@ -183,6 +186,7 @@ pub mod counter {
         "xdp_decapsulated",
         "xdp_pass_partial_checksum",
         "tc_pass_xdp_translated",
+        "drop_ttl_exceeded",
     ];
 }
 

@@ -349,6 +349,8 @@ pub fn translate(ctx: &TcContext, p: &Packet, entry: &Ct4Value) -> Result<i32, i
         return Err(TC_ACT_SHOT);
     }
     if entry.flags & ct_flags::REDIRECT_BACK != 0 {
+        // Hairpin: we route it back ourselves, so we decrement the TTL as the stack would.
+        fib::forward_ttl(ctx)?;
         if nat::swap_macs(ctx).is_err() {
             count(counter::DROP_REWRITE);
             return Err(TC_ACT_SHOT);

@@ -16,6 +16,8 @@ use proxy_userspace::{
 
 /// Per-service counters and affinity vs terminating endpoints (`tests/lb_svc/mod.rs`).
 mod lb_svc;
+/// TTL on the redirect paths (`tests/ttl/mod.rs`).
+mod ttl;
 /// The XDP fast path's fixtures (`tests/xdp/mod.rs`), sharing this harness.
 mod xdp;
 
