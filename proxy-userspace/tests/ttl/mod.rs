@@ -121,3 +121,61 @@ fn icmp_error_forwarded_to_a_masqueraded_backend_decrements_the_outer_ttl() {
         assert_eq!(f.counter(counter::DROP_TTL_EXCEEDED), 1);
     }
 }
+
+/// Moves this test's thread (only it: namespaces are per thread) into a fresh network namespace
+/// with forwarding on and routes over a veth pair, so the programs' FIB lookup succeeds and
+/// they redirect. The host running the fixtures may have forwarding off, and then every FIB
+/// path hands the packet to the stack. No cgroup or lab state is touched.
+fn enter_routed_netns() {
+    require_root();
+    // SAFETY: unshare(2) with a constant flag; it affects the calling thread only.
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        0,
+        "unshare(CLONE_NEWNET)"
+    );
+    // Children inherit the calling thread's namespace.
+    let script = "ip link set lo up && ip link add d0 type veth peer name d1 && ip link set d1 up && \
+                  ip addr add 10.76.1.1/24 dev d0 && ip link set d0 up && \
+                  ip route add default via 10.76.1.254 && \
+                  echo 1 > /proc/sys/net/ipv4/conf/all/forwarding && \
+                  echo 1 > /proc/sys/net/ipv4/conf/lo/forwarding";
+    let st = std::process::Command::new("sh")
+        .args(["-c", script])
+        .status()
+        .expect("sh");
+    assert!(st.success(), "routed netns setup");
+}
+
+#[test]
+fn fib_redirect_in_a_routed_namespace_decrements_and_drops_ttl_1() {
+    enter_routed_netns();
+    let f = Fixture::new(&load_balancer(&[("10.76.1.10", "node2")], false, &[]));
+    let syn = packet(TCP, (EXT, 50300), (NODE, 30080), 0, false);
+    let (rc, out) = f.run(programs::UPLINK_INGRESS, &syn);
+    assert_eq!(rc, TC_ACT_REDIRECT, "masquerade is routed by us here");
+    let p = parse_checked(&out);
+    assert_eq!(p.src.0, NODE);
+    assert_eq!(ttl(&out), 63);
+    let (rc, back) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, p.dst, p.src, 0, false),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT, "the reply is routed by us too");
+    assert_eq!(parse_checked(&back).src, (NODE, 30080));
+    assert_eq!(ttl(&back), 63);
+    // The router tells the node the client path's MTU is smaller: routed to the backend.
+    let err = icmp_error(3, 4, Ipv4Addr::new(192, 0, 2, 1), NODE, &back);
+    let (rc, xl) = f.run(programs::UPLINK_INGRESS, &err);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    parse_icmp_error(&xl);
+    assert_eq!(ttl(&xl), 63);
+    assert_eq!(f.counter(counter::DROP_TTL_EXCEEDED), 0);
+    let late = with_ttl(packet(TCP, (EXT, 50301), (NODE, 30080), 0, false), 1);
+    assert_eq!(f.run(programs::UPLINK_INGRESS, &late).0, TC_ACT_SHOT);
+    assert_eq!(
+        f.run(programs::UPLINK_INGRESS, &with_ttl(err, 1)).0,
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.counter(counter::DROP_TTL_EXCEEDED), 2);
+}
