@@ -159,10 +159,13 @@ pub mod counter {
     /// A packet we would forward by redirect (FIB redirect, hairpin) arrived with TTL <= 1:
     /// dropped, as a router drops it, instead of leaving with TTL 0.
     pub const DROP_TTL_EXCEEDED: u32 = 23;
+    /// A packet to a service without endpoints from a source a REJECT must never answer
+    /// (0.0.0.0/8, 127/8, multicast 224/4, class E 240/4 with broadcast): dropped, no reply.
+    pub const DROP_REJECT_BAD_SOURCE: u32 = 24;
     pub const MAX: u32 = 32;
 
     /// Human names for `inspect` and metrics, indexed by counter.
-    pub const NAMES: [&str; 24] = [
+    pub const NAMES: [&str; 25] = [
         "forward_new",
         "forward_established",
         "reply_reverse_nat",
@@ -187,6 +190,7 @@ pub mod counter {
         "xdp_pass_partial_checksum",
         "tc_pass_xdp_translated",
         "drop_ttl_exceeded",
+        "drop_reject_bad_source",
     ];
 }
 

@@ -101,6 +101,12 @@ fn translate_counted(ctx: &TcContext, p: &Packet, entry: &Ct4Value) -> Result<i3
 
 #[inline(always)]
 fn reject_now(ctx: &TcContext, p: &Packet) -> Result<i32, i32> {
+    // A reply to these would go nowhere or to many (a reflection amplifier): drop instead,
+    // as the kernel's icmp_send refuses broadcast and multicast.
+    if !reject::answerable(p.saddr_be) {
+        count(counter::DROP_REJECT_BAD_SOURCE);
+        return Err(TC_ACT_SHOT);
+    }
     count(counter::REJECT);
     match reject::reply(ctx, p) {
         Ok(rc) => Ok(rc),

@@ -870,3 +870,43 @@ fn sctp_service_without_endpoints_is_rejected_with_icmp_port_unreachable() {
     assert_eq!((out[34], out[35]), (3, 3), "destination/port unreachable");
     assert_eq!(f.counter(counter::REJECT), 1);
 }
+
+// ---- REJECT hygiene (issue 11 item 4) ----
+
+#[test]
+fn reject_never_answers_unspecified_loopback_multicast_or_class_e_sources() {
+    let f = Fixture::new(&hostnames(&[], "TCP"));
+    let fu = Fixture::new(&hostnames(&[], "UDP"));
+    let bad = [
+        "0.0.0.0",
+        "0.1.2.3",
+        "127.0.0.1",
+        "127.255.0.9",
+        "224.0.0.1",
+        "239.255.255.250",
+        "240.0.0.1",
+        "255.255.255.255",
+    ];
+    for (i, src) in bad.iter().enumerate() {
+        let src: Ipv4Addr = src.parse().expect("address");
+        for (fx, proto) in [(&f, TCP), (&fu, UDP)] {
+            let pkt = packet(proto, (src, 40000), (VIP, 80), 0, false);
+            let (rc, out) = fx.run(programs::POD_INGRESS, &pkt);
+            assert_eq!(rc, TC_ACT_SHOT, "no reply to {src} (proto {proto})");
+            assert_eq!(out, pkt, "the packet is not turned into a reply");
+        }
+        assert_eq!(f.counter(counter::DROP_REJECT_BAD_SOURCE), i as u64 + 1);
+    }
+    assert_eq!(f.counter(counter::REJECT), 0);
+    assert_eq!(fu.counter(counter::REJECT), 0);
+    // The edges of the good range are still answered.
+    for src in ["1.0.0.1", "126.255.255.255", "128.0.0.1", "223.255.255.254"] {
+        let src: Ipv4Addr = src.parse().expect("address");
+        let (rc, _) = f.run(
+            programs::POD_INGRESS,
+            &packet(TCP, (src, 40000), (VIP, 80), 0, false),
+        );
+        assert_eq!(rc, TC_ACT_REDIRECT, "{src} gets its RST");
+    }
+    assert_eq!(f.counter(counter::REJECT), 4);
+}
