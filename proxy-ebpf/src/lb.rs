@@ -20,7 +20,7 @@ use crate::{
     fib, icmp,
     maps::{
         CT4_V2, LB4_AFF_V2, LB4_BE_V1, LB4_SVC_V2, LB4_VIP_V1, count, count_service, node_config,
-        source_allowed,
+        reject_allowed, source_allowed,
     },
     nat,
     parse::{ETH_HLEN, Packet, parse_ipv4},
@@ -105,6 +105,12 @@ fn reject_now(ctx: &TcContext, p: &Packet) -> Result<i32, i32> {
     // as the kernel's icmp_send refuses broadcast and multicast.
     if !reject::answerable(p.saddr_be) {
         count(counter::DROP_REJECT_BAD_SOURCE);
+        return Err(TC_ACT_SHOT);
+    }
+    // Like the kernel's icmp_msgs_per_sec: a scan of empty service ports must not make the
+    // node emit replies at line rate.
+    if !reject_allowed() {
+        count(counter::DROP_REJECT_RATE_LIMITED);
         return Err(TC_ACT_SHOT);
     }
     count(counter::REJECT);

@@ -910,3 +910,44 @@ fn reject_never_answers_unspecified_loopback_multicast_or_class_e_sources() {
     }
     assert_eq!(f.counter(counter::REJECT), 4);
 }
+
+#[test]
+fn reject_replies_beyond_the_token_bucket_are_suppressed_and_counted() {
+    require_root();
+    // The bucket is per CPU: keep every run on one CPU so one bucket sees the whole burst.
+    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin to CPU 0"
+        );
+    }
+    let f = Fixture::new(&hostnames(&[], "TCP"));
+    let n = 200u64;
+    let mut replies = 0u64;
+    for i in 0..n {
+        let pkt = packet(TCP, (CLIENT, 20000 + i as u16), (VIP, 80), 0, false);
+        let (rc, out) = f.run(programs::POD_INGRESS, &pkt);
+        if rc == TC_ACT_REDIRECT {
+            replies += 1;
+        } else {
+            assert_eq!(rc, TC_ACT_SHOT);
+            assert_eq!(out, pkt, "a suppressed reject leaves the packet as it was");
+        }
+    }
+    let suppressed = f.counter(counter::DROP_REJECT_RATE_LIMITED);
+    // Burst 50, plus the refill (1 per ms) during the loop, which takes a few ms here.
+    assert!(
+        (50..100).contains(&replies),
+        "{replies} replies out of {n}: the bucket holds 50"
+    );
+    assert_eq!(replies + suppressed, n, "every suppressed reply is counted");
+    assert_eq!(f.counter(counter::REJECT), replies);
+    // After a pause the bucket has refilled: the next one is answered again.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let pkt = packet(TCP, (CLIENT, 30000), (VIP, 80), 0, false);
+    assert_eq!(f.run(programs::POD_INGRESS, &pkt).0, TC_ACT_REDIRECT);
+}
