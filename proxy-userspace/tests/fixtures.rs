@@ -14,6 +14,8 @@ use proxy_userspace::{
     translate,
 };
 
+/// ICMP error parsing hardening (`tests/icmp_errors/mod.rs`).
+mod icmp_errors;
 /// Per-service counters and affinity vs terminating endpoints (`tests/lb_svc/mod.rs`).
 mod lb_svc;
 /// TTL on the redirect paths (`tests/ttl/mod.rs`).
