@@ -953,3 +953,39 @@ fn reject_replies_beyond_the_token_bucket_are_suppressed_and_counted() {
     let pkt = packet(TCP, (CLIENT, 30000), (VIP, 80), 0, false);
     assert_eq!(f.run(programs::POD_INGRESS, &pkt).0, TC_ACT_REDIRECT);
 }
+
+#[test]
+fn outer_fragments_are_never_decapsulated() {
+    let f = Fixture::new(&load_balancer(&[("10.76.0.10", "node1")], true, &[]));
+    let inner = packet(TCP, (EXT, 51100), (LB_IP, 80), 0, false);
+    for gue in [false, true] {
+        // More fragments set, then a non-zero offset: both are fragments of the outer packet.
+        for frag in [0x2000u16, 0x0001] {
+            let mut w = wrap(&inner, gue);
+            w[20..22].copy_from_slice(&frag.to_be_bytes());
+            w[24] = 0;
+            w[25] = 0;
+            let c = packet::ipv4_header_checksum(&w[14..34]);
+            w[24..26].copy_from_slice(&c.to_be_bytes());
+            let (_, out) = f.run(programs::UPLINK_INGRESS, &w);
+            assert_eq!(out, w, "gue={gue} frag={frag:#x}: left wrapped");
+            let (_, out) = xdp::run_xdp(&f, &w);
+            assert_eq!(
+                out, w,
+                "gue={gue} frag={frag:#x}: XDP leaves it wrapped too"
+            );
+        }
+    }
+    assert_eq!(f.counter(counter::DECAP), 0);
+    assert_eq!(f.counter(counter::XDP_DECAP), 0);
+    // DF on the outer header is not a fragment: still decapsulated.
+    let mut w = wrap(&inner, false);
+    w[20] |= 0x40;
+    w[24] = 0;
+    w[25] = 0;
+    let c = packet::ipv4_header_checksum(&w[14..34]);
+    w[24..26].copy_from_slice(&c.to_be_bytes());
+    let (_, out) = f.run(programs::UPLINK_INGRESS, &w);
+    assert_eq!(out.len(), inner.len());
+    assert_eq!(f.counter(counter::DECAP), 1);
+}
