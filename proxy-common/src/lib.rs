@@ -39,8 +39,10 @@ pub mod maps {
     pub const SOCK_FWD4: &str = "LB4_FSK_V2";
     /// Per-service packet counters (per-CPU array indexed by service ID): `SvcCounter`.
     pub const SVC_COUNTERS: &str = "LB4_SCNT_V1";
+    /// REJECT reply rate limit: a per-CPU token bucket, index 0 -> `RejectBucket`.
+    pub const REJECT_BUCKET: &str = "LB4_RJB_V1";
     /// Every map the agent pins, in the order `ebpf-proxy inspect` shows them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SVC4,
         BACKEND4,
         CT4,
@@ -52,6 +54,7 @@ pub mod maps {
         SOCK_REV4,
         SOCK_FWD4,
         SVC_COUNTERS,
+        REJECT_BUCKET,
     ];
     /// Names earlier versions pinned (layouts this agent cannot read: `svc_id` was 16-bit).
     /// The agent reports them and removes them once its own programs are attached;
@@ -156,10 +159,18 @@ pub mod counter {
     /// tc on the uplink: a packet XDP already translated (marked in its metadata), passed
     /// without running the pipeline a second time.
     pub const TC_PASS_XDP_TRANSLATED: u32 = 22;
+    /// A packet we would forward by redirect (FIB redirect, hairpin) arrived with TTL <= 1:
+    /// dropped, as a router drops it, instead of leaving with TTL 0.
+    pub const DROP_TTL_EXCEEDED: u32 = 23;
+    /// A packet to a service without endpoints from a source a REJECT must never answer
+    /// (0.0.0.0/8, 127/8, multicast 224/4, class E 240/4 with broadcast): dropped, no reply.
+    pub const DROP_REJECT_BAD_SOURCE: u32 = 24;
+    /// A REJECT reply suppressed by the rate limit (`reject_limit`): the packet is dropped.
+    pub const DROP_REJECT_RATE_LIMITED: u32 = 25;
     pub const MAX: u32 = 32;
 
     /// Human names for `inspect` and metrics, indexed by counter.
-    pub const NAMES: [&str; 23] = [
+    pub const NAMES: [&str; 26] = [
         "forward_new",
         "forward_established",
         "reply_reverse_nat",
@@ -183,6 +194,9 @@ pub mod counter {
         "xdp_decapsulated",
         "xdp_pass_partial_checksum",
         "tc_pass_xdp_translated",
+        "drop_ttl_exceeded",
+        "drop_reject_bad_source",
+        "drop_reject_rate_limited",
     ];
 }
 
@@ -203,6 +217,26 @@ pub struct SvcCounter {
     pub bytes: u64,
 }
 const _: () = assert!(core::mem::size_of::<SvcCounter>() == 16);
+
+/// REJECT reply rate limit, like the kernel's `icmp_msgs_per_sec` / `icmp_msgs_burst`: replies
+/// per second and the burst, per CPU (so the node-wide bound is this times the CPU count).
+pub mod reject_limit {
+    pub const PER_SEC: u64 = 1000;
+    pub const BURST: u64 = 50;
+    /// Credit one reply costs, in nanoseconds of elapsed time.
+    pub const COST_NS: u64 = 1_000_000_000 / PER_SEC;
+}
+
+/// Value of the REJECT rate-limit map (`maps::REJECT_BUCKET`), one per CPU: the credit in
+/// nanoseconds (capped at `BURST * COST_NS`) and when it was last refilled. All zero (a new map)
+/// means a full bucket at the first reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RejectBucket {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<RejectBucket>() == 16);
 
 /// Service-map key. `slot == 0` addresses the service entry; `1..=count` its backends.
 #[repr(C)]

@@ -7,6 +7,8 @@ pub const ETH_HLEN: usize = 14;
 /// The IPv4 ethertype as it sits in the frame (network order), for comparing raw loads.
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 pub const IPV4_HLEN: usize = 20;
+/// The IPv4 TTL byte (followed by the protocol byte, which shares its checksum word).
+pub const IP_TTL_OFF: usize = ETH_HLEN + 8;
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
 pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;

@@ -4,11 +4,17 @@
 //! martian if it had to forward it.
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup,
-        bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
+};
+use proxy_common::counter;
+
+use crate::{
+    maps::count,
+    parse::{IP_CSUM_OFF, IP_TTL_OFF},
 };
 
 const AF_INET: u8 = 2;
@@ -29,6 +35,12 @@ pub fn redirect(ctx: &TcContext, src_be: u32, dst_be: u32) -> i32 {
             0,
         )
     };
+    let routed = rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64;
+    // Only when we forward it ourselves: a packet handed to the stack has its TTL decremented
+    // (or is answered with time exceeded) by the kernel's forwarding path.
+    if routed && let Err(rc) = forward_ttl(ctx) {
+        return rc;
+    }
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         if ctx.store(0, &params.dmac, 0).is_err() || ctx.store(6, &params.smac, 0).is_err() {
             return TC_ACT_OK;
@@ -52,4 +64,27 @@ pub fn redirect(ctx: &TcContext, src_be: u32, dst_be: u32) -> i32 {
     }
     // No route we can use: hand it to the stack as is.
     TC_ACT_OK
+}
+
+/// Decrements the TTL of a packet we are about to redirect, as a router does, fixing the header
+/// checksum incrementally. A packet that would leave with TTL 0 (TTL <= 1 on arrival) is
+/// dropped and counted: without this, redirected traffic had no loop guard. Err is the verdict.
+#[inline(always)]
+pub fn forward_ttl(ctx: &TcContext) -> Result<(), i32> {
+    // TTL and protocol form one 16-bit word of the header checksum.
+    let old: [u8; 2] = ctx.load(IP_TTL_OFF).map_err(|_| TC_ACT_SHOT)?;
+    if old[0] <= 1 {
+        count(counter::DROP_TTL_EXCEEDED);
+        return Err(TC_ACT_SHOT);
+    }
+    let new = [old[0] - 1, old[1]];
+    ctx.store(IP_TTL_OFF, &new[0], 0).map_err(|_| TC_ACT_SHOT)?;
+    ctx.l3_csum_replace(
+        IP_CSUM_OFF,
+        u16::from_ne_bytes(old) as u64,
+        u16::from_ne_bytes(new) as u64,
+        2,
+    )
+    .map_err(|_| TC_ACT_SHOT)?;
+    Ok(())
 }

@@ -1,5 +1,5 @@
 //! ICMP errors about translated flows (destination unreachable, including "fragmentation
-//! needed", and time exceeded), translated in the outer and the quoted inner header so the
+//! needed", time exceeded and parameter problem), translated in the outer and the quoted inner header so the
 //! sender's socket recognises them: path-MTU discovery works through a VIP.
 //!
 //! The quoted packet is one this node translated, travelling the other way, so the conntrack
@@ -53,11 +53,27 @@ fn try_translate(ctx: &TcContext) -> Result<Option<i32>, Failed> {
     if p != proto::ICMP || vihl >> 4 != 4 {
         return Ok(None);
     }
-    let icmp = ETH_HLEN + ((vihl & 0x0f) as usize) * 4;
+    // The outer header first: a bad IHL or a total length that does not fit the frame is not
+    // an ICMP error we can read, and a non-first fragment has no ICMP header at all.
+    let outer_ihl = ((vihl & 0x0f) as usize) * 4;
+    let (Ok(tot_be), Ok(frag_be)) = (ctx.load::<u16>(ETH_HLEN + 2), ctx.load::<u16>(ETH_HLEN + 6))
+    else {
+        return Ok(None);
+    };
+    let tot = u16::from_be(tot_be) as usize;
+    if outer_ihl < 20 || tot < outer_ihl + 8 || ETH_HLEN + tot > ctx.len() as usize {
+        count(counter::PASS_MALFORMED);
+        return Ok(None);
+    }
+    if u16::from_be(frag_be) & 0x1fff != 0 {
+        return Ok(None);
+    }
+    let icmp = ETH_HLEN + outer_ihl;
     let Ok(ty) = ctx.load::<u8>(icmp) else {
         return Ok(None);
     };
-    if ty != 3 && ty != 11 {
+    // Destination unreachable, time exceeded, parameter problem: all quote the packet.
+    if ty != 3 && ty != 11 && ty != 12 {
         return Ok(None);
     }
     // The quoted packet: IPv4 header (IHL honoured) and at least its 8 first L4 bytes.
@@ -67,6 +83,12 @@ fn try_translate(ctx: &TcContext) -> Result<Option<i32>, Failed> {
     };
     let ihl = ((ivihl & 0x0f) as usize) * 4;
     if ivihl >> 4 != 4 || ihl < 20 {
+        return Ok(None);
+    }
+    // The quote must hold the addresses and the first 8 L4 bytes (ports, UDP checksum) inside
+    // the datagram: otherwise it is malformed, passed untouched, not a rewrite failure.
+    if inner + ihl + 8 > ETH_HLEN + tot {
+        count(counter::PASS_MALFORMED);
         return Ok(None);
     }
     let iproto: u8 = load(ctx, inner + 9)?;

@@ -20,7 +20,7 @@ use crate::{
     fib, icmp,
     maps::{
         CT4_V2, LB4_AFF_V2, LB4_BE_V1, LB4_SVC_V2, LB4_VIP_V1, count, count_service, node_config,
-        source_allowed,
+        reject_allowed, source_allowed,
     },
     nat,
     parse::{ETH_HLEN, Packet, parse_ipv4},
@@ -101,6 +101,18 @@ fn translate_counted(ctx: &TcContext, p: &Packet, entry: &Ct4Value) -> Result<i3
 
 #[inline(always)]
 fn reject_now(ctx: &TcContext, p: &Packet) -> Result<i32, i32> {
+    // A reply to these would go nowhere or to many (a reflection amplifier): drop instead,
+    // as the kernel's icmp_send refuses broadcast and multicast.
+    if !reject::answerable(p.saddr_be) {
+        count(counter::DROP_REJECT_BAD_SOURCE);
+        return Err(TC_ACT_SHOT);
+    }
+    // Like the kernel's icmp_msgs_per_sec: a scan of empty service ports must not make the
+    // node emit replies at line rate.
+    if !reject_allowed() {
+        count(counter::DROP_REJECT_RATE_LIMITED);
+        return Err(TC_ACT_SHOT);
+    }
     count(counter::REJECT);
     match reject::reply(ctx, p) {
         Ok(rc) => Ok(rc),
@@ -350,6 +362,8 @@ pub fn translate(ctx: &TcContext, p: &Packet, entry: &Ct4Value) -> Result<i32, i
         return Err(TC_ACT_SHOT);
     }
     if entry.flags & ct_flags::REDIRECT_BACK != 0 {
+        // Hairpin: we route it back ourselves, so we decrement the TTL as the stack would.
+        fib::forward_ttl(ctx)?;
         if nat::swap_macs(ctx).is_err() {
             count(counter::DROP_REWRITE);
             return Err(TC_ACT_SHOT);

@@ -5,8 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, NodeConfig, SrcRange4Data, Svc4Key, Svc4Value,
-    SvcCounter, VipValue, counter, sizes,
+    Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, NodeConfig, RejectBucket, SrcRange4Data,
+    Svc4Key, Svc4Value, SvcCounter, VipValue, counter, reject_limit, sizes,
 };
 
 #[btf_map]
@@ -36,6 +36,32 @@ pub static LB4_AFF_V2: LruHashMap<Aff4Key, Aff4Value, { sizes::AFFINITY4 as usiz
 
 #[btf_map]
 pub static LB4_SCNT_V1: PerCpuArray<SvcCounter, { sizes::SVC_IDS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static LB4_RJB_V1: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();
+
+/// Takes one REJECT reply from this CPU's token bucket; `false`: over the limit, don't reply.
+/// Per-CPU so it needs no atomics (documented in docs/security.md).
+#[inline(always)]
+pub fn reject_allowed() -> bool {
+    let Some(b) = LB4_RJB_V1.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let cap = reject_limit::BURST * reject_limit::COST_NS;
+    // SAFETY: a per-CPU slot that only this CPU writes.
+    unsafe {
+        let credit = ((*b).credit_ns + now.saturating_sub((*b).last_ns)).min(cap);
+        (*b).last_ns = now;
+        if credit < reject_limit::COST_NS {
+            (*b).credit_ns = credit;
+            return false;
+        }
+        (*b).credit_ns = credit - reject_limit::COST_NS;
+    }
+    true
+}
 
 /// Counts one translated forward packet of `bytes` (L3 length) for service `svc_id`. IDs past
 /// the map's size (the agent never allocates them) are not counted.

@@ -2,7 +2,9 @@
 //! XDP through direct packet access, both behind [`PacketRead`]), so tc and XDP validate a
 //! header by the same rules and only differ in what they then do with it.
 use aya_ebpf::programs::TcContext;
-pub use proxy_common::wire::{ETH_HLEN, ETH_P_IP_BE, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
+pub use proxy_common::wire::{
+    ETH_HLEN, ETH_P_IP_BE, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IP_TTL_OFF,
+};
 use proxy_common::{counter, proto};
 
 use crate::maps::count;

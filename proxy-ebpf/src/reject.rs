@@ -22,6 +22,14 @@ fn checksum(buf: &[u8], start: usize, len: usize, acc: u32) -> u16 {
     !csum::fold(csum::sum16(buf, start, len, acc))
 }
 
+/// Whether a REJECT may answer this source: not unspecified (0.0.0.0/8), not loopback (127/8),
+/// not multicast (224/4), not class E (240/4, which holds 255.255.255.255).
+#[inline(always)]
+pub fn answerable(src_be: u32) -> bool {
+    let first = u32::from_be(src_be) >> 24;
+    first != 0 && first != 127 && first < 224
+}
+
 /// Turns the packet into its rejection and sends it back. `Err` means "drop instead".
 #[inline(always)]
 pub fn reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {

@@ -83,6 +83,11 @@ pub fn encap_strip<P: PacketRead>(p: &P) -> Option<usize> {
     if cfg.node_addr_be == 0 || p.read::<u32>(ETH_HLEN + 16)? != cfg.node_addr_be {
         return None;
     }
+    // Outer fragments are never decapsulated: a fragment's payload is not a whole inner packet
+    // (MF set or a non-zero offset; DF is fine).
+    if u16::from_be(p.read::<u16>(ETH_HLEN + 6)?) & 0x3fff != 0 {
+        return None;
+    }
     let strip = if outer_proto == 4 {
         IPIP_STRIP
     } else {

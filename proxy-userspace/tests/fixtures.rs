@@ -14,8 +14,12 @@ use proxy_userspace::{
     translate,
 };
 
+/// ICMP error parsing hardening (`tests/icmp_errors/mod.rs`).
+mod icmp_errors;
 /// Per-service counters and affinity vs terminating endpoints (`tests/lb_svc/mod.rs`).
 mod lb_svc;
+/// TTL on the redirect paths (`tests/ttl/mod.rs`).
+mod ttl;
 /// The XDP fast path's fixtures (`tests/xdp/mod.rs`), sharing this harness.
 mod xdp;
 
@@ -909,4 +913,121 @@ fn cluster_ip_from_outside_is_masqueraded_only_when_a_cluster_cidr_is_configured
     assert!(EPS.contains(&p.dst.0.to_string().as_str()), "DNAT: {p:?}");
     assert_eq!(p.src, (EXT, 41001), "client address kept");
     assert_eq!(f.counter(counter::MASQUERADE), 1, "no second masquerade");
+}
+
+// ---- REJECT hygiene (issue 11 item 4) ----
+
+#[test]
+fn reject_never_answers_unspecified_loopback_multicast_or_class_e_sources() {
+    let f = Fixture::new(&hostnames(&[], "TCP"));
+    let fu = Fixture::new(&hostnames(&[], "UDP"));
+    let bad = [
+        "0.0.0.0",
+        "0.1.2.3",
+        "127.0.0.1",
+        "127.255.0.9",
+        "224.0.0.1",
+        "239.255.255.250",
+        "240.0.0.1",
+        "255.255.255.255",
+    ];
+    for (i, src) in bad.iter().enumerate() {
+        let src: Ipv4Addr = src.parse().expect("address");
+        for (fx, proto) in [(&f, TCP), (&fu, UDP)] {
+            let pkt = packet(proto, (src, 40000), (VIP, 80), 0, false);
+            let (rc, out) = fx.run(programs::POD_INGRESS, &pkt);
+            assert_eq!(rc, TC_ACT_SHOT, "no reply to {src} (proto {proto})");
+            assert_eq!(out, pkt, "the packet is not turned into a reply");
+        }
+        assert_eq!(f.counter(counter::DROP_REJECT_BAD_SOURCE), i as u64 + 1);
+    }
+    assert_eq!(f.counter(counter::REJECT), 0);
+    assert_eq!(fu.counter(counter::REJECT), 0);
+    // The edges of the good range are still answered.
+    for src in ["1.0.0.1", "126.255.255.255", "128.0.0.1", "223.255.255.254"] {
+        let src: Ipv4Addr = src.parse().expect("address");
+        let (rc, _) = f.run(
+            programs::POD_INGRESS,
+            &packet(TCP, (src, 40000), (VIP, 80), 0, false),
+        );
+        assert_eq!(rc, TC_ACT_REDIRECT, "{src} gets its RST");
+    }
+    assert_eq!(f.counter(counter::REJECT), 4);
+}
+
+#[test]
+fn reject_replies_beyond_the_token_bucket_are_suppressed_and_counted() {
+    require_root();
+    // The bucket is per CPU: keep every run on one CPU so one bucket sees the whole burst.
+    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin to CPU 0"
+        );
+    }
+    let f = Fixture::new(&hostnames(&[], "TCP"));
+    let n = 200u64;
+    let mut replies = 0u64;
+    for i in 0..n {
+        let pkt = packet(TCP, (CLIENT, 20000 + i as u16), (VIP, 80), 0, false);
+        let (rc, out) = f.run(programs::POD_INGRESS, &pkt);
+        if rc == TC_ACT_REDIRECT {
+            replies += 1;
+        } else {
+            assert_eq!(rc, TC_ACT_SHOT);
+            assert_eq!(out, pkt, "a suppressed reject leaves the packet as it was");
+        }
+    }
+    let suppressed = f.counter(counter::DROP_REJECT_RATE_LIMITED);
+    // Burst 50, plus the refill (1 per ms) during the loop, which takes a few ms here.
+    assert!(
+        (50..100).contains(&replies),
+        "{replies} replies out of {n}: the bucket holds 50"
+    );
+    assert_eq!(replies + suppressed, n, "every suppressed reply is counted");
+    assert_eq!(f.counter(counter::REJECT), replies);
+    // After a pause the bucket has refilled: the next one is answered again.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let pkt = packet(TCP, (CLIENT, 30000), (VIP, 80), 0, false);
+    assert_eq!(f.run(programs::POD_INGRESS, &pkt).0, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn outer_fragments_are_never_decapsulated() {
+    let f = Fixture::new(&load_balancer(&[("10.76.0.10", "node1")], true, &[]));
+    let inner = packet(TCP, (EXT, 51100), (LB_IP, 80), 0, false);
+    for gue in [false, true] {
+        // More fragments set, then a non-zero offset: both are fragments of the outer packet.
+        for frag in [0x2000u16, 0x0001] {
+            let mut w = wrap(&inner, gue);
+            w[20..22].copy_from_slice(&frag.to_be_bytes());
+            w[24] = 0;
+            w[25] = 0;
+            let c = packet::ipv4_header_checksum(&w[14..34]);
+            w[24..26].copy_from_slice(&c.to_be_bytes());
+            let (_, out) = f.run(programs::UPLINK_INGRESS, &w);
+            assert_eq!(out, w, "gue={gue} frag={frag:#x}: left wrapped");
+            let (_, out) = xdp::run_xdp(&f, &w);
+            assert_eq!(
+                out, w,
+                "gue={gue} frag={frag:#x}: XDP leaves it wrapped too"
+            );
+        }
+    }
+    assert_eq!(f.counter(counter::DECAP), 0);
+    assert_eq!(f.counter(counter::XDP_DECAP), 0);
+    // DF on the outer header is not a fragment: still decapsulated.
+    let mut w = wrap(&inner, false);
+    w[20] |= 0x40;
+    w[24] = 0;
+    w[25] = 0;
+    let c = packet::ipv4_header_checksum(&w[14..34]);
+    w[24..26].copy_from_slice(&c.to_be_bytes());
+    let (_, out) = f.run(programs::UPLINK_INGRESS, &w);
+    assert_eq!(out.len(), inner.len());
+    assert_eq!(f.counter(counter::DECAP), 1);
 }

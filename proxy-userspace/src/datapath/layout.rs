@@ -226,6 +226,14 @@ impl MapSizes {
                 max_entries: self.svc_ids,
                 flag: Some("--max-services"),
             },
+            MapLayout {
+                name: maps::REJECT_BUCKET,
+                map_type: MapType::PerCpuArray,
+                key_size: 4,
+                value_size: size_of::<proxy_common::RejectBucket>() as u32,
+                max_entries: 1,
+                flag: None,
+            },
         ]
     }
 }

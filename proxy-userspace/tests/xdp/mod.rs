@@ -9,7 +9,7 @@ const LOCAL_EP: Ipv4Addr = Ipv4Addr::new(10, 76, 0, 10);
 
 /// XDP's verdict and the frame it hands on. Whether it marked the packet as translated (the
 /// metadata tc reads) must agree with whether it rewrote the destination.
-fn run_xdp(f: &Fixture, pkt: &[u8]) -> (u32, Vec<u8>) {
+pub(super) fn run_xdp(f: &Fixture, pkt: &[u8]) -> (u32, Vec<u8>) {
     let before = f.counter(counter::XDP_FWD_ESTABLISHED);
     let r = datapath::xdp_test_run(
         f.dp.xdp_program(programs::UPLINK_XDP).expect("xdp program"),
