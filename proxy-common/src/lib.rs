@@ -18,8 +18,13 @@ pub mod maps {
     pub const SVC4: &str = "LB4_SVC_V2";
     /// Backends: backend ID (`u32`) -> `Backend4`.
     pub const BACKEND4: &str = "LB4_BE_V1";
-    /// Connection tracking (LRU): `Ct4Key` -> `Ct4Value`.
-    pub const CT4: &str = "CT4_V2";
+    /// Connection tracking of answered flows (hash, never evicted: entries leave by timeout,
+    /// through the agent's sweeper): `Ct4Key` -> `Ct4Value`.
+    pub const CT4: &str = "CT4_V3";
+    /// Connection tracking of flows not answered yet (LRU: under pressure the oldest
+    /// unanswered flows are evicted, never an answered one). A flow moves to `CT4` with its
+    /// first reply.
+    pub const CT4_NEW: &str = "CT4N_V1";
     /// Per-CPU verdict counters indexed by `counter::*`.
     pub const COUNTERS: &str = "CNT_V1";
     /// Per-node configuration: index 0 -> `NodeConfig`.
@@ -41,11 +46,15 @@ pub mod maps {
     pub const SVC_COUNTERS: &str = "LB4_SCNT_V1";
     /// REJECT reply rate limit: a per-CPU token bucket, index 0 -> `RejectBucket`.
     pub const REJECT_BUCKET: &str = "LB4_RJB_V1";
+    /// Fragments (LRU): `Frag4Key` (addresses, protocol, IP ID before translation) ->
+    /// `Frag4Value` (the first fragment's ports), so later fragments get its translation.
+    pub const FRAG4: &str = "LB4_FRG_V1";
     /// Every map the agent pins, in the order `ebpf-proxy inspect` shows them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         SVC4,
         BACKEND4,
         CT4,
+        CT4_NEW,
         COUNTERS,
         CONFIG,
         VIP4,
@@ -55,7 +64,13 @@ pub mod maps {
         SOCK_FWD4,
         SVC_COUNTERS,
         REJECT_BUCKET,
+        FRAG4,
     ];
+    /// Conntrack maps of earlier releases that the agent carries over (same key and value
+    /// layout, one LRU map for both answered and unanswered flows): their entries are copied
+    /// into `CT4` before and again after the agent's programs replace the old ones, then the
+    /// pin is removed. `CT4_V2` is v0.1.0's.
+    pub const CT4_MIGRATE: [&str; 1] = ["CT4_V2"];
     /// Names earlier versions pinned (layouts this agent cannot read: `svc_id` was 16-bit).
     /// The agent reports them and removes them once its own programs are attached;
     /// `ebpf-proxy cleanup` removes them too.
@@ -92,6 +107,8 @@ pub mod sizes {
     pub const SVC4: u32 = 65_536;
     pub const BACKEND4: u32 = 65_536;
     pub const CT4: u32 = 262_144;
+    /// Datagrams in flight as fragments.
+    pub const FRAG4: u32 = 8_192;
     pub const VIP4: u32 = 16_384;
     pub const SRC_RANGE4: u32 = 16_384;
     pub const AFFINITY4: u32 = 65_536;
@@ -119,7 +136,7 @@ pub mod counter {
     pub const DROP_NO_BACKEND: u32 = 3;
     /// A service slot points at a backend ID that is not in the backend map: dropped.
     pub const DROP_BACKEND_MISSING: u32 = 4;
-    /// The conntrack insert failed: dropped (the flow could not be kept sticky).
+    /// The conntrack insert (into the unanswered-flow table) failed: dropped.
     pub const DROP_CT_FULL: u32 = 5;
     /// A packet rewrite helper failed: dropped.
     pub const DROP_REWRITE: u32 = 6;
@@ -167,10 +184,26 @@ pub mod counter {
     pub const DROP_REJECT_BAD_SOURCE: u32 = 24;
     /// A REJECT reply suppressed by the rate limit (`reject_limit`): the packet is dropped.
     pub const DROP_REJECT_RATE_LIMITED: u32 = 25;
+    /// A TCP packet other than a SYN to a service, of no tracked flow: dropped without
+    /// creating state (a mid-stream packet or junk; only a SYN opens a flow).
+    pub const DROP_TCP_NO_FLOW: u32 = 26;
+    /// Not a verdict: a flow's first reply found the answered-flow table (`CT4`) full, so the
+    /// flow stays in the table of unanswered ones, where it can be evicted.
+    pub const CT_ANSWERED_FULL: u32 = 27;
+    /// Not a verdict: a new flow's reply tuple belonged to another live flow (a client port
+    /// reused towards two services sharing an endpoint): its source port was remapped.
+    pub const CT_CLASH_REMAPPED: u32 = 28;
+    /// A new flow whose reply tuple clashed and no free source port was found: dropped.
+    pub const DROP_CT_CLASH: u32 = 29;
+    /// Not a verdict: a closed flow's tuple (FIN both ways, or RST) was taken over by a new
+    /// flow: a SYN reopening it, or a SNAT port it held.
+    pub const CT_CLOSED_REUSED: u32 = 30;
+    /// A non-first fragment of a translated datagram, translated like its first fragment.
+    pub const FRAG_TRANSLATED: u32 = 31;
     pub const MAX: u32 = 32;
 
     /// Human names for `inspect` and metrics, indexed by counter.
-    pub const NAMES: [&str; 26] = [
+    pub const NAMES: [&str; 32] = [
         "forward_new",
         "forward_established",
         "reply_reverse_nat",
@@ -197,6 +230,12 @@ pub mod counter {
         "drop_ttl_exceeded",
         "drop_reject_bad_source",
         "drop_reject_rate_limited",
+        "drop_tcp_no_flow",
+        "conntrack_answered_full",
+        "conntrack_clash_remapped",
+        "drop_conntrack_clash",
+        "conntrack_closed_reused",
+        "fragment_translated",
     ];
 }
 
@@ -507,6 +546,34 @@ impl Ct4Key {
             _pad: [0; 3],
         }
     }
+    /// The reply entry's key of the forward entry `v` at `self`: the backend answering to the
+    /// client as the backend sees it (after SNAT, if any).
+    pub const fn reply_key(&self, v: &Ct4Value) -> Self {
+        let (addr, port) = if v.flags & ct_flags::SNAT != 0 {
+            (v.src_addr_be, v.src_port_be)
+        } else {
+            (self.saddr_be, self.sport_be)
+        };
+        Self::new(v.dst_addr_be, addr, v.dst_port_be, port, self.proto)
+    }
+    /// The forward entry's key of the reply entry `v` at `self`: the client (the reply's
+    /// DNAT target, or its destination) towards the service address (the reply's SNAT).
+    pub const fn forward_key(&self, v: &Ct4Value) -> Self {
+        let (addr, port) = if v.flags & ct_flags::DNAT != 0 {
+            (v.dst_addr_be, v.dst_port_be)
+        } else {
+            (self.daddr_be, self.dport_be)
+        };
+        Self::new(addr, v.src_addr_be, port, v.src_port_be, self.proto)
+    }
+    /// The key of the other entry of the same flow.
+    pub const fn partner(&self, v: &Ct4Value) -> Self {
+        if v.flags & ct_flags::REPLY != 0 {
+            self.forward_key(v)
+        } else {
+            self.reply_key(v)
+        }
+    }
     /// The key of the opposite direction.
     pub const fn reversed(&self) -> Self {
         Self::new(
@@ -537,6 +604,23 @@ pub mod ct_flags {
     pub const FIB_REDIRECT: u16 = 1 << 5;
     /// The flow was masqueraded (SNAT to a node address with an allocated port).
     pub const MASQUERADED: u16 = 1 << 6;
+    /// TCP state, set on both entries of a flow: a FIN was seen from the client.
+    pub const FIN_FORWARD: u16 = 1 << 7;
+    /// A FIN was seen from the backend.
+    pub const FIN_REPLY: u16 = 1 << 8;
+    /// A RST was seen (either way).
+    pub const RST: u16 = 1 << 9;
+    /// Carried over from an earlier release's table, whose TCP state is unknown.
+    pub const MIGRATED: u16 = 1 << 10;
+    /// The flow was answered: the entry lives in the answered-flow table (`maps::CT4`).
+    pub const ANSWERED: u16 = 1 << 11;
+
+    /// A TCP flow that is over: RST, or FIN both ways. Its tuple (and SNAT port) may be
+    /// reused by a new flow at once, as netfilter reopens a TIME_WAIT connection.
+    #[inline(always)]
+    pub const fn closed(flags: u16) -> bool {
+        flags & RST != 0 || flags & (FIN_FORWARD | FIN_REPLY) == FIN_FORWARD | FIN_REPLY
+    }
 }
 
 /// Conntrack value: the rewrite to apply to packets matching the key. One shape for both
@@ -558,6 +642,27 @@ pub struct Ct4Value {
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Ct4Value>() == 32);
+
+/// Fragment-map key: a datagram as its fragments carry it (before translation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Frag4Key {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Frag4Key>() == 12);
+
+/// Fragment-map value: the ports of the datagram's first fragment (the conntrack key's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Frag4Value {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<Frag4Value>() == 4);
 
 /// `NodeConfig::flags`.
 pub mod cfg_flags {
@@ -617,6 +722,8 @@ mod pod_impls {
     unsafe impl aya::Pod for Aff4Key {}
     unsafe impl aya::Pod for Aff4Value {}
     unsafe impl aya::Pod for SvcCounter {}
+    unsafe impl aya::Pod for Frag4Key {}
+    unsafe impl aya::Pod for Frag4Value {}
 }
 
 #[cfg(test)]
@@ -640,6 +747,57 @@ mod tests {
         let k = Ct4Key::new(1, 2, 3, 4, proto::TCP);
         assert_eq!(k.reversed(), Ct4Key::new(2, 1, 4, 3, proto::TCP));
         assert_eq!(k.reversed().reversed(), k);
+    }
+
+    /// Each entry of a flow finds the other: plain, masqueraded (SNAT to the node, the
+    /// client restored by the reply's DNAT) and clash-remapped (source port only).
+    #[test]
+    fn ct_entries_find_their_partner() {
+        let (client, vip, node, be) = (0x0a4c_0005u32, 0x0a60_000au32, 0x0a00_0001, 0x0a4c_0107);
+        let (cport, vport, bport, snat) = (40000u16, 80u16, 8080u16, 61001u16);
+        let fwd_key = Ct4Key::new(client, vip, cport, vport, proto::TCP);
+        let plain = Ct4Value {
+            dst_addr_be: be,
+            dst_port_be: bport,
+            flags: ct_flags::FORWARD | ct_flags::DNAT,
+            ..Ct4Value::default()
+        };
+        let rev_key = fwd_key.reply_key(&plain);
+        assert_eq!(rev_key, Ct4Key::new(be, client, bport, cport, proto::TCP));
+        let rev = Ct4Value {
+            src_addr_be: vip,
+            src_port_be: vport,
+            flags: ct_flags::REPLY | ct_flags::SNAT,
+            ..Ct4Value::default()
+        };
+        assert_eq!(rev_key.partner(&rev), fwd_key);
+        assert_eq!(fwd_key.partner(&plain), rev_key);
+        for (src, sport) in [(node, snat), (client, snat)] {
+            let fwd = Ct4Value {
+                src_addr_be: src,
+                src_port_be: sport,
+                flags: plain.flags | ct_flags::SNAT,
+                ..plain
+            };
+            let rev_key = fwd_key.reply_key(&fwd);
+            assert_eq!(rev_key, Ct4Key::new(be, src, bport, sport, proto::TCP));
+            let rev = Ct4Value {
+                dst_addr_be: client,
+                dst_port_be: cport,
+                flags: rev.flags | ct_flags::DNAT,
+                ..rev
+            };
+            assert_eq!(rev_key.forward_key(&rev), fwd_key);
+        }
+    }
+
+    #[test]
+    fn a_tcp_flow_is_closed_after_rst_or_fin_both_ways() {
+        use ct_flags::*;
+        assert!(!closed(FORWARD | FIN_FORWARD));
+        assert!(!closed(REPLY | FIN_REPLY));
+        assert!(closed(FIN_FORWARD | FIN_REPLY));
+        assert!(closed(FORWARD | RST));
     }
 
     #[test]

@@ -12,8 +12,8 @@ use aya_ebpf::{
 use proxy_common::{Ct4Key, Ct4Value, counter, csum, ct_flags, proto};
 
 use crate::{
-    fib,
-    maps::{CT4_V2, count},
+    fib, lb,
+    maps::count,
     parse::{ETH_HLEN, ETH_P_IP_BE, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
 };
 
@@ -106,7 +106,7 @@ fn try_translate(ctx: &TcContext) -> Result<Option<i32>, Failed> {
     let idport: u16 = load(ctx, il4 + 2)?;
     let key = Ct4Key::new(idaddr, isaddr, idport, isport, iproto);
     // SAFETY: copied out immediately.
-    let Some(e) = (unsafe { CT4_V2.get(key) }).copied() else {
+    let Some(e) = lb::ct_get(&key) else {
         return Ok(None);
     };
 

@@ -13,17 +13,17 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, NodeConfig, Svc4Key, backend_flags, cfg_flags,
-    counter, ct_flags, scope, select_slot, svc_flags,
+    counter, ct_flags, proto, scope, select_slot, svc_flags,
 };
 
 use crate::{
-    fib, icmp,
+    fib, frag, icmp,
     maps::{
-        CT4_V2, LB4_AFF_V2, LB4_BE_V1, LB4_SVC_V2, LB4_VIP_V1, count, count_service, node_config,
-        reject_allowed, source_allowed,
+        CT4_V3, CT4N_V1, LB4_AFF_V2, LB4_BE_V1, LB4_SVC_V2, LB4_VIP_V1, count, count_service,
+        node_config, reject_allowed, source_allowed,
     },
     nat,
-    parse::{ETH_HLEN, Packet, parse_ipv4},
+    parse::{ETH_HLEN, Packet, Skip, parse, tcp},
     reject,
 };
 
@@ -39,24 +39,54 @@ pub enum Origin {
 /// Runs the pipeline. `balance` is false on hooks that only translate tracked flows.
 #[inline(always)]
 pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i32> {
-    let Some(p) = parse_ipv4(ctx) else {
+    let p = match parse(ctx) {
+        Ok(p) => p,
         // Not TCP/UDP: maybe an ICMP error about one of our flows.
-        return Ok(icmp::translate_error(ctx).unwrap_or(TC_ACT_OK));
+        Err(Skip::NotOurs) => return Ok(icmp::translate_error(ctx).unwrap_or(TC_ACT_OK)),
+        Err(Skip::Malformed) => {
+            count(counter::PASS_MALFORMED);
+            return Ok(TC_ACT_OK);
+        }
+        Err(Skip::Fragment) => return frag::translate(ctx),
     };
     let key = Ct4Key::new(p.saddr_be, p.daddr_be, p.sport_be, p.dport_be, p.proto);
-    if let Some(entry) = ct_lookup(&key) {
-        if entry.flags & ct_flags::REPLY != 0 {
-            count(counter::REPLY);
-            return translate(ctx, &p, &entry);
+    // A tracked flow balanced again (its backend is gone): its next packet may be mid-stream.
+    let mut rebalanced = false;
+    if let Some((entry, table)) = ct_lookup(&key) {
+        let tcp = p.proto == proto::TCP;
+        let reopen = tcp
+            && p.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN
+            && entry.flags & ct_flags::FORWARD != 0
+            && ct_flags::closed(entry.flags);
+        if reopen {
+            // A SYN on a closed flow's tuple (the client reused its port): a new flow, as
+            // netfilter reopens a connection in TIME_WAIT. Balanced again below.
+            ct_remove_flow(&key, &entry);
+            count(counter::CT_CLOSED_REUSED);
+        } else {
+            let mut entry = entry;
+            if tcp && p.tcp_flags & (tcp::FIN | tcp::RST) != 0 {
+                entry.flags |= ct_mark_closing(&key, &entry, p.tcp_flags);
+            }
+            if entry.flags & ct_flags::REPLY != 0 {
+                if table == Table::New {
+                    ct_promote(&key, &entry);
+                }
+                count(counter::REPLY);
+                frag::remember(&p, &entry);
+                return translate(ctx, &p, &entry);
+            }
+            if validate_flow(&entry) {
+                count(counter::FWD_ESTABLISHED);
+                frag::remember(&p, &entry);
+                return translate_counted(ctx, &p, &entry);
+            }
+            // The flow's backend is gone: forget the flow and balance it again below, so a
+            // removed endpoint never keeps receiving (UDP flows included).
+            ct_remove_flow(&key, &entry);
+            count(counter::REBALANCED);
+            rebalanced = true;
         }
-        if validate_flow(&entry) {
-            count(counter::FWD_ESTABLISHED);
-            return translate_counted(ctx, &p, &entry);
-        }
-        // The flow's backend is gone: forget the flow and balance it again below, so a
-        // removed endpoint never keeps receiving (UDP flows included).
-        let _ = CT4_V2.remove(key);
-        count(counter::REBALANCED);
     }
     if !balance {
         return Ok(TC_ACT_OK);
@@ -69,6 +99,13 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
         }
         return Ok(TC_ACT_OK);
     };
+    if p.proto == proto::TCP && p.tcp_flags & (tcp::SYN | tcp::ACK) != tcp::SYN && !rebalanced {
+        // Only a SYN opens a TCP flow: junk and stray mid-stream packets create no state
+        // (they could otherwise claim table space and SNAT ports). A flow whose backend went
+        // away is the exception: the new backend's RST tells its client at once.
+        count(counter::DROP_TCP_NO_FLOW);
+        return Err(TC_ACT_SHOT);
+    }
     if svc.flags & svc_flags::SOURCE_RANGES != 0 && !source_allowed(svc.ranges_id, p.saddr_be) {
         count(counter::DROP_SOURCE_RANGE);
         return Err(TC_ACT_SHOT);
@@ -87,6 +124,7 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
     let cfg = node_config();
     let entry = ct_create(&p, &key, backend_id, &backend, &svc, origin, &cfg)?;
     count(counter::FWD_NEW);
+    frag::remember(&p, &entry);
     translate_counted(ctx, &p, &entry)
 }
 
@@ -120,15 +158,99 @@ fn reject_now(ctx: &TcContext, p: &Packet) -> Result<i32, i32> {
     }
 }
 
+/// Which conntrack table holds an entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `CT4_V3`: answered flows, never evicted.
+    Answered,
+    /// `CT4N_V1`: flows not answered yet (LRU).
+    New,
+}
+
+/// Finds a flow's entry (answered flows first: the common case costs one lookup) and
+/// stamps it with the time of this packet.
 #[inline(always)]
-pub fn ct_lookup(key: &Ct4Key) -> Option<Ct4Value> {
-    let ptr = CT4_V2.get_ptr_mut(key)?;
+pub fn ct_lookup(key: &Ct4Key) -> Option<(Ct4Value, Table)> {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (ptr, table) = match CT4_V3.get_ptr_mut(key) {
+        Some(p) => (p, Table::Answered),
+        None => (CT4N_V1.get_ptr_mut(key)?, Table::New),
+    };
     // SAFETY: a valid map value pointer; a racing writer can at worst leave a stale
     // timestamp, which only matters for idle expiry.
     unsafe {
-        (*ptr).last_seen_ns = bpf_ktime_get_ns();
-        Some(*ptr)
+        (*ptr).last_seen_ns = now;
+        Some((*ptr, table))
     }
+}
+
+/// Reads a flow's entry from either table without touching it (ICMP errors, fragments).
+#[inline(always)]
+pub fn ct_get(key: &Ct4Key) -> Option<Ct4Value> {
+    // SAFETY: values are copied out immediately.
+    unsafe { CT4_V3.get(key).or_else(|| CT4N_V1.get(key)).copied() }
+}
+
+/// Forgets both entries of a flow, in whichever table they are.
+#[inline(always)]
+fn ct_remove_flow(key: &Ct4Key, entry: &Ct4Value) {
+    let other = key.partner(entry);
+    for k in [key, &other] {
+        let _ = CT4_V3.remove(k);
+        let _ = CT4N_V1.remove(k);
+    }
+}
+
+/// Records a FIN or RST on both entries of the flow (each then tells the flow's TCP state
+/// alone: the sweeper's timeouts and SNAT port reuse read it). Returns the bits set.
+#[inline(always)]
+fn ct_mark_closing(key: &Ct4Key, entry: &Ct4Value, tcp_flags: u8) -> u16 {
+    let mut bits = 0;
+    if tcp_flags & tcp::RST != 0 {
+        bits |= ct_flags::RST;
+    }
+    if tcp_flags & tcp::FIN != 0 {
+        bits |= if entry.flags & ct_flags::REPLY != 0 {
+            ct_flags::FIN_REPLY
+        } else {
+            ct_flags::FIN_FORWARD
+        };
+    }
+    let other = key.partner(entry);
+    for k in [key, &other] {
+        let ptr = CT4_V3.get_ptr_mut(k).or_else(|| CT4N_V1.get_ptr_mut(k));
+        if let Some(ptr) = ptr {
+            // SAFETY: a valid map value pointer; flags only ever gain bits here.
+            unsafe { (*ptr).flags |= bits };
+        }
+    }
+    bits
+}
+
+/// A flow's first reply: both entries move to the answered table, where no flood of
+/// unanswered packets can evict them. When that table is full they stay where they are.
+#[inline(always)]
+fn ct_promote(rev_key: &Ct4Key, rev: &Ct4Value) {
+    let fwd_key = rev_key.forward_key(rev);
+    // SAFETY: copied out immediately.
+    let fwd = unsafe { CT4N_V1.get(fwd_key) }.copied();
+    let mut rev = *rev;
+    rev.flags |= ct_flags::ANSWERED;
+    if CT4_V3.insert(rev_key, rev, BPF_ANY as u64).is_err() {
+        count(counter::CT_ANSWERED_FULL);
+        return;
+    }
+    if let Some(mut fwd) = fwd {
+        fwd.flags |= ct_flags::ANSWERED;
+        if CT4_V3.insert(fwd_key, fwd, BPF_ANY as u64).is_err() {
+            let _ = CT4_V3.remove(rev_key);
+            count(counter::CT_ANSWERED_FULL);
+            return;
+        }
+        let _ = CT4N_V1.remove(fwd_key);
+    }
+    let _ = CT4N_V1.remove(rev_key);
 }
 
 /// A forward entry is valid while its backend ID still resolves to the same backend.
@@ -291,63 +413,145 @@ fn ct_create(
         rev.dst_port_be = p.sport_be;
         rev.flags |= ct_flags::DNAT | ct_flags::REDIRECT_BACK;
         count(counter::HAIRPIN);
-        let rev_key = Ct4Key::new(
-            b.addr_be,
-            cfg.hairpin_addr_be,
-            b.port_be,
-            p.sport_be,
-            key.proto,
-        );
-        return ct_insert(key, &fwd, &rev_key, &rev);
+        return ct_commit(p, key, fwd, rev, cfg, false);
     }
     if must_masquerade(p, svc, origin, cfg) && cfg.node_addr_be != 0 {
-        // SNAT to the node with a port of our own: the reply entry's key is the claim, so
-        // inserting it with NOEXIST allocates the port atomically.
+        // SNAT to the node with a port of our own.
         rev.dst_addr_be = p.saddr_be;
         rev.dst_port_be = p.sport_be;
         rev.flags |= ct_flags::DNAT | ct_flags::FIB_REDIRECT;
         fwd.src_addr_be = cfg.node_addr_be;
         fwd.flags |= ct_flags::SNAT | ct_flags::FIB_REDIRECT | ct_flags::MASQUERADED;
-        let (min, max) = (cfg.snat_port_min as u32, cfg.snat_port_max as u32);
-        let span = if max > min { max - min + 1 } else { 1 };
-        let start = unsafe { bpf_get_prandom_u32() } % span;
-        for i in 0..8u32 {
-            let port = (min + (start + i * 97) % span) as u16;
-            let rev_key = Ct4Key::new(
-                b.addr_be,
-                cfg.node_addr_be,
-                b.port_be,
-                port.to_be(),
-                key.proto,
-            );
-            if CT4_V2.insert(rev_key, rev, BPF_NOEXIST as u64).is_ok() {
-                fwd.src_port_be = port.to_be();
-                if CT4_V2.insert(*key, fwd, BPF_ANY as u64).is_err() {
-                    let _ = CT4_V2.remove(rev_key);
-                    count(counter::DROP_CT_FULL);
-                    return Err(TC_ACT_SHOT);
-                }
-                count(counter::MASQUERADE);
-                return Ok(fwd);
-            }
-        }
-        count(counter::DROP_SNAT_EXHAUSTED);
-        return Err(TC_ACT_SHOT);
+        return ct_commit(p, key, fwd, rev, cfg, true);
     }
-    let rev_key = Ct4Key::new(b.addr_be, p.saddr_be, b.port_be, p.sport_be, key.proto);
-    ct_insert(key, &fwd, &rev_key, &rev)
+    fwd.src_addr_be = p.saddr_be;
+    fwd.src_port_be = p.sport_be;
+    ct_commit(p, key, fwd, rev, cfg, false)
 }
 
+/// What claiming a reply tuple found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    Done,
+    /// A live flow holds it.
+    Taken,
+    /// The table refused the insert.
+    Full,
+}
+
+const EEXIST: i32 = 17;
+
+/// Claims `rev_key` for the new flow `key` by inserting its reply entry: the tuple is free,
+/// a leftover of this very flow, or held by a closed flow (taken over, with that flow's
+/// forward entry). A live flow's reply tuple is never overwritten: its replies would come
+/// back from the wrong service.
 #[inline(always)]
-fn ct_insert(
+fn claim(key: &Ct4Key, rev_key: &Ct4Key, rev: &Ct4Value) -> Claim {
+    // SAFETY: copied out immediately.
+    if let Some(old) = unsafe { CT4_V3.get(rev_key) }.copied() {
+        let owner = rev_key.forward_key(&old);
+        if owner != *key {
+            if !ct_flags::closed(old.flags) {
+                return Claim::Taken;
+            }
+            let _ = CT4_V3.remove(owner);
+            let _ = CT4N_V1.remove(owner);
+            count(counter::CT_CLOSED_REUSED);
+        }
+        let _ = CT4_V3.remove(rev_key);
+    }
+    match CT4N_V1.insert(rev_key, rev, BPF_NOEXIST as u64) {
+        Ok(()) => return Claim::Done,
+        Err(e) if e != -EEXIST => return Claim::Full,
+        Err(_) => {}
+    }
+    // SAFETY: copied out immediately.
+    let Some(old) = unsafe { CT4N_V1.get(rev_key) }.copied() else {
+        return Claim::Taken;
+    };
+    let owner = rev_key.forward_key(&old);
+    if owner != *key {
+        if !ct_flags::closed(old.flags) {
+            return Claim::Taken;
+        }
+        let _ = CT4N_V1.remove(owner);
+        count(counter::CT_CLOSED_REUSED);
+    }
+    if CT4N_V1.insert(rev_key, rev, BPF_ANY as u64).is_ok() {
+        Claim::Done
+    } else {
+        Claim::Full
+    }
+}
+
+/// Records a new flow: claims its reply tuple, then inserts its forward entry. The reply
+/// tuple is the backend answering to (`fwd.src_addr_be`, source port). A flow keeps its
+/// client's port when that tuple is free; a masqueraded flow, or one whose tuple a live
+/// flow holds (a client reusing its port towards two services that share an endpoint),
+/// gets a port from the SNAT range, as netfilter's NAT does.
+#[inline(always)]
+fn ct_commit(
+    p: &Packet,
     key: &Ct4Key,
-    fwd: &Ct4Value,
-    rev_key: &Ct4Key,
-    rev: &Ct4Value,
+    mut fwd: Ct4Value,
+    mut rev: Ct4Value,
+    cfg: &NodeConfig,
+    masquerade: bool,
 ) -> Result<Ct4Value, i32> {
-    if CT4_V2.insert(rev_key, rev, BPF_ANY as u64).is_err()
-        || CT4_V2.insert(key, fwd, BPF_ANY as u64).is_err()
-    {
+    let (b_addr, b_port, addr) = (fwd.dst_addr_be, fwd.dst_port_be, fwd.src_addr_be);
+    if !masquerade {
+        let rev_key = Ct4Key::new(b_addr, addr, b_port, fwd.src_port_be, key.proto);
+        match claim(key, &rev_key, &rev) {
+            Claim::Done => return ct_insert_forward(key, &fwd, &rev_key),
+            Claim::Full => {
+                count(counter::DROP_CT_FULL);
+                return Err(TC_ACT_SHOT);
+            }
+            Claim::Taken => {}
+        }
+        // Remap the source port only; the reply's DNAT gives the client its port back.
+        fwd.flags |= ct_flags::SNAT;
+        rev.flags |= ct_flags::DNAT;
+        rev.dst_addr_be = p.saddr_be;
+        rev.dst_port_be = p.sport_be;
+    }
+    let (min, max) = (cfg.snat_port_min as u32, cfg.snat_port_max as u32);
+    let span = if max > min { max - min + 1 } else { 1 };
+    // SAFETY: a helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() } % span;
+    for i in 0..8u32 {
+        let port = ((min + (start + i * 97) % span) as u16).to_be();
+        let rev_key = Ct4Key::new(b_addr, addr, b_port, port, key.proto);
+        match claim(key, &rev_key, &rev) {
+            Claim::Done => {
+                fwd.src_port_be = port;
+                count(if masquerade {
+                    counter::MASQUERADE
+                } else {
+                    counter::CT_CLASH_REMAPPED
+                });
+                return ct_insert_forward(key, &fwd, &rev_key);
+            }
+            Claim::Full => {
+                count(counter::DROP_CT_FULL);
+                return Err(TC_ACT_SHOT);
+            }
+            Claim::Taken => {}
+        }
+    }
+    count(if masquerade {
+        counter::DROP_SNAT_EXHAUSTED
+    } else {
+        counter::DROP_CT_CLASH
+    });
+    Err(TC_ACT_SHOT)
+}
+
+/// The forward entry, once the reply tuple is ours; undoes the claim if it fails.
+#[inline(always)]
+fn ct_insert_forward(key: &Ct4Key, fwd: &Ct4Value, rev_key: &Ct4Key) -> Result<Ct4Value, i32> {
+    if CT4N_V1.insert(key, fwd, BPF_ANY as u64).is_err() {
+        let _ = CT4N_V1.remove(rev_key);
         count(counter::DROP_CT_FULL);
         return Err(TC_ACT_SHOT);
     }
@@ -361,6 +565,18 @@ pub fn translate(ctx: &TcContext, p: &Packet, entry: &Ct4Value) -> Result<i32, i
         count(counter::DROP_REWRITE);
         return Err(TC_ACT_SHOT);
     }
+    deliver(ctx, p.saddr_be, p.daddr_be, entry)
+}
+
+/// Sends a rewritten packet on as its flow's entry says; `saddr_be`/`daddr_be` are the
+/// packet's addresses before the rewrite.
+#[inline(always)]
+pub fn deliver(
+    ctx: &TcContext,
+    saddr_be: u32,
+    daddr_be: u32,
+    entry: &Ct4Value,
+) -> Result<i32, i32> {
     if entry.flags & ct_flags::REDIRECT_BACK != 0 {
         // Hairpin: we route it back ourselves, so we decrement the TTL as the stack would.
         fib::forward_ttl(ctx)?;
@@ -377,12 +593,12 @@ pub fn translate(ctx: &TcContext, p: &Packet, entry: &Ct4Value) -> Result<i32, i
         let src = if entry.flags & ct_flags::SNAT != 0 {
             entry.src_addr_be
         } else {
-            p.saddr_be
+            saddr_be
         };
         let dst = if entry.flags & ct_flags::DNAT != 0 {
             entry.dst_addr_be
         } else {
-            p.daddr_be
+            daddr_be
         };
         return Ok(fib::redirect(ctx, src, dst));
     }

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod fib;
+mod frag;
 mod icmp;
 mod lb;
 mod maps;

@@ -5,8 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, NodeConfig, RejectBucket, SrcRange4Data,
-    Svc4Key, Svc4Value, SvcCounter, VipValue, counter, reject_limit, sizes,
+    Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, Frag4Key, Frag4Value, NodeConfig, RejectBucket,
+    SrcRange4Data, Svc4Key, Svc4Value, SvcCounter, VipValue, counter, reject_limit, sizes,
 };
 
 #[btf_map]
@@ -15,8 +15,19 @@ pub static LB4_SVC_V2: HashMap<Svc4Key, Svc4Value, { sizes::SVC4 as usize }> = H
 #[btf_map]
 pub static LB4_BE_V1: HashMap<u32, Backend4, { sizes::BACKEND4 as usize }> = HashMap::new();
 
+/// Answered flows: a plain hash, so nothing evicts them; the agent's sweeper removes them when
+/// they time out.
 #[btf_map]
-pub static CT4_V2: LruHashMap<Ct4Key, Ct4Value, { sizes::CT4 as usize }> = LruHashMap::new();
+pub static CT4_V3: HashMap<Ct4Key, Ct4Value, { sizes::CT4 as usize }> = HashMap::new();
+
+/// Flows not answered yet: LRU, so a flood of unanswered packets only evicts its own kind.
+#[btf_map]
+pub static CT4N_V1: LruHashMap<Ct4Key, Ct4Value, { sizes::CT4 as usize }> = LruHashMap::new();
+
+/// First fragments' ports, for the fragments that follow (LRU: short-lived by nature).
+#[btf_map]
+pub static LB4_FRG_V1: LruHashMap<Frag4Key, Frag4Value, { sizes::FRAG4 as usize }> =
+    LruHashMap::new();
 
 #[btf_map]
 pub static CNT_V1: PerCpuArray<u64, { counter::MAX as usize }> = PerCpuArray::new();

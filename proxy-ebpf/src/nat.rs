@@ -121,6 +121,28 @@ pub fn apply(ctx: &TcContext, p: &Packet, v: &Ct4Value) -> Result<(), RewriteFai
     Ok(())
 }
 
+/// The address part of a conntrack entry's rewrite, for a non-first fragment: it has no L4
+/// header, and the L4 checksum (in the first fragment) already accounts for the addresses.
+#[inline(always)]
+pub fn apply_addrs(
+    ctx: &TcContext,
+    saddr_be: u32,
+    daddr_be: u32,
+    v: &Ct4Value,
+) -> Result<(), RewriteFailed> {
+    for (set, off, old, new) in [
+        (ct_flags::SNAT, IP_SADDR_OFF, saddr_be, v.src_addr_be),
+        (ct_flags::DNAT, IP_DADDR_OFF, daddr_be, v.dst_addr_be),
+    ] {
+        if v.flags & set != 0 && old != new {
+            ctx.store(off, &new, 0).map_err(|_| RewriteFailed)?;
+            ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)
+                .map_err(|_| RewriteFailed)?;
+        }
+    }
+    Ok(())
+}
+
 /// Swaps the Ethernet addresses so a frame can be sent back out of the port it came in on.
 #[inline(always)]
 pub fn swap_macs(ctx: &TcContext) -> Result<(), RewriteFailed> {

@@ -2,12 +2,10 @@
 //! XDP through direct packet access, both behind [`PacketRead`]), so tc and XDP validate a
 //! header by the same rules and only differ in what they then do with it.
 use aya_ebpf::programs::TcContext;
+use proxy_common::proto;
 pub use proxy_common::wire::{
     ETH_HLEN, ETH_P_IP_BE, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IP_TTL_OFF,
 };
-use proxy_common::{counter, proto};
-
-use crate::maps::count;
 
 /// Bounds-checked reads from a packet, whichever hook holds it (tc: `bpf_skb_load_bytes`;
 /// XDP: direct access), so a rule that only reads headers is written once.
@@ -44,6 +42,20 @@ pub struct Packet {
     pub l4_len: u16,
     /// The IPv4 total length field, host order (0 for a BIG TCP super-packet).
     pub tot_len: u16,
+    /// TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+    /// The first fragment of a fragmented datagram (more fragments follow).
+    pub first_fragment: bool,
+    /// The IPv4 identification field, as on the wire.
+    pub ip_id_be: u16,
+}
+
+/// TCP header flags.
+pub mod tcp {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
 }
 
 impl Packet {
@@ -122,6 +134,12 @@ pub fn parse<P: PacketRead>(pkt: &P) -> Result<Packet, Skip> {
     if frame_end < csum_end || ip_end < csum_end {
         return Err(Skip::Malformed);
     }
+    let tcp_flags = if proto == proto::TCP {
+        pkt.read::<u8>(l4_off + 13).ok_or(Skip::Malformed)?
+    } else {
+        0
+    };
+    let ip_id_be = pkt.read::<u16>(ETH_HLEN + 4).ok_or(Skip::Malformed)?;
     Ok(Packet {
         saddr_be,
         daddr_be,
@@ -131,23 +149,29 @@ pub fn parse<P: PacketRead>(pkt: &P) -> Result<Packet, Skip> {
         l4_off,
         l4_len: (ip_end - l4_off) as u16,
         tot_len,
+        tcp_flags,
+        first_fragment: u16::from_be(frag_be) & 0x2000 != 0,
+        ip_id_be,
     })
 }
 
-/// [`parse`] for tc, counting malformed packets and fragments. `None` means "not ours, pass
-/// it untouched".
+/// A non-first fragment's datagram: addresses, protocol and IP ID (no ports: they are in the
+/// first fragment).
+#[derive(Clone, Copy)]
+pub struct Fragment {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+}
+
+/// Reads a non-first fragment's datagram identity (tc, after [`parse`] said `Fragment`).
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet> {
-    match parse(ctx) {
-        Ok(p) => Some(p),
-        Err(Skip::NotOurs) => None,
-        Err(Skip::Malformed) => {
-            count(counter::PASS_MALFORMED);
-            None
-        }
-        Err(Skip::Fragment) => {
-            count(counter::PASS_FRAGMENT);
-            None
-        }
-    }
+pub fn fragment<P: PacketRead>(pkt: &P) -> Option<Fragment> {
+    Some(Fragment {
+        saddr_be: pkt.read(IP_SADDR_OFF)?,
+        daddr_be: pkt.read(IP_DADDR_OFF)?,
+        id_be: pkt.read(ETH_HLEN + 4)?,
+        proto: pkt.read(ETH_HLEN + 9)?,
+    })
 }

@@ -35,7 +35,7 @@ use proxy_common::{Ct4Key, XDP_META_LEN, XDP_META_TRANSLATED, counter, csum, ct_
 use crate::{
     lb::{ct_lookup, validate_flow},
     maps::{count, count_service},
-    parse::{ETH_HLEN, PacketRead, parse},
+    parse::{ETH_HLEN, PacketRead, parse, tcp},
     uplink::{GUE_V0_STRIP, GUE_V1_STRIP, IPIP_STRIP, encap_strip},
 };
 
@@ -157,8 +157,16 @@ fn fast_path(ctx: &XdpContext) -> Option<()> {
     let (tot_len, ihl, l4_off, csum_off) = (p.tot_len, p.ihl(), p.l4_off, p.l4_csum_off());
     let l4_csum = u16::from_be(load::<u16>(ctx, csum_off)?);
 
+    // SYN, FIN and RST change a flow's state (reopen, closing): tc tracks those.
+    if l4_proto == proto::TCP && p.tcp_flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0 {
+        return None;
+    }
+    // A first fragment's ports must be remembered for the fragments that follow: tc does it.
+    if p.first_fragment {
+        return None;
+    }
     let key = Ct4Key::new(saddr_be, daddr_be, sport_be, dport_be, l4_proto);
-    let entry = ct_lookup(&key)?;
+    let (entry, _) = ct_lookup(&key)?;
     // Forward entries that only rewrite the destination and need no routing of our own.
     // Replies, masquerade (SNAT + FIB redirect) and hairpin stay with tc.
     let other = ct_flags::REPLY | ct_flags::SNAT | ct_flags::REDIRECT_BACK | ct_flags::FIB_REDIRECT;

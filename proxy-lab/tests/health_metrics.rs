@@ -57,11 +57,11 @@ fn health_and_metrics_endpoints_of_a_running_agent() {
     .unwrap_or(0.0);
     assert!(new >= 50.0, "50 new connections counted: {text}");
     assert!(
-        sample(&text, "ebpf_proxy_map_entries{map=\"CT4_V2\"}").unwrap_or(0.0) >= 2.0,
+        sample(&text, "ebpf_proxy_map_entries{map=\"CT4_V3\"}").unwrap_or(0.0) >= 2.0,
         "{text}"
     );
     assert!(
-        sample(&text, "ebpf_proxy_map_capacity{map=\"CT4_V2\"}").unwrap_or(0.0) > 0.0,
+        sample(&text, "ebpf_proxy_map_capacity{map=\"CT4_V3\"}").unwrap_or(0.0) > 0.0,
         "{text}"
     );
     let ports = spec.pods.iter().filter(|p| p.node == 1).count() as f64;
@@ -72,7 +72,7 @@ fn health_and_metrics_endpoints_of_a_running_agent() {
     );
     println!(
         "metrics: {syncs} syncs, {new} new flows, {} conntrack entries",
-        sample(&text, "ebpf_proxy_map_entries{map=\"CT4_V2\"}").unwrap_or(0.0)
+        sample(&text, "ebpf_proxy_map_entries{map=\"CT4_V3\"}").unwrap_or(0.0)
     );
 
     // Per-service counters: every forward packet of the 50 connections (at least their SYNs)

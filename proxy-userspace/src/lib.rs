@@ -3,6 +3,7 @@
 //! with `serve` (health, metrics) beside and `cmd` (the subcommands) on top.
 pub mod abi;
 pub mod cmd;
+pub mod conntrack;
 pub mod datapath;
 pub mod packet;
 pub mod plan;

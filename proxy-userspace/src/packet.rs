@@ -24,6 +24,9 @@ pub struct Ipv4 {
     pub dont_fragment: bool,
     /// Bytes of NOP options (a multiple of 4).
     pub options: usize,
+    /// More-fragments flag and fragment offset (in bytes, a multiple of 8).
+    pub more_fragments: bool,
+    pub fragment_offset: u16,
 }
 
 impl Ipv4 {
@@ -35,6 +38,19 @@ impl Ipv4 {
             id: 0,
             dont_fragment: false,
             options: 0,
+            more_fragments: false,
+            fragment_offset: 0,
+        }
+    }
+
+    /// Makes this header a fragment's: more fragments follow (`more`), and its payload
+    /// starts `offset` bytes into the datagram (a multiple of 8).
+    pub fn fragment(self, more: bool, offset: u16) -> Self {
+        Ipv4 {
+            more_fragments: more,
+            fragment_offset: offset,
+            dont_fragment: false,
+            ..self
         }
     }
 
@@ -64,7 +80,10 @@ impl Ipv4 {
         let mut ip = vec![0x40 | ihl as u8, 0];
         ip.extend_from_slice(&((ihl * 4 + payload.len()) as u16).to_be_bytes());
         ip.extend_from_slice(&self.id.to_be_bytes());
-        ip.extend_from_slice(&[if self.dont_fragment { 0x40 } else { 0 }, 0]);
+        let frag = (u16::from(self.dont_fragment) << 14)
+            | (u16::from(self.more_fragments) << 13)
+            | (self.fragment_offset / 8);
+        ip.extend_from_slice(&frag.to_be_bytes());
         ip.extend_from_slice(&[64, self.proto, 0, 0]);
         ip.extend_from_slice(&self.src.octets());
         ip.extend_from_slice(&self.dst.octets());

@@ -14,6 +14,9 @@ use proxy_userspace::{
     translate,
 };
 
+/// Conntrack lifecycle: states, expiry, SNAT ports, clashes, floods, fragments
+/// (`tests/conntrack/mod.rs`).
+mod conntrack;
 /// ICMP error parsing hardening (`tests/icmp_errors/mod.rs`).
 mod icmp_errors;
 /// Per-service counters and affinity vs terminating endpoints (`tests/lb_svc/mod.rs`).
@@ -85,8 +88,12 @@ struct Fixture {
 
 impl Fixture {
     fn new(yaml: &str) -> Self {
+        Self::with_options(yaml, &LoadOptions::default())
+    }
+
+    fn with_options(yaml: &str, opts: &LoadOptions) -> Self {
         require_root();
-        let mut dp = Datapath::load(&LoadOptions::default()).expect("load the eBPF object");
+        let mut dp = Datapath::load(opts).expect("load the eBPF object");
         dp.set_config(&NodeConfig {
             hairpin_addr_be: abi::addr_be(HAIRPIN),
             node_addr_be: abi::addr_be(NODE),
@@ -170,6 +177,13 @@ fn packet(
         ip(proto, src.0, dst.0, ip_options).with_checksum(l4)
     };
     frame(proto, src.0, dst.0, ip_options, &l4)
+}
+
+/// `packet`'s TCP segment with other flags (ACK for an established flow, FIN, RST...).
+fn tcp_with(flags: u8, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ip_options: usize) -> Vec<u8> {
+    let l4 = packet::tcp(src.1, dst.1, 1000, 1, flags, b"hello");
+    let l4 = ip(TCP, src.0, dst.0, ip_options).with_checksum(l4);
+    frame(TCP, src.0, dst.0, ip_options, &l4)
 }
 
 /// The fixtures' IPv4 header: identification 0x1234, DF, `ip_options` bytes of NOP options.

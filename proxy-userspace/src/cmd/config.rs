@@ -89,6 +89,9 @@ pub struct RunArgs {
     /// Map sizes (--max-services, --service-map-entries, --max-backends, --conntrack-max, ...).
     #[command(flatten)]
     pub map_sizes: crate::datapath::MapSizeArgs,
+    /// Conntrack timeouts (kube-proxy's --conntrack-* flags).
+    #[command(flatten)]
+    pub conntrack: crate::conntrack::ConntrackArgs,
     /// kube-proxy's flags (--config, --nodeport-addresses, --masquerade-all,
     /// --healthz-bind-address, --metrics-bind-address).
     #[command(flatten)]
@@ -191,8 +194,25 @@ pub struct KubeProxyConfiguration {
     iptables: Option<Masq>,
     nftables: Option<Masq>,
     client_connection: Option<ClientConnection>,
+    conntrack: Option<Conntrack>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// `conntrack:` of the config file: the timeouts apply to ebpf-proxy's own table; the sizing
+/// fields (maxPerCore, min) and tcpBeLiberal tune netfilter's and are reported as ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Conntrack {
+    tcp_established_timeout: Option<String>,
+    tcp_close_wait_timeout: Option<String>,
+    udp_timeout: Option<String>,
+    udp_stream_timeout: Option<String>,
+    max_per_core: Option<serde_yaml::Value>,
+    min: Option<serde_yaml::Value>,
+    tcp_be_liberal: Option<bool>,
+    #[serde(flatten)]
+    _rest: BTreeMap<String, serde_yaml::Value>,
 }
 
 /// kube-proxy fields accepted and ignored (their function is built in or does not apply).
@@ -200,7 +220,6 @@ const IGNORED: &[&str] = &[
     "bindAddress",
     "bindAddressHardFail",
     "configSyncPeriod",
-    "conntrack",
     "detectLocal",
     "detectLocalMode",
     "enableProfiling",
@@ -319,6 +338,9 @@ pub fn resolve(args: &mut RunArgs, matches: Option<&ArgMatches>) -> Result<Vec<S
         if masq && !from_cli(m, "masquerade_all") {
             args.kp.masquerade_all = true;
         }
+        if let Some(ct) = c.conntrack {
+            apply_conntrack(&mut args.conntrack, ct, m, &mut notes, &path)?;
+        }
         if let Some(k) = c
             .client_connection
             .and_then(|c| c.kubeconfig)
@@ -340,6 +362,7 @@ pub fn resolve(args: &mut RunArgs, matches: Option<&ArgMatches>) -> Result<Vec<S
             args.node_name
         ));
     }
+    notes.extend(args.conntrack.notes());
     validate_nodeport_addresses(&args.kp.nodeport_addresses)?;
     let (v4, v6) = crate::sync::Cidr::parse_list(&args.cluster_cidr)
         .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?;
@@ -367,6 +390,68 @@ pub fn resolve(args: &mut RunArgs, matches: Option<&ArgMatches>) -> Result<Vec<S
         "--metrics-bind-address",
     )?;
     Ok(notes)
+}
+
+/// The config file's `conntrack:` timeouts where no flag gave them. Empty or null fields mean
+/// kube-proxy's defaults.
+fn apply_conntrack(
+    a: &mut crate::conntrack::ConntrackArgs,
+    c: Conntrack,
+    m: Option<&ArgMatches>,
+    notes: &mut Vec<String>,
+    path: &Path,
+) -> Result<()> {
+    let fields = [
+        (
+            c.tcp_established_timeout,
+            "conntrack_tcp_timeout_established",
+            "tcpEstablishedTimeout",
+            &mut a.conntrack_tcp_timeout_established,
+        ),
+        (
+            c.tcp_close_wait_timeout,
+            "conntrack_tcp_timeout_close_wait",
+            "tcpCloseWaitTimeout",
+            &mut a.conntrack_tcp_timeout_close_wait,
+        ),
+        (
+            c.udp_timeout,
+            "conntrack_udp_timeout",
+            "udpTimeout",
+            &mut a.conntrack_udp_timeout,
+        ),
+        (
+            c.udp_stream_timeout,
+            "conntrack_udp_timeout_stream",
+            "udpStreamTimeout",
+            &mut a.conntrack_udp_timeout_stream,
+        ),
+    ];
+    for (v, id, field, slot) in fields {
+        if let Some(v) = v.filter(|v| !v.trim().is_empty())
+            && !from_cli(m, id)
+        {
+            *slot = crate::conntrack::parse_go_duration(&v).map_err(|e| {
+                anyhow::anyhow!("--config {}: conntrack.{field} {e}", path.display())
+            })?;
+        }
+    }
+    let tuned: Vec<&str> = [
+        ("maxPerCore", c.max_per_core.is_some_and(|v| !v.is_null())),
+        ("min", c.min.is_some_and(|v| !v.is_null())),
+        ("tcpBeLiberal", c.tcp_be_liberal == Some(true)),
+    ]
+    .into_iter()
+    .filter_map(|(f, set)| set.then_some(f))
+    .collect();
+    if !tuned.is_empty() {
+        notes.push(format!(
+            "--config {}: conntrack.{} tune netfilter's table, which service traffic no longer              uses: ignored (ebpf-proxy's table is sized by --conntrack-max)",
+            path.display(),
+            tuned.join(", conntrack.")
+        ));
+    }
+    Ok(())
 }
 
 fn hostname() -> Result<String> {
@@ -431,6 +516,8 @@ iptables:
   syncPeriod: 30s
 conntrack:
   maxPerCore: 32768
+  tcpEstablishedTimeout: 2h0m0s
+  udpTimeout: 45s
 clientConnection:
   kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
   qps: 5
@@ -463,6 +550,11 @@ clientConnection:
         );
         let kc = a.kubeconfig.clone().unwrap();
         assert_eq!(kc, Path::new("/var/lib/kube-proxy/kubeconfig.conf"));
+        // Null and 0s conntrack timeouts mean the defaults.
+        assert_eq!(
+            a.conntrack.timeouts(),
+            crate::conntrack::Timeouts::default()
+        );
         // The kubeconfig it names (here: the fixture beside it) reads with kube-rs.
         let k = kube::config::Kubeconfig::read_from(dir.join("kubeconfig.conf")).unwrap();
         let cluster = k.clusters[0].cluster.as_ref().unwrap();
@@ -530,8 +622,27 @@ clientConnection:
         assert!(
             notes
                 .iter()
-                .any(|n| n.contains("conntrack") && n.contains("mode")),
+                .any(|n| n.contains("ignoring") && n.contains("mode")),
             "{notes:?}"
+        );
+        assert!(
+            notes.iter().any(|n| n.contains("conntrack.maxPerCore")),
+            "{notes:?}"
+        );
+        let t = a.conntrack.timeouts();
+        assert_eq!(t.tcp_established, std::time::Duration::from_secs(7200));
+        assert_eq!(t.udp, std::time::Duration::from_secs(45));
+        // A flag wins over the file.
+        let (a, _) = resolve_argv(&[
+            "x",
+            "--config",
+            fs,
+            "--conntrack-tcp-timeout-established=3h",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.conntrack.timeouts().tcp_established,
+            std::time::Duration::from_secs(3 * 3600)
         );
 
         // Command-line flags win over the file.

@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use proxy_common::{Backend4, Ct4Key, Ct4Value, Svc4Key, Svc4Value, counter, maps};
+use proxy_common::{Backend4, Ct4Key, Svc4Key, Svc4Value, counter, maps};
 
 use crate::abi;
 
@@ -23,8 +23,12 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         HashMap::try_from(Map::HashMap(open(pin_dir, maps::SVC4)?))?;
     let be: HashMap<MapData, u32, Backend4> =
         HashMap::try_from(Map::HashMap(open(pin_dir, maps::BACKEND4)?))?;
-    let ct: HashMap<MapData, Ct4Key, Ct4Value> =
-        HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CT4)?))?;
+    let ct = crate::datapath::conntrack::CtTables::open_pinned(pin_dir).with_context(|| {
+        format!(
+            "opening the conntrack tables under {} (is the agent running with this --bpffs?)",
+            pin_dir.display()
+        )
+    })?;
     let cnt: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, maps::COUNTERS)?))?;
 
@@ -93,7 +97,7 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         .enumerate()
         .map(|(i, n)| Ok((*n, cnt.get(&(i as u32), 0)?.iter().sum())))
         .collect::<Result<_>>()?;
-    let flows = ct.keys().filter_map(Result::ok).count();
+    let conntrack = conntrack_summary(&ct.entries());
     let links: Vec<serde_json::Value> = crate::datapath::links::list_pinned(pin_dir)
         .with_context(|| {
             format!(
@@ -129,7 +133,12 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
                 let c = svc_counts.get(id).copied().unwrap_or_default();
                 serde_json::json!({"service": s, "id": id, "endpoints": eps, "packets": c.packets, "bytes": c.bytes})
             }).collect::<Vec<_>>(),
-            "conntrack_entries": flows,
+            "conntrack_entries": conntrack.entries,
+            "conntrack": {
+                "answered_entries": conntrack.answered,
+                "unanswered_entries": conntrack.entries - conntrack.answered,
+                "flows_by_state": conntrack.by_state.iter().map(|(s, n)| (s.name(), *n)).collect::<BTreeMap<_, _>>(),
+            },
             "links": links,
             "counters": counters.iter().map(|(n, c)| (n.to_string(), *c)).collect::<BTreeMap<_, _>>(),
         });
@@ -149,7 +158,15 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
                 }
             );
         }
-        println!("CONNTRACK ENTRIES {flows}");
+        println!(
+            "CONNTRACK ENTRIES {} ({} answered, {} unanswered; two per flow)",
+            conntrack.entries,
+            conntrack.answered,
+            conntrack.entries - conntrack.answered
+        );
+        for (s, n) in &conntrack.by_state {
+            println!("  {:<16} {n} flows", s.name());
+        }
         println!(
             "LINKS ({}, pinned under {})",
             links.len(),
@@ -169,6 +186,46 @@ pub fn inspect(pin_dir: &Path, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Conntrack occupancy and flows per state (from their forward entries; the exhaustion
+/// counters are among the COUNTERS).
+struct CtSummary {
+    entries: usize,
+    answered: usize,
+    by_state: BTreeMap<crate::conntrack::State, usize>,
+}
+
+fn conntrack_summary(all: &[crate::datapath::conntrack::CtEntry]) -> CtSummary {
+    let by_key: BTreeMap<[u8; 16], &crate::datapath::conntrack::CtEntry> =
+        all.iter().map(|e| (key_bytes(&e.key), e)).collect();
+    let mut by_state = BTreeMap::new();
+    for e in all
+        .iter()
+        .filter(|e| e.value.flags & proxy_common::ct_flags::FORWARD != 0)
+    {
+        let partner = by_key.get(&key_bytes(&e.key.partner(&e.value)));
+        let flags = e.value.flags | partner.map_or(0, |p| p.value.flags);
+        let answered = e.answered || partner.is_some_and(|p| p.answered);
+        *by_state
+            .entry(crate::conntrack::State::of(e.key.proto, flags, answered))
+            .or_insert(0) += 1;
+    }
+    CtSummary {
+        entries: all.len(),
+        answered: all.iter().filter(|e| e.answered).count(),
+        by_state,
+    }
+}
+
+fn key_bytes(k: &Ct4Key) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&k.saddr_be.to_ne_bytes());
+    b[4..8].copy_from_slice(&k.daddr_be.to_ne_bytes());
+    b[8..10].copy_from_slice(&k.sport_be.to_ne_bytes());
+    b[10..12].copy_from_slice(&k.dport_be.to_ne_bytes());
+    b[12] = k.proto;
+    b
 }
 
 /// One pinned link of `inspect`'s readable output; `hook` is its direction or hook name.

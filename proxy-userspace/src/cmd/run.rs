@@ -108,6 +108,9 @@ struct Agent {
     hairpin: Ipv4Addr,
     /// Node addresses come with the first snapshot (Node object) unless --node-ip gave them.
     node_ips_programmed: Option<Vec<Ipv4Addr>>,
+    /// An earlier release's conntrack table is still pinned: copied again once the uplinks
+    /// run our programs too, then unpinned.
+    ct_migrating: bool,
     uplink_hooks: Uplinks,
     attachments: Attachments,
     health: ProxyHealth,
@@ -153,7 +156,12 @@ impl Agent {
         if !retired.is_empty() {
             remove_retired(&retired, &pins);
         }
+        // The pod ports now run our programs: what the old ones created meanwhile.
+        let migrated = migrate_conntrack(&mut dp, &pins, "after the pod programs were replaced");
+        check_local_port_range();
         let (health, metrics) = start_telemetry(args, &pins, &ctx.map_sizes).await?;
+        metrics.ct_migrated.inc_by(migrated.unwrap_or(0));
+        start_sweeper(&pins, args.conntrack.timeouts(), metrics.clone())?;
         health.set_attached(attachments.covers(&ports));
         // healthCheckNodePort responders for externalTrafficPolicy Local services, on every
         // node address (kube-proxy serves them on the node's IPs).
@@ -178,6 +186,7 @@ impl Agent {
             bridge,
             hairpin,
             node_ips_programmed: None,
+            ct_migrating: migrated.is_some(),
             uplink_hooks,
             attachments,
             health,
@@ -245,6 +254,23 @@ impl Agent {
                 );
             }
             self.node_ips_programmed = Some(node_ips);
+            if self.ct_migrating {
+                self.ct_migrating = false;
+                let n = migrate_conntrack(
+                    &mut self.dp,
+                    &self.pins,
+                    "after the uplink programs were replaced",
+                );
+                self.metrics.ct_migrated.inc_by(n.unwrap_or(0));
+                match datapath::retire_migrated(&self.pins) {
+                    Ok(n) if n > 0 => info!("removed the earlier release's conntrack pin"),
+                    Ok(_) => {}
+                    Err(e) => warn!(
+                        "could not remove the earlier release's conntrack pin under {}: {e}",
+                        self.pins.display()
+                    ),
+                }
+            }
         }
         self.rejection_log.report(&s.rejected);
         let read = source.read_stats();
@@ -354,6 +380,9 @@ fn load_datapath(
         pin_dir: Some(pins.clone()),
         sizes: ctx.map_sizes,
     })?;
+    // An earlier release's conntrack table: copied in now, before our programs replace its
+    // programs, and again after (see `Agent::migrate_conntrack`).
+    migrate_conntrack(&mut dp, &pins, "before the programs are replaced");
     if dp.adopted.is_empty() {
         info!("created maps pinned under {}", pins.display());
     } else {
@@ -405,6 +434,92 @@ async fn pod_bridge(nl: &Netlink, args: &RunArgs) -> Result<(Iface, Ipv4Addr)> {
             })?,
     };
     Ok((bridge, hairpin))
+}
+
+/// Copies an earlier release's conntrack table into ours (`when` says at which step), so
+/// its connections keep their backends and NAT across the upgrade. Returns whether one was
+/// found.
+fn migrate_conntrack(dp: &mut Datapath, pins: &Path, when: &str) -> Option<u64> {
+    match dp.migrate_conntrack(pins) {
+        Ok(None) => None,
+        Ok(Some(m)) => {
+            info!(
+                "conntrack of an earlier release ({}) carried over {when}: {} entries copied, \
+                 {} already present, {} failed",
+                proxy_common::maps::CT4_MIGRATE.join(", "),
+                m.copied,
+                m.present,
+                m.failed
+            );
+            if m.failed > 0 {
+                warn!(
+                    "{} conntrack entries of the earlier release did not fit (--conntrack-max \
+                     {}): those connections are balanced again on their next packet",
+                    m.failed,
+                    dp.ct_capacity()
+                );
+            }
+            Some(m.copied as u64)
+        }
+        Err(e) => {
+            warn!("could not read the earlier release's conntrack table: {e}");
+            None
+        }
+    }
+}
+
+/// Warns when the node's local port range overlaps the masquerade port range.
+fn check_local_port_range() {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    match std::fs::read_to_string(path) {
+        Ok(r) => {
+            if let Some(w) = crate::conntrack::port_range_overlap(crate::sync::SNAT_PORTS, &r) {
+                warn!("{w}");
+            }
+        }
+        Err(e) => debug!("{path}: {e}"),
+    }
+}
+
+/// The conntrack sweeper: a thread of its own (map syscalls block), with its own descriptors
+/// on the pinned tables. Each run looks at a bounded batch of entries per table; the runs
+/// follow each other every `SWEEP_INTERVAL`, so a full pass over two full default tables
+/// takes about 2 x 262144 / SWEEP_BATCH runs.
+fn start_sweeper(pins: &Path, t: crate::conntrack::Timeouts, metrics: Metrics) -> Result<()> {
+    use crate::datapath::conntrack::{CtTables, Sweeper, monotonic_ns};
+    const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+    const SWEEP_BATCH: usize = 16_384;
+    let mut ct = CtTables::open_pinned(pins).context("opening the conntrack tables")?;
+    info!(
+        "conntrack sweeper: timeouts tcp established {:?}, close-wait {:?}, time-wait {:?}, \
+         close {:?}, syn-sent {:?}, udp {:?}, udp stream {:?}",
+        t.tcp_established,
+        t.tcp_close_wait,
+        t.tcp_time_wait,
+        t.tcp_close,
+        t.tcp_syn_sent,
+        t.udp,
+        t.udp_stream
+    );
+    std::thread::Builder::new()
+        .name("ct-sweeper".into())
+        .spawn(move || {
+            let mut sw = Sweeper::new(SWEEP_BATCH);
+            loop {
+                std::thread::sleep(SWEEP_INTERVAL);
+                let st = sw.run(&mut ct, &t, monotonic_ns());
+                metrics.swept(&st);
+                if st.removed_total() > 0 {
+                    debug!(
+                        "conntrack sweep: {} scanned, {} flows expired",
+                        st.scanned,
+                        st.removed_total()
+                    );
+                }
+            }
+        })
+        .context("starting the conntrack sweeper thread")?;
+    Ok(())
 }
 
 /// Removes the pins of retired map versions once every link runs this agent's programs

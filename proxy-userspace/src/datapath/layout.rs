@@ -31,7 +31,8 @@ pub struct MapSizes {
     pub services: u32,
     /// `--max-backends` (`LB4_BE_V1`).
     pub backends: u32,
-    /// `--conntrack-max` (`CT4_V2`, two entries per flow).
+    /// `--conntrack-max`: each of the two conntrack tables (`CT4_V3` answered flows,
+    /// `CT4N_V1` unanswered), two entries per flow.
     pub conntrack: u32,
     /// `--max-services`: service IDs, i.e. service entries (one per address, port and
     /// protocol), and the per-service counter map indexed by them (`LB4_SCNT_V1`).
@@ -74,9 +75,11 @@ pub struct MapSizeArgs {
     /// Maximum number of distinct endpoints (address, port, protocol) (LB4_BE_V1).
     #[arg(long, value_name = "N", default_value_t = sizes::BACKEND4)]
     pub max_backends: u32,
-    /// Maximum number of connection-tracking entries for the whole node, two per connection
-    /// (CT4_V2, LRU: the least recently used are evicted when full). Unlike kube-proxy's
-    /// --conntrack-max-per-core this is ebpf-proxy's own table, not netfilter's.
+    /// Size of each of the node's two connection-tracking tables, two entries per connection:
+    /// answered flows (CT4_V3, never evicted; removed when they time out) and flows not
+    /// answered yet (CT4N_V1, LRU: a flood of unanswered packets only evicts its own kind).
+    /// Unlike kube-proxy's --conntrack-max-per-core this is ebpf-proxy's own table, not
+    /// netfilter's.
     #[arg(long, value_name = "N", default_value_t = sizes::CT4)]
     pub conntrack_max: u32,
     /// Maximum number of ClusterIPs (LB4_VIP_V1).
@@ -154,11 +157,27 @@ impl MapSizes {
             },
             MapLayout {
                 name: maps::CT4,
+                map_type: MapType::Hash,
+                key_size: size_of::<Ct4Key>() as u32,
+                value_size: size_of::<Ct4Value>() as u32,
+                max_entries: self.conntrack,
+                flag: Some("--conntrack-max"),
+            },
+            MapLayout {
+                name: maps::CT4_NEW,
                 map_type: MapType::LruHash,
                 key_size: size_of::<Ct4Key>() as u32,
                 value_size: size_of::<Ct4Value>() as u32,
                 max_entries: self.conntrack,
                 flag: Some("--conntrack-max"),
+            },
+            MapLayout {
+                name: maps::FRAG4,
+                map_type: MapType::LruHash,
+                key_size: size_of::<proxy_common::Frag4Key>() as u32,
+                value_size: size_of::<proxy_common::Frag4Value>() as u32,
+                max_entries: sizes::FRAG4,
+                flag: None,
             },
             MapLayout {
                 name: maps::COUNTERS,

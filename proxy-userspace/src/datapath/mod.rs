@@ -6,6 +6,7 @@
 //! through [`crate::plan::MapWriter`], which [`service_maps::LbMaps`] implements.
 pub mod attach;
 pub mod bpffs;
+pub mod conntrack;
 pub mod layout;
 pub mod links;
 pub mod netlink;
@@ -28,7 +29,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
     programs::{Program, ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
-use proxy_common::{Ct4Key, Ct4Value, NodeConfig, SvcCounter, counter, maps};
+use proxy_common::{NodeConfig, SvcCounter, counter, maps};
 
 /// The eBPF object built by `build.rs` (aya-build, with BTF).
 pub static EBPF_OBJECT: &[u8] =
@@ -275,13 +276,55 @@ impl Datapath {
         read_service_counters(&a, ids).map_err(|source| DatapathError::Map { name, source })
     }
 
-    /// Number of conntrack entries (both directions count).
-    pub fn conntrack(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, DatapathError> {
-        let name = maps::CT4;
-        let m = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
-        let h: HashMap<&MapData, Ct4Key, Ct4Value> =
-            HashMap::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
-        Ok(h.iter().filter_map(Result::ok).collect())
+    /// Both conntrack tables (answered and unanswered flows) of the loaded object.
+    pub fn ct_tables(&mut self) -> Result<conntrack::CtTables<&mut MapData>, DatapathError> {
+        let [a, n] = self.ebpf.maps_disjoint_mut([maps::CT4, maps::CT4_NEW]);
+        fn table<'a>(
+            m: Option<&'a mut aya::maps::Map>,
+            name: &'static str,
+        ) -> Result<conntrack::CtTable<&'a mut MapData>, DatapathError> {
+            let m = m.ok_or(DatapathError::MissingMap(name))?;
+            conntrack::CtTable::from_map(m).map_err(|source| DatapathError::Map { name, source })
+        }
+        Ok(conntrack::CtTables {
+            answered: table(a, maps::CT4)?,
+            new: table(n, maps::CT4_NEW)?,
+        })
+    }
+
+    /// The size of each conntrack table (`--conntrack-max`).
+    pub fn ct_capacity(&self) -> u32 {
+        self.ebpf
+            .map(maps::CT4)
+            .and_then(|m| match m {
+                aya::maps::Map::HashMap(md) => md.info().ok().map(|i| i.max_entries()),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
+    /// Every conntrack entry (both directions of each flow, both tables).
+    pub fn conntrack(&mut self) -> Result<Vec<conntrack::CtEntry>, DatapathError> {
+        Ok(self.ct_tables()?.entries())
+    }
+
+    /// Carries an earlier release's conntrack table (`maps::CT4_MIGRATE`) pinned under
+    /// `pin_dir` over into this one. Run before this agent's programs replace the old ones and
+    /// again after, so flows the old programs created meanwhile come along too; then
+    /// [`retire_migrated`] removes the old pin. `None`: no old table.
+    pub fn migrate_conntrack(
+        &mut self,
+        pin_dir: &Path,
+    ) -> Result<Option<conntrack::Migrated>, DatapathError> {
+        let Some(path) = migrate_pins(pin_dir).into_iter().next() else {
+            return Ok(None);
+        };
+        let old =
+            conntrack::CtTable::from_pin(&path).map_err(|source| DatapathError::PinUnreadable {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Some(conntrack::migrate(&old, &mut self.ct_tables()?)))
     }
 }
 
@@ -330,6 +373,27 @@ pub fn xdp_test_run(prog: &Xdp, pkt: &[u8], repeat: u32) -> Result<XdpTestRun, P
         meta: out,
         duration: r.duration,
     })
+}
+
+/// Pins of earlier releases' conntrack tables under `pin_dir` (`maps::CT4_MIGRATE`) whose
+/// layout this agent can read (same key and value sizes).
+pub fn migrate_pins(pin_dir: &Path) -> Vec<PathBuf> {
+    maps::CT4_MIGRATE
+        .iter()
+        .map(|n| pin_dir.join(n))
+        .filter(|p| {
+            aya::maps::MapInfo::from_pin(p).is_ok_and(|i| {
+                i.key_size() as usize == size_of::<proxy_common::Ct4Key>()
+                    && i.value_size() as usize == size_of::<proxy_common::Ct4Value>()
+            })
+        })
+        .collect()
+}
+
+/// Removes the migrated tables' pins (the maps are freed once the old programs are gone).
+pub fn retire_migrated(pin_dir: &Path) -> io::Result<usize> {
+    let pins: Vec<PathBuf> = maps::CT4_MIGRATE.iter().map(|n| pin_dir.join(n)).collect();
+    remove_pins(&pins)
 }
 
 /// Where the agent pins its maps inside the bpffs directory.

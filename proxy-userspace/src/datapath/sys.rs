@@ -1,6 +1,8 @@
 //! The one raw bpf(2) wrapper, for the few link commands aya 0.14 has no API for: open a pin
 //! (`BPF_OBJ_GET`), read a link's info (`BPF_OBJ_GET_INFO_BY_FD`), swap a link's program
 //! (`BPF_LINK_UPDATE`) and detach a link (`BPF_LINK_DETACH`). `links` and `sockhooks` use it.
+//! Also `BPF_MAP_GET_NEXT_KEY` from a given key, which aya's key iterator (always from the
+//! start) cannot do: the conntrack sweeper resumes from where its last batch stopped.
 //!
 //! Typed with our own minimal `repr(C)` mirrors of the kernel's `union bpf_attr` members and
 //! `enum bpf_cmd` values: aya 0.14 keeps aya-obj's generated `bpf_attr`/`bpf_cmd` bindings
@@ -19,6 +21,7 @@ use std::{
 #[derive(Clone, Copy, Debug)]
 #[repr(i64)]
 enum Cmd {
+    MapGetNextKey = 4,
     ObjGet = 7,
     ObjGetInfoByFd = 15,
     LinkUpdate = 29,
@@ -56,6 +59,17 @@ struct LinkUpdateAttr {
     new_prog_fd: u32,
     flags: u32,
     old_prog_fd: u32,
+}
+
+/// `bpf_attr` for `BPF_MAP_GET_NEXT_KEY`: `{ __u32 map_fd; __aligned_u64 key; __aligned_u64
+/// next_key; }`.
+#[repr(C)]
+#[derive(Default)]
+struct NextKeyAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
 }
 
 /// `bpf_attr` for `BPF_LINK_DETACH`: `{ __u32 link_fd; }`, padded to 8 bytes.
@@ -128,6 +142,25 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfoRaw> {
     // SAFETY: info points to a writable buffer of info_len bytes that outlives the call.
     unsafe { bpf(Cmd::ObjGetInfoByFd, &mut attr)? };
     Ok(info)
+}
+
+/// `BPF_MAP_GET_NEXT_KEY`: the key after `key` (`None`: the first key) written to `next`,
+/// which must be the map's key size, as must `key`. `Ok(false)` at the end of the map. A `key`
+/// no longer in a hash map restarts from the first key (the kernel's rule).
+pub fn map_next_key(map: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+    let mut attr = NextKeyAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.map_or(0, |k| k.as_ptr() as u64),
+        next_key: next.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: key and next point to buffers of the map's key size (the caller's contract)
+    // that outlive the call.
+    match unsafe { bpf(Cmd::MapGetNextKey, &mut attr) } {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// `BPF_LINK_UPDATE`: replaces the link's program atomically.

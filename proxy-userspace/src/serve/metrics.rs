@@ -15,6 +15,9 @@
 //!   (conntrack included; counted at most every [`OCCUPANCY_CACHE`]).
 //! - `ebpf_proxy_map_write_failures_total{map,op}`, `ebpf_proxy_sync_failures_total`,
 //!   `ebpf_proxy_attached_links`, `ebpf_proxy_link_program_replacements_total`.
+//! - `ebpf_proxy_conntrack_gc_removed_total{state}`: flows the sweeper removed, by the state
+//!   they timed out in; `ebpf_proxy_conntrack_gc_scanned_total`, `..._gc_runs_total`;
+//!   `ebpf_proxy_conntrack_migrated_total`: entries carried over from an earlier release.
 //!
 //! - `process_*` (CPU, memory, file descriptors, start time) and
 //!   `ebpf_proxy_build_info{version,git_revision}`: see [`super::process`].
@@ -28,7 +31,7 @@
 //!   socket hooks never see packets).
 use std::{
     net::SocketAddr,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -144,6 +147,10 @@ pub struct Metrics {
     pub map_write_failures: Family<Labels, Counter>,
     pub attached_links: Gauge,
     pub link_replacements: Counter,
+    pub ct_gc_removed: Family<Labels, Counter>,
+    pub ct_gc_scanned: Counter,
+    pub ct_gc_runs: Counter,
+    pub ct_migrated: Counter,
     service_ids: Arc<Mutex<ServiceIds>>,
 }
 
@@ -193,6 +200,9 @@ impl Metrics {
         let map_write_failures = Family::<Labels, Counter>::default();
         let attached_links = Gauge::default();
         let link_replacements = Counter::default();
+        let ct_gc_removed = Family::<Labels, Counter>::default();
+        let (ct_gc_scanned, ct_gc_runs, ct_migrated): (Counter, Counter, Counter) =
+            Default::default();
         let service_ids: Arc<Mutex<ServiceIds>> = Arc::default();
         {
             let ep = root.sub_registry_with_prefix("ebpf_proxy");
@@ -216,6 +226,27 @@ impl Metrics {
                 "Programs swapped atomically into existing pinned links (restarts and upgrades)",
                 link_replacements.clone(),
             );
+            ep.register(
+                "conntrack_gc_removed",
+                "Flows the conntrack sweeper removed (both entries, SNAT port freed), by the \
+                 state they timed out in",
+                ct_gc_removed.clone(),
+            );
+            ep.register(
+                "conntrack_gc_scanned",
+                "Conntrack entries the sweeper looked at",
+                ct_gc_scanned.clone(),
+            );
+            ep.register(
+                "conntrack_gc_runs",
+                "Conntrack sweeper runs (each bounded)",
+                ct_gc_runs.clone(),
+            );
+            ep.register(
+                "conntrack_migrated",
+                "Conntrack entries carried over from an earlier release's table at upgrade",
+                ct_migrated.clone(),
+            );
             if let Some(dir) = pin_dir {
                 ep.register_collector(Box::new(DatapathCollector::new(
                     dir,
@@ -234,6 +265,10 @@ impl Metrics {
             map_write_failures,
             attached_links,
             link_replacements,
+            ct_gc_removed,
+            ct_gc_scanned,
+            ct_gc_runs,
+            ct_migrated,
             service_ids,
         }
     }
@@ -242,6 +277,17 @@ impl Metrics {
     /// every sync; see [`service_ids`]).
     pub fn set_service_labels(&self, ids: ServiceIds) {
         *self.service_ids.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+    }
+
+    /// One conntrack sweep's results.
+    pub fn swept(&self, st: &crate::datapath::conntrack::SweepStats) {
+        self.ct_gc_runs.inc();
+        self.ct_gc_scanned.inc_by(st.scanned as u64);
+        for (state, n) in &st.removed {
+            self.ct_gc_removed
+                .get_or_create(&vec![("state".to_owned(), state.name().to_owned())])
+                .inc_by(*n);
+        }
     }
 
     /// A change was queued (kube-proxy sets `last_queued_timestamp` here).
@@ -383,43 +429,18 @@ impl DatapathCollector {
 
 /// Counts a hash map's entries with `BPF_MAP_GET_NEXT_KEY` (works for any key type).
 fn count_entries(m: &MapData, key_size: u32) -> std::io::Result<u64> {
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let fd = m.fd().as_fd().as_raw_fd();
+    let fd = m.fd().as_fd();
     let mut key = vec![0u8; key_size as usize];
     let mut next = vec![0u8; key_size as usize];
     let mut n = 0u64;
-    let mut first = true;
-    loop {
-        // union bpf_attr { struct { __u32 map_fd; __aligned_u64 key; __aligned_u64 next_key; } }
-        let attr: [u64; 3] = [
-            fd as u32 as u64,
-            if first { 0 } else { key.as_ptr() as u64 },
-            next.as_mut_ptr() as u64,
-        ];
-        // SAFETY: attr points at buffers of the map's key size that outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                attr.as_ptr(),
-                std::mem::size_of_val(&attr) as libc::c_uint,
-            )
-        };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENOENT) {
-                Ok(n)
-            } else {
-                Err(e)
-            };
-        }
+    while crate::datapath::sys::map_next_key(fd, (n > 0).then_some(&key[..]), &mut next)? {
         n += 1;
-        first = false;
         std::mem::swap(&mut key, &mut next);
         if n > 1 << 26 {
-            return Ok(n);
+            break;
         }
     }
+    Ok(n)
 }
 
 impl Collector for DatapathCollector {

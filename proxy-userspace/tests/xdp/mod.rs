@@ -101,10 +101,12 @@ fn xdp_dnats_established_flows_with_checksums_recomputed_from_scratch() {
     let f = Fixture::new(&load_balancer(&[("10.76.0.10", "node1")], true, &[]));
     let mut l3_bytes = 0;
     for (n, ip_options) in [0usize, 8].into_iter().enumerate() {
-        let pkt = packet(TCP, (EXT, 53000 + n as u16), (LB_IP, 80), ip_options, false);
+        let client = (EXT, 53000 + n as u16);
+        let syn = packet(TCP, client, (LB_IP, 80), ip_options, false);
+        let pkt = tcp_with(tcp_flags::ACK, client, (LB_IP, 80), ip_options);
         // The first packet of a flow goes to tc untouched; tc balances it.
-        assert_untouched(&f, &pkt, "a new flow");
-        let (_, first) = f.run(programs::UPLINK_INGRESS, &pkt);
+        assert_untouched(&f, &syn, "a new flow");
+        let (_, first) = f.run(programs::UPLINK_INGRESS, &syn);
         assert_eq!(parse_checked(&first).dst, (LOCAL_EP, 9376));
         let tc_before = f.counter(counter::FWD_ESTABLISHED);
         // The next packets are translated by XDP.
@@ -112,16 +114,26 @@ fn xdp_dnats_established_flows_with_checksums_recomputed_from_scratch() {
         assert_eq!(rc, XDP_PASS);
         let p = parse_checked(&out);
         assert_eq!(p.dst, (LOCAL_EP, 9376), "options={ip_options}: DNAT at XDP");
-        assert_eq!(p.src, (EXT, 53000 + n as u16), "client preserved");
-        assert_eq!(out, first, "XDP rewrites exactly what tc would have");
+        assert_eq!(p.src, client, "client preserved");
         // tc then finds nothing to do.
         assert_eq!(
             f.run(programs::UPLINK_INGRESS, &out),
             (TC_ACT_OK, out.clone())
         );
         assert_eq!(f.counter(counter::FWD_ESTABLISHED), tc_before);
-        // One packet translated by tc, one by XDP.
-        l3_bytes += 2 * (pkt.len() as u64 - 14);
+        // The same packet through tc alone: the same bytes.
+        let (_, via_tc) = f.run(programs::UPLINK_INGRESS, &pkt);
+        assert_eq!(out, via_tc, "XDP rewrites exactly what tc would have");
+        // A FIN changes the flow's state: tc's.
+        let fin = tcp_with(
+            tcp_flags::FIN | tcp_flags::ACK,
+            client,
+            (LB_IP, 80),
+            ip_options,
+        );
+        assert_untouched(&f, &fin, "a FIN");
+        // Packets translated by tc (SYN, ACK) and by XDP (ACK).
+        l3_bytes += 3 * (pkt.len() as u64 - 14);
     }
     assert_eq!(f.counter(counter::XDP_FWD_ESTABLISHED), 2);
     let id = f.state.services()
@@ -131,7 +143,7 @@ fn xdp_dnats_established_flows_with_checksums_recomputed_from_scratch() {
     assert_eq!(svc.len(), 1);
     assert_eq!(
         (svc[0].1.packets, svc[0].1.bytes),
-        (4, l3_bytes),
+        (6, l3_bytes),
         "the service's counters include the packets XDP translated"
     );
     // UDP, with a checksum and without one (zero stays zero).
@@ -159,7 +171,11 @@ fn xdp_dnats_established_flows_with_checksums_recomputed_from_scratch() {
 #[test]
 fn xdp_leaves_partial_checksums_masquerade_replies_and_stale_flows_to_tc() {
     let mut f = Fixture::new(&load_balancer(&[("10.76.0.10", "node1")], true, &[]));
-    let pkt = packet(TCP, (EXT, 55000), (LB_IP, 80), 0, false);
+    f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (EXT, 55000), (LB_IP, 80), 0, false),
+    );
+    let pkt = tcp_with(tcp_flags::ACK, (EXT, 55000), (LB_IP, 80), 0);
     let (_, first) = f.run(programs::UPLINK_INGRESS, &pkt);
     // A CHECKSUM_PARTIAL-looking packet of the established flow: tc's helpers handle it.
     let partial = as_partial_checksum(&pkt);
@@ -169,7 +185,7 @@ fn xdp_leaves_partial_checksums_masquerade_replies_and_stale_flows_to_tc() {
     assert_eq!(rc, TC_ACT_OK);
     assert_eq!(&out[30..34], &LOCAL_EP.octets(), "tc translated it instead");
     // The backend's reply (reply entry) is not XDP's business.
-    let reply = packet(TCP, (LOCAL_EP, 9376), (EXT, 55000), 0, false);
+    let reply = tcp_with(tcp_flags::ACK, (LOCAL_EP, 9376), (EXT, 55000), 0);
     assert_untouched(&f, &reply, "a reply");
     // The backend goes away: XDP must not keep sending the flow there.
     f.program(&load_balancer(&[("10.76.0.11", "node1")], true, &[]));
@@ -188,14 +204,17 @@ fn xdp_leaves_partial_checksums_masquerade_replies_and_stale_flows_to_tc() {
 
     // externalTrafficPolicy Cluster to a remote endpoint: masqueraded (SNAT + routing), tc's.
     let f = Fixture::new(&load_balancer(&[("10.76.1.10", "node2")], false, &[]));
-    let pkt = packet(TCP, (EXT, 55100), (NODE, 30080), 0, false);
-    let (_, fwd) = f.run(programs::UPLINK_INGRESS, &pkt);
+    let (_, fwd) = f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (EXT, 55100), (NODE, 30080), 0, false),
+    );
     let p = parse_checked(&fwd);
     assert_eq!(p.src.0, NODE, "masqueraded");
+    let pkt = tcp_with(tcp_flags::ACK, (EXT, 55100), (NODE, 30080), 0);
     assert_untouched(&f, &pkt, "a masqueraded flow");
     assert_untouched(
         &f,
-        &packet(TCP, p.dst, p.src, 0, false),
+        &tcp_with(tcp_flags::ACK, p.dst, p.src, 0),
         "a masqueraded reply",
     );
     assert_eq!(f.counter(counter::XDP_FWD_ESTABLISHED), 0);
@@ -204,8 +223,11 @@ fn xdp_leaves_partial_checksums_masquerade_replies_and_stale_flows_to_tc() {
 #[test]
 fn xdp_passes_non_service_malformed_truncated_and_fragmented_packets_untouched() {
     let f = Fixture::new(&load_balancer(&[("10.76.0.10", "node1")], true, &[]));
-    let pkt = packet(TCP, (EXT, 56000), (LB_IP, 80), 0, false);
-    f.run(programs::UPLINK_INGRESS, &pkt);
+    f.run(
+        programs::UPLINK_INGRESS,
+        &packet(TCP, (EXT, 56000), (LB_IP, 80), 0, false),
+    );
+    let pkt = tcp_with(tcp_flags::ACK, (EXT, 56000), (LB_IP, 80), 0);
     let before = f.dp.counters().expect("counters");
     assert_untouched(
         &f,
