@@ -818,8 +818,8 @@ fn measure_size(n: u32, args: &Args) -> Result<Value, String> {
     for _ in 0..pool_size {
         let c = client(next_client);
         next_client += 1;
-        let pkt = packet(c, (vip(rng.below(n)), SVC_PORT), false);
-        let r = run(ingress, &pkt, &mut out, 1)?;
+        let dst = (vip(rng.below(n)), SVC_PORT);
+        let r = run(ingress, &packet(c, dst, true), &mut out, 1)?;
         let b = dst_of(&out[..r.data_size_out as usize]);
         if r.return_value != TC_ACT_OK || b.1 != BACKEND_PORT {
             return Err(format!(
@@ -827,9 +827,12 @@ fn measure_size(n: u32, args: &Args) -> Result<Value, String> {
                 r.return_value
             ));
         }
+        // Answered, as an established connection is (it then lives in the answered table).
+        let reply = packet(b, c, false);
+        run(egress, &reply, &mut out, 1)?;
         pool.push(Flow {
-            reply: packet(b, c, false),
-            pkt,
+            reply,
+            pkt: packet(c, dst, false),
         });
     }
     // A pool of tracked external flows to the eTP Local LB IPs, for the XDP cases, created
@@ -839,12 +842,13 @@ fn measure_size(n: u32, args: &Args) -> Result<Value, String> {
     while lb_pool.len() < pool_size {
         let c = ext_client(next_ext);
         next_ext += 1;
-        let pkt = packet(c, (lb_ip(lb_rng.below(lb_n)), SVC_PORT), false);
+        let dst = (lb_ip(lb_rng.below(lb_n)), SVC_PORT);
+        let pkt = packet(c, dst, false);
         if looks_partial(&pkt) {
             // XDP rightly leaves this one to tc (1 in 65536): not a fast-path flow.
             continue;
         }
-        let r = run(uplink, &pkt, &mut out, 1)?;
+        let r = run(uplink, &packet(c, dst, true), &mut out, 1)?;
         let o = &out[..r.data_size_out as usize];
         let b = dst_of(o);
         if r.return_value != TC_ACT_OK || b.1 != BACKEND_PORT || src_of(o) != c {
@@ -854,6 +858,8 @@ fn measure_size(n: u32, args: &Args) -> Result<Value, String> {
                 src_of(o)
             ));
         }
+        // The local backend answers: established.
+        run(egress, &packet(b, c, false), &mut out, 1)?;
         let mut f = LbFlow {
             ipip: wrap_ipip(&pkt),
             pkt,

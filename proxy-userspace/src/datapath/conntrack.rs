@@ -177,6 +177,9 @@ pub struct SweepStats {
     pub scanned: usize,
     /// Flows removed, by the state they expired in.
     pub removed: Vec<(State, u64)>,
+    /// Entries whose other half was gone (evicted from the unanswered table's LRU, or a
+    /// flow the datapath took over), removed: a half flow cannot be translated both ways.
+    pub orphans: u64,
     /// Both tables were walked to their end during this run.
     pub wrapped: bool,
 }
@@ -228,8 +231,10 @@ impl Sweeper {
             st.wrapped &= end;
             st.scanned += keys.len();
             for k in keys {
-                if let Some(s) = sweep_one(ct, t, now_ns, &k, answered) {
-                    st.count(s);
+                match sweep_one(ct, t, now_ns, &k, answered) {
+                    Swept::Expired(s) => st.count(s),
+                    Swept::Orphan => st.orphans += 1,
+                    Swept::Kept => {}
                 }
             }
         }
@@ -248,6 +253,7 @@ impl Sweeper {
         loop {
             let st = self.run(ct, t, now_ns);
             total.scanned += st.scanned;
+            total.orphans += st.orphans;
             for (s, n) in st.removed {
                 for _ in 0..n {
                     total.count(s);
@@ -261,6 +267,16 @@ impl Sweeper {
     }
 }
 
+/// An entry alone this long is an orphan, not a flow being created (the datapath inserts a
+/// flow's two entries microseconds apart).
+const ORPHAN_GRACE_NS: u64 = 1_000_000_000;
+
+enum Swept {
+    Kept,
+    Expired(State),
+    Orphan,
+}
+
 /// Judges the flow of the entry at `k` and removes both of its entries if it expired.
 fn sweep_one<T: BorrowMut<MapData>>(
     ct: &mut CtTables<T>,
@@ -268,34 +284,45 @@ fn sweep_one<T: BorrowMut<MapData>>(
     now_ns: u64,
     k: &Ct4Key,
     answered: bool,
-) -> Option<State> {
+) -> Swept {
     let table = if answered { &ct.answered } else { &ct.new };
-    let own = table.get(k)?;
+    let Some(own) = table.get(k) else {
+        return Swept::Kept;
+    };
     let pk = k.partner(&own);
     // The partner only counts if it points back here (a closed flow's tuple may have been
     // taken over by a new flow).
     let partner = ct.get(&pk).filter(|(pv, _)| pk.partner(pv) == *k);
-    let state = expired(
+    if partner.is_none() && now_ns.saturating_sub(own.last_seen_ns) > ORPHAN_GRACE_NS {
+        if ct.get(k).map(|(v, _)| v.last_seen_ns) == Some(own.last_seen_ns) {
+            ct.remove_everywhere(k);
+            return Swept::Orphan;
+        }
+        return Swept::Kept;
+    }
+    let Some(state) = expired(
         t,
         now_ns,
         k.proto,
         &own,
         answered,
         partner.as_ref().map(|(v, a)| (v, *a)),
-    )?;
+    ) else {
+        return Swept::Kept;
+    };
     // A packet may have touched the flow since it was read: then it lives on.
     let again = ct.get(k).map(|(v, _)| v.last_seen_ns);
     let partner_again = partner
         .and_then(|_| ct.get(&pk))
         .map(|(v, _)| v.last_seen_ns);
     if again != Some(own.last_seen_ns) || partner_again != partner.map(|(v, _)| v.last_seen_ns) {
-        return None;
+        return Swept::Kept;
     }
     ct.remove_everywhere(k);
     if partner.is_some() {
         ct.remove_everywhere(&pk);
     }
-    Some(state)
+    Swept::Expired(state)
 }
 
 /// What a migration copied.

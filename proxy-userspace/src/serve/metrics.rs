@@ -17,7 +17,9 @@
 //!   `ebpf_proxy_attached_links`, `ebpf_proxy_link_program_replacements_total`.
 //! - `ebpf_proxy_conntrack_gc_removed_total{state}`: flows the sweeper removed, by the state
 //!   they timed out in; `ebpf_proxy_conntrack_gc_scanned_total`, `..._gc_runs_total`;
-//!   `ebpf_proxy_conntrack_migrated_total`: entries carried over from an earlier release.
+//!   `ebpf_proxy_conntrack_migrated_total`: entries carried over from an earlier release;
+//!   `ebpf_proxy_conntrack_evicted_total`: half flows (the other entry evicted by the
+//!   unanswered table's LRU) the sweeper found and removed.
 //!
 //! - `process_*` (CPU, memory, file descriptors, start time) and
 //!   `ebpf_proxy_build_info{version,git_revision}`: see [`super::process`].
@@ -151,6 +153,7 @@ pub struct Metrics {
     pub ct_gc_scanned: Counter,
     pub ct_gc_runs: Counter,
     pub ct_migrated: Counter,
+    pub ct_orphans: Counter,
     service_ids: Arc<Mutex<ServiceIds>>,
 }
 
@@ -201,8 +204,12 @@ impl Metrics {
         let attached_links = Gauge::default();
         let link_replacements = Counter::default();
         let ct_gc_removed = Family::<Labels, Counter>::default();
-        let (ct_gc_scanned, ct_gc_runs, ct_migrated): (Counter, Counter, Counter) =
-            Default::default();
+        let (ct_gc_scanned, ct_gc_runs, ct_migrated, ct_orphans): (
+            Counter,
+            Counter,
+            Counter,
+            Counter,
+        ) = Default::default();
         let service_ids: Arc<Mutex<ServiceIds>> = Arc::default();
         {
             let ep = root.sub_registry_with_prefix("ebpf_proxy");
@@ -243,6 +250,12 @@ impl Metrics {
                 ct_gc_runs.clone(),
             );
             ep.register(
+                "conntrack_evicted",
+                "Conntrack entries found without their flow's other entry (evicted from the \
+                 unanswered-flow LRU table under pressure), removed by the sweeper",
+                ct_orphans.clone(),
+            );
+            ep.register(
                 "conntrack_migrated",
                 "Conntrack entries carried over from an earlier release's table at upgrade",
                 ct_migrated.clone(),
@@ -269,6 +282,7 @@ impl Metrics {
             ct_gc_scanned,
             ct_gc_runs,
             ct_migrated,
+            ct_orphans,
             service_ids,
         }
     }
@@ -283,6 +297,7 @@ impl Metrics {
     pub fn swept(&self, st: &crate::datapath::conntrack::SweepStats) {
         self.ct_gc_runs.inc();
         self.ct_gc_scanned.inc_by(st.scanned as u64);
+        self.ct_orphans.inc_by(st.orphans);
         for (state, n) in &st.removed {
             self.ct_gc_removed
                 .get_or_create(&vec![("state".to_owned(), state.name().to_owned())])

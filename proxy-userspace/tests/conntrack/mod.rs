@@ -379,6 +379,32 @@ fn a_flood_of_unanswered_packets_never_evicts_an_answered_flow() {
         assert_eq!(parse_checked(&back).src, (VIP, 80), "reply {n} translated");
     }
     assert!(f.counter(counter::CT_ANSWERED_FULL) > 0);
+
+    // A flow whose other entry the LRU evicted cannot be translated both ways: the sweeper
+    // removes the half left (counted), and nothing else.
+    let half = (CLIENT, 40502);
+    let (_, out) = f.run(
+        programs::POD_INGRESS,
+        &packet(UDP, half, (VIP, 80), 0, false),
+    );
+    let b3 = parse_checked(&out).dst;
+    assert!(
+        f.dp.ct_tables()
+            .expect("tables")
+            .new
+            .remove(&key(b3, half, UDP))
+    );
+    let now = newest(&mut f) + 2 * S;
+    let st = Sweeper::new(1000).run_all(
+        &mut f.dp.ct_tables().expect("tables"),
+        &Timeouts::default(),
+        now,
+    );
+    // (The flood may have left halves of its own too.)
+    assert!(st.orphans >= 1, "{st:?}");
+    assert_eq!(st.removed_total(), 0, "{st:?}");
+    assert!(entry(&mut f, &key(half, (VIP, 80), UDP)).is_none());
+    assert!(entry(&mut f, &key(client, (VIP, 80), UDP)).is_some());
 }
 
 /// A UDP datagram in two fragments: the second has no ports, and gets the first's
