@@ -26,7 +26,9 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     // `lint` renders the deploy overlays (`kubectl kustomize`).
     ("kubectl", "kubectl"),
     // proxy-userspace/build.rs names the git revision (`--version`, build-info metric).
+    // The upgrade test's release builds extract a release commit (`git archive | tar -x`).
     ("git", "git"),
+    ("tar", "tar"),
     // health_metrics: /healthz and /metrics from inside a node namespace.
     ("curl", "curl"),
     // e2e_external's socket scripts; `lint` validates the deploy manifests with a pip package.

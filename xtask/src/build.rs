@@ -5,7 +5,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use proxy_lab::cluster::Binaries;
+use proxy_lab::{cluster::Binaries, releases};
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -233,8 +233,17 @@ fn validate_deploy_manifests(root: &Path) -> Result<()> {
         .args(&files))
 }
 
+/// Builds release `name`'s agent (from `RELEASES`) into the release cache, or reuses it.
+pub fn build_release(name: &str) -> Result<PathBuf> {
+    let rel = releases::release(name)?;
+    releases::build(&workspace_root(), &rel, &|m| {
+        eprintln!("build-release: {m}")
+    })
+}
+
 /// The README's test command: unit tests, packet-fixture tests (BPF_PROG_TEST_RUN) and lab
-/// end-to-end tests. Needs root.
+/// end-to-end tests, with every release the upgrade test covers built (or taken from the
+/// release cache) first. Needs root.
 pub fn test(extra: &[String]) -> Result<()> {
     let root = workspace_root();
     if unsafe { libc::geteuid() } != 0 {
@@ -243,6 +252,10 @@ pub fn test(extra: &[String]) -> Result<()> {
         );
     }
     let bins = build_all()?;
+    let mut release_env = Vec::new();
+    for name in releases::UPGRADE_TESTED {
+        release_env.push((releases::bin_env_var(name), build_release(name)?));
+    }
     // Every default member (all crates but the eBPF ones, which only build for bpfel).
     eprintln!("test: cargo test --release (unit, packet fixtures, lab end-to-end)");
     run(Command::new("cargo")
@@ -250,7 +263,8 @@ pub fn test(extra: &[String]) -> Result<()> {
         .args(["test", "--release", "--no-fail-fast"])
         .args(extra)
         .env("EBPF_PROXY_BIN", &bins.agent)
-        .env("EBPF_PROXY_LAB_BIN", &bins.tools))?;
+        .env("EBPF_PROXY_LAB_BIN", &bins.tools)
+        .envs(release_env))?;
     eprintln!("test: all passed");
     Ok(())
 }

@@ -24,6 +24,13 @@ enum Cmd {
     BuildEbpf,
     /// Build everything (eBPF object embedded in the ebpf-proxy binary).
     Build,
+    /// Build a past release's agent (a name in RELEASES) from its commit with its own
+    /// `cargo xtask build`, into ~/.cache/ebpf-proxy/releases/<name>-<sha>/bin (reused when
+    /// there; about 8 min cold). Without a name: every release the upgrade test covers.
+    BuildRelease {
+        /// e.g. v0.1.0.
+        name: Option<String>,
+    },
     /// cargo fmt --check and clippy -D warnings.
     Lint,
     /// Run every test: unit, packet fixtures through BPF_PROG_TEST_RUN, lab end to end (root).
@@ -82,6 +89,21 @@ fn main() -> Result<()> {
         Cmd::Build => {
             bootstrap::bootstrap()?;
             build::build_all().map(|_| ())
+        }
+        Cmd::BuildRelease { name } => {
+            bootstrap::bootstrap()?;
+            let names: Vec<String> = match name {
+                Some(n) => vec![n],
+                None => proxy_lab::releases::UPGRADE_TESTED
+                    .iter()
+                    .map(|n| (*n).to_owned())
+                    .collect(),
+            };
+            for n in names {
+                let agent = build::build_release(&n)?;
+                println!("{}", agent.display());
+            }
+            Ok(())
         }
         Cmd::Lint => {
             bootstrap::bootstrap()?;

@@ -1,5 +1,8 @@
-//! Canaries: `ebpf-proxy-lab canary` in the `client` pod, long-lived connections through the
-//! canary service, and the "connections lost: 0" check on its report.
+//! Canaries: `ebpf-proxy-lab canary` in the `client` pod (or any lab namespace), long-lived
+//! connections through the canary service (or the NodePort canary `canary-np`), and the
+//! "connections lost: 0" check on its report.
+use std::net::SocketAddrV4;
+
 use super::*;
 
 /// A canary (`ebpf-proxy-lab canary`) running in the `client` pod against the canary service.
@@ -17,17 +20,34 @@ impl Cluster {
     /// and `udp` UDP flows through the canary ClusterIP (after
     /// [`Cluster::start_canary_service`]); returns once all are established.
     pub fn start_canary(&self, name: &str, tcp: usize, udp: usize) -> Result<CanaryRun> {
+        let target = SocketAddrV4::new(CANARY_IP, CANARY_PORT);
+        self.start_canary_in(&self.lab.pod_ns("client"), name, target, target, tcp, udp)
+    }
+
+    /// Like [`Cluster::start_canary`], from namespace `ns` (a pod, a node, `ext`) to `target`
+    /// (TCP) and `udp_target` (e.g. the NodePorts of [`Cluster::start_canary_nodeport`]).
+    pub fn start_canary_in(
+        &self,
+        ns: &str,
+        name: &str,
+        target: SocketAddrV4,
+        udp_target: SocketAddrV4,
+        tcp: usize,
+        udp: usize,
+    ) -> Result<CanaryRun> {
         let dir = self.lab.state_dir();
         let stop = dir.join(format!("canary-{name}.stop"));
         let report = dir.join(format!("canary-{name}.json"));
         let _ = fs::remove_file(&stop);
         let _ = fs::remove_file(&report);
-        let pid = self.spawn_in_pod(
-            "client",
+        let pid = self.lab.spawn(
+            ns,
             &[
                 self.bins.tools.display().to_string(),
                 "canary".into(),
-                format!("{CANARY_IP}:{CANARY_PORT}"),
+                target.to_string(),
+                "--udp-target".into(),
+                udp_target.to_string(),
                 "--tcp".into(),
                 tcp.to_string(),
                 "--udp".into(),
@@ -69,7 +89,7 @@ impl Cluster {
                 bail!("canary exited early ({st}): {log}");
             }
             if start.elapsed() > Duration::from_secs(20) {
-                bail!("canary did not establish its connections: {log}");
+                bail!("canary {name} did not establish its connections: {log}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -23,6 +23,30 @@ pub fn canary_yaml(endpoints: &[Endpoint]) -> String {
     s
 }
 
+/// The NodePort canary `canary-np` ([`CANARY_NP_IP`], NodePorts [`CANARY_NP_TCP`] and
+/// [`CANARY_NP_UDP`], externalTrafficPolicy Cluster) and its EndpointSlice: the canary's echo
+/// pods `endpoints` (all ready).
+pub fn canary_np_yaml(endpoints: &[Endpoint]) -> String {
+    let mut s = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: canary-np\n  namespace: default\n\
+         spec:\n  type: NodePort\n  clusterIP: {CANARY_NP_IP}\n  clusterIPs: [\"{CANARY_NP_IP}\"]\n\
+         \x20 externalTrafficPolicy: Cluster\n\
+         \x20 ports:\n  - name: tcp\n    protocol: TCP\n    port: {CANARY_PORT}\n    targetPort: {CANARY_POD_PORT}\n    nodePort: {CANARY_NP_TCP}\n\
+         \x20 - name: udp\n    protocol: UDP\n    port: {CANARY_PORT}\n    targetPort: {CANARY_POD_PORT}\n    nodePort: {CANARY_NP_UDP}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: canary-np-abcde\n  namespace: default\n\
+         \x20 labels:\n    kubernetes.io/service-name: canary-np\naddressType: IPv4\nports:\n\
+         - name: tcp\n  protocol: TCP\n  port: {CANARY_POD_PORT}\n- name: udp\n  protocol: UDP\n  port: {CANARY_POD_PORT}\nendpoints:\n"
+    );
+    for e in endpoints {
+        let _ = write!(
+            s,
+            "- addresses: [\"{}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: node{}\n",
+            e.ip, e.node
+        );
+    }
+    s
+}
+
 /// One endpoint of the `hostnames` service.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
@@ -177,7 +201,7 @@ pub fn canary_slice_yaml_with(endpoints: &[(Endpoint, Conditions)]) -> String {
 
 /// Endpoint-condition changes (terminating endpoints) for the end-to-end tests.
 impl Cluster {
-    fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
+    pub(crate) fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
         let tmp = self.manifests.join(format!(".{name}.tmp"));
         fs::write(&tmp, text)?;
         // Atomic replace: the agent never reads a half-written file.

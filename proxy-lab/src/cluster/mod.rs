@@ -2,10 +2,11 @@
 //! namespace reading a manifests directory, and helpers to probe services from pods. Shared by
 //! `cargo xtask demo` and the end-to-end tests.
 //!
-//! Here: [`Cluster`] (agents, probes, `inspect`) and [`Binaries`]; `manifests` writes the API
-//! objects, `kube` runs the lab API server, `canary` the long-lived-connection checks.
+//! Here: [`Cluster`] (agents, probes, `inspect`) and [`Binaries`] (with an optional past
+//! release's agent, [`ReleaseAgent`], for upgrade tests); `manifests` writes the API objects,
+//! `kube` runs the lab API server, `canary` the long-lived-connection checks.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     fs,
     net::Ipv4Addr,
@@ -34,6 +35,14 @@ pub const CANARY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 pub const CANARY_PORT: u16 = 7;
 pub const CANARY_POD_PORT: u16 = 9377;
 
+/// The NodePort canary service `canary-np` (same echo pods, [`CANARY_POD_PORT`]): its
+/// ClusterIP, and the NodePorts of its TCP and UDP ports. externalTrafficPolicy Cluster, so a
+/// client outside reaching node1's NodePort is masqueraded (to node1's address) and may be
+/// forwarded to an endpoint on node2.
+pub const CANARY_NP_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
+pub const CANARY_NP_TCP: u16 = 30207;
+pub const CANARY_NP_UDP: u16 = 30208;
+
 /// The programs the lab runs: the agent under test and the lab tools.
 #[derive(Clone, Debug)]
 pub struct Binaries {
@@ -41,6 +50,53 @@ pub struct Binaries {
     pub agent: PathBuf,
     /// `ebpf-proxy-lab`: pod servers, probes, canaries, the lab API server, the encapsulator.
     pub tools: PathBuf,
+    /// A past release's agent: when set, [`Cluster::up`] starts every node's agent from it
+    /// (the lab's pods, probes and canaries still come from `tools`), and a node switches to
+    /// `agent` with [`Cluster::use_tree_agent`] (an upgrade).
+    pub release: Option<ReleaseAgent>,
+}
+
+/// A past release's `ebpf-proxy` (built by [`crate::releases::build`]) and the `run` flags of
+/// today's lab it does not know, which [`Cluster::start_agent`] leaves out.
+#[derive(Clone, Debug)]
+pub struct ReleaseAgent {
+    /// The release's name, e.g. `v0.1.0`.
+    pub name: String,
+    pub agent: PathBuf,
+    /// (flag, takes a value): see [`crate::releases::UNKNOWN_RUN_FLAGS`].
+    pub unknown_flags: &'static [(&'static str, bool)],
+}
+
+impl ReleaseAgent {
+    /// Release `rel`'s agent at `agent`, with its entry of the unknown-flags table.
+    pub fn new(rel: &crate::releases::Release, agent: &Path) -> Self {
+        Self {
+            name: rel.name.clone(),
+            agent: agent.to_path_buf(),
+            unknown_flags: rel.unknown_run_flags(),
+        }
+    }
+
+    /// `args` (argv, program first) without the flags this release does not know (and their
+    /// values: `--flag value` and `--flag=value`).
+    pub fn filter_args(&self, args: &[String]) -> Vec<String> {
+        let mut out = Vec::with_capacity(args.len());
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let unknown = self.unknown_flags.iter().find(|(f, _)| {
+                a == f || a.strip_prefix(f).is_some_and(|rest| rest.starts_with('='))
+            });
+            match unknown {
+                Some((f, takes_value)) => {
+                    if *takes_value && a == f {
+                        it.next();
+                    }
+                }
+                None => out.push(a.clone()),
+            }
+        }
+        out
+    }
 }
 
 impl Binaries {
@@ -51,6 +107,15 @@ impl Binaries {
                 .with_context(|| format!("ebpf-proxy binary {}", self.agent.display()))?,
             tools: fs::canonicalize(&self.tools)
                 .with_context(|| format!("ebpf-proxy-lab binary {}", self.tools.display()))?,
+            release: match &self.release {
+                Some(r) => Some(ReleaseAgent {
+                    agent: fs::canonicalize(&r.agent).with_context(|| {
+                        format!("release {} agent {}", r.name, r.agent.display())
+                    })?,
+                    ..r.clone()
+                }),
+                None => None,
+            },
         })
     }
 
@@ -59,6 +124,7 @@ impl Binaries {
         Self {
             agent: agent.to_path_buf(),
             tools: agent.with_file_name("ebpf-proxy-lab"),
+            release: None,
         }
     }
 }
@@ -74,6 +140,8 @@ pub struct Cluster {
     kube: Option<LabApiServer>,
     /// Extra `ebpf-proxy run` arguments for agents started from now on (e.g. `--xdp-mode`).
     pub agent_args: Vec<String>,
+    /// Nodes whose agent comes from `bins.release` (all of them at first when it is set).
+    release_nodes: BTreeSet<u8>,
 }
 
 /// `ebpf-proxy-lab lab-apiserver` serving the manifests directory, in the router namespace (every
@@ -161,6 +229,11 @@ impl Cluster {
             agents: BTreeMap::new(),
             kube: None,
             agent_args: Vec::new(),
+            release_nodes: if bins.release.is_some() {
+                NODES.into_iter().collect()
+            } else {
+                BTreeSet::new()
+            },
         };
         if kube {
             say("starting the lab API server (serving the manifests over list/watch)");
@@ -182,7 +255,9 @@ impl Cluster {
         Ok(c)
     }
 
-    pub fn start_agent(&mut self, node: u8) -> Result<u32> {
+    /// The tree's agent command line for `node` (argv, program first): what
+    /// [`Cluster::start_agent`] runs, before a release's unknown flags are left out.
+    pub fn agent_command(&self, node: u8) -> Vec<String> {
         let bpffs = self.lab.bpffs(node);
         let source = match &self.kube {
             Some(k) => ["--kubeconfig".into(), k.kubeconfig.display().to_string()],
@@ -204,10 +279,41 @@ impl Cluster {
             "--cluster-cidr".into(),
             "10.76.0.0/16".into(),
         ];
-        let args: Vec<String> = args.into_iter().chain(self.agent_args.clone()).collect();
+        args.into_iter().chain(self.agent_args.clone()).collect()
+    }
+
+    /// Starts the agent on `node`: the tree's, or the release's while the node runs it
+    /// ([`Binaries::release`]), without the flags that release does not know.
+    pub fn start_agent(&mut self, node: u8) -> Result<u32> {
+        let mut args = self.agent_command(node);
+        if let Some(r) = self.node_release(node) {
+            args[0] = r.agent.display().to_string();
+            args = r.filter_args(&args);
+        }
         let pid = self.lab.spawn(&self.lab.node_ns(node), &args)?;
         self.agents.insert(node, pid);
         Ok(pid)
+    }
+
+    /// The release whose agent runs (or would start) on `node`; `None`: the tree's agent.
+    pub fn node_release(&self, node: u8) -> Option<&ReleaseAgent> {
+        self.bins
+            .release
+            .as_ref()
+            .filter(|_| self.release_nodes.contains(&node))
+    }
+
+    /// The `ebpf-proxy` binary for `node`: the release's while its agent runs there, else the
+    /// tree's. `inspect` uses it too (each version reads its own pins).
+    pub fn node_agent_binary(&self, node: u8) -> &Path {
+        self.node_release(node)
+            .map_or(self.bins.agent.as_path(), |r| r.agent.as_path())
+    }
+
+    /// Agents started on `node` from now on are the tree's (after the release's agent was
+    /// stopped: [`Cluster::stop_agent`], then [`Cluster::restart_agent`] upgrades).
+    pub fn use_tree_agent(&mut self, node: u8) {
+        self.release_nodes.remove(&node);
     }
 
     /// The running agent's pid on `node`.
@@ -333,6 +439,39 @@ impl Cluster {
         Ok(())
     }
 
+    /// Adds the NodePort canary `canary-np` ([`canary_np_yaml`]) over the echo servers
+    /// [`Cluster::start_canary_service`] started in `endpoints`' pods; returns once both agents
+    /// programmed it and node1's NodePorts answer the external client over TCP and UDP.
+    pub fn start_canary_nodeport(&self, endpoints: &[Endpoint]) -> Result<()> {
+        self.write_manifest("canary-np.yaml", &canary_np_yaml(endpoints))?;
+        let key = format!("{CANARY_NP_IP}:{CANARY_PORT}/TCP");
+        for n in NODES {
+            self.wait_service_endpoints(n, &key, endpoints.len(), Duration::from_secs(10))?;
+        }
+        let ext = self.lab.ext_ns();
+        let node1 = crate::lab::node_ip(1);
+        for (port, udp) in [(CANARY_NP_TCP, false), (CANARY_NP_UDP, true)] {
+            let target = format!("{node1}:{port}");
+            let start = Instant::now();
+            loop {
+                let p = self.probe_in(&ext, &target, udp, 3, 1000)?;
+                if p.ok() == 3 {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(10) {
+                    bail!(
+                        "NodePort canary {target} (udp={udp}) does not answer the external \
+                         client: {:?}; node1 agent log:\n{}",
+                        p.0,
+                        self.agent_log(1)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
     /// `curl` of `url` from inside node `node`'s namespace: (HTTP status, body).
     pub fn http_get(&self, node: u8, url: &str) -> Result<(u16, String)> {
         let out = self.lab.exec(
@@ -370,7 +509,7 @@ impl Cluster {
 
     /// `ebpf-proxy inspect --json` against node `node`'s pins.
     pub fn inspect(&self, node: u8) -> Result<serde_json::Value> {
-        let out = std::process::Command::new(&self.bins.agent)
+        let out = std::process::Command::new(self.node_agent_binary(node))
             .args(["inspect", "--json", "--bpffs"])
             .arg(self.lab.bpffs(node))
             .output()?;
@@ -535,6 +674,24 @@ pub fn test_binaries() -> Binaries {
     bins
 }
 
+/// For upgrade tests: release `name`'s agent, from the environment variable `cargo xtask test`
+/// sets ([`crate::releases::bin_env_var`], e.g. `EBPF_PROXY_V0_1_0_BIN`), else from the
+/// release cache. Panics with the fix when it is missing: the test never skips.
+pub fn test_release_agent(name: &str) -> ReleaseAgent {
+    let rel = crate::releases::release(name).unwrap_or_else(|e| panic!("{e:#}"));
+    let var = crate::releases::bin_env_var(name);
+    let agent = std::env::var_os(&var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::releases::cached_agent(&rel));
+    assert!(
+        agent.is_file(),
+        "release {name}'s agent {} not found: build it with `cargo xtask build-release {name}` \
+         (`cargo xtask test` does) or set {var}",
+        agent.display()
+    );
+    ReleaseAgent::new(&rel, &agent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,5 +713,32 @@ mod tests {
                 "{file} differs from the generator; regenerate it"
             );
         }
+    }
+
+    #[test]
+    fn a_release_agent_is_started_without_the_flags_it_does_not_know() {
+        let r = ReleaseAgent {
+            name: "old".into(),
+            agent: PathBuf::from("/old/ebpf-proxy"),
+            unknown_flags: &[("--new-value", true), ("--new-switch", false)],
+        };
+        let args: Vec<String> = [
+            "ebpf-proxy",
+            "run",
+            "--new-value",
+            "1",
+            "--bpffs",
+            "/b",
+            "--new-value=2",
+            "--new-switch",
+            "--new-valueish",
+            "x",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            r.filter_args(&args),
+            ["ebpf-proxy", "run", "--bpffs", "/b", "--new-valueish", "x"]
+        );
     }
 }
