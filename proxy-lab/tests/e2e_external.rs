@@ -717,10 +717,13 @@ fn xdp_mode_generic_and_off() {
                 partial > 10,
                 "generic: partial checksums not recognised ({partial})"
             );
-            assert_eq!(
-                (fast, tc),
-                (0, partial),
-                "generic: every established packet went to tc"
+            // Every established packet went to tc: those with a partial checksum, and the
+            // FIN/RST of each of the 2 connections, which XDP leaves to tc before looking
+            // at checksums (they change the flow's state).
+            assert_eq!(fast, 0, "generic: nothing translated at XDP");
+            assert!(
+                (partial..=partial + 4).contains(&tc),
+                "generic: every established packet went to tc ({tc} at tc, {partial} partial)"
             );
             router_tx_checksums_in_software(&c);
         }
