@@ -106,6 +106,8 @@ struct Agent {
     /// object (NodeCIDR) or the bridge's subnet (BridgeInterface, InterfaceNamePrefix).
     local: LocalDetection,
     bridge_nets: Vec<(Ipv4Addr, u8)>,
+    /// The local CIDR last logged (at start, then on every change).
+    local_logged: crate::sync::Cidr,
     pins: PathBuf,
     dp: Datapath,
     state: MapState,
@@ -196,12 +198,14 @@ impl Agent {
         metrics
             .attached_links
             .set(2 * attachments.ports().count() as i64);
+        let local_logged = ctx.cluster_cidr;
         let agent = Self {
             ctx,
             node_name: args.node_name.clone(),
             node_ip_flags: args.node_ips.clone(),
             uplink_flags: args.uplinks.clone(),
             pod_bridge: args.pod_bridge.clone(),
+            local_logged,
             local,
             bridge_nets,
             pins,
@@ -281,8 +285,9 @@ impl Agent {
             self.ctx.cluster_cidr = local;
             self.dp
                 .set_config(&self.ctx.node_config(&node_ips, Some(self.hairpin)))?;
-            if local_changed && programmed.is_some() {
+            if local != self.local_logged {
                 log_local(&self.local, local);
+                self.local_logged = local;
             }
         }
         if ips_changed {
