@@ -127,6 +127,40 @@ async fn initial_sync_programs_everything() {
     assert!(h.stats.values().synced);
 }
 
+/// kube-proxy's `--master`: the API server URL overrides the kubeconfig's server (here one
+/// nothing listens on); alone, it is the whole client configuration.
+#[tokio::test]
+async fn master_overrides_the_kubeconfig_server() {
+    let api = FakeApiServer::start().await;
+    populate(&api);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = dir.path().join("kubeconfig");
+    // Port 1 on loopback: nothing listens there.
+    let dead = api.kubeconfig().replace(&api.url(), "http://127.0.0.1:1");
+    assert_ne!(dead, api.kubeconfig());
+    std::fs::write(&kc, dead).expect("write kubeconfig");
+    let url = api.url();
+    let with_kc =
+        Harness::start_with_master(Some(&kc), Some(&url), "node1", MemMaps::default()).await;
+    with_kc
+        .wait_for("sync through --master", WAIT, |v| v == &expected_initial())
+        .await;
+    let alone = Harness::start_with_master(None, Some(&url), "node2", MemMaps::default()).await;
+    alone
+        .wait_for("sync through --master alone", WAIT, |v| {
+            v == &expected_initial()
+        })
+        .await;
+    let reqs = api.requests();
+    for n in ["node1", "node2"] {
+        assert!(
+            reqs.iter()
+                .any(|r| r.contains(&format!("fieldSelector=metadata.name%3D{n}"))),
+            "{n}'s Node watched through --master: {reqs:#?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn updates_deletes_and_bookmarks_propagate() {
     let api = FakeApiServer::start().await;

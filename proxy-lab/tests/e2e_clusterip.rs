@@ -186,3 +186,71 @@ fn removing_an_endpoint_is_followed_within_a_second() {
         p.0
     );
 }
+
+/// kube-proxy's flags on the real agent: `--detect-local-mode=NodeCIDR` programs this node's
+/// Node.spec.podCIDR as the local range (pods are not masqueraded: the backend sees the
+/// client's own address), `--v=4` turns debug logs on, `--logging-format=json` writes one JSON
+/// object per line, and a flag that cannot apply is named in a warning, never a refusal.
+#[test]
+fn kube_proxy_flags_on_the_real_agent() {
+    let (mut c, _eps) = up();
+    c.agent_args = [
+        "--detect-local-mode=NodeCIDR",
+        "--v=4",
+        "--logging-format=json",
+        "--proxy-mode=iptables",
+        "--masquerade-all=false",
+    ]
+    .map(String::from)
+    .to_vec();
+    for n in proxy_lab::lab::NODES {
+        c.stop_agent(n).expect("SIGTERM");
+        c.restart_agent(n, Duration::from_secs(20))
+            .expect("restart with kube-proxy's flags");
+        let want = format!(
+            "local traffic (NodeCIDR): sources in {}",
+            proxy_lab::lab::node_pod_cidr(n)
+        );
+        c.wait_agent_log(n, &want, Duration::from_secs(10))
+            .expect("the Node's podCIDR programmed as local");
+        let log = c.agent_log(n);
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        for l in &lines {
+            for k in ["ts", "level", "msg", "target"] {
+                assert!(l[k].is_string(), "{k} missing: {l}");
+            }
+        }
+        assert!(
+            lines.iter().any(|l| l["level"] == "warn"
+                && l["msg"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("--proxy-mode: ignored"))),
+            "node{n}: {log}"
+        );
+        assert!(
+            lines.iter().any(|l| l["level"] == "debug"),
+            "node{n}: --v=4 logs debug: {log}"
+        );
+    }
+    let spec = LabSpec::default_demo();
+    let client = spec
+        .pods
+        .iter()
+        .find(|p| p.name == "client")
+        .expect("client pod");
+    let p = c.probe("client", &vip(), false, 30).expect("probe");
+    assert_eq!(p.ok(), 30, "{:?}", p.0);
+    let seen: Vec<String> = p.0["client_addrs_seen_by_server"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    assert_eq!(
+        seen,
+        vec![client.ip.to_string()],
+        "a pod inside the node's podCIDR is local: not masqueraded"
+    );
+}

@@ -5,6 +5,7 @@ pub mod abi;
 pub mod cmd;
 pub mod conntrack;
 pub mod datapath;
+pub mod logging;
 pub mod packet;
 pub mod plan;
 pub mod serve;

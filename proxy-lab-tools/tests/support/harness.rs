@@ -117,14 +117,24 @@ impl Harness {
     /// Starts the Kubernetes source from a kubeconfig file (the `--kubeconfig` path), on
     /// maps that already hold `initial` (a restart onto pinned maps).
     pub async fn start(kubeconfig: &Path, node: &str, initial: MemMaps) -> Self {
+        Self::start_with_master(Some(kubeconfig), None, node, initial).await
+    }
+
+    /// [`start`](Self::start) with `--master` (overriding the kubeconfig's server, or alone).
+    pub async fn start_with_master(
+        kubeconfig: Option<&Path>,
+        master: Option<&str>,
+        node: &str,
+        initial: MemMaps,
+    ) -> Self {
         let _ = env_logger::builder()
             .is_test(true)
             .filter_level(log::LevelFilter::Info)
             .parse_default_env()
             .try_init();
-        let client = kube_source::client(Some(kubeconfig))
+        let client = kube_source::client_for(kubeconfig, master)
             .await
-            .expect("client from kubeconfig");
+            .expect("client from kubeconfig / --master");
         let source = KubeSource::start(client, &KubeSourceOptions::new(node));
         let stats = source.stats();
         let (state, warnings) = initial.state();

@@ -16,7 +16,11 @@ use anyhow::{Context as _, Result, bail};
 use clap::{ArgMatches, parser::ValueSource};
 use serde::Deserialize;
 
-use crate::datapath::uplinks;
+use crate::{
+    cmd::kpflags::{DetectLocalMode, IgnoredFlags, LocalDetection, parse_go_bool},
+    datapath::uplinks,
+    logging::LogFormat,
+};
 
 /// Options of `ebpf-proxy run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -31,14 +35,14 @@ pub struct RunArgs {
     /// the API server's own address: the `kubernetes` ClusterIP needs this proxy to work).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
-    /// This node's name: selects its Node object (addresses) and local endpoints.
+    /// This node's name: selects its Node object (addresses, podCIDRs) and local endpoints.
     /// `--hostname-override` is kube-proxy's name for it. Default: the config file's
     /// hostnameOverride, else the hostname (as kube-proxy).
     #[arg(
         long,
         env = "NODE_NAME",
         value_name = "NAME",
-        alias = "hostname-override",
+        visible_alias = "hostname-override",
         default_value = "",
         hide_default_value = true
     )]
@@ -46,10 +50,11 @@ pub struct RunArgs {
     /// This node's address(es); overrides the Node object's InternalIP/ExternalIP addresses.
     #[arg(long = "node-ip", value_name = "IP")]
     pub node_ips: Vec<Ipv4Addr>,
-    /// The pod network's CIDR, comma-separated, one per family (kube-proxy's flag). ClusterIP
-    /// traffic from outside it is masqueraded. Default: none (the config file's clusterCIDR,
-    /// else none), and then, as with kube-proxy, nothing is masqueraded because of its source.
-    /// IPv6 entries are accepted and not served yet.
+    /// The pod network's CIDR, comma-separated, one per family (kube-proxy's flag). With
+    /// --detect-local-mode ClusterCIDR (the default), ClusterIP traffic from outside it is
+    /// masqueraded. Default: none (the config file's clusterCIDR, else none), and then, as
+    /// with kube-proxy, nothing is masqueraded because of its source. IPv6 entries are
+    /// accepted and not served yet.
     #[arg(
         long,
         value_name = "CIDR[,CIDR]",
@@ -57,8 +62,15 @@ pub struct RunArgs {
         hide_default_value = true
     )]
     pub cluster_cidr: String,
-    /// The bridge holding the pods' veths; every port gets the pod programs.
-    #[arg(long, value_name = "IFACE", default_value = "cbr0")]
+    /// The bridge holding the pods' veths: every port gets the pod programs. kube-proxy's
+    /// --pod-bridge-interface, which --detect-local-mode BridgeInterface also reads.
+    /// (`--pod-bridge` is this flag's older name.)
+    #[arg(
+        long = "pod-bridge-interface",
+        alias = "pod-bridge",
+        value_name = "IFACE",
+        default_value = "cbr0"
+    )]
     pub pod_bridge: String,
     /// Interface(s) where traffic from outside the node arrives (NodePort, LoadBalancer IPs,
     /// externalIPs, IPIP/GUE). Repeatable. Default: the interfaces holding the node's
@@ -92,29 +104,74 @@ pub struct RunArgs {
     /// Conntrack timeouts (kube-proxy's --conntrack-* flags).
     #[command(flatten)]
     pub conntrack: crate::conntrack::ConntrackArgs,
-    /// kube-proxy's flags (--config, --nodeport-addresses, --masquerade-all,
-    /// --healthz-bind-address, --metrics-bind-address).
-    #[command(flatten)]
+    /// kube-proxy's flags.
+    #[command(flatten, next_help_heading = "kube-proxy flags (kube-proxy's meaning)")]
     pub kp: KubeProxyFlags,
+    /// kube-proxy's flags that do not apply: accepted, one warning each.
+    #[command(flatten)]
+    pub ignored: IgnoredFlags,
 }
 
-/// The kube-proxy flags ebpf-proxy shares (flattened into `ebpf-proxy run`).
+/// The kube-proxy flags ebpf-proxy honours (flattened into `ebpf-proxy run`). Boolean ones are
+/// Go-style, as kube-proxy's: `--flag`, `--flag=true`, `--flag=false`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct KubeProxyFlags {
     /// A kube-proxy configuration file (YAML, `kind: KubeProxyConfiguration`,
-    /// `apiVersion: kubeproxy.config.k8s.io/v1alpha1`). Used fields: clusterCIDR,
-    /// hostnameOverride, healthzBindAddress, metricsBindAddress, nodePortAddresses,
-    /// iptables.masqueradeAll / nftables.masqueradeAll, clientConnection.kubeconfig. Flags given
-    /// on the command line override the file.
+    /// `apiVersion: kubeproxy.config.k8s.io/v1alpha1`), e.g. kubeadm's ConfigMap as is. Used
+    /// fields: clusterCIDR, hostnameOverride, healthzBindAddress, metricsBindAddress,
+    /// nodePortAddresses, iptables.masqueradeAll / nftables.masqueradeAll,
+    /// clientConnection.kubeconfig, detectLocalMode, detectLocal.bridgeInterface,
+    /// detectLocal.interfaceNamePrefix, logging.verbosity, logging.format, oomScoreAdj; the
+    /// others are named in one warning. Flags given on the command line override the file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The Kubernetes API server's URL; overrides the kubeconfig's server. Without
+    /// --kubeconfig: this URL, with no credentials (as kube-proxy).
+    #[arg(long, value_name = "URL")]
+    pub master: Option<String>,
+    /// Log verbosity, klog's scale: 0-3 info, 4-5 debug, 6 and above trace. RUST_LOG, when
+    /// set, wins. Default: the config file's logging.verbosity, else 0.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL")]
+    pub v: Option<u32>,
+    /// Log format: text, or json (one object per line: ts, level, msg, target). Default: the
+    /// config file's logging.format, else text.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub logging_format: Option<LogFormat>,
+    /// How traffic from pods ("local") is told from other traffic, which decides what
+    /// addressed to a ClusterIP is masqueraded: ClusterCIDR (sources in --cluster-cidr),
+    /// NodeCIDR (sources in this node's Node.spec.podCIDRs), BridgeInterface (traffic from
+    /// --pod-bridge-interface) or InterfaceNamePrefix (traffic from interfaces named
+    /// --pod-interface-name-prefix*). The last two are approximated by the pod bridge's IPv4
+    /// subnet (a warning says so). Default: the config file's detectLocalMode, else
+    /// ClusterCIDR.
+    #[arg(long, value_enum, value_name = "MODE", ignore_case = true)]
+    pub detect_local_mode: Option<DetectLocalMode>,
+    /// With --detect-local-mode InterfaceNamePrefix: the name prefix of the pods' interfaces
+    /// (e.g. veth). Default: the config file's detectLocal.interfaceNamePrefix.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "",
+        hide_default_value = true
+    )]
+    pub pod_interface_name_prefix: String,
     /// Addresses NodePort services accept traffic on: CIDRs (comma-separated or repeated) and/or
     /// `primary` (the node's primary IPs). Default: every node address (kube-proxy's default).
     #[arg(long, value_name = "CIDR|primary", value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
     /// SNAT all service traffic, not only traffic that needs it (kube-proxy's
     /// --masquerade-all). Replies then always return through this node.
-    #[arg(long)]
+    #[arg(
+        long,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "false",
+        hide_default_value = true,
+        value_name = "BOOL",
+        value_parser = parse_go_bool
+    )]
     pub masquerade_all: bool,
     /// Where /healthz and /livez are served (IP:port; an IP alone uses port 10256; empty
     /// disables). Unhealthy only when an update is pending too long or the programs are not
@@ -125,6 +182,50 @@ pub struct KubeProxyFlags {
     /// disables). Default loopback only, as with kube-proxy.
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
+    /// Deprecated in kube-proxy: the port of --healthz-bind-address (0 disables). Ignored
+    /// with --config, as in kube-proxy.
+    #[arg(long, value_name = "PORT")]
+    pub healthz_port: Option<u16>,
+    /// Deprecated in kube-proxy: the port of --metrics-bind-address (0 disables). Ignored
+    /// with --config, as in kube-proxy.
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+    /// The agent's oom_score_adj (-1000..1000), written to /proc/self/oom_score_adj at start.
+    /// Default: the config file's oomScoreAdj, else left as it is.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub oom_score_adj: Option<i32>,
+    /// Remove everything ebpf-proxy put on this node (program links, pinned maps under
+    /// --bpffs), then exit 0: `ebpf-proxy cleanup` under kube-proxy's flag name.
+    #[arg(
+        long,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "false",
+        hide_default_value = true,
+        value_name = "BOOL",
+        value_parser = parse_go_bool
+    )]
+    pub cleanup: bool,
+    /// Do what needs full privileges, then exit 0: mount the BPF filesystem if missing and
+    /// create (or adopt) the pinned maps. Nothing is attached.
+    #[arg(
+        long,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "false",
+        hide_default_value = true,
+        value_name = "BOOL",
+        value_parser = parse_go_bool
+    )]
+    pub init_only: bool,
+    /// Write a KubeProxyConfiguration with the values in effect for the fields ebpf-proxy
+    /// reads to FILE, and exit 0.
+    #[arg(long, value_name = "FILE")]
+    pub write_config_to: Option<PathBuf>,
 }
 
 /// Parses a bind address as kube-proxy does: `IP:port`, or an IP (then `default_port`).
@@ -179,6 +280,24 @@ struct ClientConnection {
     _rest: BTreeMap<String, serde_yaml::Value>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DetectLocal {
+    bridge_interface: Option<String>,
+    interface_name_prefix: Option<String>,
+    #[serde(flatten)]
+    _rest: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Logging {
+    format: Option<String>,
+    verbosity: Option<u32>,
+    #[serde(flatten)]
+    _rest: BTreeMap<String, serde_yaml::Value>,
+}
+
 /// The subset of `KubeProxyConfiguration` (v1alpha1) that ebpf-proxy uses.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -194,6 +313,10 @@ pub struct KubeProxyConfiguration {
     iptables: Option<Masq>,
     nftables: Option<Masq>,
     client_connection: Option<ClientConnection>,
+    detect_local_mode: Option<String>,
+    detect_local: Option<DetectLocal>,
+    logging: Option<Logging>,
+    oom_score_adj: Option<i32>,
     conntrack: Option<Conntrack>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_yaml::Value>,
@@ -220,16 +343,12 @@ const IGNORED: &[&str] = &[
     "bindAddress",
     "bindAddressHardFail",
     "configSyncPeriod",
-    "detectLocal",
-    "detectLocalMode",
     "enableProfiling",
     "featureGates",
     "ipvs",
     "linux",
-    "logging",
     "minSyncPeriod",
     "mode",
-    "oomScoreAdj",
     "portRange",
     "showHiddenMetricsForVersion",
     "syncPeriod",
@@ -285,99 +404,125 @@ fn from_cli(m: Option<&ArgMatches>, id: &str) -> bool {
         .is_some_and(|s| matches!(s, ValueSource::CommandLine | ValueSource::EnvVariable))
 }
 
+/// Something `resolve` has to say once the logger is up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// Logged as a warning (a flag or field that does not apply, an approximation).
+    pub warning: bool,
+    pub text: String,
+}
+
+impl Note {
+    fn info(text: impl Into<String>) -> Self {
+        Self {
+            warning: false,
+            text: text.into(),
+        }
+    }
+    fn warn(text: impl Into<String>) -> Self {
+        Self {
+            warning: true,
+            text: text.into(),
+        }
+    }
+}
+
+impl std::ops::Deref for Note {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::fmt::Display for Note {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
 /// Merges the config file (if any) into `args`: values not given on the command line or in
 /// the environment come from the file. `matches` are the `run` subcommand's matches (`None`:
 /// treat every value as not given). Then fills defaults (node name = hostname, as kube-proxy)
-/// and validates. Returns notes worth logging (ignored fields).
-pub fn resolve(args: &mut RunArgs, matches: Option<&ArgMatches>) -> Result<Vec<String>> {
+/// and validates. Returns notes worth logging (ignored flags and fields, approximations).
+pub fn resolve(args: &mut RunArgs, matches: Option<&ArgMatches>) -> Result<Vec<Note>> {
     let mut notes = Vec::new();
+    let m = matches;
     if let Some(path) = args.kp.config.clone() {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading --config {}", path.display()))?;
         let c = KubeProxyConfiguration::parse(&text, &path)?;
         let ignored = c.ignored_fields();
         if !ignored.is_empty() {
-            notes.push(format!(
+            notes.push(Note::info(format!(
                 "--config {}: ignoring kube-proxy fields that do not apply to ebpf-proxy: {}",
                 path.display(),
                 ignored.join(", ")
-            ));
+            )));
         }
-        let m = matches;
-        if let Some(v) = c.cluster_cidr
-            && !from_cli(m, "cluster_cidr")
-        {
-            args.cluster_cidr = v;
+        merge_file(args, c, m, &path, &mut notes)?;
+    } else {
+        // kube-proxy's deprecated port flags apply only without a config file.
+        if let Some(p) = args.kp.healthz_port {
+            args.kp.healthz_bind_address =
+                with_port(&args.kp.healthz_bind_address, p, "--healthz-bind-address")?;
         }
-        if let Some(v) = c.hostname_override.filter(|v| !v.is_empty())
-            && !from_cli(m, "node_name")
-        {
-            args.node_name = v;
+        if let Some(p) = args.kp.metrics_port {
+            args.kp.metrics_bind_address =
+                with_port(&args.kp.metrics_bind_address, p, "--metrics-bind-address")?;
         }
-        // Empty fields in the file mean kube-proxy's defaults (kubeadm writes them empty).
-        if let Some(v) = c.healthz_bind_address.filter(|v| !v.is_empty())
-            && !from_cli(m, "healthz_bind_address")
-        {
-            args.kp.healthz_bind_address = v;
+    }
+    if args.kp.config.is_some() {
+        for (flag, given) in [
+            ("--healthz-port", args.kp.healthz_port.is_some()),
+            ("--metrics-port", args.kp.metrics_port.is_some()),
+        ] {
+            if given {
+                notes.push(Note::warn(format!(
+                    "{flag}: ignored with --config (as in kube-proxy); use the file's bind \
+                     address or the --*-bind-address flag"
+                )));
+            }
         }
-        if let Some(v) = c.metrics_bind_address.filter(|v| !v.is_empty())
-            && !from_cli(m, "metrics_bind_address")
-        {
-            args.kp.metrics_bind_address = v;
-        }
-        if let Some(v) = c.node_port_addresses
-            && !from_cli(m, "nodeport_addresses")
-        {
-            args.kp.nodeport_addresses = v;
-        }
-        let masq = [c.iptables, c.nftables]
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.masquerade_all)
-            .any(|b| b);
-        if masq && !from_cli(m, "masquerade_all") {
-            args.kp.masquerade_all = true;
-        }
-        if let Some(ct) = c.conntrack {
-            apply_conntrack(&mut args.conntrack, ct, m, &mut notes, &path)?;
-        }
-        if let Some(k) = c
-            .client_connection
-            .and_then(|c| c.kubeconfig)
-            .filter(|k| !k.is_empty())
-            && args.kubeconfig.is_none()
-            && args.manifests.is_none()
-        {
-            args.kubeconfig = Some(PathBuf::from(k));
-        }
+    }
+    notes.extend(args.ignored.warnings().into_iter().map(Note::warn));
+    if args.kp.master.is_some() && args.manifests.is_some() {
+        notes.push(Note::warn(
+            "--master: ignored, --manifests is the source (no API server is used)",
+        ));
+    }
+    if let Some(m) = &args.kp.master {
+        master_url(m).map_err(|e| anyhow::anyhow!("--master {m:?}: {e}"))?;
     }
     if args.node_name.is_empty() {
         args.node_name = hostname().context(
             "no --node-name/--hostname-override, NODE_NAME or hostnameOverride, and the \
              hostname is unreadable",
         )?;
-        notes.push(format!(
+        notes.push(Note::info(format!(
             "node name {:?} taken from the hostname (set --hostname-override or NODE_NAME if \
              the Node object is named otherwise)",
             args.node_name
-        ));
+        )));
     }
-    notes.extend(args.conntrack.notes());
+    notes.extend(args.conntrack.notes().into_iter().map(Note::warn));
     validate_nodeport_addresses(&args.kp.nodeport_addresses)?;
     let (v4, v6) = crate::sync::Cidr::parse_list(&args.cluster_cidr)
         .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?;
     if !v6.is_empty() {
-        notes.push(format!(
+        notes.push(Note::info(format!(
             "--cluster-cidr: IPv6 {} accepted but not served yet (IPv4 only)",
             v6.join(",")
-        ));
+        )));
     }
-    if !v4.is_set() {
-        notes.push(
-            "no IPv4 cluster CIDR (--cluster-cidr / clusterCIDR): as with kube-proxy, ClusterIP \
-             traffic is not masqueraded because of its source"
-                .to_owned(),
-        );
+    let (info, warn) = local_detection(args)
+        .check(v4.is_set())
+        .map_err(anyhow::Error::msg)?;
+    notes.extend(info.into_iter().map(Note::info));
+    notes.extend(warn.into_iter().map(Note::warn));
+    if let Some(n) = args.kp.oom_score_adj
+        && !(-1000..=1000).contains(&n)
+    {
+        bail!("--oom-score-adj {n}: must be within [-1000, 1000]");
     }
     parse_bind_address(
         &args.kp.healthz_bind_address,
@@ -392,13 +537,105 @@ pub fn resolve(args: &mut RunArgs, matches: Option<&ArgMatches>) -> Result<Vec<S
     Ok(notes)
 }
 
+/// The config file's values, where the command line did not set them.
+fn merge_file(
+    args: &mut RunArgs,
+    c: KubeProxyConfiguration,
+    m: Option<&ArgMatches>,
+    path: &Path,
+    notes: &mut Vec<Note>,
+) -> Result<()> {
+    if let Some(v) = c.cluster_cidr
+        && !from_cli(m, "cluster_cidr")
+    {
+        args.cluster_cidr = v;
+    }
+    if let Some(v) = c.hostname_override.filter(|v| !v.is_empty())
+        && !from_cli(m, "node_name")
+    {
+        args.node_name = v;
+    }
+    // Empty fields in the file mean kube-proxy's defaults (kubeadm writes them empty).
+    if let Some(v) = c.healthz_bind_address.filter(|v| !v.is_empty())
+        && !from_cli(m, "healthz_bind_address")
+    {
+        args.kp.healthz_bind_address = v;
+    }
+    if let Some(v) = c.metrics_bind_address.filter(|v| !v.is_empty())
+        && !from_cli(m, "metrics_bind_address")
+    {
+        args.kp.metrics_bind_address = v;
+    }
+    if let Some(v) = c.node_port_addresses
+        && !from_cli(m, "nodeport_addresses")
+    {
+        args.kp.nodeport_addresses = v;
+    }
+    let masq = [c.iptables, c.nftables]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.masquerade_all)
+        .any(|b| b);
+    if masq && !from_cli(m, "masquerade_all") {
+        args.kp.masquerade_all = true;
+    }
+    if let Some(ct) = c.conntrack {
+        apply_conntrack(&mut args.conntrack, ct, m, notes, path)?;
+    }
+    if let Some(k) = c
+        .client_connection
+        .and_then(|c| c.kubeconfig)
+        .filter(|k| !k.is_empty())
+        && args.kubeconfig.is_none()
+        && args.manifests.is_none()
+    {
+        args.kubeconfig = Some(PathBuf::from(k));
+    }
+    let bad = |e: String| anyhow::anyhow!("--config {}: {e}", path.display());
+    if let Some(v) = c.detect_local_mode
+        && !from_cli(m, "detect_local_mode")
+    {
+        args.kp.detect_local_mode = Some(DetectLocalMode::from_config(&v).map_err(bad)?);
+    }
+    if let Some(d) = c.detect_local {
+        if let Some(b) = d.bridge_interface.filter(|b| !b.is_empty())
+            && !from_cli(m, "pod_bridge")
+        {
+            args.pod_bridge = b;
+        }
+        if let Some(p) = d.interface_name_prefix.filter(|p| !p.is_empty())
+            && !from_cli(m, "pod_interface_name_prefix")
+        {
+            args.kp.pod_interface_name_prefix = p;
+        }
+    }
+    if let Some(l) = c.logging {
+        if let Some(v) = l.verbosity
+            && !from_cli(m, "v")
+        {
+            args.kp.v = Some(v);
+        }
+        if let Some(f) = l.format
+            && !from_cli(m, "logging_format")
+        {
+            args.kp.logging_format = Some(LogFormat::from_config(&f).map_err(bad)?);
+        }
+    }
+    if let Some(n) = c.oom_score_adj
+        && !from_cli(m, "oom_score_adj")
+    {
+        args.kp.oom_score_adj = Some(n);
+    }
+    Ok(())
+}
+
 /// The config file's `conntrack:` timeouts where no flag gave them. Empty or null fields mean
 /// kube-proxy's defaults.
 fn apply_conntrack(
     a: &mut crate::conntrack::ConntrackArgs,
     c: Conntrack,
     m: Option<&ArgMatches>,
-    notes: &mut Vec<String>,
+    notes: &mut Vec<Note>,
     path: &Path,
 ) -> Result<()> {
     let fields = [
@@ -445,13 +682,120 @@ fn apply_conntrack(
     .filter_map(|(f, set)| set.then_some(f))
     .collect();
     if !tuned.is_empty() {
-        notes.push(format!(
-            "--config {}: conntrack.{} tune netfilter's table, which service traffic no longer              uses: ignored (ebpf-proxy's table is sized by --conntrack-max)",
+        notes.push(Note::info(format!(
+            "--config {}: conntrack.{} tune netfilter's table, which service traffic no longer \
+             uses: ignored (ebpf-proxy's table is sized by --conntrack-max)",
             path.display(),
             tuned.join(", conntrack.")
-        ));
+        )));
     }
     Ok(())
+}
+
+/// Local traffic detection as the resolved flags configure it.
+pub fn local_detection(args: &RunArgs) -> LocalDetection {
+    LocalDetection {
+        mode: args.kp.detect_local_mode.unwrap_or_default(),
+        cluster_cidr: crate::sync::Cidr::parse_list(&args.cluster_cidr)
+            .map(|(v4, _)| v4)
+            .unwrap_or_default(),
+        bridge: args.pod_bridge.clone(),
+        prefix: args.kp.pod_interface_name_prefix.clone(),
+    }
+}
+
+/// `--master`: a URL; a bare `host[:port]` means https, as client-go's default.
+pub fn master_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty".to_owned());
+    }
+    let url = if s.contains("://") {
+        s.to_owned()
+    } else {
+        format!("https://{s}")
+    };
+    let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+    let host = url.split_once("://").map(|(_, r)| r).unwrap_or_default();
+    if !scheme_ok || host.is_empty() || host.starts_with('/') {
+        return Err("expected a URL such as https://10.0.0.1:6443".to_owned());
+    }
+    Ok(url)
+}
+
+/// kube-proxy's deprecated `--healthz-port`/`--metrics-port`: port 0 disables the server,
+/// another port replaces the bind address's.
+fn with_port(addr: &str, port: u16, flag: &str) -> Result<String> {
+    if port == 0 {
+        return Ok(String::new());
+    }
+    let ip = match parse_bind_address(addr, port, flag)? {
+        Some(a) => a.ip(),
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    Ok(SocketAddr::new(ip, port).to_string())
+}
+
+/// `--write-config-to`: a KubeProxyConfiguration with the values in effect for the fields
+/// ebpf-proxy reads (kube-proxy writes its whole default configuration).
+pub fn config_yaml(args: &RunArgs) -> String {
+    let q = |s: &str| serde_json::Value::from(s).to_string();
+    let mode = match args.kp.detect_local_mode.unwrap_or_default() {
+        DetectLocalMode::ClusterCIDR => "ClusterCIDR",
+        DetectLocalMode::NodeCIDR => "NodeCIDR",
+        DetectLocalMode::BridgeInterface => "BridgeInterface",
+        DetectLocalMode::InterfaceNamePrefix => "InterfaceNamePrefix",
+    };
+    let format = match args.kp.logging_format.unwrap_or_default() {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    let npa = if args.kp.nodeport_addresses.is_empty() {
+        "null".to_owned()
+    } else {
+        format!(
+            "[{}]",
+            args.kp
+                .nodeport_addresses
+                .iter()
+                .map(|a| q(a))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let kubeconfig = args
+        .kubeconfig
+        .as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let oom = args
+        .kp
+        .oom_score_adj
+        .map_or("null".to_owned(), |n| n.to_string());
+    format!(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+         kind: KubeProxyConfiguration\n\
+         clientConnection:\n  kubeconfig: {}\n\
+         clusterCIDR: {}\n\
+         detectLocal:\n  bridgeInterface: {}\n  interfaceNamePrefix: {}\n\
+         detectLocalMode: {mode}\n\
+         healthzBindAddress: {}\n\
+         hostnameOverride: {}\n\
+         iptables:\n  masqueradeAll: {}\n\
+         logging:\n  format: {format}\n  verbosity: {}\n\
+         metricsBindAddress: {}\n\
+         nodePortAddresses: {npa}\n\
+         oomScoreAdj: {oom}\n",
+        q(&kubeconfig),
+        q(&args.cluster_cidr),
+        q(&args.pod_bridge),
+        q(&args.kp.pod_interface_name_prefix),
+        q(&args.kp.healthz_bind_address),
+        q(&args.node_name),
+        args.kp.masquerade_all,
+        args.kp.v.unwrap_or(0),
+        q(&args.kp.metrics_bind_address),
+    )
 }
 
 fn hostname() -> Result<String> {
@@ -496,7 +840,7 @@ mod tests {
         run: RunArgs,
     }
 
-    fn resolve_argv(argv: &[&str]) -> Result<(RunArgs, Vec<String>)> {
+    fn resolve_argv(argv: &[&str]) -> Result<(RunArgs, Vec<Note>)> {
         let m = Cli::command().try_get_matches_from(argv)?;
         let mut args = Cli::from_arg_matches(&m)?.run;
         let notes = resolve(&mut args, Some(&m))?;
@@ -738,5 +1082,237 @@ clientConnection:
             Some(vec!["1.2.3.4/32".to_owned(), "10.0.0.0/8".to_owned()])
         );
         assert_eq!(nodeport_cidrs(&[], &[]), None);
+    }
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> String {
+        let f = dir.path().join("config.conf");
+        std::fs::write(&f, text).unwrap();
+        f.to_str().unwrap().to_owned()
+    }
+
+    /// detectLocalMode, detectLocal.*, logging.* and oomScoreAdj come from the file; flags win.
+    #[test]
+    fn detect_local_and_logging_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            &dir,
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+detectLocalMode: InterfaceNamePrefix
+detectLocal:
+  bridgeInterface: br-pods
+  interfaceNamePrefix: veth
+logging:
+  format: json
+  verbosity: 4
+  flushFrequency: 0
+oomScoreAdj: -999
+",
+        );
+        let (a, notes) = resolve_argv(&["x", "--node-name", "n", "--config", &f]).unwrap();
+        assert_eq!(
+            a.kp.detect_local_mode,
+            Some(DetectLocalMode::InterfaceNamePrefix)
+        );
+        assert_eq!(a.pod_bridge, "br-pods");
+        assert_eq!(a.kp.pod_interface_name_prefix, "veth");
+        assert_eq!(a.kp.v, Some(4));
+        assert_eq!(a.kp.logging_format, Some(LogFormat::Json));
+        assert_eq!(a.kp.oom_score_adj, Some(-999));
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.warning && n.contains("InterfaceNamePrefix is approximated")),
+            "{notes:?}"
+        );
+        let (a, _) = resolve_argv(&[
+            "x",
+            "--node-name",
+            "n",
+            "--config",
+            &f,
+            "--detect-local-mode=NodeCIDR",
+            "--pod-bridge-interface=cbr0",
+            "--v=0",
+            "--logging-format=text",
+            "--oom-score-adj=-500",
+        ])
+        .unwrap();
+        assert_eq!(a.kp.detect_local_mode, Some(DetectLocalMode::NodeCIDR));
+        assert_eq!(a.pod_bridge, "cbr0");
+        assert_eq!(a.kp.v, Some(0));
+        assert_eq!(a.kp.logging_format, Some(LogFormat::Text));
+        assert_eq!(a.kp.oom_score_adj, Some(-500));
+
+        // kubeadm's empty values: the defaults.
+        let kubeadm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kubeadm/config.conf");
+        let (a, _) = resolve_argv(&[
+            "x",
+            "--node-name",
+            "n",
+            "--config",
+            kubeadm.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(a.kp.detect_local_mode, Some(DetectLocalMode::ClusterCIDR));
+        assert_eq!(a.pod_bridge, "cbr0");
+        assert_eq!(a.kp.pod_interface_name_prefix, "");
+        assert_eq!(a.kp.v, Some(0));
+        assert_eq!(a.kp.logging_format, None, "text");
+        assert_eq!(a.kp.oom_score_adj, None);
+
+        for (text, want) in [
+            ("detectLocalMode: Bridge\n", "detectLocalMode \"Bridge\""),
+            ("logging:\n  format: yaml\n", "logging.format"),
+        ] {
+            let f = write(&dir, text);
+            let e = resolve_argv(&["x", "--node-name", "n", "--config", &f]).unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{text:?}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn detect_local_mode_needs_what_kube_proxy_needs() {
+        let e = resolve_argv(&[
+            "x",
+            "--node-name",
+            "n",
+            "--detect-local-mode",
+            "InterfaceNamePrefix",
+        ])
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("--pod-interface-name-prefix"),
+            "{e:#}"
+        );
+        let e = resolve_argv(&[
+            "x",
+            "--node-name",
+            "n",
+            "--detect-local-mode",
+            "BridgeInterface",
+            "--pod-bridge-interface",
+            "",
+        ])
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("--pod-bridge-interface"), "{e:#}");
+        // Case as kube-proxy spells it, or any case.
+        for m in ["NodeCIDR", "nodecidr"] {
+            let (a, notes) = resolve_argv(&[
+                "x",
+                "--node-name",
+                "n",
+                "--detect-local-mode",
+                m,
+                "--cluster-cidr",
+                "10.0.0.0/8",
+            ])
+            .unwrap();
+            assert_eq!(a.kp.detect_local_mode, Some(DetectLocalMode::NodeCIDR));
+            assert!(
+                notes
+                    .iter()
+                    .any(|n| n.contains("--cluster-cidr is not used")),
+                "{notes:?}"
+            );
+        }
+        assert!(resolve_argv(&["x", "--detect-local-mode", "Bridge"]).is_err());
+    }
+
+    #[test]
+    fn deprecated_port_flags_and_master() {
+        let (a, _) = resolve_argv(&[
+            "x",
+            "--node-name",
+            "n",
+            "--healthz-port",
+            "20256",
+            "--metrics-port=0",
+        ])
+        .unwrap();
+        assert_eq!(a.kp.healthz_bind_address, "0.0.0.0:20256");
+        assert_eq!(a.kp.metrics_bind_address, "", "port 0 disables");
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(&dir, "kind: KubeProxyConfiguration\n");
+        let (a, notes) =
+            resolve_argv(&["x", "--node-name", "n", "--config", &f, "--healthz-port=1"]).unwrap();
+        assert_eq!(a.kp.healthz_bind_address, "0.0.0.0:10256");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.warning && n.contains("--healthz-port: ignored with --config")),
+            "{notes:?}"
+        );
+
+        assert_eq!(
+            master_url("10.0.0.1:6443").unwrap(),
+            "https://10.0.0.1:6443"
+        );
+        assert_eq!(
+            master_url("http://127.0.0.1:8080").unwrap(),
+            "http://127.0.0.1:8080"
+        );
+        for bad in ["", "ftp://x", "https://"] {
+            assert!(master_url(bad).is_err(), "{bad:?}");
+        }
+        assert!(resolve_argv(&["x", "--node-name", "n", "--master", "ftp://x"]).is_err());
+        let (_, notes) = resolve_argv(&[
+            "x",
+            "--node-name",
+            "n",
+            "--master",
+            "https://a:6443",
+            "--manifests",
+            "/m",
+        ])
+        .unwrap();
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.warning && n.contains("--master: ignored")),
+            "{notes:?}"
+        );
+        assert!(resolve_argv(&["x", "--node-name", "n", "--oom-score-adj=-1001"]).is_err());
+    }
+
+    /// `--write-config-to` writes a file that reads back to the same values.
+    #[test]
+    fn written_config_reads_back() {
+        let (a, _) = resolve_argv(&[
+            "x",
+            "--node-name",
+            "node-7",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--detect-local-mode",
+            "BridgeInterface",
+            "--pod-bridge-interface",
+            "br0",
+            "--masquerade-all",
+            "--nodeport-addresses",
+            "primary",
+            "--v=5",
+            "--logging-format=json",
+            "--kubeconfig",
+            "/k/conf",
+        ])
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(&dir, &config_yaml(&a));
+        let (b, _) = resolve_argv(&["x", "--config", &f]).unwrap();
+        assert_eq!(b.node_name, "node-7");
+        assert_eq!(b.cluster_cidr, "10.244.0.0/16");
+        assert_eq!(
+            b.kp.detect_local_mode,
+            Some(DetectLocalMode::BridgeInterface)
+        );
+        assert_eq!(b.pod_bridge, "br0");
+        assert!(b.kp.masquerade_all);
+        assert_eq!(b.kp.nodeport_addresses, ["primary"]);
+        assert_eq!(b.kp.v, Some(5));
+        assert_eq!(b.kp.logging_format, Some(LogFormat::Json));
+        assert_eq!(b.kubeconfig.as_deref(), Some(Path::new("/k/conf")));
+        assert_eq!(b.kp.healthz_bind_address, a.kp.healthz_bind_address);
+        assert_eq!(b.kp.metrics_bind_address, a.kp.metrics_bind_address);
     }
 }

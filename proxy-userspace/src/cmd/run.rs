@@ -12,7 +12,10 @@ use log::{debug, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    cmd::config::{RunArgs, parse_bind_address},
+    cmd::{
+        config::{RunArgs, local_detection, parse_bind_address},
+        kpflags::LocalDetection,
+    },
     datapath::{
         self, Datapath, LoadOptions, MapSizes,
         attach::Attachments,
@@ -37,6 +40,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut source = Source::select(
         args.manifests.as_deref(),
         args.kubeconfig.as_deref(),
+        args.kp.master.as_deref(),
         &args.node_name,
         Duration::from_millis(args.poll_interval_ms.max(10)),
     )
@@ -98,6 +102,12 @@ struct Agent {
     node_ip_flags: Vec<Ipv4Addr>,
     uplink_flags: Vec<String>,
     pod_bridge: String,
+    /// `--detect-local-mode` and what it needs: the datapath's "local" CIDR follows the Node
+    /// object (NodeCIDR) or the bridge's subnet (BridgeInterface, InterfaceNamePrefix).
+    local: LocalDetection,
+    bridge_nets: Vec<(Ipv4Addr, u8)>,
+    /// The local CIDR last logged (at start, then on every change).
+    local_logged: crate::sync::Cidr,
     pins: PathBuf,
     dp: Datapath,
     state: MapState,
@@ -106,8 +116,9 @@ struct Agent {
     nl: Netlink,
     bridge: Iface,
     hairpin: Ipv4Addr,
-    /// Node addresses come with the first snapshot (Node object) unless --node-ip gave them.
-    node_ips_programmed: Option<Vec<Ipv4Addr>>,
+    /// Node addresses come with the first snapshot (Node object) unless --node-ip gave them;
+    /// the local CIDR too with --detect-local-mode NodeCIDR.
+    node_config_programmed: Option<(Vec<Ipv4Addr>, crate::sync::Cidr)>,
     /// An earlier release's conntrack table is still pinned: copied again once the uplinks
     /// run our programs too, then unpinned.
     ct_migrating: bool,
@@ -125,12 +136,17 @@ impl Agent {
     /// Loads (or adopts) the datapath, restores the map model, attaches the programs to the
     /// pod bridge's ports and starts the health and metrics servers. The link events are
     /// subscribed before the ports are listed, so no change falls in between.
-    async fn start(args: &RunArgs, ctx: Context) -> Result<(Self, LinkEvents)> {
+    async fn start(args: &RunArgs, mut ctx: Context) -> Result<(Self, LinkEvents)> {
         let rejection_log = RejectionLog::default();
         let (mut dp, state, pins, retired) = load_datapath(args, &ctx)?;
 
         let nl = Netlink::connect()?;
         let (bridge, hairpin) = pod_bridge(&nl, args).await?;
+        let local = local_detection(args);
+        let bridge_nets = nl.ipv4_nets(bridge.index).await?;
+        // NodeCIDR: unset until the Node object is read (the first snapshot).
+        ctx.cluster_cidr = local.local_cidr(None, &bridge_nets);
+        log_local(&local, ctx.cluster_cidr);
         dp.set_config(&ctx.node_config(&ctx.node_ips, Some(hairpin)))?;
         let uplink_hooks = Uplinks::new(Some(&pins), args.xdp_mode);
         info!(
@@ -143,6 +159,17 @@ impl Agent {
         let mut attachments = Attachments::new(Some(&pins));
         let link_events = LinkEvents::subscribe()?;
         let ports = nl.bridge_ports(bridge.index).await?;
+        let unprefixed = local.ports_without_prefix(ports.iter().map(|p| p.name.as_str()));
+        if !unprefixed.is_empty() {
+            warn!(
+                "--detect-local-mode InterfaceNamePrefix: ports of {} not named {:?}*: {}; \
+                 kube-proxy would not treat their traffic as local, ebpf-proxy does when its \
+                 source is in the bridge's subnet",
+                bridge.name,
+                local.prefix,
+                unprefixed.join(", ")
+            );
+        }
         let st = attachments.sync(&mut dp, &ports);
         info!(
             "datapath on {} bridge ports: {} links adopted with their programs replaced \
@@ -171,12 +198,16 @@ impl Agent {
         metrics
             .attached_links
             .set(2 * attachments.ports().count() as i64);
+        let local_logged = ctx.cluster_cidr;
         let agent = Self {
             ctx,
             node_name: args.node_name.clone(),
             node_ip_flags: args.node_ips.clone(),
             uplink_flags: args.uplinks.clone(),
             pod_bridge: args.pod_bridge.clone(),
+            local_logged,
+            local,
+            bridge_nets,
             pins,
             dp,
             state,
@@ -185,7 +216,7 @@ impl Agent {
             nl,
             bridge,
             hairpin,
-            node_ips_programmed: None,
+            node_config_programmed: None,
             ct_migrating: migrated.is_some(),
             uplink_hooks,
             attachments,
@@ -205,6 +236,12 @@ impl Agent {
         self.metrics.queued();
         let started = Instant::now();
         let node_ips = self.ctx.node_addresses(snapshot);
+        let node = snapshot
+            .objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
+        let local = self.local.local_cidr(node, &self.bridge_nets);
         self.health
             .set_node_eligible(self.ctx.node_eligible(snapshot));
         self.triggers.note(&snapshot.objects.slices);
@@ -214,7 +251,7 @@ impl Agent {
                 .reconcile(snapshot, &self.ctx, &mut self.state, &mut maps)
         };
         match result {
-            Ok(s) => self.synced(&s, started, node_ips, source).await,
+            Ok(s) => self.synced(&s, started, (node_ips, local), source).await,
             Err(e) => {
                 self.metrics.synced(started.elapsed(), Err(&e));
                 warn!("sync failed (will retry): {e:#}");
@@ -230,7 +267,7 @@ impl Agent {
         &mut self,
         s: &SyncSummary,
         started: Instant,
-        node_ips: Vec<Ipv4Addr>,
+        (node_ips, local): (Vec<Ipv4Addr>, crate::sync::Cidr),
         source: &Source,
     ) -> Result<()> {
         self.health.updated();
@@ -240,10 +277,21 @@ impl Agent {
         }
         self.responders.sync_counts(&s.health_checks).await;
         self.metrics.set_service_labels(s.service_ids.clone());
-        if self.node_ips_programmed.as_ref() != Some(&node_ips) {
-            // Masquerade source, IPIP/GUE decap address, uplink discovery.
+        let programmed = self.node_config_programmed.as_ref();
+        let ips_changed = programmed.is_none_or(|(ips, _)| *ips != node_ips);
+        let local_changed = programmed.is_none_or(|(_, l)| *l != local);
+        if ips_changed || local_changed {
+            // Masquerade source and local CIDR, IPIP/GUE decap address.
+            self.ctx.cluster_cidr = local;
             self.dp
                 .set_config(&self.ctx.node_config(&node_ips, Some(self.hairpin)))?;
+            if local != self.local_logged {
+                log_local(&self.local, local);
+                self.local_logged = local;
+            }
+        }
+        if ips_changed {
+            // Uplink discovery.
             let want = uplinks::discover(&self.nl, &self.uplink_flags, &node_ips, &self.pod_bridge)
                 .await?;
             self.uplink_hooks.sync(&mut self.dp, &want);
@@ -253,7 +301,6 @@ impl Agent {
                      --uplink IFACE"
                 );
             }
-            self.node_ips_programmed = Some(node_ips);
             if self.ct_migrating {
                 self.ct_migrating = false;
                 let n = migrate_conntrack(
@@ -271,6 +318,9 @@ impl Agent {
                     ),
                 }
             }
+        }
+        if ips_changed || local_changed {
+            self.node_config_programmed = Some((node_ips, local));
         }
         self.rejection_log.report(&s.rejected);
         let read = source.read_stats();
@@ -412,13 +462,63 @@ fn load_datapath(
     Ok((dp, state, pins, retired))
 }
 
-/// The pod bridge (`--pod-bridge`) and the hairpin source address (`--hairpin-ip`, else the
+/// Says which sources the datapath now treats as local (`--detect-local-mode`).
+fn log_local(local: &LocalDetection, cidr: crate::sync::Cidr) {
+    if cidr.is_set() {
+        info!(
+            "local traffic ({:?}): sources in {}/{}",
+            local.mode, cidr.addr, cidr.prefix
+        );
+    } else if local.mode != crate::cmd::kpflags::DetectLocalMode::ClusterCIDR {
+        warn!(
+            "local traffic ({:?}): not known yet (no IPv4 {}); nothing is masqueraded because \
+             of its source until it is",
+            local.mode,
+            if local.mode == crate::cmd::kpflags::DetectLocalMode::NodeCIDR {
+                "podCIDR in this node's Node object"
+            } else {
+                "address on the pod bridge"
+            }
+        );
+    }
+}
+
+/// kube-proxy's `--oom-score-adj`: written to /proc/self/oom_score_adj; a failure is a
+/// warning (an unprivileged run may not lower it).
+pub fn set_oom_score_adj(n: i32) {
+    match std::fs::write("/proc/self/oom_score_adj", n.to_string()) {
+        Ok(()) => info!("oom_score_adj set to {n}"),
+        Err(e) => warn!("--oom-score-adj {n}: writing /proc/self/oom_score_adj: {e}"),
+    }
+}
+
+/// kube-proxy's `--init-only`: what needs full privileges, then return. Mounts the BPF
+/// filesystem if missing and creates (or adopts) the pinned maps; attaches nothing.
+pub fn init_only(args: &RunArgs) -> Result<()> {
+    if bpffs::ensure(&args.bpffs)? {
+        info!("mounted a BPF filesystem at {}", args.bpffs.display());
+    }
+    let pins = datapath::pin_dir(&args.bpffs);
+    let sizes = args.map_sizes.sizes().map_err(anyhow::Error::msg)?;
+    let dp = Datapath::load(&LoadOptions {
+        pin_dir: Some(pins.clone()),
+        sizes,
+    })?;
+    info!(
+        "--init-only: maps pinned under {} ({} adopted); nothing attached, exiting",
+        pins.display(),
+        dp.adopted.len()
+    );
+    Ok(())
+}
+
+/// The pod bridge (`--pod-bridge-interface`) and the hairpin source address (`--hairpin-ip`, else the
 /// bridge's first IPv4 address).
 async fn pod_bridge(nl: &Netlink, args: &RunArgs) -> Result<(Iface, Ipv4Addr)> {
     let Some(bridge) = nl.link_by_name(&args.pod_bridge).await? else {
         bail!(
-            "pod bridge {:?} does not exist in this network namespace; pass --pod-bridge with \
-             the bridge that holds the pods' veths",
+            "pod bridge {:?} does not exist in this network namespace; pass \
+             --pod-bridge-interface with the bridge that holds the pods' veths",
             args.pod_bridge
         );
     };

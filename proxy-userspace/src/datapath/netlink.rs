@@ -100,6 +100,29 @@ impl Netlink {
     }
 
     /// The IPv4 addresses on interface `index`.
+    /// The IPv4 addresses of an interface with their prefix lengths (the subnets it is on).
+    pub async fn ipv4_nets(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+        let mut s = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(m) = s.try_next().await.context("listing addresses")? {
+            let prefix = m.header.prefix_len;
+            for a in &m.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) = a
+                    && !out.iter().any(|(o, _)| o == ip)
+                {
+                    out.push((*ip, prefix));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<Ipv4Addr>> {
         let mut s = self
             .handle

@@ -66,8 +66,12 @@ pub const PROXY_LABEL_SELECTOR: &str =
 pub enum SourceConfig {
     /// A directory of manifests (`--manifests`).
     Manifests(PathBuf),
-    /// An API server named by a kubeconfig file (`--kubeconfig`).
+    /// An API server named by a kubeconfig file (`--kubeconfig`; `--master`, if given,
+    /// overrides its server).
     Kubeconfig(PathBuf),
+    /// `--master` without `--kubeconfig`: that URL with no credentials, as kube-proxy (which
+    /// then does not fall back to the in-cluster configuration).
+    Master(String),
     /// The API server of the cluster the agent runs in (service account token, CA and the
     /// `KUBERNETES_SERVICE_HOST`/`_PORT` environment).
     InCluster,
@@ -94,6 +98,8 @@ pub enum SourceError {
          service account files): {0}; pass --kubeconfig to use a kubeconfig instead"
     )]
     InCluster(#[source] kube::config::InClusterError),
+    #[error("--master {url:?}: {reason}")]
+    Master { url: String, reason: String },
     #[error("creating the Kubernetes client for {url}: {source}")]
     Client {
         url: String,
@@ -103,17 +109,21 @@ pub enum SourceError {
 }
 
 /// Chooses the source from the flags and the environment: `--manifests`, else
-/// `--kubeconfig`, else the in-cluster configuration when `in_cluster_host` (the value of
-/// `KUBERNETES_SERVICE_HOST`) is set and not empty.
+/// `--kubeconfig`, else `--master` alone, else the in-cluster configuration when
+/// `in_cluster_host` (the value of `KUBERNETES_SERVICE_HOST`) is set and not empty.
 pub fn select_source(
     manifests: Option<&Path>,
     kubeconfig: Option<&Path>,
+    master: Option<&str>,
     in_cluster_host: Option<&str>,
 ) -> Result<SourceConfig, SourceError> {
     match (manifests, kubeconfig) {
         (Some(_), Some(_)) => Err(SourceError::BothSources),
         (Some(dir), None) => Ok(SourceConfig::Manifests(dir.to_owned())),
         (None, Some(path)) => Ok(SourceConfig::Kubeconfig(path.to_owned())),
+        (None, None) if master.is_some_and(|m| !m.trim().is_empty()) => {
+            Ok(SourceConfig::Master(master.unwrap_or_default().to_owned()))
+        }
         (None, None) if in_cluster_host.is_some_and(|h| !h.is_empty()) => {
             Ok(SourceConfig::InCluster)
         }
@@ -124,20 +134,50 @@ pub fn select_source(
 /// Builds a client for a kubeconfig file, or the in-cluster configuration with `None`.
 /// Nothing is sent to the API server yet.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
-    let config = match kubeconfig {
-        Some(path) => {
+    client_for(kubeconfig, None).await
+}
+
+/// [`client`] with kube-proxy's `--master`: the API server URL, overriding the kubeconfig's
+/// server; with no kubeconfig, that URL alone (no credentials), not the in-cluster
+/// configuration. A bare `host:port` means https.
+pub async fn client_for(
+    kubeconfig: Option<&Path>,
+    master: Option<&str>,
+) -> Result<Client, SourceError> {
+    let master = match master.map(str::trim).filter(|m| !m.is_empty()) {
+        Some(m) => {
+            let url = crate::cmd::config::master_url(m).map_err(|reason| SourceError::Master {
+                url: m.to_owned(),
+                reason,
+            })?;
+            let uri = url.parse().map_err(|e| SourceError::Master {
+                url: m.to_owned(),
+                reason: format!("{e}"),
+            })?;
+            Some(uri)
+        }
+        None => None,
+    };
+    let config = match (kubeconfig, master) {
+        (None, Some(uri)) => kube::Config::new(uri),
+        (Some(path), master) => {
             let kc = Kubeconfig::read_from(path).map_err(|source| SourceError::Kubeconfig {
                 path: path.to_owned(),
                 source,
             })?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|source| SourceError::Kubeconfig {
-                    path: path.to_owned(),
-                    source,
-                })?
+            let mut config =
+                kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                    .await
+                    .map_err(|source| SourceError::Kubeconfig {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+            if let Some(uri) = master {
+                config.cluster_url = uri;
+            }
+            config
         }
-        None => kube::Config::incluster().map_err(SourceError::InCluster)?,
+        (None, None) => kube::Config::incluster().map_err(SourceError::InCluster)?,
     };
     let url = config.cluster_url.to_string();
     Client::try_from(config).map_err(|source| SourceError::Client {
@@ -599,28 +639,47 @@ mod tests {
         let dir = Path::new("/m");
         let kc = Path::new("/kc");
         assert_eq!(
-            select_source(Some(dir), None, Some("10.0.0.1")).ok(),
+            select_source(Some(dir), None, None, Some("10.0.0.1")).ok(),
             Some(SourceConfig::Manifests(dir.into()))
         );
         assert_eq!(
-            select_source(None, Some(kc), Some("10.0.0.1")).ok(),
+            select_source(None, Some(kc), None, Some("10.0.0.1")).ok(),
             Some(SourceConfig::Kubeconfig(kc.into()))
         );
         assert_eq!(
-            select_source(None, None, Some("10.0.0.1")).ok(),
+            select_source(None, None, None, Some("10.0.0.1")).ok(),
             Some(SourceConfig::InCluster)
         );
         assert!(matches!(
-            select_source(None, None, Some("")),
+            select_source(None, None, None, Some("")),
             Err(SourceError::NoSource)
         ));
         assert!(matches!(
-            select_source(None, None, None),
+            select_source(None, None, None, None),
             Err(SourceError::NoSource)
         ));
         assert!(matches!(
-            select_source(Some(dir), Some(kc), None),
+            select_source(Some(dir), Some(kc), None, None),
             Err(SourceError::BothSources)
+        ));
+        // --master: overrides the kubeconfig's server; alone, it is the source (kube-proxy
+        // does not fall back to the in-cluster configuration then); ignored with manifests.
+        let m = Some("https://10.0.0.1:6443");
+        assert_eq!(
+            select_source(None, Some(kc), m, Some("10.0.0.1")).ok(),
+            Some(SourceConfig::Kubeconfig(kc.into()))
+        );
+        assert_eq!(
+            select_source(None, None, m, Some("10.0.0.1")).ok(),
+            Some(SourceConfig::Master("https://10.0.0.1:6443".into()))
+        );
+        assert_eq!(
+            select_source(Some(dir), None, m, None).ok(),
+            Some(SourceConfig::Manifests(dir.into()))
+        );
+        assert!(matches!(
+            select_source(None, None, Some(" "), None),
+            Err(SourceError::NoSource)
         ));
         let msg = SourceError::NoSource.to_string();
         assert!(

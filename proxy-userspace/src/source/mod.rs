@@ -64,16 +64,17 @@ pub enum Source {
 }
 
 impl Source {
-    /// The source `--manifests` and `--kubeconfig` select (see [`kube::select_source`]);
-    /// the Kubernetes watches start at once. `poll` is the manifests directory's poll interval.
+    /// The source `--manifests`, `--kubeconfig` and `--master` select (see
+    /// [`kube::select_source`]); the Kubernetes watches start at once. `poll` is the manifests directory's poll interval.
     pub async fn select(
         manifests: Option<&Path>,
         kubeconfig: Option<&Path>,
+        master: Option<&str>,
         node_name: &str,
         poll: Duration,
     ) -> Result<Self> {
         let host = std::env::var(kube::IN_CLUSTER_ENV).ok();
-        let cfg = kube::select_source(manifests, kubeconfig, host.as_deref())?;
+        let cfg = kube::select_source(manifests, kubeconfig, master, host.as_deref())?;
         let kube = |client| {
             let opts = KubeSourceOptions::new(node_name.to_owned());
             Self::Kube(Box::new(KubeSource::start(client, &opts)))
@@ -91,7 +92,8 @@ impl Source {
                 }
                 Self::manifests(dir, poll)
             }
-            SourceConfig::Kubeconfig(path) => kube(kube::client(Some(&path)).await?),
+            SourceConfig::Kubeconfig(path) => kube(kube::client_for(Some(&path), master).await?),
+            SourceConfig::Master(url) => kube(kube::client_for(None, Some(&url)).await?),
             SourceConfig::InCluster => kube(kube::client(None).await?),
         })
     }
