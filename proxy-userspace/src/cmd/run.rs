@@ -119,6 +119,9 @@ struct Agent {
     /// Node addresses come with the first snapshot (Node object) unless --node-ip gave them;
     /// the local CIDR too with --detect-local-mode NodeCIDR.
     node_config_programmed: Option<(Vec<Ipv4Addr>, crate::sync::Cidr)>,
+    /// The node's addresses as last known (flags, Node object, or the pinned config at
+    /// start): kept while a snapshot has no Node object.
+    known_ips: Vec<Ipv4Addr>,
     /// An earlier release's conntrack table is still pinned: copied again once the uplinks
     /// run our programs too, then unpinned.
     ct_migrating: bool,
@@ -144,10 +147,15 @@ impl Agent {
         let (bridge, hairpin) = pod_bridge(&nl, args).await?;
         let local = local_detection(args);
         let bridge_nets = nl.ipv4_nets(bridge.index).await?;
-        // NodeCIDR: unset until the Node object is read (the first snapshot).
-        ctx.cluster_cidr = local.local_cidr(None, &bridge_nets);
+        // What the previous agent knew of this node stays until a snapshot says otherwise
+        // (the API server may be down for the whole restart): its address, which masquerade
+        // and IPIP/GUE decapsulation need, and its NodeCIDR.
+        let pinned = Remembered::from_config(dp.config().ok());
+        // NodeCIDR: otherwise unset until the Node object is read (the first snapshot).
+        ctx.cluster_cidr = pinned.local(&local, local.local_cidr(None, &bridge_nets), false);
         log_local(&local, ctx.cluster_cidr);
-        dp.set_config(&ctx.node_config(&ctx.node_ips, Some(hairpin)))?;
+        let known_ips = pinned.node_ips(&ctx.node_ips);
+        dp.set_config(&ctx.node_config(&known_ips, Some(hairpin)))?;
         let uplink_hooks = Uplinks::new(Some(&pins), args.xdp_mode);
         info!(
             "pod bridge {} (ifindex {}), hairpin source {hairpin}",
@@ -199,7 +207,8 @@ impl Agent {
             .attached_links
             .set(2 * attachments.ports().count() as i64);
         let local_logged = ctx.cluster_cidr;
-        let agent = Self {
+        let known_local = ctx.cluster_cidr;
+        let mut agent = Self {
             ctx,
             node_name: args.node_name.clone(),
             node_ip_flags: args.node_ips.clone(),
@@ -217,6 +226,7 @@ impl Agent {
             bridge,
             hairpin,
             node_config_programmed: None,
+            known_ips: known_ips.clone(),
             ct_migrating: migrated.is_some(),
             uplink_hooks,
             attachments,
@@ -226,6 +236,18 @@ impl Agent {
             triggers: TriggerTimes::new(SystemTime::now()),
             node_logged: false,
         };
+        if !known_ips.is_empty() {
+            // Known already (--node-ip, or remembered): the uplinks get our programs now,
+            // not at the first snapshot.
+            if agent.node_ip_flags.is_empty() {
+                info!(
+                    "node address {} remembered from the pinned config until the Node object \
+                     is read",
+                    known_ips[0]
+                );
+            }
+            agent.program_node(known_ips, known_local).await?;
+        }
         Ok((agent, link_events))
     }
 
@@ -241,7 +263,16 @@ impl Agent {
             .nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
-        let local = self.local.local_cidr(node, &self.bridge_nets);
+        let mut local = self.local.local_cidr(node, &self.bridge_nets);
+        if node.is_none() && self.local.mode == crate::cmd::kpflags::DetectLocalMode::NodeCIDR {
+            // No Node object in this snapshot: keep the NodeCIDR we had.
+            local = self.ctx.cluster_cidr;
+        }
+        let node_ips = if node_ips.is_empty() {
+            self.known_ips.clone()
+        } else {
+            node_ips
+        };
         self.health
             .set_node_eligible(self.ctx.node_eligible(snapshot));
         self.triggers.note(&snapshot.objects.slices);
@@ -277,51 +308,7 @@ impl Agent {
         }
         self.responders.sync_counts(&s.health_checks).await;
         self.metrics.set_service_labels(s.service_ids.clone());
-        let programmed = self.node_config_programmed.as_ref();
-        let ips_changed = programmed.is_none_or(|(ips, _)| *ips != node_ips);
-        let local_changed = programmed.is_none_or(|(_, l)| *l != local);
-        if ips_changed || local_changed {
-            // Masquerade source and local CIDR, IPIP/GUE decap address.
-            self.ctx.cluster_cidr = local;
-            self.dp
-                .set_config(&self.ctx.node_config(&node_ips, Some(self.hairpin)))?;
-            if local != self.local_logged {
-                log_local(&self.local, local);
-                self.local_logged = local;
-            }
-        }
-        if ips_changed {
-            // Uplink discovery.
-            let want = uplinks::discover(&self.nl, &self.uplink_flags, &node_ips, &self.pod_bridge)
-                .await?;
-            self.uplink_hooks.sync(&mut self.dp, &want);
-            if want.is_empty() {
-                warn!(
-                    "no uplink found (no interface holds {node_ips:?} or a default route): pass \
-                     --uplink IFACE"
-                );
-            }
-            if self.ct_migrating {
-                self.ct_migrating = false;
-                let n = migrate_conntrack(
-                    &mut self.dp,
-                    &self.pins,
-                    "after the uplink programs were replaced",
-                );
-                self.metrics.ct_migrated.inc_by(n.unwrap_or(0));
-                match datapath::retire_migrated(&self.pins) {
-                    Ok(n) if n > 0 => info!("removed the earlier release's conntrack pin"),
-                    Ok(_) => {}
-                    Err(e) => warn!(
-                        "could not remove the earlier release's conntrack pin under {}: {e}",
-                        self.pins.display()
-                    ),
-                }
-            }
-        }
-        if ips_changed || local_changed {
-            self.node_config_programmed = Some((node_ips, local));
-        }
+        self.program_node(node_ips, local).await?;
         self.rejection_log.report(&s.rejected);
         let read = source.read_stats();
         let st = &s.stages;
@@ -368,6 +355,62 @@ impl Agent {
             } else {
                 info!("node {} addresses: {ips:?}", self.node_name);
             }
+        }
+        Ok(())
+    }
+
+    /// The node's addresses and local CIDR into the datapath config, and the uplinks, when
+    /// they changed (masquerade source, local CIDR, IPIP/GUE decap address, uplink discovery).
+    async fn program_node(
+        &mut self,
+        node_ips: Vec<Ipv4Addr>,
+        local: crate::sync::Cidr,
+    ) -> Result<()> {
+        let programmed = self.node_config_programmed.as_ref();
+        let ips_changed = programmed.is_none_or(|(ips, _)| *ips != node_ips);
+        let local_changed = programmed.is_none_or(|(_, l)| *l != local);
+        if ips_changed || local_changed {
+            self.ctx.cluster_cidr = local;
+            self.dp
+                .set_config(&self.ctx.node_config(&node_ips, Some(self.hairpin)))?;
+            if local != self.local_logged {
+                log_local(&self.local, local);
+                self.local_logged = local;
+            }
+        }
+        if ips_changed {
+            if !node_ips.is_empty() {
+                self.known_ips = node_ips.clone();
+            }
+            let want = uplinks::discover(&self.nl, &self.uplink_flags, &node_ips, &self.pod_bridge)
+                .await?;
+            self.uplink_hooks.sync(&mut self.dp, &want);
+            if want.is_empty() {
+                warn!(
+                    "no uplink found (no interface holds {node_ips:?} or a default route): pass \
+                     --uplink IFACE"
+                );
+            }
+            if self.ct_migrating {
+                self.ct_migrating = false;
+                let n = migrate_conntrack(
+                    &mut self.dp,
+                    &self.pins,
+                    "after the uplink programs were replaced",
+                );
+                self.metrics.ct_migrated.inc_by(n.unwrap_or(0));
+                match datapath::retire_migrated(&self.pins) {
+                    Ok(n) if n > 0 => info!("removed the earlier release's conntrack pin"),
+                    Ok(_) => {}
+                    Err(e) => warn!(
+                        "could not remove the earlier release's conntrack pin under {}: {e}",
+                        self.pins.display()
+                    ),
+                }
+            }
+        }
+        if ips_changed || local_changed {
+            self.node_config_programmed = Some((node_ips, local));
         }
         Ok(())
     }
@@ -536,6 +579,52 @@ async fn pod_bridge(nl: &Netlink, args: &RunArgs) -> Result<(Iface, Ipv4Addr)> {
     Ok((bridge, hairpin))
 }
 
+/// What the pinned config of the previous agent (same build or an earlier release) says
+/// about this node. Pure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Remembered {
+    node_addr: Option<Ipv4Addr>,
+    local: Option<crate::sync::Cidr>,
+}
+
+impl Remembered {
+    fn from_config(c: Option<proxy_common::NodeConfig>) -> Self {
+        let Some(c) = c else {
+            return Self::default();
+        };
+        let mask = u32::from_be(c.cluster_mask_be);
+        Self {
+            node_addr: (c.node_addr_be != 0).then(|| crate::abi::addr_from_be(c.node_addr_be)),
+            local: (mask != 0).then(|| crate::sync::Cidr {
+                addr: crate::abi::addr_from_be(c.cluster_cidr_be),
+                prefix: mask.count_ones() as u8,
+            }),
+        }
+    }
+
+    /// `--node-ip` if given, else the remembered address, else none (the Node object's).
+    fn node_ips(&self, flags: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+        if !flags.is_empty() {
+            return flags.to_vec();
+        }
+        self.node_addr.into_iter().collect()
+    }
+
+    /// The local CIDR to program: `now`, unless NodeCIDR mode has no Node object yet
+    /// (`node_known` false), then the remembered one.
+    fn local(
+        &self,
+        d: &LocalDetection,
+        now: crate::sync::Cidr,
+        node_known: bool,
+    ) -> crate::sync::Cidr {
+        match (d.mode, node_known, self.local) {
+            (crate::cmd::kpflags::DetectLocalMode::NodeCIDR, false, Some(l)) if !now.is_set() => l,
+            _ => now,
+        }
+    }
+}
+
 /// Copies an earlier release's conntrack table into ours (`when` says at which step), so
 /// its connections keep their backends and NAT across the upgrade. Returns whether one was
 /// found.
@@ -662,4 +751,51 @@ async fn start_telemetry(
         m.serve(addr).await?;
     }
     Ok((h, m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cmd::kpflags::DetectLocalMode, sync::Cidr};
+
+    fn cidr(a: [u8; 4], prefix: u8) -> Cidr {
+        Cidr {
+            addr: Ipv4Addr::from(a),
+            prefix,
+        }
+    }
+
+    #[test]
+    fn the_pinned_config_remembers_the_node_until_a_snapshot_knows_it() {
+        let cfg = proxy_common::NodeConfig {
+            node_addr_be: crate::abi::addr_be(Ipv4Addr::new(10, 240, 0, 11)),
+            cluster_cidr_be: crate::abi::addr_be(Ipv4Addr::new(10, 76, 1, 0)),
+            cluster_mask_be: crate::abi::addr_be(Ipv4Addr::new(255, 255, 255, 0)),
+            ..Default::default()
+        };
+        let r = Remembered::from_config(Some(cfg));
+        assert_eq!(r.node_ips(&[]), [Ipv4Addr::new(10, 240, 0, 11)]);
+        let flag = [Ipv4Addr::new(192, 0, 2, 1)];
+        assert_eq!(r.node_ips(&flag), flag, "--node-ip wins");
+        let mut d = LocalDetection {
+            mode: DetectLocalMode::NodeCIDR,
+            cluster_cidr: Cidr::default(),
+            bridge: String::new(),
+            prefix: String::new(),
+        };
+        let unset = Cidr::default();
+        assert_eq!(r.local(&d, unset, false), cidr([10, 76, 1, 0], 24));
+        let node = cidr([10, 76, 2, 0], 24);
+        assert_eq!(r.local(&d, node, true), node, "the Node object wins");
+        d.mode = DetectLocalMode::ClusterCIDR;
+        assert_eq!(
+            r.local(&d, unset, false),
+            unset,
+            "only NodeCIDR is remembered"
+        );
+        // A fresh node: nothing pinned, nothing remembered.
+        let none = Remembered::from_config(Some(proxy_common::NodeConfig::default()));
+        assert!(none.node_ips(&[]).is_empty());
+        assert_eq!(Remembered::from_config(None), Remembered::default());
+    }
 }

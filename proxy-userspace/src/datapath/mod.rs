@@ -249,6 +249,16 @@ impl Datapath {
             .map_err(|source| DatapathError::Map { name, source })
     }
 
+    /// The node config the programs read (the pinned one on a restart, before it is set).
+    pub fn config(&self) -> Result<NodeConfig, DatapathError> {
+        let name = maps::CONFIG;
+        let m = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let a: Array<&MapData, NodeConfig> =
+            Array::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
+        a.get(&0, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
     /// Verdict counters summed over CPUs, indexed by `proxy_common::counter`.
     pub fn counters(&self) -> Result<Vec<u64>, DatapathError> {
         let name = maps::COUNTERS;
