@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use proxy_lab::{
     cluster::{
-        Binaries, CANARY_IP, CANARY_PORT, CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT,
-        assert_canary_lost_nothing,
+        Binaries, CANARY_IP, CANARY_LB_IP, CANARY_NP_TCP, CANARY_PORT, CLUSTER_IP, Cluster,
+        Endpoint, SERVICE_PORT, assert_canary_lost_nothing,
     },
     lab::{LabSpec, NODES},
 };
@@ -201,6 +201,49 @@ fn programmed(c: &Cluster, node: u8) -> serde_json::Value {
 fn sigkill_restarts_with_the_api_server_down_drop_nothing() {
     let (mut c, eps) = up();
     c.start_canary_service(&eps).expect("canary service");
+    // New flows from outside need the node's identity (masquerade source, decapsulation
+    // address): checked in every cycle, the API server down or not.
+    c.start_canary_nodeport(&eps).expect("NodePort canary");
+    let encap = c
+        .lab
+        .spawn(
+            &c.lab.ext_ns(),
+            &[
+                c.bins.tools.display().to_string(),
+                "lab-encap".into(),
+                "--iface".into(),
+                "eth0".into(),
+                "--vip".into(),
+                CANARY_LB_IP.to_string(),
+                "--from".into(),
+                proxy_lab::lab::EXT_IP.to_string(),
+                "--to".into(),
+                proxy_lab::lab::node_ip(1).to_string(),
+                "--mode".into(),
+                "ipip".into(),
+            ],
+        )
+        .expect("lab-encap");
+    let from_outside = |c: &Cluster, what: &str| {
+        let ext = c.lab.ext_ns();
+        let np = format!("{}:{CANARY_NP_TCP}", proxy_lab::lab::node_ip(1));
+        let p = c.probe_in(&ext, &np, false, 5, 2000).expect("probe");
+        assert_eq!(p.ok(), 5, "{what}: NodePort from outside: {:?}", p.0);
+        assert!(
+            !p.seen_by_server()
+                .contains_key(&proxy_lab::lab::EXT_IP.to_string()),
+            "{what}: NodePort flows masqueraded: {:?}",
+            p.0
+        );
+        let lb = format!("{CANARY_LB_IP}:{CANARY_PORT}");
+        let p = c.probe_in(&ext, &lb, false, 5, 2000).expect("probe");
+        assert_eq!(p.ok(), 5, "{what}: IPIP-wrapped LB IP: {:?}", p.0);
+        assert_eq!(
+            p.reply_sources().keys().cloned().collect::<Vec<_>>(),
+            vec![lb],
+            "{what}: replies from the LB IP"
+        );
+    };
     let (tcp, udp) = (60, 12);
     let canary = c.start_canary("kube", tcp, udp).expect("canary");
     let service_key = format!("{CANARY_IP}:{CANARY_PORT}/TCP");
@@ -248,6 +291,7 @@ fn sigkill_restarts_with_the_api_server_down_drop_nothing() {
         for n in NODES {
             healthy(&c, n, &format!("cycle {cycle}"));
         }
+        from_outside(&c, &format!("cycle {cycle}"));
         if unreachable {
             down_cycles += 1;
             std::thread::sleep(Duration::from_millis(700));
@@ -278,6 +322,19 @@ fn sigkill_restarts_with_the_api_server_down_drop_nothing() {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+    c.lab.stop(encap).expect("stop lab-encap");
+    let decap: u64 = NODES
+        .iter()
+        .map(|&n| {
+            let v = c.inspect(n).expect("inspect");
+            v["counters"]["xdp_decapsulated"].as_u64().unwrap_or(0)
+                + v["counters"]["decapsulated"].as_u64().unwrap_or(0)
+        })
+        .sum();
+    assert!(
+        decap >= 5,
+        "the LB IP probes were wrapped: {decap} decapsulated"
+    );
     assert!(
         down_cycles >= 3,
         "{down_cycles} cycles with the API server down"

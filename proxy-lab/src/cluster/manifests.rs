@@ -29,10 +29,11 @@ pub fn canary_yaml(endpoints: &[Endpoint]) -> String {
 pub fn canary_np_yaml(endpoints: &[Endpoint]) -> String {
     let mut s = format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: canary-np\n  namespace: default\n\
-         spec:\n  type: NodePort\n  clusterIP: {CANARY_NP_IP}\n  clusterIPs: [\"{CANARY_NP_IP}\"]\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: {CANARY_NP_IP}\n  clusterIPs: [\"{CANARY_NP_IP}\"]\n\
          \x20 externalTrafficPolicy: Cluster\n\
          \x20 ports:\n  - name: tcp\n    protocol: TCP\n    port: {CANARY_PORT}\n    targetPort: {CANARY_POD_PORT}\n    nodePort: {CANARY_NP_TCP}\n\
          \x20 - name: udp\n    protocol: UDP\n    port: {CANARY_PORT}\n    targetPort: {CANARY_POD_PORT}\n    nodePort: {CANARY_NP_UDP}\n\
+         status:\n  loadBalancer:\n    ingress:\n    - ip: {CANARY_LB_IP}\n\
          ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: canary-np-abcde\n  namespace: default\n\
          \x20 labels:\n    kubernetes.io/service-name: canary-np\naddressType: IPv4\nports:\n\
          - name: tcp\n  protocol: TCP\n  port: {CANARY_POD_PORT}\n- name: udp\n  protocol: UDP\n  port: {CANARY_POD_PORT}\nendpoints:\n"

@@ -42,6 +42,9 @@ pub const CANARY_POD_PORT: u16 = 9377;
 pub const CANARY_NP_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
 pub const CANARY_NP_TCP: u16 = 30207;
 pub const CANARY_NP_UDP: u16 = 30208;
+/// `canary-np`'s LoadBalancer IP (IPIP/GUE-wrapped traffic to the nodes; the router also
+/// spreads it over the nodes plain, as every IP of [`crate::lab::LB_CIDR`]).
+pub const CANARY_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 207);
 
 /// The programs the lab runs: the agent under test and the lab tools.
 #[derive(Clone, Debug)]
