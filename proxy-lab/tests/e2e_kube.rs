@@ -250,8 +250,8 @@ fn sigkill_restarts_with_the_api_server_down_drop_nothing() {
     let baseline: Vec<serde_json::Value> = NODES.iter().map(|&n| programmed(&c, n)).collect();
     assert_eq!(
         baseline[0].as_array().map(Vec::len),
-        Some(4),
-        "hostnames and canary, TCP and UDP: {}",
+        Some(10),
+        "hostnames, the canary and canary-np (ClusterIP, NodePort, LB IP), TCP and UDP: {}",
         baseline[0]
     );
     let healthy = |c: &Cluster, n: u8, what: &str| {
