@@ -18,10 +18,12 @@ use anyhow::{Context as _, Result, bail};
 use crate::lab::{Lab, LabSpec, NODES, POD_SERVER_PORT};
 
 mod canary;
+mod conntrack;
 mod kube;
 mod manifests;
 
 pub use canary::*;
+pub use conntrack::*;
 pub use manifests::*;
 
 /// The demo service's ClusterIP and port.
@@ -109,7 +111,19 @@ impl Cluster {
         src: Option<&Path>,
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        Self::up_with(bins, spec, endpoints, src, false, say)
+        Self::up_with(bins, spec, endpoints, src, false, &[], say)
+    }
+
+    /// Like [`Cluster::up`], with extra `ebpf-proxy run` arguments from the first start on
+    /// (e.g. `--conntrack-max`: map sizes cannot change once the maps are pinned).
+    pub fn up_with_agent_args(
+        bins: &Binaries,
+        spec: &LabSpec,
+        endpoints: &[Endpoint],
+        agent_args: &[String],
+        say: &dyn Fn(&str),
+    ) -> Result<Self> {
+        Self::up_with(bins, spec, endpoints, None, false, agent_args, say)
     }
 
     /// Like [`Cluster::up`], in Kubernetes mode: `ebpf-proxy-lab lab-apiserver` serves the
@@ -121,7 +135,7 @@ impl Cluster {
         endpoints: &[Endpoint],
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        Self::up_with(bins, spec, endpoints, None, true, say)
+        Self::up_with(bins, spec, endpoints, None, true, &[], say)
     }
 
     fn up_with(
@@ -130,6 +144,7 @@ impl Cluster {
         endpoints: &[Endpoint],
         src: Option<&Path>,
         kube: bool,
+        agent_args: &[String],
         say: &dyn Fn(&str),
     ) -> Result<Self> {
         say("creating the lab: router, node1, node2, external client, pods on cbr0 bridges");
@@ -160,7 +175,7 @@ impl Cluster {
             manifests,
             agents: BTreeMap::new(),
             kube: None,
-            agent_args: Vec::new(),
+            agent_args: agent_args.to_vec(),
         };
         if kube {
             say("starting the lab API server (serving the manifests over list/watch)");
