@@ -75,6 +75,22 @@ fn map(v: &serde_json::Value, k: &str) -> BTreeMap<String, u64> {
         .unwrap_or_default()
 }
 
+trait TcpStats {
+    fn lab_tcp_stats(&self, ns: &str) -> BTreeMap<String, u64>;
+}
+
+impl TcpStats for Cluster {
+    /// `Tcp:` and `TcpExt:` counters of a namespace.
+    fn lab_tcp_stats(&self, ns: &str) -> BTreeMap<String, u64> {
+        let mut m = self.net_stats(ns, "/proc/net/snmp", "Tcp:").expect("Tcp");
+        m.extend(
+            self.net_stats(ns, "/proc/net/netstat", "TcpExt:")
+                .expect("TcpExt"),
+        );
+        m
+    }
+}
+
 fn counters(c: &Cluster, node: u8) -> BTreeMap<String, u64> {
     c.counters(node).expect("counters")
 }
@@ -109,8 +125,23 @@ const CHURN: Svc = Svc {
     health_check_node_port: None,
 };
 
-#[test]
-fn twenty_thousand_sequential_masqueraded_nodeport_connections_to_one_endpoint() {
+/// What one masqueraded churn run saw.
+struct Churn {
+    n: u64,
+    report: serde_json::Value,
+    /// node1's datapath counters, before and after.
+    before: BTreeMap<String, u64>,
+    after: BTreeMap<String, u64>,
+    /// TCP statistics that moved: the client's, the endpoint's.
+    client_tcp: BTreeMap<String, u64>,
+    server_tcp: BTreeMap<String, u64>,
+    endpoint: String,
+}
+
+/// `n` sequential connections from the external client to node1's NodePort of [`CHURN`],
+/// whose one endpoint is on node2 (masqueraded). `monotonic_timestamps`: the client's TCP
+/// timestamps without per-connection offsets (`net.ipv4.tcp_timestamps = 2`).
+fn masqueraded_churn(n: u64, monotonic_timestamps: bool) -> Churn {
     let spec = LabSpec::default_demo();
     let eps = hostnames_endpoints(&spec);
     let c = Cluster::up(&bins(), &spec, &eps, &say).expect("cluster up");
@@ -119,6 +150,14 @@ fn twenty_thousand_sequential_masqueraded_nodeport_connections_to_one_endpoint()
     install(&c, &CHURN, &remote, proxy_lab::lab::POD_SERVER_PORT);
     let target = format!("{}:30300", node_ip(1));
     let ext = c.lab.ext_ns();
+    if monotonic_timestamps {
+        c.lab
+            .exec_ok(
+                &ext,
+                &["sh", "-c", "echo 2 > /proc/sys/net/ipv4/tcp_timestamps"],
+            )
+            .expect("sysctl");
+    }
 
     // Masqueraded: the endpoint sees node1, not the external client.
     let p = c.probe_in(&ext, &target, false, 5, 2000).expect("probe");
@@ -130,9 +169,10 @@ fn twenty_thousand_sequential_masqueraded_nodeport_connections_to_one_endpoint()
     );
 
     let before = counters(&c, 1);
-    let n = 20_000u64;
+    let server_ns = c.lab.pod_ns(&remote[0].pod);
+    let (ext0, srv0) = (c.lab_tcp_stats(&ext), c.lab_tcp_stats(&server_ns));
     let start = Instant::now();
-    let r = c
+    let report = c
         .tool_json(
             &ext,
             &[
@@ -147,39 +187,106 @@ fn twenty_thousand_sequential_masqueraded_nodeport_connections_to_one_endpoint()
         .expect("churn");
     let secs = start.elapsed().as_secs_f64();
     let after = counters(&c, 1);
-    let d = |k: &str| counter_delta(&before, &after, k);
+    let (ext1, srv1) = (c.lab_tcp_stats(&ext), c.lab_tcp_stats(&server_ns));
+    let moved = |a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
+        b.keys()
+            .map(|k| (k.clone(), counter_delta(a, b, k)))
+            .filter(|(_, v)| *v > 0)
+            .collect()
+    };
+    let ch = Churn {
+        n,
+        report,
+        client_tcp: moved(&ext0, &ext1),
+        server_tcp: moved(&srv0, &srv1),
+        before,
+        after,
+        endpoint: remote[0].pod.clone(),
+    };
+    let (r, d) = (&ch.report, |k: &str| {
+        counter_delta(&ch.before, &ch.after, k)
+    });
     println!(
-        "{n} sequential masqueraded connections in {secs:.1} s ({:.0}/s): ok {}, failures {:?}, \
-         slow (>= 1 s) {}, slowest {} ms; node1: masquerade {}, conntrack_closed_reused {}, \
-         drop_snat_exhausted {}, conntrack_answered_full {}",
+        "{n} sequential masqueraded connections (client timestamps {}) in {secs:.1} s \
+         ({:.0}/s): ok {}, failures {:?}, slow (>= 1 s) {}, slowest {} ms; node1: masquerade \
+         {}, conntrack_closed_reused {}, drop_snat_exhausted {}; client TCP {:?}; endpoint TCP \
+         {:?}",
+        if monotonic_timestamps {
+            "monotonic"
+        } else {
+            "per-connection offsets"
+        },
         n as f64 / secs,
-        u(&r, "ok"),
-        map(&r, "failures"),
-        u(&r, "slow"),
-        u(&r, "slowest_ms"),
+        u(r, "ok"),
+        map(r, "failures"),
+        u(r, "slow"),
+        u(r, "slowest_ms"),
         d("masquerade"),
         d("conntrack_closed_reused"),
         d("drop_snat_exhausted"),
-        d("conntrack_answered_full"),
+        ch.client_tcp,
+        ch.server_tcp,
     );
+    ch
+}
+
+/// Every connection answered, by the one endpoint, none dropped for want of a SNAT port.
+fn assert_churn_ok(ch: &Churn) {
+    let (r, n) = (&ch.report, ch.n);
     assert_eq!(
-        after.get("drop_snat_exhausted").copied().unwrap_or(0),
+        ch.after.get("drop_snat_exhausted").copied().unwrap_or(0),
         0,
-        "SNAT ports ran out (closed flows must give theirs back): {after:?}"
+        "SNAT ports ran out (closed flows must give theirs back): {:?}",
+        ch.after
     );
-    assert_eq!(u(&r, "sent"), n, "{r:#}");
-    assert!(map(&r, "failures").is_empty(), "failed connections: {r:#}");
-    assert_eq!(u(&r, "ok"), n, "{r:#}");
+    assert_eq!(u(r, "sent"), n, "{r:#}");
+    assert!(map(r, "failures").is_empty(), "failed connections: {r:#}");
+    assert_eq!(u(r, "ok"), n, "{r:#}");
     assert_eq!(
-        map(&r, "answers"),
-        BTreeMap::from([(remote[0].pod.clone(), n)]),
+        map(r, "answers"),
+        BTreeMap::from([(ch.endpoint.clone(), n)]),
         "every connection reached the one endpoint"
     );
-    // Every one was a new masqueraded flow; the SNAT range (4,001 ports) was reused ~5 times.
+    let masq = counter_delta(&ch.before, &ch.after, "masquerade");
     assert!(
-        d("masquerade") >= n,
-        "masquerade counter: {}",
-        d("masquerade")
+        masq >= n,
+        "every connection was a new masqueraded flow: {masq}"
+    );
+}
+
+/// 20,000 connections through 4,001 SNAT ports: each port serves ~5 of them, taken over from
+/// the closed flow before it. The client's timestamps are monotonic so that the endpoint's
+/// TIME_WAIT accepts a reused (node1, port) tuple (see the ignored test below for what
+/// per-connection offsets do).
+#[test]
+fn twenty_thousand_sequential_masqueraded_nodeport_connections_to_one_endpoint() {
+    let ch = masqueraded_churn(20_000, true);
+    assert_churn_ok(&ch);
+    assert!(
+        counter_delta(&ch.before, &ch.after, "conntrack_closed_reused") > 0,
+        "SNAT ports of closed flows were taken over"
+    );
+}
+
+/// Linux (6.x) gives every connection its own TCP timestamp offset, so when a SNAT port is
+/// reused towards the same endpoint within that endpoint's TIME_WAIT (60 s) the new SYN is
+/// PAWS-rejected about half the time (endpoint `TcpExt: PAWSTimewait`): the client waits 1 s
+/// and retries. The datapath takes over a closed flow's SNAT port even when free ports
+/// remain; netfilter keeps the client's port when it can and treats TIME_WAIT tuples as used.
+#[test]
+#[ignore = "datapath: masquerade reuses SNAT ports within the endpoint's TIME_WAIT (PAWS rejects, 1 s SYN retransmits); see the report of issue 10's lab tests"]
+fn masqueraded_connections_are_not_paws_rejected_by_the_endpoints_time_wait() {
+    let ch = masqueraded_churn(3000, false);
+    assert_churn_ok(&ch);
+    let get = |m: &BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    assert_eq!(
+        (
+            get(&ch.server_tcp, "PAWSTimewait"),
+            get(&ch.client_tcp, "TCPSynRetrans"),
+            u(&ch.report, "slow")
+        ),
+        (0, 0, 0),
+        "(endpoint PAWSTimewait, client SYN retransmits, connections >= 1 s)"
     );
 }
 
@@ -416,9 +523,11 @@ fn idle_established_flow_survives_more_than_twice_conntrack_max_new_flows() {
         d("conntrack_answered_full"),
         v["conntrack"]
     );
+    // (A UDP socket may get an ephemeral port an earlier flow of the churn still holds: that
+    // datagram is that flow's, not a new one.)
     assert!(
-        d("forward_new") >= n_tcp + n_udp,
-        "the churn went through node1's tables: {}",
+        d("forward_new") > 2 * SMALL_CT,
+        "more than 2 x --conntrack-max new flows went through node1's tables: {}",
         d("forward_new")
     );
     assert_eq!(
@@ -635,9 +744,11 @@ fn big_udp_datagrams_fragmented_both_ways_through_a_cluster_ip() {
         "the client reassembled the echoes: ReasmOKs {}",
         ip("ReasmOKs")
     );
+    // Requests on the client's veth, replies on the endpoints' veths (node1) or node1's
+    // uplink (from node2).
     assert!(
-        d1("fragment_translated") >= 5 * n,
-        "node1 translated the non-first fragments: {}",
+        d1("fragment_translated") >= 10 * n,
+        "node1 translated the non-first fragments both ways: {}",
         d1("fragment_translated")
     );
 }

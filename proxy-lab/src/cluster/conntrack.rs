@@ -97,11 +97,19 @@ impl Cluster {
     /// The kernel's `Ip:` statistics of namespace `ns` (`/proc/net/snmp`: FragCreates,
     /// ReasmOKs, ...).
     pub fn ip_stats(&self, ns: &str) -> Result<BTreeMap<String, u64>> {
-        let snmp = self.lab.exec_ok(ns, &["cat", "/proc/net/snmp"])?;
-        let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+        self.net_stats(ns, "/proc/net/snmp", "Ip:")
+    }
+
+    /// One group of a namespace's network statistics: `file` is `/proc/net/snmp` or
+    /// `/proc/net/netstat`, `group` e.g. `Ip:`, `Tcp:`, `TcpExt:`.
+    pub fn net_stats(&self, ns: &str, file: &str, group: &str) -> Result<BTreeMap<String, u64>> {
+        let snmp = self.lab.exec_ok(ns, &["cat", file])?;
+        let mut ip = snmp.lines().filter(|l| l.starts_with(group));
         let (names, values) = (
-            ip.next().context("no Ip: header")?,
-            ip.next().context("no Ip: values")?,
+            ip.next()
+                .with_context(|| format!("no {group} header in {file}"))?,
+            ip.next()
+                .with_context(|| format!("no {group} values in {file}"))?,
         );
         Ok(names
             .split_whitespace()
