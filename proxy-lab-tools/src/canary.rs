@@ -399,6 +399,7 @@ mod tests {
             port: 0,
             bind: Ipv4Addr::LOCALHOST,
             echo: true,
+            udp_echo: false,
         })
         .await
         .unwrap();

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use proxy_lab_tools::{canary, encap, fakeapi, serve_probe};
+use proxy_lab_tools::{canary, conntrack, encap, fakeapi, serve_probe};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +34,19 @@ enum Command {
     /// A stand-in Kubernetes API server serving a manifests directory (Services,
     /// EndpointSlices, Nodes) over list/watch, for agents run with --kubeconfig.
     LabApiserver(fakeapi::LabApiArgs),
+    /// Sequential short connections (or datagrams), each from a new source port: connect,
+    /// read the reply up to the server's close, close. JSON report.
+    Churn(conntrack::ChurnArgs),
+    /// Raw packets (UDP, TCP SYN, bare TCP ACK) from many spoofed lab sources, each from a
+    /// distinct source address and port: flows nobody answers. JSON report.
+    JunkFlood(conntrack::JunkArgs),
+    /// One TCP connection and one UDP flow held idle until a file appears, then used again.
+    IdleHold(conntrack::IdleArgs),
+    /// One local port connected to several services at once, each exchanging data.
+    SamePort(conntrack::SamePortArgs),
+    /// Datagrams larger than the MTU to a `serve-hostname --udp-echo`; checks they come back
+    /// whole.
+    UdpBig(conntrack::UdpBigArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +81,15 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Command::LabEncap(args) => rt.block_on(encap::run(args))?,
         Command::LabApiserver(args) => rt.block_on(fakeapi::run_lab(args))?,
+        Command::Churn(args) => return Ok(exit(conntrack::run_churn(args)?)),
+        Command::JunkFlood(args) => return Ok(exit(conntrack::run_junk(args)?)),
+        Command::IdleHold(args) => return Ok(exit(conntrack::run_idle(args)?)),
+        Command::SamePort(args) => return Ok(exit(conntrack::run_same_port(args)?)),
+        Command::UdpBig(args) => return Ok(exit(conntrack::run_udp_big(args)?)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(code as u8)
 }

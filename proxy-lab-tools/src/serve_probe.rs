@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// sends until it closes (long-lived connections for `canary`). UDP is unchanged.
     #[arg(long)]
     pub echo: bool,
+    /// UDP: answer each datagram with the reply line followed by the datagram itself, and
+    /// let the kernel fragment large answers (IP_PMTUDISC_DONT). TCP is unchanged.
+    #[arg(long)]
+    pub udp_echo: bool,
 }
 
 /// `probe`: connect-per-request client for serve-hostname.
@@ -232,6 +236,7 @@ pub struct HostnameServer {
     tcp: TcpListener,
     udp: UdpSocket,
     echo: bool,
+    udp_echo: bool,
 }
 
 impl HostnameServer {
@@ -255,11 +260,16 @@ impl HostnameServer {
             let port = tcp.local_addr().context("TCP local address")?.port();
             match UdpSocket::bind((args.bind, port)).await {
                 Ok(udp) => {
+                    if args.udp_echo {
+                        crate::conntrack::allow_fragments(udp.as_raw_fd())
+                            .context("IP_MTU_DISCOVER")?;
+                    }
                     return Ok(HostnameServer {
                         name,
                         tcp,
                         udp,
                         echo: args.echo,
+                        udp_echo: args.udp_echo,
                     });
                 }
                 Err(e)
@@ -291,6 +301,7 @@ impl HostnameServer {
             tcp,
             udp,
             echo,
+            udp_echo,
         } = self;
         let name: Arc<str> = name.into();
         tokio::pin!(shutdown);
@@ -318,9 +329,12 @@ impl HostnameServer {
                     }
                 },
                 received = udp.recv_from(&mut buf) => match received {
-                    Ok((_, peer)) => {
-                        let line = reply_line(&name, peer);
-                        if let Err(e) = udp.send_to(line.as_bytes(), peer).await {
+                    Ok((n, peer)) => {
+                        let mut reply = reply_line(&name, peer).into_bytes();
+                        if udp_echo {
+                            reply.extend_from_slice(&buf[..n]);
+                        }
+                        if let Err(e) = udp.send_to(&reply, peer).await {
                             eprintln!("serve-hostname: UDP reply to {peer}: {e}");
                         }
                     }
@@ -551,6 +565,7 @@ mod tests {
             port: 0,
             bind: Ipv4Addr::LOCALHOST,
             echo: true,
+            udp_echo: false,
         };
         let server = HostnameServer::bind(&args).await.expect("bind");
         let SocketAddr::V4(addr) = server.local_addr().expect("addr") else {

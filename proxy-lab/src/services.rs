@@ -64,9 +64,18 @@ pub const EMPTY: Svc = Svc {
 };
 
 impl Svc {
+    /// The Service and its EndpointSlice, ports 80 (TCP and UDP) to the pod servers' port.
     pub fn yaml(&self, endpoints: &[Endpoint]) -> String {
+        self.yaml_to(endpoints, POD_SERVER_PORT)
+    }
+
+    /// Like [`Svc::yaml`], with `target_port` as the endpoints' port. Type LoadBalancer with
+    /// an LB IP, else NodePort with node ports, else ClusterIP.
+    pub fn yaml_to(&self, endpoints: &[Endpoint], target_port: u16) -> String {
         let ty = if self.lb_ip.is_some() {
             "LoadBalancer"
+        } else if self.node_port_tcp.is_some() || self.node_port_udp.is_some() {
+            "NodePort"
         } else {
             "ClusterIP"
         };
@@ -98,7 +107,7 @@ impl Svc {
         ] {
             let _ = write!(
                 s,
-                "  - name: {pname}\n    protocol: {proto}\n    port: 80\n    targetPort: {POD_SERVER_PORT}\n"
+                "  - name: {pname}\n    protocol: {proto}\n    port: 80\n    targetPort: {target_port}\n"
             );
             if let Some(np) = np {
                 let _ = writeln!(s, "    nodePort: {np}");
@@ -115,7 +124,7 @@ impl Svc {
             s,
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {n}-abcde\n  namespace: default\n\
              \x20 labels:\n    kubernetes.io/service-name: {n}\naddressType: IPv4\nports:\n\
-             - name: tcp\n  protocol: TCP\n  port: {POD_SERVER_PORT}\n- name: udp\n  protocol: UDP\n  port: {POD_SERVER_PORT}\n",
+             - name: tcp\n  protocol: TCP\n  port: {target_port}\n- name: udp\n  protocol: UDP\n  port: {target_port}\n",
             n = self.name
         );
         if endpoints.is_empty() {
@@ -136,9 +145,14 @@ impl Svc {
 
 /// Writes `svc` with `endpoints` into the cluster's manifests directory.
 pub fn install(c: &Cluster, svc: &Svc, endpoints: &[Endpoint]) -> Result<()> {
+    install_to(c, svc, endpoints, POD_SERVER_PORT)
+}
+
+/// [`install`] with `target_port` as the endpoints' port.
+pub fn install_to(c: &Cluster, svc: &Svc, endpoints: &[Endpoint], target_port: u16) -> Result<()> {
     let path = c.manifests.join(format!("{}.yaml", svc.name));
     let tmp = c.manifests.join(format!(".{}.yaml.tmp", svc.name));
-    std::fs::write(&tmp, svc.yaml(endpoints))?;
+    std::fs::write(&tmp, svc.yaml_to(endpoints, target_port))?;
     std::fs::rename(&tmp, &path)?;
     Ok(())
 }

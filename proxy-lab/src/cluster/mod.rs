@@ -19,10 +19,12 @@ use anyhow::{Context as _, Result, bail};
 use crate::lab::{Lab, LabSpec, NODES, POD_SERVER_PORT};
 
 mod canary;
+mod conntrack;
 mod kube;
 mod manifests;
 
 pub use canary::*;
+pub use conntrack::*;
 pub use manifests::*;
 
 /// The demo service's ClusterIP and port.
@@ -180,7 +182,19 @@ impl Cluster {
         src: Option<&Path>,
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        Self::up_with(bins, spec, endpoints, src, false, say)
+        Self::up_with(bins, spec, endpoints, src, false, &[], say)
+    }
+
+    /// Like [`Cluster::up`], with extra `ebpf-proxy run` arguments from the first start on
+    /// (e.g. `--conntrack-max`: map sizes cannot change once the maps are pinned).
+    pub fn up_with_agent_args(
+        bins: &Binaries,
+        spec: &LabSpec,
+        endpoints: &[Endpoint],
+        agent_args: &[String],
+        say: &dyn Fn(&str),
+    ) -> Result<Self> {
+        Self::up_with(bins, spec, endpoints, None, false, agent_args, say)
     }
 
     /// Like [`Cluster::up`], in Kubernetes mode: `ebpf-proxy-lab lab-apiserver` serves the
@@ -192,7 +206,7 @@ impl Cluster {
         endpoints: &[Endpoint],
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        Self::up_with(bins, spec, endpoints, None, true, say)
+        Self::up_with(bins, spec, endpoints, None, true, &[], say)
     }
 
     fn up_with(
@@ -201,6 +215,7 @@ impl Cluster {
         endpoints: &[Endpoint],
         src: Option<&Path>,
         kube: bool,
+        agent_args: &[String],
         say: &dyn Fn(&str),
     ) -> Result<Self> {
         say("creating the lab: router, node1, node2, external client, pods on cbr0 bridges");
@@ -231,7 +246,7 @@ impl Cluster {
             manifests,
             agents: BTreeMap::new(),
             kube: None,
-            agent_args: Vec::new(),
+            agent_args: agent_args.to_vec(),
             release_nodes: if bins.release.is_some() {
                 NODES.into_iter().collect()
             } else {
