@@ -441,17 +441,21 @@ enum Claim {
 
 const EEXIST: i32 = 17;
 
+/// SNAT port probes for a free reply tuple, then for one of a closed flow.
+const FREE_PROBES: u32 = 32;
+const CLOSED_PROBES: u32 = 8;
+
 /// Claims `rev_key` for the new flow `key` by inserting its reply entry: the tuple is free,
-/// a leftover of this very flow, or held by a closed flow (taken over, with that flow's
-/// forward entry). A live flow's reply tuple is never overwritten: its replies would come
-/// back from the wrong service.
+/// a leftover of this very flow, or (`take_closed`) held by a closed flow (taken over, with
+/// that flow's forward entry). A live flow's reply tuple is never overwritten: its replies
+/// would come back from the wrong service.
 #[inline(always)]
-fn claim(key: &Ct4Key, rev_key: &Ct4Key, rev: &Ct4Value) -> Claim {
+fn claim(key: &Ct4Key, rev_key: &Ct4Key, rev: &Ct4Value, take_closed: bool) -> Claim {
     // SAFETY: copied out immediately.
     if let Some(old) = unsafe { CT4_V3.get(rev_key) }.copied() {
         let owner = rev_key.forward_key(&old);
         if owner != *key {
-            if !ct_flags::closed(old.flags) {
+            if !take_closed || !ct_flags::closed(old.flags) {
                 return Claim::Taken;
             }
             let _ = CT4_V3.remove(owner);
@@ -471,7 +475,7 @@ fn claim(key: &Ct4Key, rev_key: &Ct4Key, rev: &Ct4Value) -> Claim {
     };
     let owner = rev_key.forward_key(&old);
     if owner != *key {
-        if !ct_flags::closed(old.flags) {
+        if !take_closed || !ct_flags::closed(old.flags) {
             return Claim::Taken;
         }
         let _ = CT4N_V1.remove(owner);
@@ -501,7 +505,8 @@ fn ct_commit(
     let (b_addr, b_port, addr) = (fwd.dst_addr_be, fwd.dst_port_be, fwd.src_addr_be);
     if !masquerade {
         let rev_key = Ct4Key::new(b_addr, addr, b_port, fwd.src_port_be, key.proto);
-        match claim(key, &rev_key, &rev) {
+        // The client reusing its own port after a close: its tuple, taken over.
+        match claim(key, &rev_key, &rev, true) {
             Claim::Done => return ct_insert_forward(key, &fwd, &rev_key),
             Claim::Full => {
                 count(counter::DROP_CT_FULL);
@@ -519,10 +524,14 @@ fn ct_commit(
     let span = if max > min { max - min + 1 } else { 1 };
     // SAFETY: a helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() } % span;
-    for i in 0..8u32 {
+    // Free ports first: a closed flow's port is taken over only when FREE_PROBES random
+    // ports are all in use. Reusing it at once would meet the backend's TIME_WAIT for the
+    // old connection, where Linux's per-connection timestamps make it reject the new SYN
+    // (PAWS) and the client retransmit; netfilter never reuses such a port either.
+    for i in 0..(FREE_PROBES + CLOSED_PROBES) {
         let port = ((min + (start + i * 97) % span) as u16).to_be();
         let rev_key = Ct4Key::new(b_addr, addr, b_port, port, key.proto);
-        match claim(key, &rev_key, &rev) {
+        match claim(key, &rev_key, &rev, i >= FREE_PROBES) {
             Claim::Done => {
                 fwd.src_port_be = port;
                 count(if masquerade {
