@@ -495,8 +495,8 @@ fn load_datapath(
     if !retired.is_empty() {
         warn!(
             "found maps of an older ebpf-proxy version ({}): their layout differs, so they are \
-             not reused and their connection state is not carried over; they are removed once \
-             this agent's programs are attached",
+             not reused and their contents (connection state, verdict counters) are not carried \
+             over; they are removed once this agent's programs are attached",
             retired
                 .iter()
                 .map(|p| p.display().to_string())
