@@ -25,8 +25,9 @@ pub mod maps {
     /// unanswered flows are evicted, never an answered one). A flow moves to `CT4` with its
     /// first reply.
     pub const CT4_NEW: &str = "CT4N_V1";
-    /// Per-CPU verdict counters indexed by `counter::*`.
-    pub const COUNTERS: &str = "CNT_V1";
+    /// Per-CPU verdict counters indexed by `counter::*` (`counter::MAX` slots; `CNT_V1`, 32
+    /// slots, was full).
+    pub const COUNTERS: &str = "CNT_V2";
     /// Per-node configuration: index 0 -> `NodeConfig`.
     pub const CONFIG: &str = "CFG_V2";
     /// ClusterIPs (`u32` address, network order) -> `VipValue`: a ClusterIP hit on a port no
@@ -49,8 +50,12 @@ pub mod maps {
     /// Fragments (LRU): `Frag4Key` (addresses, protocol, IP ID before translation) ->
     /// `Frag4Value` (the first fragment's ports), so later fragments get its translation.
     pub const FRAG4: &str = "LB4_FRG_V1";
+    /// Outer sources IPIP/GUE decapsulation accepts (LPM trie, `--decap-allowed-sources`):
+    /// (prefix length, IPv4 address in network order) -> `u8` (1). Only read when
+    /// `NodeConfig::flags` has `cfg_flags::DECAP_SOURCES_RESTRICTED`.
+    pub const DECAP_SRC4: &str = "LB4_DSRC_V1";
     /// Every map the agent pins, in the order `ebpf-proxy inspect` shows them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SVC4,
         BACKEND4,
         CT4,
@@ -65,16 +70,18 @@ pub mod maps {
         SVC_COUNTERS,
         REJECT_BUCKET,
         FRAG4,
+        DECAP_SRC4,
     ];
     /// Conntrack maps of earlier releases that the agent carries over (same key and value
     /// layout, one LRU map for both answered and unanswered flows): their entries are copied
     /// into `CT4` before and again after the agent's programs replace the old ones, then the
     /// pin is removed. `CT4_V2` is v0.1.0's.
     pub const CT4_MIGRATE: [&str; 1] = ["CT4_V2"];
-    /// Names earlier versions pinned (layouts this agent cannot read: `svc_id` was 16-bit).
+    /// Names earlier versions pinned (layouts this agent cannot read: `svc_id` was 16-bit;
+    /// `CNT_V1` had 32 counter slots, so counters restart at zero on upgrade).
     /// The agent reports them and removes them once its own programs are attached;
     /// `ebpf-proxy cleanup` removes them too.
-    pub const RETIRED: [&str; 7] = [
+    pub const RETIRED: [&str; 8] = [
         "LB4_SVC_V1",
         "CT4_V1",
         "LB4_SRC_V1",
@@ -82,6 +89,7 @@ pub mod maps {
         "LB4_RSK_V1",
         "LB4_FSK_V1",
         "CFG_V1",
+        "CNT_V1",
     ];
 }
 
@@ -112,6 +120,8 @@ pub mod sizes {
     pub const VIP4: u32 = 16_384;
     pub const SRC_RANGE4: u32 = 16_384;
     pub const AFFINITY4: u32 = 65_536;
+    /// `--decap-allowed-sources` CIDRs.
+    pub const DECAP_SRC4: u32 = 1_024;
     /// Entries of the per-service counter map; service IDs stay below it.
     pub const SVC_IDS: u32 = 65_536;
 }
@@ -200,10 +210,17 @@ pub mod counter {
     pub const CT_CLOSED_REUSED: u32 = 30;
     /// A non-first fragment of a translated datagram, translated like its first fragment.
     pub const FRAG_TRANSLATED: u32 = 31;
-    pub const MAX: u32 = 32;
+    /// An IPIP/GUE packet for this node whose outer source is outside
+    /// `--decap-allowed-sources`: dropped, not decapsulated.
+    pub const DROP_DECAP_SOURCE: u32 = 32;
+    /// An IPIP/GUE packet for this node whose inner packet is not for a LoadBalancer IP or
+    /// externalIP service port this node serves: dropped, not decapsulated.
+    pub const DROP_DECAP_NOT_SERVED: u32 = 33;
+    /// Slots of the counter map (`maps::COUNTERS`); indices above the last name are spare.
+    pub const MAX: u32 = 64;
 
     /// Human names for `inspect` and metrics, indexed by counter.
-    pub const NAMES: [&str; 32] = [
+    pub const NAMES: [&str; 34] = [
         "forward_new",
         "forward_established",
         "reply_reverse_nat",
@@ -236,6 +253,8 @@ pub mod counter {
         "drop_conntrack_clash",
         "conntrack_closed_reused",
         "fragment_translated",
+        "drop_decap_source_not_allowed",
+        "drop_decap_inner_not_served",
     ];
 }
 
@@ -668,6 +687,9 @@ const _: () = assert!(core::mem::size_of::<Frag4Value>() == 4);
 pub mod cfg_flags {
     /// `--masquerade-all`: every service flow is masqueraded.
     pub const MASQUERADE_ALL: u32 = 1 << 0;
+    /// `--decap-allowed-sources` was given: IPIP/GUE is decapsulated only from outer sources
+    /// in `maps::DECAP_SRC4` (unset: from any source).
+    pub const DECAP_SOURCES_RESTRICTED: u32 = 1 << 1;
 }
 
 /// Per-node configuration, written by the agent at start.
@@ -843,6 +865,31 @@ mod tests {
             assert!(n.len() <= 15, "{n} is longer than 15 characters");
         }
         assert!(counter::NAMES.len() as u32 <= counter::MAX);
+    }
+
+    /// `CNT_V2` grew the counter map; every index of `CNT_V1` keeps its meaning, so
+    /// dashboards and `inspect` read the same names.
+    #[test]
+    fn counters_grew_without_moving_an_index() {
+        assert_eq!(maps::COUNTERS, "CNT_V2");
+        assert!(maps::RETIRED.contains(&"CNT_V1"));
+        assert_eq!(counter::MAX, 64);
+        assert_eq!(counter::NAMES[counter::FWD_NEW as usize], "forward_new");
+        assert_eq!(counter::NAMES[counter::DECAP as usize], "decapsulated");
+        assert_eq!(
+            counter::NAMES[counter::FRAG_TRANSLATED as usize],
+            "fragment_translated"
+        );
+        assert_eq!(counter::FRAG_TRANSLATED, 31);
+        assert_eq!(
+            counter::NAMES[counter::DROP_DECAP_SOURCE as usize],
+            "drop_decap_source_not_allowed"
+        );
+        assert_eq!(
+            counter::NAMES[counter::DROP_DECAP_NOT_SERVED as usize],
+            "drop_decap_inner_not_served"
+        );
+        assert_eq!(counter::NAMES.len(), 34);
     }
 }
 

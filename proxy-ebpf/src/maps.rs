@@ -30,7 +30,7 @@ pub static LB4_FRG_V1: LruHashMap<Frag4Key, Frag4Value, { sizes::FRAG4 as usize 
     LruHashMap::new();
 
 #[btf_map]
-pub static CNT_V1: PerCpuArray<u64, { counter::MAX as usize }> = PerCpuArray::new();
+pub static CNT_V2: PerCpuArray<u64, { counter::MAX as usize }> = PerCpuArray::new();
 
 #[btf_map]
 pub static CFG_V2: Array<NodeConfig, 1> = Array::new();
@@ -40,6 +40,11 @@ pub static LB4_VIP_V1: HashMap<u32, VipValue, { sizes::VIP4 as usize }> = HashMa
 
 #[btf_map]
 pub static LB4_SRC_V2: LpmTrie<SrcRange4Data, u8, { sizes::SRC_RANGE4 as usize }> = LpmTrie::new();
+
+/// Outer sources IPIP/GUE decapsulation accepts (`--decap-allowed-sources`), read only when
+/// the config says the sources are restricted.
+#[btf_map]
+pub static LB4_DSRC_V1: LpmTrie<u32, u8, { sizes::DECAP_SRC4 as usize }> = LpmTrie::new();
 
 #[btf_map]
 pub static LB4_AFF_V2: LruHashMap<Aff4Key, Aff4Value, { sizes::AFFINITY4 as usize }> =
@@ -90,7 +95,7 @@ pub fn count_service(svc_id: u32, bytes: u32) {
 /// Counts one verdict. Per-CPU, so no atomics; the agent sums at read time.
 #[inline(always)]
 pub fn count(reason: u32) {
-    if let Some(c) = CNT_V1.get_ptr_mut(reason) {
+    if let Some(c) = CNT_V2.get_ptr_mut(reason) {
         // SAFETY: a per-CPU slot that only this CPU writes.
         unsafe { *c += 1 };
     }
@@ -102,6 +107,12 @@ pub fn node_config() -> NodeConfig {
         Some(c) => *c,
         None => NodeConfig::default(),
     }
+}
+
+/// Whether `src_be` is inside one of the `--decap-allowed-sources` CIDRs.
+#[inline(always)]
+pub fn decap_source_allowed(src_be: u32) -> bool {
+    LB4_DSRC_V1.get(&Key::new(32, src_be)).is_some()
 }
 
 /// Whether `src` is allowed by the service's loadBalancerSourceRanges.

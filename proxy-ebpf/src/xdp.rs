@@ -36,7 +36,7 @@ use crate::{
     lb::{ct_lookup, validate_flow},
     maps::{count, count_service},
     parse::{ETH_HLEN, PacketRead, parse, tcp},
-    uplink::{GUE_V0_STRIP, GUE_V1_STRIP, IPIP_STRIP, encap_strip},
+    uplink::{Decap, GUE_V0_STRIP, GUE_V1_STRIP, IPIP_STRIP, encap_strip},
 };
 
 /// XDP (native, or generic where the driver has none) on every uplink. Sees every frame
@@ -107,15 +107,17 @@ impl PacketRead for XdpContext {
 }
 
 /// Strips an IPIP or GUE header addressed to this node (the rule of `uplink::encap_strip`).
-/// `Ok` also when there is nothing to do; `Err` only if the packet could not be shrunk (then
-/// it is left to tc as it is).
+/// `Ok` also when there is nothing to do; `Err` if the rule refuses the packet or it could not
+/// be shrunk: then it is left to tc as it is, and tc, applying the same rule, drops and counts
+/// what the rule refuses (one verdict and one count, whichever hooks run).
 #[inline(always)]
 fn decapsulate(ctx: &XdpContext) -> Result<(), ()> {
     // One monomorphised copy per length keeps every packet offset a constant for the verifier.
     match encap_strip(ctx) {
-        Some(IPIP_STRIP) => strip::<IPIP_STRIP>(ctx),
-        Some(GUE_V1_STRIP) => strip::<GUE_V1_STRIP>(ctx),
-        Some(GUE_V0_STRIP) => strip::<GUE_V0_STRIP>(ctx),
+        Decap::Strip(IPIP_STRIP) => strip::<IPIP_STRIP>(ctx),
+        Decap::Strip(GUE_V1_STRIP) => strip::<GUE_V1_STRIP>(ctx),
+        Decap::Strip(GUE_V0_STRIP) => strip::<GUE_V0_STRIP>(ctx),
+        Decap::Refuse(_) => Err(()),
         _ => Ok(()),
     }
 }

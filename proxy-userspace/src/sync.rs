@@ -38,6 +38,9 @@ pub struct Context {
     pub masquerade_all: bool,
     /// `--nodeport-addresses`, unparsed (`primary`, CIDRs, or empty for all node addresses).
     pub nodeport_addresses: String,
+    /// `--decap-allowed-sources`: the outer sources IPIP/GUE is decapsulated from (`None`:
+    /// any; `Some` with no entry: none, e.g. only IPv6 CIDRs were given).
+    pub decap_sources: Option<Vec<ipnet::Ipv4Net>>,
 }
 
 impl Context {
@@ -49,6 +52,7 @@ impl Context {
             cluster_cidr: Cidr::default(),
             masquerade_all: false,
             nodeport_addresses: String::new(),
+            decap_sources: None,
         }
     }
 
@@ -88,12 +92,56 @@ impl Context {
                 cfg_flags::MASQUERADE_ALL
             } else {
                 0
+            } | if self.decap_sources.is_some() {
+                cfg_flags::DECAP_SOURCES_RESTRICTED
+            } else {
+                0
             },
             snat_port_min: SNAT_PORTS.0,
             snat_port_max: SNAT_PORTS.1,
             ..Default::default()
         }
     }
+}
+
+/// `--decap-allowed-sources` as the datapath serves it: `None` when the flag is not given (any
+/// outer source), else its IPv4 CIDRs with host bits cleared, sorted and without duplicates,
+/// and the IPv6 entries, which are not served (IPv4 only; the caller says so). A flag with
+/// IPv6 entries only still restricts: no IPv4 source is allowed.
+pub fn decap_sources(flag: &[ipnet::IpNet]) -> (Option<Vec<ipnet::Ipv4Net>>, Vec<ipnet::Ipv6Net>) {
+    if flag.is_empty() {
+        return (None, Vec::new());
+    }
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for n in flag {
+        match n {
+            ipnet::IpNet::V4(n) => v4.push(n.trunc()),
+            ipnet::IpNet::V6(n) => v6.push(*n),
+        }
+    }
+    v4.sort();
+    v4.dedup();
+    (Some(v4), v6)
+}
+
+/// What to change in the pinned decapsulation sources (`current`) to get `wanted`: the CIDRs
+/// to add (first, before the config that may start checking them) and those to remove (last).
+pub fn decap_source_changes(
+    current: &[ipnet::Ipv4Net],
+    wanted: &[ipnet::Ipv4Net],
+) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv4Net>) {
+    let add = wanted
+        .iter()
+        .filter(|n| !current.contains(n))
+        .copied()
+        .collect();
+    let remove = current
+        .iter()
+        .filter(|n| !wanted.contains(n))
+        .copied()
+        .collect();
+    (add, remove)
 }
 
 /// Source ports for masqueraded flows: above the kernel's default ephemeral range
@@ -399,5 +447,52 @@ impl RejectionLog {
         }
         self.last = rejected.clone();
         warned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(s: &[&str]) -> Vec<ipnet::IpNet> {
+        s.iter().map(|n| n.parse().expect("CIDR")).collect()
+    }
+
+    #[test]
+    fn decap_sources_are_any_without_the_flag_and_ipv4_only_with_it() {
+        assert_eq!(decap_sources(&[]), (None, Vec::new()));
+        let (v4, v6) = decap_sources(&nets(&["192.0.2.7/24", "198.51.100.1/32", "192.0.2.0/24"]));
+        let want: Vec<ipnet::Ipv4Net> = ["192.0.2.0/24", "198.51.100.1/32"]
+            .iter()
+            .map(|n| n.parse().expect("CIDR"))
+            .collect();
+        assert_eq!(v4, Some(want), "host bits cleared, sorted, deduplicated");
+        assert!(v6.is_empty());
+        // IPv6 only: restricted, with no IPv4 source allowed (not "any").
+        let (v4, v6) = decap_sources(&nets(&["2001:db8::/32"]));
+        assert_eq!(v4, Some(Vec::new()));
+        assert_eq!(v6.len(), 1);
+        let mut ctx = Context::new("n");
+        assert_eq!(ctx.node_config(&[], None).flags, 0);
+        ctx.decap_sources = v4;
+        assert_eq!(
+            ctx.node_config(&[], None).flags,
+            cfg_flags::DECAP_SOURCES_RESTRICTED
+        );
+    }
+
+    #[test]
+    fn decap_source_changes_add_the_new_and_remove_the_old() {
+        let n = |s: &str| s.parse::<ipnet::Ipv4Net>().expect("CIDR");
+        let current = [n("10.0.0.0/8"), n("192.0.2.0/24")];
+        let wanted = [n("192.0.2.0/24"), n("198.51.100.0/24")];
+        assert_eq!(
+            decap_source_changes(&current, &wanted),
+            (vec![n("198.51.100.0/24")], vec![n("10.0.0.0/8")])
+        );
+        assert_eq!(
+            decap_source_changes(&current, &[]),
+            (vec![], current.to_vec())
+        );
     }
 }

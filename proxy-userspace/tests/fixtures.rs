@@ -17,6 +17,8 @@ use proxy_userspace::{
 /// Conntrack lifecycle: states, expiry, SNAT ports, clashes, floods, fragments
 /// (`tests/conntrack/mod.rs`).
 mod conntrack;
+/// The decapsulation policy: what IPIP/GUE is unwrapped, from where (`tests/decap/mod.rs`).
+mod decap;
 /// ICMP error parsing hardening (`tests/icmp_errors/mod.rs`).
 mod icmp_errors;
 /// Per-service counters and affinity vs terminating endpoints (`tests/lb_svc/mod.rs`).

@@ -81,6 +81,12 @@ pub struct RunArgs {
     /// front of tc: auto (native, else generic with a warning), native, generic, or off.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = uplinks::XdpModeArg::Auto)]
     pub xdp_mode: uplinks::XdpModeArg,
+    /// Outer source addresses (CIDRs, comma-separated) that IPIP/GUE-wrapped traffic is
+    /// decapsulated from: the site's load balancers. Default: any source. Whatever the
+    /// source, only packets for a LoadBalancer IP or externalIP service port this node serves
+    /// are decapsulated. IPv6 entries are accepted and not served (IPv4 only).
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub decap_allowed_sources: Vec<ipnet::IpNet>,
     /// A BPF filesystem directory; maps are pinned under DIR/ebpf-proxy. Mounted if missing.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
@@ -512,6 +518,19 @@ pub fn resolve(args: &mut RunArgs, matches: Option<&ArgMatches>) -> Result<Vec<N
         notes.push(Note::info(format!(
             "--cluster-cidr: IPv6 {} accepted but not served yet (IPv4 only)",
             v6.join(",")
+        )));
+    }
+    let (decap_v4, decap_v6) = crate::sync::decap_sources(&args.decap_allowed_sources);
+    if !decap_v6.is_empty() {
+        let v6: Vec<String> = decap_v6.iter().map(|n| n.to_string()).collect();
+        notes.push(Note::warn(format!(
+            "--decap-allowed-sources: IPv6 {} not served (IPv4 only){}",
+            v6.join(","),
+            if decap_v4.as_ref().is_some_and(Vec::is_empty) {
+                "; no IPv4 CIDR given, so nothing is decapsulated"
+            } else {
+                ""
+            }
         )));
     }
     let (info, warn) = local_detection(args)

@@ -90,6 +90,17 @@ fn context(args: &RunArgs) -> Result<Context> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?;
     ctx.map_sizes = args.map_sizes.sizes().map_err(anyhow::Error::msg)?;
+    ctx.decap_sources = crate::sync::decap_sources(&args.decap_allowed_sources).0;
+    if ctx
+        .decap_sources
+        .as_ref()
+        .is_some_and(|v| v.len() > proxy_common::sizes::DECAP_SRC4 as usize)
+    {
+        bail!(
+            "--decap-allowed-sources: more than {} IPv4 CIDRs",
+            proxy_common::sizes::DECAP_SRC4
+        );
+    }
     Ok(ctx)
 }
 
@@ -155,7 +166,31 @@ impl Agent {
         ctx.cluster_cidr = pinned.local(&local, local.local_cidr(None, &bridge_nets), false);
         log_local(&local, ctx.cluster_cidr);
         let known_ips = pinned.node_ips(&ctx.node_ips);
+        // Decapsulation sources: new CIDRs before the config that may start checking them,
+        // old ones after the config that may stop.
+        let decap_wanted = ctx.decap_sources.clone().unwrap_or_default();
+        let (add, remove) = crate::sync::decap_source_changes(&dp.decap_sources()?, &decap_wanted);
+        for n in add {
+            dp.set_decap_source(n, true)?;
+        }
         dp.set_config(&ctx.node_config(&known_ips, Some(hairpin)))?;
+        for n in remove {
+            dp.set_decap_source(n, false)?;
+        }
+        match &ctx.decap_sources {
+            None => info!("IPIP/GUE decapsulated from any outer source"),
+            Some(v) => info!(
+                "IPIP/GUE decapsulated only from outer sources {}",
+                if v.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    v.iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }
+            ),
+        }
         let uplink_hooks = Uplinks::new(Some(&pins), args.xdp_mode);
         info!(
             "pod bridge {} (ifindex {}), hairpin source {hairpin}",
@@ -460,8 +495,8 @@ fn load_datapath(
     if !retired.is_empty() {
         warn!(
             "found maps of an older ebpf-proxy version ({}): their layout differs, so they are \
-             not reused and their connection state is not carried over; they are removed once \
-             this agent's programs are attached",
+             not reused and their contents (connection state, verdict counters) are not carried \
+             over; they are removed once this agent's programs are attached",
             retired
                 .iter()
                 .map(|p| p.display().to_string())

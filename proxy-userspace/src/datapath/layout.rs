@@ -212,6 +212,15 @@ impl MapSizes {
                 flag: Some("--max-source-ranges"),
             },
             MapLayout {
+                name: maps::DECAP_SRC4,
+                map_type: MapType::LpmTrie,
+                // Prefix length + IPv4 address.
+                key_size: 8,
+                value_size: 1,
+                max_entries: sizes::DECAP_SRC4,
+                flag: None,
+            },
+            MapLayout {
                 name: maps::AFFINITY4,
                 map_type: MapType::LruHash,
                 key_size: size_of::<Aff4Key>() as u32,

@@ -249,6 +249,55 @@ impl Datapath {
             .map_err(|source| DatapathError::Map { name, source })
     }
 
+    /// The outer-source CIDRs IPIP/GUE decapsulation accepts (`maps::DECAP_SRC4`), as pinned.
+    pub fn decap_sources(&self) -> Result<Vec<ipnet::Ipv4Net>, DatapathError> {
+        let name = maps::DECAP_SRC4;
+        let m = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let t: LpmTrie<&MapData, u32, u8> =
+            LpmTrie::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
+        Ok(t.keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| {
+                let addr = crate::abi::addr_from_be(k.data());
+                ipnet::Ipv4Net::new(addr, u8::try_from(k.prefix_len()).ok()?).ok()
+            })
+            .collect())
+    }
+
+    /// Adds (`allow`) or removes one outer-source CIDR of decapsulation. Removing a missing
+    /// one is not an error.
+    pub fn set_decap_source(
+        &mut self,
+        net: ipnet::Ipv4Net,
+        allow: bool,
+    ) -> Result<(), DatapathError> {
+        let name = maps::DECAP_SRC4;
+        let m = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut t: LpmTrie<&mut MapData, u32, u8> =
+            LpmTrie::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
+        let key = aya::maps::lpm_trie::Key::new(
+            u32::from(net.prefix_len()),
+            crate::abi::addr_be(net.network()),
+        );
+        let r = if allow {
+            t.insert(&key, 1, 0)
+        } else {
+            t.remove(&key)
+        };
+        match r {
+            Err(MapError::KeyNotFound) if !allow => Ok(()),
+            Err(MapError::SyscallError(e))
+                if !allow && e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            r => r.map_err(|source| DatapathError::Map { name, source }),
+        }
+    }
+
     /// The node config the programs read (the pinned one on a restart, before it is set).
     pub fn config(&self) -> Result<NodeConfig, DatapathError> {
         let name = maps::CONFIG;
