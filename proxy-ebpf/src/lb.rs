@@ -151,9 +151,13 @@ fn reject_now(ctx: &TcContext, p: &Packet) -> Result<i32, i32> {
         count(counter::DROP_REJECT_RATE_LIMITED);
         return Err(TC_ACT_SHOT);
     }
-    count(counter::REJECT);
+    // `reject` counts replies sent: a packet we do not answer (a RST, a UDP datagram with IP
+    // options) is dropped uncounted there.
     match reject::reply(ctx, p) {
-        Ok(rc) => Ok(rc),
+        Ok(rc) => {
+            count(counter::REJECT);
+            Ok(rc)
+        }
         Err(()) => Err(TC_ACT_SHOT),
     }
 }

@@ -2,8 +2,14 @@
 //! updates) handle CHECKSUM_PARTIAL skbs from veth correctly, and leave a zero UDP checksum
 //! zero (BPF_F_MARK_MANGLED_0). SCTP has no pseudo-header: addresses leave its CRC32c alone,
 //! and a port rewrite updates it incrementally (`proxy_common::crc32c`).
+//!
+//! `skb->csum` (CHECKSUM_COMPLETE, the sum of the packet from the IPv4 header on) must still
+//! match the packet afterwards. A store whose change a checksum helper cancels out (an address
+//! with its IPv4 checksum, a TCP/UDP port with its L4 checksum) leaves the sum as it was; a
+//! store nothing cancels (SCTP ports and CRC, ports of a UDP datagram without checksum) is
+//! made with `BPF_F_RECOMPUTE_CSUM`, so the kernel moves `skb->csum` with it.
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::TcContext,
 };
 use proxy_common::{Ct4Value, crc32c, ct_flags, proto};
@@ -58,11 +64,20 @@ fn set_port(
     if old == new {
         return Ok(());
     }
-    ctx.store(off, &new, 0).map_err(|_| RewriteFailed)?;
-    if p.proto == proto::SCTP {
-        // The CRC is fixed once for both ports in `apply`.
-        return Ok(());
+    // No L4 checksum to cancel the change: SCTP (the CRC is fixed once for both ports in
+    // `apply`), or UDP without a checksum (zero stays zero).
+    let uncovered = p.proto == proto::SCTP
+        || (p.proto == proto::UDP
+            && ctx
+                .load::<u16>(p.l4_csum_off())
+                .map_err(|_| RewriteFailed)?
+                == 0);
+    if uncovered {
+        return ctx
+            .store(off, &new, BPF_F_RECOMPUTE_CSUM as u64)
+            .map_err(|_| RewriteFailed);
     }
+    ctx.store(off, &new, 0).map_err(|_| RewriteFailed)?;
     ctx.l4_csum_replace(p.l4_csum_off(), old as u64, new as u64, l4_flags(p, 2))
         .map_err(|_| RewriteFailed)
 }
@@ -100,7 +115,7 @@ fn fix_sctp_crc(ctx: &TcContext, p: &Packet, v: &Ct4Value) -> Result<(), Rewrite
         join(sport, dport),
         p.l4_len,
     );
-    ctx.store(field, &new.to_le_bytes(), 0)
+    ctx.store(field, &new.to_le_bytes(), BPF_F_RECOMPUTE_CSUM as u64)
         .map_err(|_| RewriteFailed)
 }
 

@@ -57,14 +57,16 @@ fn send(ctx: &TcContext, buf: &[u8]) -> Result<i32, ()> {
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, buf.len() as u32, 0) } != 0 {
         return Err(());
     }
-    // SAFETY: `buf` is a valid stack buffer of `buf.len()` bytes.
+    // SAFETY: `buf` is a valid stack buffer of `buf.len()` bytes. BPF_F_RECOMPUTE_CSUM keeps
+    // `skb->csum` right for a CHECKSUM_COMPLETE skb of the same length (a length change drops
+    // the skb to CHECKSUM_NONE in bpf_skb_change_tail).
     let rc = unsafe {
         aya_ebpf::helpers::bpf_skb_store_bytes(
             ctx.skb.skb as *mut _,
             0,
             buf.as_ptr() as *const _,
             buf.len() as u32,
-            0,
+            aya_ebpf::bindings::BPF_F_RECOMPUTE_CSUM as u64,
         )
     };
     if rc != 0 {

@@ -131,6 +131,9 @@ fn encap_parse<P: PacketRead>(p: &P) -> Option<(usize, u32)> {
     } else {
         gue_strip(p.read(ETH_HLEN + 22)?, p.read(ETH_HLEN + 28)?)?
     };
+    // A whole inner IPv4 header: tc's bpf_skb_adjust_room refuses to leave less, and XDP
+    // must decide as tc does (the corpus found XDP stripping what tc kept wrapped).
+    p.read::<u32>(ETH_HLEN + strip + 16)?;
     if p.read::<u8>(ETH_HLEN + strip)? >> 4 != 4 {
         return None;
     }

@@ -17,6 +17,9 @@ use proxy_userspace::{
 /// Conntrack lifecycle: states, expiry, SNAT ports, clashes, floods, fragments
 /// (`tests/conntrack/mod.rs`).
 mod conntrack;
+/// The malformed-packet corpus: generated frames through every program, XDP and tc compared
+/// (`tests/corpus/mod.rs`).
+mod corpus;
 /// The decapsulation policy: what IPIP/GUE is unwrapped, from where (`tests/decap/mod.rs`).
 mod decap;
 /// ICMP error parsing hardening (`tests/icmp_errors/mod.rs`).

@@ -3,6 +3,9 @@
 //! (`BPF_LINK_UPDATE`) and detach a link (`BPF_LINK_DETACH`). `links` and `sockhooks` use it.
 //! Also `BPF_MAP_GET_NEXT_KEY` from a given key, which aya's key iterator (always from the
 //! start) cannot do: the conntrack sweeper resumes from where its last batch stopped.
+//! And `BPF_PROG_TEST_RUN` with flags, which aya 0.14's `TestRunOptions` cannot pass except
+//! for XDP live frames: the packet fixtures ask the kernel to check `skb->csum`
+//! (`BPF_F_TEST_SKB_CHECKSUM_COMPLETE`).
 //!
 //! Typed with our own minimal `repr(C)` mirrors of the kernel's `union bpf_attr` members and
 //! `enum bpf_cmd` values: aya 0.14 keeps aya-obj's generated `bpf_attr`/`bpf_cmd` bindings
@@ -23,6 +26,7 @@ use std::{
 enum Cmd {
     MapGetNextKey = 4,
     ObjGet = 7,
+    ProgTestRun = 10,
     ObjGetInfoByFd = 15,
     LinkUpdate = 29,
     LinkDetach = 34,
@@ -70,6 +74,57 @@ struct NextKeyAttr {
     _pad: u32,
     key: u64,
     next_key: u64,
+}
+
+/// `bpf_attr` for `BPF_PROG_TEST_RUN`: `{ __u32 prog_fd; __u32 retval; __u32 data_size_in;
+/// __u32 data_size_out; __aligned_u64 data_in; __aligned_u64 data_out; __u32 repeat; __u32
+/// duration; __u32 ctx_size_in; __u32 ctx_size_out; __aligned_u64 ctx_in; __aligned_u64
+/// ctx_out; __u32 flags; __u32 cpu; __u32 batch_size; }`, padded to 80 bytes.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE` (kernel 6.11+): the skb enters the program as
+/// CHECKSUM_COMPLETE with `skb->csum` computed over the packet from its network header, and
+/// the run fails (`EINVAL` or `EBADMSG`, by kernel version) unless `skb->csum` still matches the
+/// packet the program leaves.
+pub const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+
+/// `BPF_PROG_TEST_RUN` of an skb program, once, on `data` with `flags`: the program's return
+/// value and the packet it leaves (at most `data.len() + 256` bytes).
+pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8], flags: u32) -> io::Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; data.len() + 256];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: u32::try_from(data.len()).map_err(io::Error::other)?,
+        data_size_out: out.len() as u32,
+        data_in: data.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        flags,
+        ..Default::default()
+    };
+    // SAFETY: data_in and data_out point to buffers of the given sizes that outlive the call.
+    unsafe { bpf(Cmd::ProgTestRun, &mut attr)? };
+    out.truncate((attr.data_size_out as usize).min(out.len()));
+    Ok((attr.retval, out))
 }
 
 /// `bpf_attr` for `BPF_LINK_DETACH`: `{ __u32 link_fd; }`, padded to 8 bytes.
@@ -197,6 +252,10 @@ mod tests {
         assert_eq!(offset_of!(InfoByFdAttr, info), 8);
         assert_eq!(size_of::<LinkUpdateAttr>(), 16);
         assert_eq!(size_of::<LinkDetachAttr>(), 8);
+        assert_eq!(size_of::<TestRunAttr>(), 80);
+        assert_eq!(offset_of!(TestRunAttr, data_in), 16);
+        assert_eq!(offset_of!(TestRunAttr, ctx_in), 48);
+        assert_eq!(offset_of!(TestRunAttr, flags), 64);
         assert_eq!(size_of::<LinkInfoRaw>(), 64);
         assert_eq!(offset_of!(LinkInfoRaw, union), 16);
     }
