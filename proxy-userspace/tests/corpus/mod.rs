@@ -1386,8 +1386,9 @@ fn a_tunnel_whose_inner_header_is_cut_short_stays_wrapped_in_both_hooks() {
                 .expect("not refused");
             assert_eq!((rc, out), (TC_ACT_OK, cut.clone()), "{what} {keep}: tc");
         }
-        // One byte more and the inner header is whole: both strip it.
-        let whole = w[..ETH + outer + 20].to_vec();
+        // A whole inner header and its ports (which the decapsulation policy reads to see
+        // that the LB IP's port is served): XDP strips it.
+        let whole = w[..ETH + outer + 24].to_vec();
         let x = run_xdp_raw(&f, &whole);
         assert_eq!(x.frame, decapsulated(&whole, outer), "{what}: XDP strips");
     }
