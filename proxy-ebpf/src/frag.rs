@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use proxy_common::{Ct4Key, Ct4Value, Frag4Key, Frag4Value, counter};
+use proxy_common::{Ct4Key, Frag4Key, Frag4Value, counter};
 
 use crate::{
     lb,
@@ -27,10 +27,9 @@ fn key(saddr_be: u32, daddr_be: u32, id_be: u16, proto: u8) -> Frag4Key {
     }
 }
 
-/// After a first fragment matched `entry`: remembers its ports for the rest of the datagram.
+/// After a first fragment matched a flow: remembers its ports for the rest of the datagram.
 #[inline(always)]
-pub fn remember(p: &Packet, entry: &Ct4Value) {
-    let _ = entry;
+pub fn remember(p: &Packet) {
     if !p.first_fragment {
         return;
     }

@@ -73,12 +73,12 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
                     ct_promote(&key, &entry);
                 }
                 count(counter::REPLY);
-                frag::remember(&p, &entry);
+                frag::remember(&p);
                 return translate(ctx, &p, &entry);
             }
             if validate_flow(&entry) {
                 count(counter::FWD_ESTABLISHED);
-                frag::remember(&p, &entry);
+                frag::remember(&p);
                 return translate_counted(ctx, &p, &entry);
             }
             // The flow's backend is gone: forget the flow and balance it again below, so a
@@ -124,7 +124,7 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
     let cfg = node_config();
     let entry = ct_create(&p, &key, backend_id, &backend, &svc, origin, &cfg)?;
     count(counter::FWD_NEW);
-    frag::remember(&p, &entry);
+    frag::remember(&p);
     translate_counted(ctx, &p, &entry)
 }
 

@@ -57,7 +57,7 @@ use std::{
     collections::BTreeMap,
     fs,
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, FromRawFd as _, OwnedFd},
     time::Instant,
 };
 
@@ -481,40 +481,10 @@ impl EmptyProg {
 
     /// One BPF_PROG_TEST_RUN; returns (verdict, duration ns).
     fn run(&self, pkt: &[u8], out: &mut [u8], repeat: u32) -> Result<(u32, u32), String> {
-        #[repr(C)]
-        #[derive(Default)]
-        struct TestRun {
-            prog_fd: u32,
-            retval: u32,
-            data_size_in: u32,
-            data_size_out: u32,
-            data_in: u64,
-            data_out: u64,
-            repeat: u32,
-            duration: u32,
-        }
-        let mut attr = TestRun {
-            prog_fd: self.0.as_raw_fd() as u32,
-            data_size_in: pkt.len() as u32,
-            data_size_out: out.len() as u32,
-            data_in: pkt.as_ptr() as u64,
-            data_out: out.as_mut_ptr() as u64,
-            repeat,
-            ..Default::default()
-        };
-        // SAFETY: BPF_PROG_TEST_RUN (10); buffers outlive the call and their sizes are given.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                10,
-                &mut attr as *mut TestRun,
-                size_of::<TestRun>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(format!("test run: {}", std::io::Error::last_os_error()));
-        }
-        Ok((attr.retval, attr.duration))
+        let r =
+            proxy_userspace::datapath::sys::prog_test_run_into(self.0.as_fd(), pkt, out, repeat, 0)
+                .map_err(|e| format!("test run: {e}"))?;
+        Ok((r.retval, r.duration_ns))
     }
 }
 

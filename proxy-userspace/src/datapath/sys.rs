@@ -107,24 +107,52 @@ struct TestRunAttr {
 /// packet the program leaves.
 pub const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
 
-/// `BPF_PROG_TEST_RUN` of an skb program, once, on `data` with `flags`: the program's return
-/// value and the packet it leaves (at most `data.len() + 256` bytes).
-pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8], flags: u32) -> io::Result<(u32, Vec<u8>)> {
-    let mut out = vec![0u8; data.len() + 256];
+/// What one `BPF_PROG_TEST_RUN` reports.
+#[derive(Clone, Copy, Debug)]
+pub struct TestRunOut {
+    /// The program's return value.
+    pub retval: u32,
+    /// The kernel's time per run, averaged over `repeat`, in ns.
+    pub duration_ns: u32,
+    /// Bytes of the packet the program left in `out`.
+    pub size_out: usize,
+}
+
+/// `BPF_PROG_TEST_RUN` on `data`, `repeat` times, with `flags`; the packet the program leaves
+/// is written to `out` (see [`TestRunOut::size_out`]). Any program type that takes a packet.
+pub fn prog_test_run_into(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    out: &mut [u8],
+    repeat: u32,
+    flags: u32,
+) -> io::Result<TestRunOut> {
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: u32::try_from(data.len()).map_err(io::Error::other)?,
-        data_size_out: out.len() as u32,
+        data_size_out: u32::try_from(out.len()).map_err(io::Error::other)?,
         data_in: data.as_ptr() as u64,
         data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
+        repeat,
         flags,
         ..Default::default()
     };
     // SAFETY: data_in and data_out point to buffers of the given sizes that outlive the call.
     unsafe { bpf(Cmd::ProgTestRun, &mut attr)? };
-    out.truncate((attr.data_size_out as usize).min(out.len()));
-    Ok((attr.retval, out))
+    Ok(TestRunOut {
+        retval: attr.retval,
+        duration_ns: attr.duration,
+        size_out: (attr.data_size_out as usize).min(out.len()),
+    })
+}
+
+/// [`prog_test_run_into`] once, on `data` with `flags`: the program's return value and the
+/// packet it leaves (at most `data.len() + 256` bytes).
+pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8], flags: u32) -> io::Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; data.len() + 256];
+    let r = prog_test_run_into(prog, data, &mut out, 1, flags)?;
+    out.truncate(r.size_out);
+    Ok((r.retval, out))
 }
 
 /// `bpf_attr` for `BPF_LINK_DETACH`: `{ __u32 link_fd; }`, padded to 8 bytes.
