@@ -52,18 +52,23 @@ pub const RANGES: Svc = Svc {
     source_ranges: &["198.51.100.0/24", "10.76.0.0/16"],
     health_check_node_port: None,
 };
-pub const EMPTY: Svc = Svc {
-    name: "empty",
-    cluster_ip: Ipv4Addr::new(10, 96, 0, 40),
-    lb_ip: None,
-    node_port_tcp: None,
-    node_port_udp: None,
-    local: false,
-    source_ranges: &[],
-    health_check_node_port: None,
-};
+pub const EMPTY: Svc = Svc::cluster_ip_only("empty", Ipv4Addr::new(10, 96, 0, 40));
 
 impl Svc {
+    /// A plain ClusterIP service: no NodePort, LB IP, policy or source ranges.
+    pub const fn cluster_ip_only(name: &'static str, ip: Ipv4Addr) -> Svc {
+        Svc {
+            name,
+            cluster_ip: ip,
+            lb_ip: None,
+            node_port_tcp: None,
+            node_port_udp: None,
+            local: false,
+            source_ranges: &[],
+            health_check_node_port: None,
+        }
+    }
+
     /// The Service and its EndpointSlice, ports 80 (TCP and UDP) to the pod servers' port.
     pub fn yaml(&self, endpoints: &[Endpoint]) -> String {
         self.yaml_to(endpoints, POD_SERVER_PORT)

@@ -39,19 +39,6 @@ fn small_ct_args() -> Vec<String> {
     vec!["--conntrack-max".into(), SMALL_CT.to_string()]
 }
 
-const fn cluster_ip_svc(name: &'static str, ip: Ipv4Addr) -> Svc {
-    Svc {
-        name,
-        cluster_ip: ip,
-        lb_ip: None,
-        node_port_tcp: None,
-        node_port_udp: None,
-        local: false,
-        source_ranges: &[],
-        health_check_node_port: None,
-    }
-}
-
 /// Installs `svc` (port 80 to `target_port`) and waits until both nodes programmed it.
 fn install(c: &Cluster, svc: &Svc, eps: &[Endpoint], target_port: u16) {
     services::install_to(c, svc, eps, target_port).expect("manifest");
@@ -302,7 +289,7 @@ fn masqueraded_connections_are_rarely_paws_rejected_by_the_endpoints_time_wait()
 
 /// A service whose one endpoint never answers (no such pod): every flow to it stays
 /// unanswered.
-const BLACKHOLE: Svc = cluster_ip_svc("blackhole", Ipv4Addr::new(10, 96, 0, 70));
+const BLACKHOLE: Svc = Svc::cluster_ip_only("blackhole", Ipv4Addr::new(10, 96, 0, 70));
 
 fn ghost() -> Endpoint {
     Endpoint {
@@ -556,10 +543,10 @@ fn idle_established_flow_survives_more_than_twice_conntrack_max_new_flows() {
 // -------------------------------------------------------------------------------------------
 // 4. Two VIPs, one endpoint, one client port
 
-const TWIN_A1: Svc = cluster_ip_svc("twin-a1", Ipv4Addr::new(10, 96, 0, 81));
-const TWIN_A2: Svc = cluster_ip_svc("twin-a2", Ipv4Addr::new(10, 96, 0, 82));
-const TWIN_C1: Svc = cluster_ip_svc("twin-c1", Ipv4Addr::new(10, 96, 0, 83));
-const TWIN_C2: Svc = cluster_ip_svc("twin-c2", Ipv4Addr::new(10, 96, 0, 84));
+const TWIN_A1: Svc = Svc::cluster_ip_only("twin-a1", Ipv4Addr::new(10, 96, 0, 81));
+const TWIN_A2: Svc = Svc::cluster_ip_only("twin-a2", Ipv4Addr::new(10, 96, 0, 82));
+const TWIN_C1: Svc = Svc::cluster_ip_only("twin-c1", Ipv4Addr::new(10, 96, 0, 83));
+const TWIN_C2: Svc = Svc::cluster_ip_only("twin-c2", Ipv4Addr::new(10, 96, 0, 84));
 const ECHO_PORT: u16 = 9377;
 
 #[test]
@@ -658,7 +645,7 @@ fn one_client_port_to_two_vips_sharing_an_endpoint() {
 // -------------------------------------------------------------------------------------------
 // 5. Fragmented UDP
 
-const BIGUDP: Svc = cluster_ip_svc("bigudp", Ipv4Addr::new(10, 96, 0, 90));
+const BIGUDP: Svc = Svc::cluster_ip_only("bigudp", Ipv4Addr::new(10, 96, 0, 90));
 const BIG_PORT: u16 = 9378;
 
 #[test]

@@ -234,16 +234,7 @@ fn icmp_fragmentation_needed_through_a_vip() {
         .find(|e| e.node == 2)
         .expect("an endpoint on node2")
         .clone();
-    let echo = proxy_lab::services::Svc {
-        name: "echo",
-        cluster_ip: Ipv4Addr::new(10, 96, 0, 200),
-        lb_ip: None,
-        node_port_tcp: None,
-        node_port_udp: None,
-        local: false,
-        source_ranges: &[],
-        health_check_node_port: None,
-    };
+    let echo = proxy_lab::services::Svc::cluster_ip_only("echo", Ipv4Addr::new(10, 96, 0, 200));
     let args: Vec<String> = [
         c.bins.tools.display().to_string(),
         "serve-hostname".into(),
