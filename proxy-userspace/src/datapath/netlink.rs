@@ -99,7 +99,6 @@ impl Netlink {
         Ok(out)
     }
 
-    /// The IPv4 addresses on interface `index`.
     /// The IPv4 addresses of an interface with their prefix lengths (the subnets it is on).
     pub async fn ipv4_nets(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
         let mut s = self
@@ -123,25 +122,14 @@ impl Netlink {
         Ok(out)
     }
 
+    /// The IPv4 addresses on interface `index`.
     pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<Ipv4Addr>> {
-        let mut s = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
-        let mut out = Vec::new();
-        while let Some(m) = s.try_next().await.context("listing addresses")? {
-            for a in &m.attributes {
-                if let AddressAttribute::Local(IpAddr::V4(ip))
-                | AddressAttribute::Address(IpAddr::V4(ip)) = a
-                    && !out.contains(ip)
-                {
-                    out.push(*ip);
-                }
-            }
-        }
-        Ok(out)
+        Ok(self
+            .ipv4_nets(index)
+            .await?
+            .into_iter()
+            .map(|(ip, _)| ip)
+            .collect())
     }
 }
 
