@@ -329,11 +329,21 @@ pub async fn run(args: CanaryArgs) -> Result<CanaryReport> {
             None => break,
         }
     }
+    // Say why opens failed: the test harness shows this line when establishment falls short.
+    let mut why: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in tcp_failed.iter().filter_map(|r| r.as_ref().err()) {
+        *why.entry(e.as_str()).or_default() += 1;
+    }
     eprintln!(
-        "canary: established {} of {} tcp connections and {udp_ok} of {} udp flows",
+        "canary: established {} of {} tcp connections and {udp_ok} of {} udp flows{}",
         holds.len(),
         args.tcp,
-        args.udp
+        args.udp,
+        if why.is_empty() {
+            String::new()
+        } else {
+            format!(" (tcp failures: {why:?})")
+        }
     );
 
     let deadline = started + Duration::from_secs(args.duration_s);

@@ -235,18 +235,7 @@ fn icmp_fragmentation_needed_through_a_vip() {
         .expect("an endpoint on node2")
         .clone();
     let echo = proxy_lab::services::Svc::cluster_ip_only("echo", Ipv4Addr::new(10, 96, 0, 200));
-    let args: Vec<String> = [
-        c.bins.tools.display().to_string(),
-        "serve-hostname".into(),
-        "--name".into(),
-        c_pod.pod.clone(),
-        "--port".into(),
-        "9377".into(),
-        "--echo".into(),
-    ]
-    .to_vec();
-    c.lab
-        .spawn(&c.lab.pod_ns(&c_pod.pod), &args)
+    c.start_pod_servers_on(&[c_pod.pod.as_str()], 9377, &["--echo"])
         .expect("echo server");
     let yaml = echo
         .yaml(std::slice::from_ref(&c_pod))
@@ -319,21 +308,9 @@ const XECHO: services::Svc = services::Svc {
 };
 
 fn start_xecho(c: &Cluster, eps: &[Endpoint]) {
-    for e in eps {
-        let args: Vec<String> = [
-            c.bins.tools.display().to_string(),
-            "serve-hostname".into(),
-            "--name".into(),
-            e.pod.clone(),
-            "--port".into(),
-            "9377".into(),
-            "--echo".into(),
-        ]
-        .to_vec();
-        c.lab
-            .spawn(&c.lab.pod_ns(&e.pod), &args)
-            .expect("echo server");
-    }
+    let pods: Vec<&str> = eps.iter().map(|e| e.pod.as_str()).collect();
+    c.start_pod_servers_on(&pods, 9377, &["--echo"])
+        .expect("echo servers");
     let yaml = XECHO.yaml(eps).replace("9376", "9377");
     std::fs::write(c.manifests.join("xecho.yaml"), yaml).expect("manifest");
     for n in [1, 2] {

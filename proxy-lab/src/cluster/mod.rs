@@ -414,20 +414,10 @@ impl Cluster {
     /// adds the canary Service and EndpointSlice to the manifests; returns once both agents
     /// programmed it.
     pub fn start_canary_service(&self, endpoints: &[Endpoint]) -> Result<()> {
-        for e in endpoints {
-            self.spawn_in_pod(
-                &e.pod,
-                &[
-                    self.bins.tools.display().to_string(),
-                    "serve-hostname".into(),
-                    "--name".into(),
-                    e.pod.clone(),
-                    "--port".into(),
-                    CANARY_POD_PORT.to_string(),
-                    "--echo".into(),
-                ],
-            )?;
-        }
+        // Listening before the service points at them: a SYN to a port nobody listens on yet
+        // is refused, and the canary counts that connection as never established.
+        let pods: Vec<&str> = endpoints.iter().map(|e| e.pod.as_str()).collect();
+        self.start_pod_servers_on(&pods, CANARY_POD_PORT, &["--echo"])?;
         let tmp = self.manifests.join(".canary.yaml.tmp");
         fs::write(&tmp, canary_yaml(endpoints))?;
         fs::rename(&tmp, self.manifests.join("canary.yaml"))?;
