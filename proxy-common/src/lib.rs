@@ -690,6 +690,9 @@ pub mod cfg_flags {
     /// `--decap-allowed-sources` was given: IPIP/GUE is decapsulated only from outer sources
     /// in `maps::DECAP_SRC4` (unset: from any source).
     pub const DECAP_SOURCES_RESTRICTED: u32 = 1 << 1;
+    /// `--socket-lb=host`: the socket programs translate only sockets of the network namespace
+    /// whose cookie is `NodeConfig::host_netns_cookie`; pods' sockets are left to tc.
+    pub const SOCK_LB_HOST_ONLY: u32 = 1 << 2;
 }
 
 /// Per-node configuration, written by the agent at start.
@@ -709,7 +712,9 @@ pub struct NodeConfig {
     /// SNAT port range for masqueraded flows (host byte order, inclusive).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _reserved: [u32; 2],
+    /// The host network namespace's cookie (`SO_NETNS_COOKIE`), with
+    /// `cfg_flags::SOCK_LB_HOST_ONLY`. Was reserved (zero) before: same size, same offsets.
+    pub host_netns_cookie: u64,
 }
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 32);
 

@@ -151,8 +151,8 @@ fn reject_now(ctx: &TcContext, p: &Packet) -> Result<i32, i32> {
         count(counter::DROP_REJECT_RATE_LIMITED);
         return Err(TC_ACT_SHOT);
     }
-    // `reject` counts replies sent: a packet we do not answer (a RST, a UDP datagram with IP
-    // options) is dropped uncounted there.
+    // `reject` counts replies sent: a packet we do not answer (a RST, a datagram too short to
+    // quote) is dropped uncounted there.
     match reject::reply(ctx, p) {
         Ok(rc) => {
             count(counter::REJECT);

@@ -17,6 +17,11 @@
 //! Unconnected UDP keeps its backend per (socket, service) in LB4_FSK_V2 while that backend
 //! exists, like a conntrack flow of a fixed 5-tuple.
 //!
+//! Which sockets: by default (`--socket-lb=host`) only those of the host network namespace.
+//! The hooks sit on the cgroup root, which holds every pod's processes too; a pod's socket is
+//! left untouched (its cookie differs from `NodeConfig::host_netns_cookie`) and the tc
+//! programs on its veth translate its packets, with every per-packet rule kube-proxy has.
+//!
 //! Verdicts: a service with no usable endpoint fails the syscall with ECONNREFUSED (what a
 //! kube-proxy REJECT gives a TCP client; a UDP client sees it at `sendto` instead of on a later
 //! `recv`); a Local-policy service with no local endpoint fails it with EPERM (kube-proxy drops,
@@ -24,11 +29,11 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, bpf_sock_addr},
     btf_maps::LruHashMap,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
-use proxy_common::{Backend4, SockKey4, SockXlate4, counter, proto, sock, svc_flags};
+use proxy_common::{Backend4, SockKey4, SockXlate4, cfg_flags, counter, proto, sock, svc_flags};
 
 use crate::{
     lb::{lookup_service, select_backend},
@@ -100,6 +105,16 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     if proto != proto::TCP && proto != proto::UDP {
         return ALLOW;
     }
+    let cfg = node_config();
+    // `--socket-lb=host`: a pod's socket (another network namespace) is left alone, so its
+    // packets meet the tc programs, which apply every per-packet rule (source ranges,
+    // affinity by pod address, a connected UDP socket moved off a removed endpoint).
+    // SAFETY: the helper only reads the context's socket.
+    if cfg.flags & cfg_flags::SOCK_LB_HOST_ONLY != 0
+        && unsafe { bpf_get_netns_cookie(sa.cast()) } != cfg.host_netns_cookie
+    {
+        return ALLOW;
+    }
     // Host traffic is internal: externalTrafficPolicy Local short-circuits to every endpoint.
     let Some(svc) = lookup_service(addr_be, port_be, proto, true) else {
         // A ClusterIP on a port/protocol no service uses: REJECT like kube-proxy.
@@ -124,7 +139,7 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let (backend_id, b) = match sticky_backend(sendmsg, &fwd_key) {
         Some(x) => x,
         // Every host process has the node's address as its client (sessionAffinity).
-        None => match select_backend(&svc, node_config().node_addr_be) {
+        None => match select_backend(&svc, cfg.node_addr_be) {
             Some(x) => x,
             None => {
                 count(counter::DROP_BACKEND_MISSING);

@@ -6,3 +6,4 @@ pub mod conntrack;
 pub mod encap;
 pub mod fakeapi;
 pub mod serve_probe;
+pub mod udpflow;

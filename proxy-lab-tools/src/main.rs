@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use proxy_lab_tools::{canary, conntrack, encap, fakeapi, serve_probe};
+use proxy_lab_tools::{canary, conntrack, encap, fakeapi, serve_probe, udpflow};
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +47,9 @@ enum Command {
     /// Datagrams larger than the MTU to a `serve-hostname --udp-echo`; checks they come back
     /// whole.
     UdpBig(conntrack::UdpBigArgs),
+    /// One connected UDP socket sending to a service every few ms; prints each datagram's
+    /// time (CLOCK_MONOTONIC ns) and who answered.
+    UdpFlow(udpflow::UdpFlowArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +89,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::IdleHold(args) => return Ok(exit(conntrack::run_idle(args)?)),
         Command::SamePort(args) => return Ok(exit(conntrack::run_same_port(args)?)),
         Command::UdpBig(args) => return Ok(exit(conntrack::run_udp_big(args)?)),
+        Command::UdpFlow(args) => udpflow::run(args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

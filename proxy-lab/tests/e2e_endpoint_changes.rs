@@ -4,13 +4,7 @@
 //! terminating-but-serving endpoint keep working and new ones never go to it. Needs root.
 use std::{
     fs,
-    net::{SocketAddr, UdpSocket},
-    os::fd::AsRawFd as _,
     path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -58,71 +52,58 @@ enum Answer {
     Other(String),
 }
 
-/// A UDP client in a pod's network namespace sending a datagram to `target` every 20 ms from
-/// ONE socket (one source port, so one flow for the datapath), recording what answered.
-struct UdpFlow {
-    stop: Arc<AtomicBool>,
-    log: Arc<Mutex<Vec<(Instant, Answer)>>>,
-    thread: std::thread::JoinHandle<()>,
+/// A UDP client in a pod (`ebpf-proxy-lab udp-flow`: its network namespace and its node's
+/// cgroup, under the socket hooks as on a real node) sending a datagram to `target` every
+/// 20 ms from ONE connected socket (one source port, so one flow for the datapath),
+/// recording what answered.
+struct UdpFlow<'a> {
+    c: &'a Cluster,
+    pid: u32,
+    stop: PathBuf,
 }
 
-impl UdpFlow {
-    fn start(c: &Cluster, pod: &str, target: &str) -> Self {
-        let netns = PathBuf::from("/run/netns").join(c.lab.pod_ns(pod));
-        let target: SocketAddr = target.parse().expect("target");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let out = log.clone();
-        let thread = std::thread::spawn(move || {
-            // This thread only: enter the pod's network namespace, then open the socket.
-            let ns = fs::File::open(&netns).expect("open netns");
-            // SAFETY: a valid namespace fd; setns affects only the calling thread.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
-            // Connected: ICMP errors surface as ECONNREFUSED, and only the VIP may answer.
-            sock.connect(target).expect("connect");
-            sock.set_read_timeout(Some(Duration::from_millis(300)))
-                .expect("timeout");
-            let mut buf = [0u8; 512];
-            while !stop2.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let answer = match sock.send(b"flow\n") {
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Answer::Refused,
-                    Err(e) => Answer::Other(format!("send: {e}")),
-                    Ok(_) => match sock.recv(&mut buf) {
-                        Ok(n) => {
-                            let text = String::from_utf8_lossy(&buf[..n]);
-                            match text.split_whitespace().next() {
-                                Some(name) => Answer::Pod(name.to_owned()),
-                                None => Answer::Other(format!("bad reply {text:?}")),
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                            Answer::Refused
-                        }
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) =>
-                        {
-                            Answer::Timeout
-                        }
-                        Err(e) => Answer::Other(format!("recv: {e}")),
-                    },
-                };
-                out.lock().expect("log").push((t, answer));
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        UdpFlow { stop, log, thread }
+impl<'a> UdpFlow<'a> {
+    fn start(c: &'a Cluster, pod: &str, target: &str) -> Self {
+        let stop = c.lab.state_dir().join(format!("udp-flow-{pod}.stop"));
+        let _ = fs::remove_file(&stop);
+        let pid = c
+            .spawn_in_pod(
+                pod,
+                &[
+                    c.bins.tools.display().to_string(),
+                    "udp-flow".into(),
+                    target.into(),
+                    "--until-file".into(),
+                    stop.display().to_string(),
+                ],
+            )
+            .expect("spawn udp-flow");
+        UdpFlow { c, pid, stop }
     }
 
-    /// The answers so far.
+    /// The answers so far (times converted from the child's CLOCK_MONOTONIC, Instant's clock).
     fn log(&self) -> Vec<(Instant, Answer)> {
-        self.log.lock().expect("log").clone()
+        let text = self
+            .c
+            .lab
+            .log_path(self.pid)
+            .and_then(|p| fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        let (now, now_ns) = (Instant::now(), monotonic_ns());
+        text.lines()
+            .filter_map(|l| {
+                let (t, a) = l.split_once(' ')?;
+                let t: u64 = t.parse().ok()?;
+                let at = now.checked_sub(Duration::from_nanos(now_ns.saturating_sub(t)))?;
+                let answer = match a {
+                    "REFUSED" => Answer::Refused,
+                    "TIMEOUT" => Answer::Timeout,
+                    a if a.starts_with("ERROR") => Answer::Other(a.to_owned()),
+                    a => Answer::Pod(a.to_owned()),
+                };
+                Some((at, answer))
+            })
+            .collect()
     }
 
     /// Waits until the last `n` datagrams were all answered by the same pod; returns it.
@@ -147,11 +128,31 @@ impl UdpFlow {
     }
 
     fn finish(self) -> Vec<(Instant, Answer)> {
-        self.stop.store(true, Ordering::Relaxed);
-        let log = self.log.clone();
-        self.thread.join().expect("UDP flow thread");
-        log.lock().expect("log").clone()
+        fs::write(&self.stop, b"").expect("stop file");
+        let start = Instant::now();
+        let st = loop {
+            if let Some(st) = self.c.lab.child_status(self.pid).expect("udp-flow status") {
+                break st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "udp-flow does not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(st.success(), "udp-flow: {st}");
+        self.log()
     }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The first answer at or after `from` satisfying `pred`: its delay after `from`.

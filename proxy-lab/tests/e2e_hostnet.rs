@@ -132,6 +132,48 @@ fn host_tcp_connections_to_a_cluster_ip_reach_every_endpoint_and_see_the_vip() {
     assert!(sock_xlated(&c, 2) >= before2 + 60);
 }
 
+fn counter(c: &Cluster, node: u8, name: &str) -> u64 {
+    let v = c.inspect(node).expect("inspect");
+    v["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} counter in {v}"))
+}
+
+/// On a real node the hooks sit on the cgroup root, above every pod; the lab puts each pod's
+/// processes in its node's cgroup likewise. With `--socket-lb=host` (the default) a pod's
+/// sockets are left alone (another network namespace) and the tc programs on its interface
+/// translate its packets: no socket translation, one tc new flow per connection or
+/// datagram, and the service still answers from its VIP.
+#[test]
+fn pod_sockets_under_the_hooks_are_left_to_tc() {
+    let (c, _eps) = up();
+    let cg = c
+        .lab
+        .exec_ok(&c.lab.pod_ns("client"), &["cat", "/proc/self/cgroup"])
+        .expect("read the pod process's cgroup");
+    let node1_cg = c.lab.node_cgroup(1);
+    let node1_cg = node1_cg.file_name().and_then(|n| n.to_str()).expect("name");
+    assert!(
+        cg.trim().ends_with(&format!("/{node1_cg}")),
+        "a pod's process runs in its node's hooked cgroup: {cg}"
+    );
+    for udp in [false, true] {
+        let (sock, fwd) = (sock_xlated(&c, 1), counter(&c, 1, "forward_new"));
+        let p = c.probe("client", &vip(), udp, 30).expect("probe");
+        assert_eq!(p.ok(), 30, "udp={udp}: {:?}", p.0);
+        assert_eq!(keys(p.reply_sources()), vec![vip()], "udp={udp}");
+        assert_eq!(
+            sock_xlated(&c, 1),
+            sock,
+            "udp={udp}: the socket hooks leave a pod's sockets alone"
+        );
+        assert!(
+            counter(&c, 1, "forward_new") >= fwd + 30,
+            "udp={udp}: tc translated each of the pod's flows"
+        );
+    }
+}
+
 /// UDP on an unconnected socket: sendto(VIP) is translated by sendmsg4, recvfrom shows the
 /// VIP as the source (recvmsg4), and every endpoint answers over many sockets.
 #[test]

@@ -41,6 +41,9 @@ pub struct Context {
     /// `--decap-allowed-sources`: the outer sources IPIP/GUE is decapsulated from (`None`:
     /// any; `Some` with no entry: none, e.g. only IPv6 CIDRs were given).
     pub decap_sources: Option<Vec<ipnet::Ipv4Net>>,
+    /// `--socket-lb=host`: the host network namespace's cookie; the socket programs leave
+    /// sockets of any other namespace (pods) to tc. `None`: no socket hooks.
+    pub host_netns_cookie: Option<u64>,
 }
 
 impl Context {
@@ -53,6 +56,7 @@ impl Context {
             masquerade_all: false,
             nodeport_addresses: String::new(),
             decap_sources: None,
+            host_netns_cookie: None,
         }
     }
 
@@ -96,10 +100,14 @@ impl Context {
                 cfg_flags::DECAP_SOURCES_RESTRICTED
             } else {
                 0
+            } | if self.host_netns_cookie.is_some() {
+                cfg_flags::SOCK_LB_HOST_ONLY
+            } else {
+                0
             },
             snat_port_min: SNAT_PORTS.0,
             snat_port_max: SNAT_PORTS.1,
-            ..Default::default()
+            host_netns_cookie: self.host_netns_cookie.unwrap_or(0),
         }
     }
 }
@@ -478,6 +486,22 @@ mod tests {
         assert_eq!(
             ctx.node_config(&[], None).flags,
             cfg_flags::DECAP_SOURCES_RESTRICTED
+        );
+    }
+
+    #[test]
+    fn socket_lb_host_sets_the_flag_and_the_cookie() {
+        let mut ctx = Context::new("n");
+        let c = ctx.node_config(&[], None);
+        assert_eq!(
+            (c.flags & cfg_flags::SOCK_LB_HOST_ONLY, c.host_netns_cookie),
+            (0, 0)
+        );
+        ctx.host_netns_cookie = Some(4097);
+        let c = ctx.node_config(&[], None);
+        assert_eq!(
+            (c.flags & cfg_flags::SOCK_LB_HOST_ONLY, c.host_netns_cookie),
+            (cfg_flags::SOCK_LB_HOST_ONLY, 4097)
         );
     }
 

@@ -229,15 +229,18 @@ impl Lab {
     pub fn exec_host<S: AsRef<OsStr>>(&self, node: u8, args: &[S]) -> Result<Output> {
         ensure!(!args.is_empty(), "exec on node {node}: empty command");
         crate::programs::ensure_known(args[0].as_ref())?;
-        let procs = self.node_cgroup(node).join("cgroup.procs");
-        let mut argv: Vec<OsString> = vec![
-            "sh".into(),
-            "-c".into(),
-            "echo $$ > \"$0\" && exec \"$@\"".into(),
-            procs.into_os_string(),
-        ];
-        argv.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        let argv = in_cgroup(&self.node_cgroup(node), args);
         self.exec(&self.node_ns(node), &argv)
+    }
+
+    /// A pod's processes live in its node's cgroup, as on a real node where the socket hooks
+    /// sit on the cgroup root and every pod is below it: `args` wrapped to join that cgroup
+    /// when `ns` is a pod's namespace, else unchanged.
+    fn pod_argv<S: AsRef<OsStr>>(&self, ns: &str, args: &[S]) -> Vec<OsString> {
+        match self.state.pods.iter().find(|p| p.ns == ns) {
+            Some(pod) => in_cgroup(&self.node_cgroup(pod.node), args),
+            None => args.iter().map(|a| a.as_ref().to_owned()).collect(),
+        }
     }
 
     /// Runs `ip netns exec <ns> <args...>` to completion and returns its output whatever the
@@ -245,7 +248,7 @@ impl Lab {
     pub fn exec<S: AsRef<OsStr>>(&self, ns: &str, args: &[S]) -> Result<Output> {
         ensure!(!args.is_empty(), "exec in {ns}: empty command");
         crate::programs::ensure_known(args[0].as_ref())?;
-        netns_exec_command(ns, args)
+        netns_exec_command(ns, &self.pod_argv(ns, args))
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("running `{}` in {ns}", display_argv(args)))
@@ -273,7 +276,7 @@ impl Lab {
         let log = logs.join(format!("{seq:03}-{ns}-{prog}.log"));
         let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let file2 = file.try_clone().context("duplicating log file")?;
-        let child = netns_exec_command(ns, args)
+        let child = netns_exec_command(ns, &self.pod_argv(ns, args))
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(file2)
@@ -532,6 +535,19 @@ impl Drop for Lab {
             eprintln!("lab {}: teardown failed: {e:#}", self.state.prefix);
         }
     }
+}
+
+/// `args` run by a shell that first moves itself into `cgroup` (then execs, so the program
+/// and its children stay there).
+fn in_cgroup<S: AsRef<OsStr>>(cgroup: &Path, args: &[S]) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec![
+        "sh".into(),
+        "-c".into(),
+        "echo $$ > \"$0\" && exec \"$@\"".into(),
+        cgroup.join("cgroup.procs").into_os_string(),
+    ];
+    argv.extend(args.iter().map(|a| a.as_ref().to_owned()));
+    argv
 }
 
 #[cfg(test)]

@@ -104,6 +104,12 @@ pub struct RunArgs {
     /// if it is cgroup2, else /sys/fs/cgroup/unified.
     #[arg(long, value_name = "PATH")]
     pub cgroup_path: Option<PathBuf>,
+    /// Socket-level load balancing (cgroup connect/sendmsg hooks): `host` translates only
+    /// sockets of the host network namespace (kubelet, hostNetwork pods) and leaves pods'
+    /// sockets to the tc programs on their interfaces, which apply every kube-proxy rule;
+    /// `off` attaches no socket hooks (host processes then cannot reach ClusterIPs).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = SocketLb::Host)]
+    pub socket_lb: SocketLb,
     /// Map sizes (--max-services, --service-map-entries, --max-backends, --conntrack-max, ...).
     #[command(flatten)]
     pub map_sizes: crate::datapath::MapSizeArgs,
@@ -1334,4 +1340,13 @@ oomScoreAdj: -999
         assert_eq!(b.kp.healthz_bind_address, a.kp.healthz_bind_address);
         assert_eq!(b.kp.metrics_bind_address, a.kp.metrics_bind_address);
     }
+}
+
+/// `--socket-lb`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketLb {
+    /// Host-network sockets only; pods use the tc path.
+    Host,
+    /// No socket hooks.
+    Off,
 }

@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cmd::{
-        config::{RunArgs, local_detection, parse_bind_address},
+        config::{RunArgs, SocketLb, local_detection, parse_bind_address},
         kpflags::LocalDetection,
     },
     datapath::{
@@ -91,6 +91,20 @@ fn context(args: &RunArgs) -> Result<Context> {
         .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?;
     ctx.map_sizes = args.map_sizes.sizes().map_err(anyhow::Error::msg)?;
     ctx.decap_sources = crate::sync::decap_sources(&args.decap_allowed_sources).0;
+    ctx.host_netns_cookie = match args.socket_lb {
+        SocketLb::Off => None,
+        SocketLb::Host => match sockhooks::netns_cookie() {
+            Ok(c) => Some(c),
+            // Without it the hooks could not tell pods from host processes: none rather
+            // than pods losing the per-packet rules.
+            Err(e) => {
+                warn!(
+                    "socket load balancing off: this kernel cannot name a socket's network                      namespace (SO_NETNS_COOKIE, Linux >= 5.14): {e}; host-network processes                      cannot reach ClusterIPs"
+                );
+                None
+            }
+        },
+    };
     if ctx
         .decap_sources
         .as_ref()
@@ -521,7 +535,21 @@ fn load_datapath(
         );
     }
 
-    sockhooks::attach(&mut dp, args.cgroup_path.as_deref(), Some(&pins))?;
+    match ctx.host_netns_cookie {
+        Some(cookie) => {
+            // The host-only filter before the programs that read it: the hooks sit on the
+            // cgroup every pod is in, and must never translate a pod's socket.
+            let mut cfg = dp.config().unwrap_or_default();
+            cfg.flags |= proxy_common::cfg_flags::SOCK_LB_HOST_ONLY;
+            cfg.host_netns_cookie = cookie;
+            dp.set_config(&cfg)?;
+            sockhooks::attach(&mut dp, args.cgroup_path.as_deref(), Some(&pins))?;
+        }
+        None => {
+            let n = sockhooks::cleanup(&pins).context("removing the socket hooks")?;
+            info!("socket load balancing off (--socket-lb=off): {n} socket hook links removed");
+        }
+    }
 
     // Restore what is already programmed so the first plan is a diff, not a rewrite.
     let (mut state, warnings) = {

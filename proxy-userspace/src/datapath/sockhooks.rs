@@ -19,7 +19,7 @@ use std::{
     fs::File,
     io,
     os::{
-        fd::{AsFd as _, BorrowedFd, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
@@ -268,6 +268,34 @@ fn attach_one(
             Ok(SockAttachOutcome::Unpinned)
         }
     }
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux >= 5.14): what
+/// `bpf_get_netns_cookie` gives the socket programs for a socket of that namespace.
+pub fn netns_cookie() -> io::Result<u64> {
+    // SAFETY: a plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len outlive the call; len says how much may be written.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Detaches and unpins every link under `<pin_dir>/sock-links`, then removes the directory
