@@ -693,6 +693,11 @@ pub mod cfg_flags {
     /// `--socket-lb=host`: the socket programs translate only sockets of the network namespace
     /// whose cookie is `NodeConfig::host_netns_cookie`; pods' sockets are left to tc.
     pub const SOCK_LB_HOST_ONLY: u32 = 1 << 2;
+    /// `--foreign-tunnels=pass`: IPIP/GUE to the node that the decapsulation policy refuses
+    /// (a source not allowed, an inner destination not served) goes to the kernel still
+    /// wrapped, for the node's own tunnel devices (Calico or flannel IPIP), instead of being
+    /// dropped.
+    pub const FOREIGN_TUNNELS_PASS: u32 = 1 << 3;
 }
 
 /// Per-node configuration, written by the agent at start.

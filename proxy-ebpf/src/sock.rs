@@ -113,6 +113,20 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     if cfg.flags & cfg_flags::SOCK_LB_HOST_ONLY != 0
         && unsafe { bpf_get_netns_cookie(sa.cast()) } != cfg.host_netns_cookie
     {
+        // Except an unconnected UDP socket that an earlier release balanced here: it keeps
+        // its backend while that exists, so an upgrade moves no live flow.
+        if sendmsg {
+            // SAFETY: the helper only reads the context's socket.
+            let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+            if let Some((_, b)) = sticky_backend(true, &SockKey4::new(cookie, addr_be, port_be)) {
+                // SAFETY: user_ip4/user_port are writable in sendmsg4.
+                unsafe {
+                    (*sa).user_ip4 = b.addr_be;
+                    (*sa).user_port = b.port_be as u32;
+                }
+                count(counter::SOCK_XLATE);
+            }
+        }
         return ALLOW;
     }
     // Host traffic is internal: externalTrafficPolicy Local short-circuits to every endpoint.

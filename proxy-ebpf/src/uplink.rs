@@ -96,7 +96,8 @@ pub enum Decap {
 ///
 /// Anything else wrapped to the node is refused: decapsulation runs before netfilter, so
 /// unwrapping a packet for a ClusterIP, a pod or a node port would let any sender that can
-/// reach the node address tunnel past the node's firewall.
+/// reach the node address tunnel past the node's firewall. Refused packets are dropped, or
+/// with `--foreign-tunnels=pass` handed to the kernel still wrapped (a CNI's own IPIP).
 #[inline(always)]
 pub fn encap_strip<P: PacketRead>(p: &P) -> Decap {
     match encap_parse(p) {
@@ -144,13 +145,21 @@ fn encap_parse<P: PacketRead>(p: &P) -> Option<(usize, u32)> {
 /// The policy part of [`encap_strip`], for an IPIP/GUE packet to this node.
 #[inline(always)]
 fn policy<P: PacketRead>(p: &P, strip: usize, outer_src_be: u32) -> Decap {
-    if node_config().flags & cfg_flags::DECAP_SOURCES_RESTRICTED != 0
-        && !decap_source_allowed(outer_src_be)
-    {
-        return Decap::Refuse(counter::DROP_DECAP_SOURCE);
+    let flags = node_config().flags;
+    // Refused: dropped, or with `--foreign-tunnels=pass` left wrapped for the kernel, whose
+    // tunnel devices (if any) decapsulate after netfilter has seen the outer packet.
+    let refuse = |reason| {
+        if flags & cfg_flags::FOREIGN_TUNNELS_PASS != 0 {
+            Decap::NotOurs
+        } else {
+            Decap::Refuse(reason)
+        }
+    };
+    if flags & cfg_flags::DECAP_SOURCES_RESTRICTED != 0 && !decap_source_allowed(outer_src_be) {
+        return refuse(counter::DROP_DECAP_SOURCE);
     }
     if !inner_served(p, ETH_HLEN + strip).unwrap_or(false) {
-        return Decap::Refuse(counter::DROP_DECAP_NOT_SERVED);
+        return refuse(counter::DROP_DECAP_NOT_SERVED);
     }
     Decap::Strip(strip)
 }

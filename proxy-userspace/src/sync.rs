@@ -44,6 +44,8 @@ pub struct Context {
     /// `--socket-lb=host`: the host network namespace's cookie; the socket programs leave
     /// sockets of any other namespace (pods) to tc. `None`: no socket hooks.
     pub host_netns_cookie: Option<u64>,
+    /// `--foreign-tunnels=pass`.
+    pub foreign_tunnels_pass: bool,
 }
 
 impl Context {
@@ -57,6 +59,7 @@ impl Context {
             nodeport_addresses: String::new(),
             decap_sources: None,
             host_netns_cookie: None,
+            foreign_tunnels_pass: false,
         }
     }
 
@@ -102,6 +105,10 @@ impl Context {
                 0
             } | if self.host_netns_cookie.is_some() {
                 cfg_flags::SOCK_LB_HOST_ONLY
+            } else {
+                0
+            } | if self.foreign_tunnels_pass {
+                cfg_flags::FOREIGN_TUNNELS_PASS
             } else {
                 0
             },

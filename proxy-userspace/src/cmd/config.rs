@@ -87,6 +87,13 @@ pub struct RunArgs {
     /// are decapsulated. IPv6 entries are accepted and not served (IPv4 only).
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
     pub decap_allowed_sources: Vec<ipnet::IpNet>,
+    /// IPIP/GUE addressed to the node that ebpf-proxy does not decapsulate (an outer source
+    /// outside --decap-allowed-sources, an inner destination that is not a served LoadBalancer
+    /// IP or externalIP): `drop` it (counted), or `pass` it to the kernel still wrapped, for a
+    /// CNI that tunnels between nodes itself (Calico or flannel in IPIP mode). Passing opens
+    /// nothing: the kernel's own tunnel device decapsulates after netfilter.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = ForeignTunnels::Drop)]
+    pub foreign_tunnels: ForeignTunnels,
     /// A BPF filesystem directory; maps are pinned under DIR/ebpf-proxy. Mounted if missing.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
@@ -1349,4 +1356,13 @@ pub enum SocketLb {
     Host,
     /// No socket hooks.
     Off,
+}
+
+/// `--foreign-tunnels`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForeignTunnels {
+    /// Drop and count them.
+    Drop,
+    /// Leave them wrapped for the kernel.
+    Pass,
 }

@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cmd::{
-        config::{RunArgs, SocketLb, local_detection, parse_bind_address},
+        config::{ForeignTunnels, RunArgs, SocketLb, local_detection, parse_bind_address},
         kpflags::LocalDetection,
     },
     datapath::{
@@ -91,6 +91,7 @@ fn context(args: &RunArgs) -> Result<Context> {
         .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?;
     ctx.map_sizes = args.map_sizes.sizes().map_err(anyhow::Error::msg)?;
     ctx.decap_sources = crate::sync::decap_sources(&args.decap_allowed_sources).0;
+    ctx.foreign_tunnels_pass = args.foreign_tunnels == ForeignTunnels::Pass;
     ctx.host_netns_cookie = match args.socket_lb {
         SocketLb::Off => None,
         SocketLb::Host => match sockhooks::netns_cookie() {
@@ -190,6 +191,12 @@ impl Agent {
         dp.set_config(&ctx.node_config(&known_ips, Some(hairpin)))?;
         for n in remove {
             dp.set_decap_source(n, false)?;
+        }
+        if ctx.foreign_tunnels_pass {
+            info!(
+                "IPIP/GUE to this node that is not decapsulated goes to the kernel still wrapped \
+                 (--foreign-tunnels=pass)"
+            );
         }
         match &ctx.decap_sources {
             None => info!("IPIP/GUE decapsulated from any outer source"),

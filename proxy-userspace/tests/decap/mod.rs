@@ -323,3 +323,50 @@ fn decap_allowed_sources_limit_the_outer_source() {
         "restricted to nothing",
     );
 }
+
+/// `--foreign-tunnels=pass`: what the policy refuses (a source outside the allowed ones, an
+/// inner destination not served: a CNI's node-to-node IPIP to a pod) leaves both hooks still
+/// wrapped and uncounted, for the kernel's own tunnel device; what it serves is still
+/// decapsulated.
+#[test]
+fn foreign_tunnels_pass_leaves_refused_packets_wrapped_for_the_kernel() {
+    let mut f = Fixture::new(&services());
+    restrict(&mut f, &["198.18.0.0/24"]);
+    let mut cfg = f.dp.config().expect("config");
+    cfg.flags |= cfg_flags::FOREIGN_TUNNELS_PASS;
+    f.dp.set_config(&cfg).expect("config");
+    let served = packet(TCP, (EXT, 58000), (LB_IP, 80), 0, false);
+    assert_decapsulated(&f, &wrap_from(BALANCER, &served, 0), &served, "served");
+    let to_pod = to(TCP, (POD, 9376), 58001);
+    for (wrapped, what) in [
+        (
+            wrap_from(BALANCER, &to_pod, 0),
+            "a pod, from an allowed source",
+        ),
+        (
+            wrap_from(EXT, &served, 1),
+            "served, from a source not allowed",
+        ),
+    ] {
+        let before = (
+            f.counter(counter::DROP_DECAP_NOT_SERVED),
+            f.counter(counter::DROP_DECAP_SOURCE),
+        );
+        let (rc, out) = f.run(programs::UPLINK_INGRESS, &wrapped);
+        assert_eq!(
+            (rc, &out),
+            (TC_ACT_OK, &wrapped),
+            "{what}: tc passes it wrapped"
+        );
+        let (rc, x) = xdp::run_xdp(&f, &wrapped);
+        assert_eq!((rc, &x), (XDP_PASS, &wrapped), "{what}: XDP too");
+        assert_eq!(
+            (
+                f.counter(counter::DROP_DECAP_NOT_SERVED),
+                f.counter(counter::DROP_DECAP_SOURCE)
+            ),
+            before,
+            "{what}: not a drop"
+        );
+    }
+}
