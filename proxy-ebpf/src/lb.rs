@@ -353,14 +353,15 @@ pub fn select_backend(svc: &Service, client_be: u32) -> Option<(u32, Backend4)> 
 /// kube-proxy's masquerade rules (docs/semantics.md, S8-S10), given the flow's origin.
 #[inline(always)]
 fn must_masquerade(p: &Packet, svc: &Service, origin: Origin, cfg: &NodeConfig) -> bool {
-    if cfg.flags & cfg_flags::MASQUERADE_ALL != 0 {
-        return true;
-    }
     if svc.flags & svc_flags::EXTERNAL_KINDS != 0 {
         // externalTrafficPolicy Cluster: always. Local: never from pods (short-circuit) or
-        // from external clients (client address preserved).
+        // from external clients (client address preserved), `--masquerade-all` or not: both
+        // kube-proxy proxiers apply masqueradeAll to traffic addressed to a ClusterIP only.
         let _ = origin;
         return svc.flags & svc_flags::ETP_LOCAL == 0;
+    }
+    if cfg.flags & cfg_flags::MASQUERADE_ALL != 0 {
+        return true;
     }
     // ClusterIP: traffic from outside the cluster CIDR. Without a cluster CIDR (mask 0) local
     // traffic cannot be told apart, and kube-proxy then masquerades nothing by its source.

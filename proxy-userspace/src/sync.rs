@@ -266,6 +266,7 @@ fn translate_snapshot(
         node_name: &ctx.node_name,
         node_zone: node_zone.as_deref(),
         nodeport_addresses: &nodeport_addresses,
+        node_ip: ctx.node_addresses(snapshot).first().copied(),
     })
 }
 

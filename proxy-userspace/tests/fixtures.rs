@@ -125,6 +125,7 @@ impl Fixture {
             node_name: "node1",
             node_zone: None,
             nodeport_addresses: &[NODE],
+            node_ip: Some(NODE),
         });
         assert!(
             t.issues.is_empty(),

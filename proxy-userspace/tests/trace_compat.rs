@@ -58,6 +58,12 @@ const CASES: &[Case] = &[
     Case { name: "pod -> ClusterIP over SCTP: DNAT with the port rewritten", proto: "sctp", source: POD, destination: "10.96.0.150:36412", masquerade_all: false, verdict: "forward", endpoints: &["10.76.0.11:38412", "10.76.1.10:38412"], masquerade: false, origin: "pod" },
     Case { name: "external -> NodePort over SCTP: masqueraded", proto: "sctp", source: EXT, destination: "10.240.0.11:30412", masquerade_all: false, verdict: "forward", endpoints: &["10.76.0.11:38412", "10.76.1.10:38412"], masquerade: true, origin: "external" },
     Case { name: "SCTP to a TCP-only ClusterIP port: REJECT", proto: "sctp", source: POD, destination: "10.96.0.20:80", masquerade_all: false, verdict: "reject", endpoints: &[], masquerade: false, origin: "pod" },
+    Case { name: "external -> LB IP, eTP Local, local endpoint: client kept", proto: "tcp", source: EXT, destination: "203.0.113.50:80", masquerade_all: false, verdict: "forward", endpoints: &["10.76.0.10:9376"], masquerade: false, origin: "external" },
+    Case { name: "--masquerade-all keeps the client of an eTP Local LB IP (ClusterIPs only)", proto: "tcp", source: EXT, destination: "203.0.113.50:80", masquerade_all: true, verdict: "forward", endpoints: &["10.76.0.10:9376"], masquerade: false, origin: "external" },
+    Case { name: "--masquerade-all still masquerades pod -> that service's ClusterIP", proto: "tcp", source: POD, destination: "10.96.0.160:80", masquerade_all: true, verdict: "forward", endpoints: &["10.76.0.10:9376"], masquerade: true, origin: "pod" },
+    Case { name: "source ranges holding the node address admit the LB IP as source", proto: "tcp", source: "203.0.113.60", destination: "203.0.113.60:80", masquerade_all: false, verdict: "forward", endpoints: &["10.76.0.10:9376"], masquerade: true, origin: "external" },
+    Case { name: "... but not the other LB IPs", proto: "tcp", source: "203.0.113.50", destination: "203.0.113.60:80", masquerade_all: false, verdict: "drop", endpoints: &[], masquerade: false, origin: "external" },
+    Case { name: "source ranges without the node address: the LB IP as source is dropped", proto: "tcp", source: "203.0.113.30", destination: "203.0.113.30:80", masquerade_all: false, verdict: "drop", endpoints: &[], masquerade: false, origin: "external" },
     Case { name: "localhost NodePort is never served (CVE-2020-8558)", proto: "tcp", source: "127.0.0.1", destination: "127.0.0.1:30080", masquerade_all: false, verdict: "pass", endpoints: &[], masquerade: false, origin: "host" },
 ];
 

@@ -6,6 +6,8 @@ use super::*;
 pub(super) struct NodeView<'a> {
     pub(super) name: &'a str,
     pub(super) zone: Option<&'a str>,
+    /// The node's primary address (kube-proxy's `nodeIP`).
+    pub(super) ip: Option<Ipv4Addr>,
 }
 
 impl NodeView<'_> {
@@ -83,6 +85,7 @@ pub(super) fn port_entries(
     port: &PortView,
     sets: &EndpointSets,
     nodeport_addresses: &[Ipv4Addr],
+    node_ip: Option<Ipv4Addr>,
     object: &str,
 ) -> Vec<Wanted> {
     let name = if port.name.is_empty() {
@@ -198,7 +201,7 @@ pub(super) fn port_entries(
             )
         };
         if let Some(r) = ranges {
-            ext.source_ranges = r.clone();
+            ext.source_ranges = with_lb_ips_if_node_allowed(r, node_ip, &view.lb_ips);
         }
         out.push(Wanted {
             kind,
@@ -208,6 +211,28 @@ pub(super) fn port_entries(
             external: ext,
             internal,
         });
+    }
+    out
+}
+
+/// loadBalancerSourceRanges as the datapath checks them. When a range holds the node's own
+/// address, the service's LB IPs are allowed as sources too: a balancer that loops the node's
+/// own request back keeps the LB IP as its source (kube-proxy's iptables and nftables proxiers
+/// both add this, for the node IP only).
+pub(super) fn with_lb_ips_if_node_allowed(
+    ranges: &[(Ipv4Addr, u8)],
+    node_ip: Option<Ipv4Addr>,
+    lb_ips: &[(String, Ipv4Addr)],
+) -> Vec<(Ipv4Addr, u8)> {
+    let contains = |(net, prefix): &(Ipv4Addr, u8), ip: Ipv4Addr| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(*prefix)).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(*net) & mask
+    };
+    let mut out = ranges.to_vec();
+    if node_ip.is_some_and(|ip| ranges.iter().any(|r| contains(r, ip))) {
+        out.extend(lb_ips.iter().map(|(_, ip)| (*ip, 32)));
+        out.sort();
+        out.dedup();
     }
     out
 }

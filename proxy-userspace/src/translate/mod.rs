@@ -138,6 +138,9 @@ pub struct Input<'a, S = Service, E = EndpointSlice> {
     /// The node addresses NodePorts are served on, already filtered by
     /// `--nodeport-addresses` ([`nodeport_addresses`]).
     pub nodeport_addresses: &'a [Ipv4Addr],
+    /// The node's primary address (kube-proxy's `nodeIP`): a loadBalancerSourceRange holding
+    /// it also admits the service's LB IPs as sources.
+    pub node_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -359,6 +359,7 @@ fn run(services: &[Service], slices: &[EndpointSlice]) -> Translation {
         node_name: NODE,
         node_zone: Some(ZONE),
         nodeport_addresses: &npa,
+        node_ip: None,
     })
 }
 
@@ -1919,6 +1920,7 @@ fn run_cached(
         node_name: NODE,
         node_zone: Some(ZONE),
         nodeport_addresses: &npa,
+        node_ip: None,
     })
 }
 
@@ -2073,6 +2075,7 @@ fn translator_recomputes_everything_when_the_node_changes() {
             node_name: node,
             node_zone: None,
             nodeport_addresses: &[],
+            node_ip: None,
         })
         .desired[&key("10.96.0.1", 80, TCP)]
             .backends
@@ -2387,6 +2390,7 @@ fn unknown_zone_or_no_nodeport_addresses() {
         node_name: NODE,
         node_zone: None,
         nodeport_addresses: &[],
+        node_ip: None,
     });
     let expected = expect(
         vec![(
@@ -2413,6 +2417,7 @@ fn unknown_zone_or_no_nodeport_addresses() {
         node_name: "",
         node_zone: None,
         nodeport_addresses: &[],
+        node_ip: None,
     });
     assert_eq!(
         local.desired[&key("10.96.5.1", 80, TCP)],
@@ -2428,5 +2433,42 @@ fn service_key_display_names_the_scope() {
     assert_eq!(
         ServiceKey { scope: 9, ..k }.to_string(),
         "198.51.100.1:443/TCP (scope 9)"
+    );
+}
+
+#[test]
+fn source_ranges_holding_the_node_address_admit_the_lb_ips_as_sources() {
+    use super::endpoints::with_lb_ips_if_node_allowed;
+    let lb = vec![
+        (
+            "status.loadBalancer.ingress[0].ip".to_owned(),
+            ip("203.0.113.60"),
+        ),
+        (
+            "status.loadBalancer.ingress[1].ip".to_owned(),
+            ip("203.0.113.61"),
+        ),
+    ];
+    let ranges = vec![(ip("10.240.0.0"), 24), (ip("198.51.100.0"), 24)];
+    assert_eq!(
+        with_lb_ips_if_node_allowed(&ranges, Some(ip("10.240.0.11")), &lb),
+        vec![
+            (ip("10.240.0.0"), 24),
+            (ip("198.51.100.0"), 24),
+            (ip("203.0.113.60"), 32),
+            (ip("203.0.113.61"), 32),
+        ]
+    );
+    for node in [Some(ip("10.241.0.11")), None] {
+        assert_eq!(
+            with_lb_ips_if_node_allowed(&ranges, node, &lb),
+            ranges,
+            "{node:?}"
+        );
+    }
+    // A /0 holds every node address.
+    assert_eq!(
+        with_lb_ips_if_node_allowed(&[(ip("0.0.0.0"), 0)], Some(ip("10.0.0.1")), &lb[..1]),
+        vec![(ip("0.0.0.0"), 0), (ip("203.0.113.60"), 32)]
     );
 }

@@ -56,6 +56,7 @@ pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(input: &Input<S, 
     let node = NodeView {
         name: input.node_name,
         zone: input.node_zone.filter(|z| !z.is_empty()),
+        ip: input.node_ip,
     };
     let groups = group_objects(input.services, input.slices);
     let outs: Vec<GroupOut> = groups
@@ -202,6 +203,7 @@ pub(super) fn translate_group<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
                 port,
                 &sets,
                 nodeport_addresses,
+                node.ip,
                 &ctx.object,
             ));
         }
@@ -300,10 +302,13 @@ pub(super) fn assemble<'a>(groups: impl Iterator<Item = &'a GroupOut> + Clone) -
 /// An object is the same as last time when it is the same allocation (the sources hand out
 /// unchanged objects again, shared) or, failing that, equal by value; so a stale result is
 /// never served, whatever the caller passes.
+/// What of the node a translation depends on: name, zone, NodePort addresses, primary address.
+type NodeInputs = (String, Option<String>, Vec<Ipv4Addr>, Option<Ipv4Addr>);
+
 #[derive(Debug, Default)]
 pub struct Translator {
     /// The node the cached results were computed for.
-    pub(super) node: Option<(String, Option<String>, Vec<Ipv4Addr>)>,
+    pub(super) node: Option<NodeInputs>,
     pub(super) groups: BTreeMap<GroupKey, CachedGroup>,
     pub(super) stats: TranslatorStats,
 }
@@ -343,6 +348,7 @@ impl Translator {
             input.node_name.to_owned(),
             input.node_zone.map(str::to_owned),
             input.nodeport_addresses.to_vec(),
+            input.node_ip,
         );
         if self.node.as_ref() != Some(&node_inputs) {
             self.groups.clear();
@@ -351,6 +357,7 @@ impl Translator {
         let node = NodeView {
             name: input.node_name,
             zone: input.node_zone.filter(|z| !z.is_empty()),
+            ip: input.node_ip,
         };
         let mut stats = TranslatorStats::default();
         let mut old = std::mem::take(&mut self.groups);
