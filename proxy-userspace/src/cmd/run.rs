@@ -446,12 +446,12 @@ impl Agent {
                 self.pods.bridge().unwrap_or(""),
             )
             .await?;
-            self.uplink_hooks.sync(&mut self.dp, &want);
             if iface_names(&want) != self.uplink_names {
-                // An interface that is now an uplink loses the pod programs.
+                // An interface that is now an uplink loses the pod programs first.
                 self.uplink_names = iface_names(&want);
                 self.ports_changed().await?;
             }
+            self.uplink_hooks.sync(&mut self.dp, &want);
             if want.is_empty() {
                 warn!(
                     "no uplink found (no interface holds {node_ips:?} or a default route): pass \
