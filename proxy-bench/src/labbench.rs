@@ -618,7 +618,13 @@ pub fn run(bins: &Binaries, opts: &LabOpts, say: &dyn Fn(&str)) -> Result<Value>
         });
     }
     say("bench lab: client on node1, srv0..srv9 on node2");
-    let lab = Lab::up(None, &LabSpec { pods })?;
+    let lab = Lab::up(
+        None,
+        &LabSpec {
+            pods,
+            ..LabSpec::default()
+        },
+    )?;
     lab.start_pod_servers(&bins.tools)?;
     let bin = &bins.agent;
     let dir = lab.state_dir().join("bench");

@@ -37,9 +37,12 @@ pub const UPGRADE_TESTED: &[&str] = &["v0.1.0"];
 /// `ebpf-proxy run` flags the lab passes today that a release does not know, so the lab leaves
 /// them out when it starts that release's agent (see `Cluster::start_agent`). Each entry:
 /// (release, [(flag, takes a value)]). v0.1.0 knows every flag the lab passes (`--manifests`,
-/// `--kubeconfig`, `--node-name`, `--bpffs`, `--cgroup-path`, `--cluster-cidr`, `--xdp-mode`):
-/// the upgrade test checks this against the release's own `run --help`.
-pub const UNKNOWN_RUN_FLAGS: &[(&str, &[(&str, bool)])] = &[("v0.1.0", &[])];
+/// `--kubeconfig`, `--node-name`, `--bpffs`, `--cgroup-path`, `--cluster-cidr`, `--xdp-mode`)
+/// but `--pod-bridge-interface` (it called it `--pod-bridge`, default `cbr0`, which is the
+/// bridge lab's bridge anyway): the upgrade test checks this against the release's own
+/// `run --help`.
+pub const UNKNOWN_RUN_FLAGS: &[(&str, &[(&str, bool)])] =
+    &[("v0.1.0", &[("--pod-bridge-interface", true)])];
 
 /// What the agent binary is called in a release's `bin/` directory.
 pub const AGENT_BIN: &str = "ebpf-proxy";

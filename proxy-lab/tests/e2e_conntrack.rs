@@ -653,16 +653,19 @@ fn big_udp_datagrams_fragmented_both_ways_through_a_cluster_ip() {
     let spec = LabSpec::default_demo();
     let eps = hostnames_endpoints(&spec);
     let c = Cluster::up(&bins(), &spec, &eps, &say).expect("cluster up");
-    // A 1500-byte MTU on every hop: the pods, their bridge ports, cbr0 and the uplinks.
+    // A 1500-byte MTU on every hop: the pods, their host-side veths, cbr0 (bridge topology)
+    // and the uplinks.
     let st = c.lab.state().clone();
     let mut hops = vec![(c.lab.ext_ns(), "eth0".to_owned())];
     for p in &st.pods {
         hops.push((p.ns.clone(), p.pod_if.clone()));
         hops.push((c.lab.node_ns(p.node), p.host_veth.clone()));
     }
-    for n in [1, 2] {
-        hops.push((c.lab.node_ns(n), "eth0".into()));
-        hops.push((c.lab.node_ns(n), "cbr0".into()));
+    for n in &st.nodes {
+        hops.push((n.ns.clone(), "eth0".into()));
+        if n.bridge_ip.is_some() {
+            hops.push((n.ns.clone(), proxy_lab::lab::BRIDGE_IF.into()));
+        }
     }
     for (ns, ifname) in &hops {
         assert_eq!(c.mtu(ns, ifname).expect("mtu"), 1500, "{ifname} in {ns}");

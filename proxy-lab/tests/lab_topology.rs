@@ -67,6 +67,55 @@ fn topology_routes_between_nodes_and_from_ext() {
     ping(&lab, &lab.node_ns(1), lab::node_ip(2));
     ping(&lab, &lab.node_ns(2), lab::ROUTER_FABRIC_IP);
 
+    // The wiring of the topology asked for (EBPF_PROXY_LAB_TOPOLOGY).
+    let links = lab
+        .exec_ok(&lab.node_ns(1), &["ip", "-o", "link", "show"])
+        .unwrap();
+    let veth = &st.pod("client").unwrap().host_veth;
+    let pod_routes = lab
+        .exec_ok(
+            &lab.node_ns(1),
+            &["ip", "route", "get", &ip("client").to_string()],
+        )
+        .unwrap();
+    match st.spec.topology {
+        lab::Topology::Bridge => {
+            assert!(links.contains(&format!("{veth}@")), "{links}");
+            assert!(links.contains("master cbr0"), "pods on cbr0: {links}");
+            assert!(pod_routes.contains("dev cbr0"), "{pod_routes}");
+        }
+        lab::Topology::Routed => {
+            assert!(
+                !links.contains("cbr0"),
+                "no bridge in the routed topology: {links}"
+            );
+            assert!(!links.contains("master"), "no port of anything: {links}");
+            assert!(
+                pod_routes.contains(&format!("dev {veth}")),
+                "a /32 to the veth: {pod_routes}"
+            );
+            let gw = lab
+                .exec_ok(&lab.pod_ns("client"), &["ip", "route", "show", "default"])
+                .unwrap();
+            assert!(gw.contains("via 169.254.1.1"), "link-local gateway: {gw}");
+            // The gateway is answered by proxy ARP on the host side (the node's veth MAC).
+            ping(&lab, &lab.pod_ns("client"), lab::node_ip(1));
+            let neigh = lab
+                .exec_ok(
+                    &lab.pod_ns("client"),
+                    &["ip", "neigh", "show", "169.254.1.1"],
+                )
+                .unwrap();
+            let mac = lab
+                .exec_ok(
+                    &lab.node_ns(1),
+                    &["cat", &format!("/sys/class/net/{veth}/address")],
+                )
+                .unwrap();
+            assert!(neigh.contains(mac.trim()), "proxy ARP: {neigh} vs {mac}");
+        }
+    }
+
     // The router routes the service CIDR to node1.
     let routes = lab
         .exec_ok(&lab.router_ns(), &["ip", "route", "get", "10.96.0.10"])
@@ -134,6 +183,7 @@ fn drop_tears_down_even_when_the_test_panics() {
                 node: 2,
                 ip: Ipv4Addr::new(10, 76, 1, 5),
             }],
+            topology: lab::Topology::from_env(),
         };
         let lab = Lab::up(None, &spec).expect("lab up");
         let pid = lab

@@ -209,7 +209,8 @@ fn sigterm_keeps_forwarding_and_cleanup_removes_the_datapath() {
             .and_then(|t| t.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
-        // Two tc links per bridge port, plus any cgroup (socket) links.
+        // Two tc links per pod interface (bridge port or routed veth), plus any cgroup
+        // (socket) links.
         assert!(unpinned >= 2 * ports, "{text}");
         let pin_dir = c.lab.bpffs(n).join("ebpf-proxy");
         assert!(!pin_dir.exists(), "{} removed", pin_dir.display());

@@ -22,7 +22,7 @@ use proxy_lab::{
         CANARY_IP, CANARY_NP_TCP, CANARY_NP_UDP, CANARY_PORT, Cluster, Probe,
         assert_canary_lost_nothing, hostnames_endpoints, test_binaries, test_release_agent,
     },
-    lab::{Lab, LabSpec, NODES, node_ip},
+    lab::{Lab, LabSpec, NODES, Topology, node_ip},
     releases::UPGRADE_TESTED,
 };
 
@@ -171,7 +171,12 @@ fn upgrade_from(name: &str) {
     let release = test_release_agent(name);
     let old_agent = std::fs::canonicalize(&release.agent).expect("release agent path");
     bins.release = Some(release.clone());
-    let spec = LabSpec::default_demo();
+    // Bridge only, whatever EBPF_PROXY_LAB_TOPOLOGY says: v0.1.0 finds pods only as the ports
+    // of a bridge (its --pod-bridge, default cbr0), so it cannot run on the routed topology.
+    let spec = LabSpec {
+        topology: Topology::Bridge,
+        ..LabSpec::default_demo()
+    };
     let eps = hostnames_endpoints(&spec);
     let say = |m: &str| eprintln!("[{:>5.1}s] {m}", started.elapsed().as_secs_f64());
     say(&format!(

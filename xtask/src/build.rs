@@ -5,7 +5,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use proxy_lab::{cluster::Binaries, releases};
+use proxy_lab::{cluster::Binaries, lab::TOPOLOGY_ENV, releases};
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -256,15 +256,127 @@ pub fn test(extra: &[String]) -> Result<()> {
     for name in releases::UPGRADE_TESTED {
         release_env.push((releases::bin_env_var(name), build_release(name)?));
     }
+    let cargo_test = |args: &[String], topology: &str| {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&root)
+            .args(["test", "--release", "--no-fail-fast"])
+            .args(args)
+            .env("EBPF_PROXY_BIN", &bins.agent)
+            .env("EBPF_PROXY_LAB_BIN", &bins.tools)
+            .env(TOPOLOGY_ENV, topology)
+            .envs(release_env.clone());
+        let t0 = std::time::Instant::now();
+        run(&mut cmd)?;
+        Ok::<_, anyhow::Error>(t0.elapsed())
+    };
     // Every default member (all crates but the eBPF ones, which only build for bpfel).
-    eprintln!("test: cargo test --release (unit, packet fixtures, lab end-to-end)");
-    run(Command::new("cargo")
-        .current_dir(&root)
-        .args(["test", "--release", "--no-fail-fast"])
-        .args(extra)
-        .env("EBPF_PROXY_BIN", &bins.agent)
-        .env("EBPF_PROXY_LAB_BIN", &bins.tools)
-        .envs(release_env))?;
+    if let Ok(t) = std::env::var(TOPOLOGY_ENV) {
+        eprintln!(
+            "test: cargo test --release (unit, packet fixtures, lab end-to-end on the {t} \
+             topology, from {TOPOLOGY_ENV})"
+        );
+        let took = cargo_test(extra, &t)?;
+        eprintln!(
+            "test: all passed ({t} topology, {:.0} s)",
+            took.as_secs_f64()
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "test: cargo test --release (unit, packet fixtures, lab end-to-end) [bridge topology]"
+    );
+    let bridge = cargo_test(extra, "bridge")?;
+    eprintln!("test: bridge pass passed in {:.0} s", bridge.as_secs_f64());
+    match routed_pass_args(extra) {
+        Some(args) => {
+            eprintln!(
+                "test: the lab end-to-end tests again [routed topology: no bridge, /32 routes; \
+                 the upgrade test is bridge-only]: cargo test --release {}",
+                args.join(" ")
+            );
+            let routed = cargo_test(&args, "routed")?;
+            eprintln!(
+                "test: routed pass passed in {:.0} s (bridge pass {:.0} s)",
+                routed.as_secs_f64(),
+                bridge.as_secs_f64()
+            );
+        }
+        None => eprintln!("test: no proxy-lab test selected: no routed pass"),
+    }
     eprintln!("test: all passed");
     Ok(())
+}
+
+/// The `cargo test` arguments of the routed-topology pass, from the bridge pass's `extra`:
+/// only proxy-lab (the other crates do not build labs), without the upgrade test (v0.1.0
+/// knows only bridges; it pins the bridge topology and already ran). `None` when `extra`
+/// selects packages without proxy-lab. Pure.
+pub fn routed_pass_args(extra: &[String]) -> Option<Vec<String>> {
+    let split = extra.iter().position(|a| a == "--").unwrap_or(extra.len());
+    let (cargo, harness) = extra.split_at(split);
+    let mut packages = Vec::new();
+    let mut it = cargo.iter();
+    while let Some(a) = it.next() {
+        if a == "-p" || a == "--package" {
+            packages.extend(it.next().cloned());
+        } else if let Some(p) = a.strip_prefix("--package=").or(a.strip_prefix("-p")) {
+            packages.push(p.to_owned());
+        }
+    }
+    let mut out: Vec<String> = Vec::new();
+    if packages.is_empty() {
+        out.extend(["-p".to_owned(), "proxy-lab".to_owned()]);
+        out.extend(cargo.iter().filter(|a| *a != "--workspace").cloned());
+    } else if packages.iter().any(|p| p == "proxy-lab") {
+        out.extend(cargo.iter().cloned());
+    } else {
+        return None;
+    }
+    out.push("--".to_owned());
+    out.extend(harness.iter().skip(1).cloned());
+    out.extend(["--skip".to_owned(), "upgrade_from_".to_owned()]);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::routed_pass_args;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_routed_pass_runs_only_the_lab_tests() {
+        assert_eq!(
+            routed_pass_args(&[]),
+            Some(v(&["-p", "proxy-lab", "--", "--skip", "upgrade_from_"]))
+        );
+        assert_eq!(
+            routed_pass_args(&v(&[
+                "-p",
+                "proxy-lab",
+                "--test",
+                "e2e_clusterip",
+                "--",
+                "hairpin"
+            ])),
+            Some(v(&[
+                "-p",
+                "proxy-lab",
+                "--test",
+                "e2e_clusterip",
+                "--",
+                "hairpin",
+                "--skip",
+                "upgrade_from_"
+            ]))
+        );
+        assert_eq!(routed_pass_args(&v(&["-p", "proxy-userspace"])), None);
+        assert_eq!(routed_pass_args(&v(&["--package=proxy-userspace"])), None);
+        assert_eq!(
+            routed_pass_args(&v(&["--workspace"])),
+            Some(v(&["-p", "proxy-lab", "--", "--skip", "upgrade_from_"]))
+        );
+    }
 }

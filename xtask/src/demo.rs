@@ -11,21 +11,22 @@ use proxy_lab::{
         Binaries, CLUSTER_IP, Cluster, Endpoint, SERVICE_PORT, demo_manifests_dir,
         hostnames_endpoints,
     },
-    lab::{self, Lab, LabSpec},
+    lab::{self, Lab, LabSpec, Topology},
 };
 
 pub enum LabAction {
-    Up(Option<String>),
+    Up(Option<String>, Option<Topology>),
     Down(Option<String>),
     Status,
 }
 
 pub fn lab_cli(a: LabAction) -> Result<()> {
     match a {
-        LabAction::Up(name) => {
-            let mut l = Lab::up(name.as_deref(), &LabSpec::default_demo())?;
+        LabAction::Up(name, topology) => {
+            let spec = spec(topology);
+            let mut l = Lab::up(name.as_deref(), &spec)?;
             l.set_keep(true);
-            println!("lab {} is up:", l.prefix());
+            println!("lab {} is up ({} topology):", l.prefix(), spec.topology);
             println!("{}", lab::status(l.prefix())?);
             println!(
                 "pods: {}",
@@ -173,9 +174,18 @@ fn show_bpftool_dump(pin: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn demo(bins: &Binaries, connections: u32) -> Result<()> {
+/// The demo's pods on `topology` (default: EBPF_PROXY_LAB_TOPOLOGY, else bridge).
+fn spec(topology: Option<Topology>) -> LabSpec {
+    let mut spec = LabSpec::default_demo();
+    if let Some(t) = topology {
+        spec.topology = t;
+    }
+    spec
+}
+
+pub fn demo(bins: &Binaries, connections: u32, topology: Option<Topology>) -> Result<()> {
     let t0 = Instant::now();
-    let spec = LabSpec::default_demo();
+    let spec = spec(topology);
     let eps = hostnames_endpoints(&spec);
     let say = |m: &str| step(t0, m);
     let c = Cluster::up_from(bins, &spec, &eps, Some(&demo_manifests_dir()), &say)?;

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use proxy_bench as bench;
+use proxy_lab::lab::Topology;
 
 mod bootstrap;
 mod build;
@@ -34,6 +35,8 @@ enum Cmd {
     /// cargo fmt --check and clippy -D warnings.
     Lint,
     /// Run every test: unit, packet fixtures through BPF_PROG_TEST_RUN, lab end to end (root).
+    /// The lab tests (proxy-lab) run twice, once per lab topology (bridge, then routed), unless
+    /// EBPF_PROXY_LAB_TOPOLOGY names one.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -49,6 +52,10 @@ enum Cmd {
         /// Connections per round.
         #[arg(long, default_value_t = 300)]
         connections: u32,
+        /// How pods are wired: bridge (cbr0) or routed (no bridge, /32 routes). Default:
+        /// EBPF_PROXY_LAB_TOPOLOGY, else bridge.
+        #[arg(long, value_parser = topology)]
+        topology: Option<Topology>,
     },
     /// Benchmarks: per-packet cost, connection latency/rate and control-plane speed against
     /// kube-proxy's iptables/nftables layouts, memory; writes BENCHMARKS.md results (root).
@@ -68,6 +75,10 @@ enum LabCmd {
         /// Lab name prefix (short; default: generated).
         #[arg(long)]
         name: Option<String>,
+        /// How pods are wired: bridge (cbr0) or routed (no bridge, /32 routes). Default:
+        /// EBPF_PROXY_LAB_TOPOLOGY, else bridge.
+        #[arg(long, value_parser = topology)]
+        topology: Option<Topology>,
     },
     /// Tear down a lab (all labs if no name is given).
     Down {
@@ -114,10 +125,13 @@ fn main() -> Result<()> {
             build::test(&args)
         }
         Cmd::Lab { action } => demo::lab_cli(action_to_args(action)),
-        Cmd::Demo { connections } => {
+        Cmd::Demo {
+            connections,
+            topology,
+        } => {
             bootstrap::bootstrap()?;
             let bins = build::build_all()?;
-            demo::demo(&bins, connections)
+            demo::demo(&bins, connections, topology)
         }
         Cmd::Bench(args) => {
             if let Some(json) = &args.render {
@@ -142,8 +156,12 @@ fn main() -> Result<()> {
 
 fn action_to_args(a: LabCmd) -> demo::LabAction {
     match a {
-        LabCmd::Up { name } => demo::LabAction::Up(name),
+        LabCmd::Up { name, topology } => demo::LabAction::Up(name, topology),
         LabCmd::Down { name } => demo::LabAction::Down(name),
         LabCmd::Status => demo::LabAction::Status,
     }
+}
+
+fn topology(s: &str) -> Result<Topology, String> {
+    Topology::parse(s)
 }

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::lab::{Lab, LabSpec, NODES, POD_SERVER_PORT};
+use crate::lab::{BRIDGE_IF, Lab, LabSpec, NODES, POD_SERVER_PORT, Topology};
 
 mod canary;
 mod conntrack;
@@ -218,7 +218,18 @@ impl Cluster {
         agent_args: &[String],
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        say("creating the lab: router, node1, node2, external client, pods on cbr0 bridges");
+        say(&match spec.topology {
+            Topology::Bridge => {
+                "creating the lab (bridge topology): router, node1, node2, external client, pods \
+                 on cbr0 bridges"
+                    .to_owned()
+            }
+            Topology::Routed => format!(
+                "creating the lab (routed topology): router, node1, node2, external client, \
+                 pods on routed veths (/32 routes, gateway {} by proxy ARP), no bridge",
+                crate::lab::ROUTED_GATEWAY
+            ),
+        });
         let lab = Lab::up(None, spec)?;
         say("starting serve-hostname in every pod (TCP and UDP :9376)");
         lab.start_pod_servers(&bins.tools)?;
@@ -297,7 +308,16 @@ impl Cluster {
             "--cluster-cidr".into(),
             "10.76.0.0/16".into(),
         ];
-        args.into_iter().chain(self.agent_args.clone()).collect()
+        // The bridge topology names its bridge; the routed one has none, so its agents find
+        // the pods' veths by themselves (the default).
+        let pods: Vec<String> = match self.lab.state().spec.topology {
+            Topology::Bridge => vec!["--pod-bridge-interface".into(), BRIDGE_IF.into()],
+            Topology::Routed => Vec::new(),
+        };
+        args.into_iter()
+            .chain(pods)
+            .chain(self.agent_args.clone())
+            .collect()
     }
 
     /// Starts the agent on `node`: the tree's, or the release's while the node runs it

@@ -15,6 +15,11 @@
 //!                   default via 10.76.0.1                         default via 10.76.1.1
 //! ```
 //!
+//! That is the bridge topology ([`Topology::Bridge`], the default). The routed topology
+//! ([`Topology::Routed`], `EBPF_PROXY_LAB_TOPOLOGY=routed`) has no cbr0: each pod has its
+//! address as a /32 and `default via 169.254.1.1 onlink`, answered by proxy ARP on the host-side
+//! veth, and the node routes `10.76.x.y/32 dev veth<pod>` (as kindnet and Calico wire pods).
+//!
 //! Every namespace name starts with `<prefix>-`, so several labs run side by side on one kernel.
 //! Interface names only have to be unique inside their namespace, so they are the same in every
 //! lab (`eth0`, `cbr0`, `veth<pod>`, router side `node1`/`node2`/`ext`, router bridge `fabric`).
@@ -437,7 +442,8 @@ impl Lab {
         ))?;
         ipw(&format!("-n {r} link set {fabric} up"))?;
 
-        // Nodes: uplink on the fabric, cbr0 for the pods, the cloud route for the pod CIDR.
+        // Nodes: uplink on the fabric, cbr0 for the pods (bridge topology), the cloud route for
+        // the pod CIDR.
         for node in &st.nodes {
             let n = node.ns.as_str();
             let port = format!("node{}", node.node);
@@ -445,16 +451,15 @@ impl Lab {
             ipw(&format!("-n {r} link set {port} master {fabric} up"))?;
             ipw(&format!("-n {n} addr add {}/24 dev {UPLINK_IF}", node.ip))?;
             ipw(&format!("-n {n} link set {UPLINK_IF} up"))?;
-            ipw(&format!("-n {n} link add {BRIDGE_IF} type bridge"))?;
-            ipw(&format!(
-                "-n {n} link set {BRIDGE_IF} address 02:76:00:00:{:02x}:01",
-                node.node
-            ))?;
-            ipw(&format!(
-                "-n {n} addr add {}/24 dev {BRIDGE_IF}",
-                node.bridge_ip
-            ))?;
-            ipw(&format!("-n {n} link set {BRIDGE_IF} up"))?;
+            if let Some(bridge_ip) = node.bridge_ip {
+                ipw(&format!("-n {n} link add {BRIDGE_IF} type bridge"))?;
+                ipw(&format!(
+                    "-n {n} link set {BRIDGE_IF} address 02:76:00:00:{:02x}:01",
+                    node.node
+                ))?;
+                ipw(&format!("-n {n} addr add {bridge_ip}/24 dev {BRIDGE_IF}"))?;
+                ipw(&format!("-n {n} link set {BRIDGE_IF} up"))?;
+            }
             ipw(&format!("-n {n} route add default via {ROUTER_FABRIC_IP}"))?;
             ipw(&format!(
                 "-n {r} route add {} via {}",
@@ -499,15 +504,41 @@ impl Lab {
         ipw(&format!("-n {e} link set eth0 up"))?;
         ipw(&format!("-n {e} route add default via {ROUTER_EXT_IP}"))?;
 
-        // Pods: eth0 in the pod, veth<pod> as a cbr0 port in the node.
+        // Pods: eth0 in the pod, veth<pod> in the node: a cbr0 port (bridge), or routed.
         for pod in &st.pods {
             let node = st.node(pod.node).context("pod node missing")?;
             let (p, n, pif, hv) = (&pod.ns, &node.ns, &pod.pod_if, &pod.host_veth);
             veth(p, pif, n, hv)?;
-            ipw(&format!("-n {n} link set {hv} master {BRIDGE_IF} up"))?;
-            ipw(&format!("-n {p} addr add {}/24 dev {pif}", pod.ip))?;
-            ipw(&format!("-n {p} link set {pif} up"))?;
-            ipw(&format!("-n {p} route add default via {}", node.bridge_ip))?;
+            match node.bridge_ip {
+                Some(gw) => {
+                    ipw(&format!("-n {n} link set {hv} master {BRIDGE_IF} up"))?;
+                    ipw(&format!("-n {p} addr add {}/24 dev {pif}", pod.ip))?;
+                    ipw(&format!("-n {p} link set {pif} up"))?;
+                    ipw(&format!("-n {p} route add default via {gw}"))?;
+                }
+                None => {
+                    // Calico's wiring: the pod's /32, its gateway a link-local address that
+                    // the host-side veth answers by proxy ARP (at once: proxy_delay 0), and
+                    // the pod's /32 routed to its veth in the node.
+                    write_sysctls_in(
+                        n,
+                        &[
+                            (&format!("net/ipv4/conf/{hv}/proxy_arp"), "1"),
+                            (&format!("net/ipv4/neigh/{hv}/proxy_delay"), "0"),
+                        ],
+                    )?;
+                    ipw(&format!("-n {n} link set {hv} up"))?;
+                    ipw(&format!("-n {p} addr add {}/32 dev {pif}", pod.ip))?;
+                    ipw(&format!("-n {p} link set {pif} up"))?;
+                    ipw(&format!(
+                        "-n {p} route add {ROUTED_GATEWAY} dev {pif} scope link"
+                    ))?;
+                    ipw(&format!(
+                        "-n {p} route add default via {ROUTED_GATEWAY} dev {pif} onlink"
+                    ))?;
+                    ipw(&format!("-n {n} route add {}/32 dev {hv}", pod.ip))?;
+                }
+            }
         }
         Ok(())
     }
@@ -570,6 +601,31 @@ mod tests {
     }
 
     #[test]
+    fn the_routed_topology_has_no_bridge() {
+        let spec = LabSpec {
+            topology: Topology::Routed,
+            ..LabSpec::default_demo()
+        };
+        let st = LabState::plan("epl1", &spec).expect("plan");
+        assert!(st.nodes.iter().all(|n| n.bridge_ip.is_none()));
+        let spec = LabSpec {
+            topology: Topology::Bridge,
+            ..spec
+        };
+        let st = LabState::plan("epl1", &spec).expect("plan");
+        assert_eq!(
+            st.node(2).and_then(|n| n.bridge_ip),
+            Some(node_bridge_ip(2))
+        );
+        assert_eq!(Topology::parse("routed"), Ok(Topology::Routed));
+        assert_eq!(Topology::parse(""), Ok(Topology::Bridge));
+        assert!(Topology::parse("flat").is_err());
+        // Lab state written before topologies existed reads as bridge.
+        let old: LabSpec = serde_json::from_str(r#"{"pods":[]}"#).expect("old spec");
+        assert_eq!(old.topology, Topology::Bridge);
+    }
+
+    #[test]
     fn veth_names_fit() {
         assert_eq!(host_veth_name("client"), "vethclient");
         let long = host_veth_name("a-very-long-pod-name");
@@ -586,6 +642,7 @@ mod tests {
                 node,
                 ip: ip.into(),
             }],
+            topology: Topology::Bridge,
         };
         assert!(bad("router", 1, [10, 76, 0, 5]).validate().is_err());
         assert!(bad("Upper", 1, [10, 76, 0, 5]).validate().is_err());

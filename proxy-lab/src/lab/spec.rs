@@ -59,7 +59,59 @@ pub fn node_pod_cidr(node: u8) -> String {
     format!("{}/24", node_pod_net(node))
 }
 
-/// A node's bridge (cbr0) address, the pods' gateway: 10.76.(N-1).1.
+/// The environment variable that picks the topology of [`LabSpec::default_demo`] (what the
+/// e2e tests build): `bridge` (default) or `routed`.
+pub const TOPOLOGY_ENV: &str = "EBPF_PROXY_LAB_TOPOLOGY";
+/// The routed topology's pod gateway: link-local, answered by proxy ARP on the host-side
+/// veth (as Calico does).
+pub const ROUTED_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// How pods are wired into their node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    /// Pods' host-side veths are ports of a bridge (cbr0, the pods' gateway .1): the bridge
+    /// plugin, kubenet, flannel. The agents run with `--pod-bridge-interface cbr0`.
+    #[default]
+    Bridge,
+    /// No bridge: each pod has a /32 and a default route via 169.254.1.1 onlink, answered by
+    /// proxy ARP on its host-side veth; the node routes each pod's /32 to its veth (kindnet,
+    /// Calico). The agents run without a bridge flag (default pod discovery).
+    Routed,
+}
+
+impl Topology {
+    /// [`TOPOLOGY_ENV`], else bridge. Panics on another value (a test run misconfigured).
+    pub fn from_env() -> Self {
+        match std::env::var(TOPOLOGY_ENV) {
+            Err(_) => Self::Bridge,
+            Ok(v) => Self::parse(&v).unwrap_or_else(|e| panic!("{TOPOLOGY_ENV}: {e}")),
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "bridge" => Ok(Self::Bridge),
+            "routed" => Ok(Self::Routed),
+            o => Err(format!("topology {o:?}: expected bridge or routed")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bridge => "bridge",
+            Self::Routed => "routed",
+        }
+    }
+}
+
+impl std::fmt::Display for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A node's bridge (cbr0) address, the pods' gateway in the bridge topology: 10.76.(N-1).1.
 pub fn node_bridge_ip(node: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 76, node.wrapping_sub(1), 1)
 }
@@ -79,11 +131,14 @@ pub struct PodSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct LabSpec {
     pub pods: Vec<PodSpec>,
+    #[serde(default)]
+    pub topology: Topology,
 }
 
 impl LabSpec {
     /// `hostnames-a` 10.76.0.10 and `hostnames-b` 10.76.0.11 on node1, `hostnames-c` 10.76.1.10
-    /// on node2, and a client pod `client` 10.76.0.20 on node1.
+    /// on node2, and a client pod `client` 10.76.0.20 on node1; the topology from
+    /// [`TOPOLOGY_ENV`] (bridge if unset), so every e2e test runs on either.
     pub fn default_demo() -> Self {
         let pod = |name: &str, node, ip| PodSpec {
             name: name.to_owned(),
@@ -97,6 +152,7 @@ impl LabSpec {
                 pod("hostnames-c", 2, Ipv4Addr::new(10, 76, 1, 10)),
                 pod("client", 1, Ipv4Addr::new(10, 76, 0, 20)),
             ],
+            topology: Topology::from_env(),
         }
     }
 
@@ -148,8 +204,8 @@ pub struct NodeState {
     /// Fabric address of `eth0`.
     pub ip: Ipv4Addr,
     pub pod_cidr: String,
-    /// Address of `cbr0`.
-    pub bridge_ip: Ipv4Addr,
+    /// Address of `cbr0` (bridge topology; the routed one has no bridge).
+    pub bridge_ip: Option<Ipv4Addr>,
     /// The node's private bpffs mount (pin path root for an agent running in this node).
     pub bpffs: PathBuf,
 }
@@ -161,7 +217,7 @@ pub struct PodState {
     pub node: u8,
     pub ip: Ipv4Addr,
     pub ns: String,
-    /// The host-side veth (a port of cbr0 in the node namespace).
+    /// The host-side veth in the node namespace (a port of cbr0 in the bridge topology).
     pub host_veth: String,
     /// The pod-side interface (`eth0`).
     pub pod_if: String,
@@ -194,7 +250,7 @@ impl LabState {
                 ns: format!("{prefix}-node{node}"),
                 ip: node_ip(node),
                 pod_cidr: node_pod_cidr(node),
-                bridge_ip: node_bridge_ip(node),
+                bridge_ip: (spec.topology == Topology::Bridge).then(|| node_bridge_ip(node)),
                 bpffs: dir.join(format!("bpffs-node{node}")),
             })
             .collect();

@@ -343,11 +343,20 @@ mod tests {
         let (a, _) = run_args(&s(&["--logging-format=json"]));
         assert_eq!(a.kp.logging_format, Some(LogFormat::Json));
         assert!(try_parse_from(s(&["--logging-format=yaml"])).is_err());
-        let (a, _) = run_args(&s(&["--detect-local-mode=BridgeInterface"]));
+        let (a, _) = run_args(&s(&[
+            "--detect-local-mode=BridgeInterface",
+            "--pod-bridge-interface=cbr0",
+        ]));
         assert_eq!(
             a.kp.detect_local_mode,
             Some(DetectLocalMode::BridgeInterface)
         );
+        // As kube-proxy: BridgeInterface names the bridge (there is no default one).
+        let p = try_parse_from(s(&["--detect-local-mode=BridgeInterface"])).unwrap();
+        let Command::Run(mut a) = p.cli.command else {
+            panic!("not run");
+        };
+        assert!(resolve(&mut a, p.run_matches.as_ref()).is_err());
         // Ignored Go booleans too.
         let (a, _) = run_args(&s(&["--profiling=false", "--ipvs-strict-arp"]));
         assert_eq!(a.ignored.given, ["profiling", "ipvs-strict-arp"]);

@@ -62,14 +62,18 @@ pub struct RunArgs {
         hide_default_value = true
     )]
     pub cluster_cidr: String,
-    /// The bridge holding the pods' veths: every port gets the pod programs. kube-proxy's
-    /// --pod-bridge-interface, which --detect-local-mode BridgeInterface also reads.
-    /// (`--pod-bridge` is this flag's older name.)
+    /// The bridge holding the pods' veths (bridge plugin, flannel's cni0, kubenet's cbr0):
+    /// its ports are the pod interfaces. kube-proxy's --pod-bridge-interface, which
+    /// --detect-local-mode BridgeInterface also reads. (`--pod-bridge` is this flag's older
+    /// name.) Default: no bridge; pod interfaces are those named --pod-interface-name-prefix*
+    /// if given, else every veth or netkit device whose peer is in another network namespace
+    /// (any CNI), uplinks excluded.
     #[arg(
         long = "pod-bridge-interface",
         alias = "pod-bridge",
         value_name = "IFACE",
-        default_value = "cbr0"
+        default_value = "",
+        hide_default_value = true
     )]
     pub pod_bridge: String,
     /// Interface(s) where traffic from outside the node arrives (NodePort, LoadBalancer IPs,
@@ -98,7 +102,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
     /// Source address used when a pod reaches itself through a service (hairpin).
-    /// Default: the pod bridge's first IPv4 address.
+    /// Default: the node's address (what kube-proxy masquerades it to).
     #[arg(long, value_name = "IP")]
     pub hairpin_ip: Option<Ipv4Addr>,
     /// How often the manifests directory is checked for changes that inotify did not report
@@ -165,8 +169,10 @@ pub struct KubeProxyFlags {
     /// ClusterCIDR.
     #[arg(long, value_enum, value_name = "MODE", ignore_case = true)]
     pub detect_local_mode: Option<DetectLocalMode>,
-    /// With --detect-local-mode InterfaceNamePrefix: the name prefix of the pods' interfaces
-    /// (e.g. veth). Default: the config file's detectLocal.interfaceNamePrefix.
+    /// The name prefix of the pods' interfaces (e.g. veth, cali, lxc): without
+    /// --pod-bridge-interface, those interfaces get the pod programs; --detect-local-mode
+    /// InterfaceNamePrefix reads it too. Default: the config file's
+    /// detectLocal.interfaceNamePrefix.
     #[arg(
         long,
         value_name = "PREFIX",
@@ -1187,7 +1193,10 @@ oomScoreAdj: -999
         ])
         .unwrap();
         assert_eq!(a.kp.detect_local_mode, Some(DetectLocalMode::ClusterCIDR));
-        assert_eq!(a.pod_bridge, "cbr0");
+        assert_eq!(
+            a.pod_bridge, "",
+            "no bridge: pod interfaces are found without one"
+        );
         assert_eq!(a.kp.pod_interface_name_prefix, "");
         assert_eq!(a.kp.v, Some(0));
         assert_eq!(a.kp.logging_format, None, "text");

@@ -246,7 +246,7 @@ pub enum DetectLocalMode {
     #[value(name = "BridgeInterface")]
     BridgeInterface,
     /// Traffic from interfaces named --pod-interface-name-prefix* is local. Approximated:
-    /// sources in the pod bridge's IPv4 subnet.
+    /// sources in the pod bridge's IPv4 subnet if one is named, else in the Node's podCIDR.
     #[value(name = "InterfaceNamePrefix")]
     InterfaceNamePrefix,
 }
@@ -288,8 +288,8 @@ impl LocalDetection {
     pub fn local_cidr(&self, node: Option<&Node>, bridge_nets: &[(Ipv4Addr, u8)]) -> Cidr {
         match self.mode {
             DetectLocalMode::ClusterCIDR => self.cluster_cidr,
-            DetectLocalMode::NodeCIDR => node.and_then(node_pod_cidr_v4).unwrap_or_default(),
-            DetectLocalMode::BridgeInterface | DetectLocalMode::InterfaceNamePrefix => bridge_nets
+            _ if self.follows_node() => node.and_then(node_pod_cidr_v4).unwrap_or_default(),
+            _ => bridge_nets
                 .iter()
                 // A /32 is an address, not a subnet of pods.
                 .find(|(_, p)| (1..=31).contains(p))
@@ -301,6 +301,14 @@ impl LocalDetection {
                 })
                 .unwrap_or_default(),
         }
+    }
+
+    /// Whether the local CIDR is the Node object's podCIDR: NodeCIDR, and InterfaceNamePrefix
+    /// without a pod bridge (routed pods have no bridge subnet; their addresses come from
+    /// the node's podCIDR).
+    pub fn follows_node(&self) -> bool {
+        self.mode == DetectLocalMode::NodeCIDR
+            || (self.mode == DetectLocalMode::InterfaceNamePrefix && self.bridge.is_empty())
     }
 
     /// Checks the flags as kube-proxy's validation does and returns what to log at startup:
@@ -355,22 +363,26 @@ impl LocalDetection {
                                 --pod-interface-name-prefix (e.g. veth)"
                         .to_owned());
                 }
+                let by = if self.bridge.is_empty() {
+                    "this node's Node.spec.podCIDRs (IPv4 entry)".to_owned()
+                } else {
+                    format!("bridge {:?}'s IPv4 subnet", self.bridge)
+                };
                 warn.push(format!(
                     "--detect-local-mode InterfaceNamePrefix is approximated: kube-proxy treats \
-                     traffic arriving from interfaces named {p:?}* as local; ebpf-proxy's pods \
-                     are the ports of bridge {b:?} and its datapath compares source addresses, \
-                     so traffic whose source is in {b:?}'s IPv4 subnet is local, whatever \
-                     interface it arrived on (bridge ports not named {p:?}* are reported)",
+                     traffic arriving from interfaces named {p:?}* as local; ebpf-proxy's \
+                     datapath compares source addresses, so traffic whose source is in {by} is \
+                     local, whatever interface it arrived on (pod interfaces not named {p:?}* \
+                     are reported)",
                     p = self.prefix,
-                    b = self.bridge
                 ));
             }
         }
         Ok((info, warn))
     }
 
-    /// InterfaceNamePrefix: the pod bridge's ports whose names lack the prefix (kube-proxy
-    /// would not treat their traffic as local; here it is, by its source address).
+    /// InterfaceNamePrefix: the pod interfaces whose names lack the prefix (kube-proxy would
+    /// not treat their traffic as local; here it is, by its source address).
     pub fn ports_without_prefix<'a>(
         &self,
         ports: impl IntoIterator<Item = &'a str>,
@@ -556,6 +568,13 @@ mod tests {
             let got = detection(mode).local_cidr(node, nets);
             assert_eq!(got, want, "{mode:?} node={} nets={nets:?}", node.is_some());
         }
+        // InterfaceNamePrefix without a pod bridge (routed pods): the Node's podCIDR.
+        let mut d = detection(InterfaceNamePrefix);
+        d.bridge = String::new();
+        assert!(d.follows_node());
+        assert_eq!(d.local_cidr(Some(&n), &[]), cidr("10.244.3.0/24"));
+        assert_eq!(d.local_cidr(None, &[]), none);
+        assert!(!detection(InterfaceNamePrefix).follows_node());
         // No cluster CIDR in ClusterCIDR mode: no local detection (kube-proxy's no-op detector).
         let mut d = detection(ClusterCIDR);
         d.cluster_cidr = Cidr::default();

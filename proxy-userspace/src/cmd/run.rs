@@ -1,6 +1,7 @@
 //! `ebpf-proxy run`: the control loop. Loads and attaches the datapath, then feeds each
 //! snapshot from the source through one sync step (translate -> plan -> apply), keeps the
-//! programs attached to every pod bridge port, and exits on SIGINT/SIGTERM.
+//! programs attached to every pod interface (see [`crate::datapath::pods`]), and exits on
+//! SIGINT/SIGTERM.
 use std::{
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
@@ -21,6 +22,7 @@ use crate::{
         attach::Attachments,
         bpffs,
         netlink::{Iface, LinkEvents, Netlink},
+        pods::PodSelector,
         sockhooks,
         uplinks::{self, Uplinks},
     },
@@ -120,14 +122,18 @@ fn context(args: &RunArgs) -> Result<Context> {
 }
 
 /// The running agent: the loaded datapath with its map model, and everything that follows
-/// the snapshots (node config, uplinks, health checks, metrics) and the pod bridge's ports.
+/// the snapshots (node config, uplinks, health checks, metrics) and the pod interfaces.
 struct Agent {
     ctx: Context,
     node_name: String,
     /// `--node-ip` as given (only for the log line naming the node's addresses).
     node_ip_flags: Vec<Ipv4Addr>,
     uplink_flags: Vec<String>,
-    pod_bridge: String,
+    /// How pod interfaces are found, and the named bridge's ifindex.
+    pods: PodSelector,
+    bridge_index: Option<u32>,
+    /// The uplinks as last discovered: never pod interfaces.
+    uplink_names: Vec<String>,
     /// `--detect-local-mode` and what it needs: the datapath's "local" CIDR follows the Node
     /// object (NodeCIDR) or the bridge's subnet (BridgeInterface, InterfaceNamePrefix).
     local: LocalDetection,
@@ -140,8 +146,8 @@ struct Agent {
     reconciler: Reconciler,
     rejection_log: RejectionLog,
     nl: Netlink,
-    bridge: Iface,
-    hairpin: Ipv4Addr,
+    /// `--hairpin-ip`; else the node's first address.
+    hairpin_flag: Option<Ipv4Addr>,
     /// Node addresses come with the first snapshot (Node object) unless --node-ip gave them;
     /// the local CIDR too with --detect-local-mode NodeCIDR.
     node_config_programmed: Option<(Vec<Ipv4Addr>, crate::sync::Cidr)>,
@@ -163,16 +169,20 @@ struct Agent {
 
 impl Agent {
     /// Loads (or adopts) the datapath, restores the map model, attaches the programs to the
-    /// pod bridge's ports and starts the health and metrics servers. The link events are
-    /// subscribed before the ports are listed, so no change falls in between.
+    /// pod interfaces and starts the health and metrics servers. The link events are
+    /// subscribed before the interfaces are listed, so no change falls in between.
     async fn start(args: &RunArgs, mut ctx: Context) -> Result<(Self, LinkEvents)> {
         let rejection_log = RejectionLog::default();
         let (mut dp, state, pins, retired) = load_datapath(args, &ctx)?;
 
         let nl = Netlink::connect()?;
-        let (bridge, hairpin) = pod_bridge(&nl, args).await?;
+        let pods = PodSelector::from_flags(&args.pod_bridge, &args.kp.pod_interface_name_prefix);
+        let bridge_index = pod_bridge(&nl, &pods).await?;
         let local = local_detection(args);
-        let bridge_nets = nl.ipv4_nets(bridge.index).await?;
+        let bridge_nets = match bridge_index {
+            Some(i) => nl.ipv4_nets(i).await?,
+            None => Vec::new(),
+        };
         // What the previous agent knew of this node stays until a snapshot says otherwise
         // (the API server may be down for the whole restart): its address, which masquerade
         // and IPIP/GUE decapsulation need, and its NodeCIDR.
@@ -188,7 +198,8 @@ impl Agent {
         for n in add {
             dp.set_decap_source(n, true)?;
         }
-        dp.set_config(&ctx.node_config(&known_ips, Some(hairpin)))?;
+        let hairpin = hairpin_source(args.hairpin_ip, &known_ips);
+        dp.set_config(&ctx.node_config(&known_ips, hairpin))?;
         for n in remove {
             dp.set_decap_source(n, false)?;
         }
@@ -213,32 +224,41 @@ impl Agent {
             ),
         }
         let uplink_hooks = Uplinks::new(Some(&pins), args.xdp_mode);
-        info!(
-            "pod bridge {} (ifindex {}), hairpin source {hairpin}",
-            bridge.name, bridge.index
+        info!("pod interfaces: {pods}");
+        match (args.hairpin_ip, hairpin) {
+            (Some(ip), _) => info!("hairpin source {ip} (--hairpin-ip)"),
+            (None, Some(ip)) => info!("hairpin source {ip} (the node's address)"),
+            (None, None) => info!(
+                "hairpin source: the node's address, once known (until then a pod reaching \
+                 itself through a service is dropped)"
+            ),
+        }
+        // The uplinks are never pod interfaces: known before any pod program is attached.
+        let uplink_names = iface_names(
+            &uplinks::discover(&nl, &args.uplinks, &known_ips, pods.bridge().unwrap_or("")).await?,
         );
 
         // Links are pinned under <pins>/links: adopting them swaps this agent's programs in
         // atomically (a restart or an upgrade), and they stay attached after this process exits.
         let mut attachments = Attachments::new(Some(&pins));
         let link_events = LinkEvents::subscribe()?;
-        let ports = nl.bridge_ports(bridge.index).await?;
+        let ports = pods.select(&nl.link_facts().await?, bridge_index, &uplink_names);
         let unprefixed = local.ports_without_prefix(ports.iter().map(|p| p.name.as_str()));
         if !unprefixed.is_empty() {
             warn!(
-                "--detect-local-mode InterfaceNamePrefix: ports of {} not named {:?}*: {}; \
+                "--detect-local-mode InterfaceNamePrefix: pod interfaces not named {:?}*: {}; \
                  kube-proxy would not treat their traffic as local, ebpf-proxy does when its \
-                 source is in the bridge's subnet",
-                bridge.name,
+                 source is in the local CIDR",
                 local.prefix,
                 unprefixed.join(", ")
             );
         }
         let st = attachments.sync(&mut dp, &ports);
         info!(
-            "datapath on {} bridge ports: {} links adopted with their programs replaced \
+            "datapath on {} pod interfaces ({}): {} links adopted with their programs replaced \
              atomically, {} attached and pinned, {} stale pins removed, {} failed",
             ports.len(),
+            iface_names(&ports).join(", "),
             st.replaced,
             st.created,
             st.removed_stale,
@@ -269,7 +289,9 @@ impl Agent {
             node_name: args.node_name.clone(),
             node_ip_flags: args.node_ips.clone(),
             uplink_flags: args.uplinks.clone(),
-            pod_bridge: args.pod_bridge.clone(),
+            pods,
+            bridge_index,
+            uplink_names,
             local_logged,
             local,
             bridge_nets,
@@ -279,8 +301,7 @@ impl Agent {
             reconciler: Reconciler::new(),
             rejection_log,
             nl,
-            bridge,
-            hairpin,
+            hairpin_flag: args.hairpin_ip,
             node_config_programmed: None,
             known_ips: known_ips.clone(),
             ct_migrating: migrated.is_some(),
@@ -320,7 +341,7 @@ impl Agent {
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
         let mut local = self.local.local_cidr(node, &self.bridge_nets);
-        if node.is_none() && self.local.mode == crate::cmd::kpflags::DetectLocalMode::NodeCIDR {
+        if node.is_none() && self.local.follows_node() {
             // No Node object in this snapshot: keep the NodeCIDR we had.
             local = self.ctx.cluster_cidr;
         }
@@ -427,8 +448,9 @@ impl Agent {
         let local_changed = programmed.is_none_or(|(_, l)| *l != local);
         if ips_changed || local_changed {
             self.ctx.cluster_cidr = local;
+            let hairpin = hairpin_source(self.hairpin_flag, &node_ips);
             self.dp
-                .set_config(&self.ctx.node_config(&node_ips, Some(self.hairpin)))?;
+                .set_config(&self.ctx.node_config(&node_ips, hairpin))?;
             if local != self.local_logged {
                 log_local(&self.local, local);
                 self.local_logged = local;
@@ -438,8 +460,18 @@ impl Agent {
             if !node_ips.is_empty() {
                 self.known_ips = node_ips.clone();
             }
-            let want = uplinks::discover(&self.nl, &self.uplink_flags, &node_ips, &self.pod_bridge)
-                .await?;
+            let want = uplinks::discover(
+                &self.nl,
+                &self.uplink_flags,
+                &node_ips,
+                self.pods.bridge().unwrap_or(""),
+            )
+            .await?;
+            if iface_names(&want) != self.uplink_names {
+                // An interface that is now an uplink loses the pod programs first.
+                self.uplink_names = iface_names(&want);
+                self.ports_changed().await?;
+            }
             self.uplink_hooks.sync(&mut self.dp, &want);
             if want.is_empty() {
                 warn!(
@@ -471,9 +503,17 @@ impl Agent {
         Ok(())
     }
 
-    /// A pod bridge port came or went: attach to the new ones.
+    /// The pod interfaces now, by the selector.
+    async fn pod_interfaces(&self) -> Result<Vec<Iface>> {
+        let links = self.nl.link_facts().await?;
+        Ok(self
+            .pods
+            .select(&links, self.bridge_index, &self.uplink_names))
+    }
+
+    /// A link came, went or changed (rtnetlink event): attach to the new pod interfaces.
     async fn ports_changed(&mut self) -> Result<()> {
-        let ports = self.nl.bridge_ports(self.bridge.index).await?;
+        let ports = self.pod_interfaces().await?;
         let st = self.attachments.sync(&mut self.dp, &ports);
         self.health.set_attached(self.attachments.covers(&ports));
         self.metrics.link_replacements.inc_by(st.replaced as u64);
@@ -483,16 +523,16 @@ impl Agent {
         Ok(())
     }
 
-    /// The periodic check of the pod bridge's ports.
+    /// The periodic check of the pod interfaces (a missed event).
     async fn resync_ports(&mut self) -> Result<()> {
-        let ports = self.nl.bridge_ports(self.bridge.index).await?;
+        let ports = self.pod_interfaces().await?;
         self.attachments.sync(&mut self.dp, &ports);
         self.health.set_attached(self.attachments.covers(&ports));
         self.metrics
             .attached_links
             .set(2 * self.attachments.ports().count() as i64);
         debug!(
-            "attached to {} bridge ports",
+            "attached to {} pod interfaces",
             self.attachments.ports().count()
         );
         Ok(())
@@ -587,7 +627,7 @@ fn log_local(local: &LocalDetection, cidr: crate::sync::Cidr) {
             "local traffic ({:?}): not known yet (no IPv4 {}); nothing is masqueraded because \
              of its source until it is",
             local.mode,
-            if local.mode == crate::cmd::kpflags::DetectLocalMode::NodeCIDR {
+            if local.follows_node() {
                 "podCIDR in this node's Node object"
             } else {
                 "address on the pod bridge"
@@ -625,28 +665,31 @@ pub fn init_only(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The pod bridge (`--pod-bridge-interface`) and the hairpin source address (`--hairpin-ip`, else the
-/// bridge's first IPv4 address).
-async fn pod_bridge(nl: &Netlink, args: &RunArgs) -> Result<(Iface, Ipv4Addr)> {
-    let Some(bridge) = nl.link_by_name(&args.pod_bridge).await? else {
-        bail!(
-            "pod bridge {:?} does not exist in this network namespace; pass \
-             --pod-bridge-interface with the bridge that holds the pods' veths",
-            args.pod_bridge
-        );
+/// The named pod bridge's ifindex (`--pod-bridge-interface`); `None` for the other
+/// selectors. A named bridge that does not exist is an error: the flag says the pods are there.
+async fn pod_bridge(nl: &Netlink, pods: &PodSelector) -> Result<Option<u32>> {
+    let Some(name) = pods.bridge() else {
+        return Ok(None);
     };
-    let hairpin = match args.hairpin_ip {
-        Some(ip) => ip,
-        None => nl
-            .ipv4_addrs(bridge.index)
-            .await?
-            .first()
-            .copied()
-            .with_context(|| {
-                format!("{} has no IPv4 address; pass --hairpin-ip", args.pod_bridge)
-            })?,
-    };
-    Ok((bridge, hairpin))
+    match nl.link_by_name(name).await? {
+        Some(b) => Ok(Some(b.index)),
+        None => bail!(
+            "pod bridge {name:?} does not exist in this network namespace; pass \
+             --pod-bridge-interface with the bridge that holds the pods' veths, or leave it \
+             out to find pod interfaces without a bridge"
+        ),
+    }
+}
+
+/// The hairpin source (a pod reaching itself through a service must see another source than
+/// its own): `--hairpin-ip`, else the node's first address, as kube-proxy masquerades it to
+/// the outgoing address. Pure.
+fn hairpin_source(flag: Option<Ipv4Addr>, node_ips: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+    flag.or_else(|| node_ips.first().copied())
+}
+
+fn iface_names(v: &[Iface]) -> Vec<String> {
+    v.iter().map(|i| i.name.clone()).collect()
 }
 
 /// What the pinned config of the previous agent (same build or an earlier release) says
@@ -680,7 +723,8 @@ impl Remembered {
         self.node_addr.into_iter().collect()
     }
 
-    /// The local CIDR to program: `now`, unless NodeCIDR mode has no Node object yet
+    /// The local CIDR to program: `now`, unless the local CIDR follows the Node object
+    /// (NodeCIDR; InterfaceNamePrefix without a bridge) and that is not known yet
     /// (`node_known` false), then the remembered one.
     fn local(
         &self,
@@ -688,8 +732,8 @@ impl Remembered {
         now: crate::sync::Cidr,
         node_known: bool,
     ) -> crate::sync::Cidr {
-        match (d.mode, node_known, self.local) {
-            (crate::cmd::kpflags::DetectLocalMode::NodeCIDR, false, Some(l)) if !now.is_set() => l,
+        match (node_known, self.local) {
+            (false, Some(l)) if d.follows_node() && !now.is_set() => l,
             _ => now,
         }
     }
@@ -836,6 +880,15 @@ mod tests {
     }
 
     #[test]
+    fn the_hairpin_source_is_the_flag_else_the_node_address() {
+        let node = [Ipv4Addr::new(10, 240, 0, 11), Ipv4Addr::new(192, 0, 2, 7)];
+        let flag = Ipv4Addr::new(10, 76, 0, 1);
+        assert_eq!(hairpin_source(Some(flag), &node), Some(flag));
+        assert_eq!(hairpin_source(None, &node), Some(node[0]));
+        assert_eq!(hairpin_source(None, &[]), None, "unknown until the node is");
+    }
+
+    #[test]
     fn the_pinned_config_remembers_the_node_until_a_snapshot_knows_it() {
         let cfg = proxy_common::NodeConfig {
             node_addr_be: crate::abi::addr_be(Ipv4Addr::new(10, 240, 0, 11)),
@@ -863,6 +916,9 @@ mod tests {
             unset,
             "only NodeCIDR is remembered"
         );
+        // InterfaceNamePrefix without a bridge follows the Node too.
+        d.mode = DetectLocalMode::InterfaceNamePrefix;
+        assert_eq!(r.local(&d, unset, false), cidr([10, 76, 1, 0], 24));
         // A fresh node: nothing pinned, nothing remembered.
         let none = Remembered::from_config(Some(proxy_common::NodeConfig::default()));
         assert!(none.node_ips(&[]).is_empty());

@@ -1,11 +1,12 @@
-//! Keeping the pod programs attached to every port of the pod bridge, through pinned links
+//! Keeping the pod programs attached to every pod interface (chosen by
+//! [`crate::datapath::pods::PodSelector`]), through pinned links
 //! (see [`crate::datapath::links`]) so they stay attached while the agent is down.
 //!
 //! For each port and direction, [`Attachments::sync`]:
 //! - adopts a live pinned link and swaps this agent's program into it atomically
 //!   (`attach_to_link` = `BPF_LINK_UPDATE`): what a restart or an upgrade does;
 //! - otherwise attaches a new TCX link and pins it;
-//! - removes pins whose device is gone or is no longer a bridge port.
+//! - removes pins whose device is gone or is no longer a pod interface.
 //!
 //! Pinned links need TCX (Linux >= 6.6); on older kernels aya falls back to netlink tc filters,
 //! which cannot be pinned, and attaching fails with a message saying so.
@@ -108,7 +109,11 @@ impl Attachments {
                         warn!("removing link pin {}: {e}", pin.display());
                     }
                 }
-                info!("bridge port {} (ifindex {}) is gone", p.name, p.index);
+                info!(
+                    "{} (ifindex {}) is no longer a pod interface (gone, or now excluded): \
+                     its programs are detached",
+                    p.name, p.index
+                );
             }
         }
         if !self.first_sync_done {
@@ -134,7 +139,7 @@ impl Attachments {
                         "attached"
                     };
                     info!(
-                        "{how} {} and {} {} bridge port {} (ifindex {})",
+                        "{how} {} and {} {} pod interface {} (ifindex {})",
                         programs::POD_INGRESS,
                         programs::POD_EGRESS,
                         if how == "attached" { "to" } else { "of" },
@@ -145,7 +150,7 @@ impl Attachments {
                 }
                 Err(e) => {
                     st.failed += 1;
-                    warn!("bridge port {}: {e:#}", p.name);
+                    warn!("pod interface {}: {e:#}", p.name);
                 }
             }
         }
@@ -158,7 +163,7 @@ impl Attachments {
     }
 
     /// Pins left by an earlier agent for devices that are gone, renamed, re-created (another
-    /// ifindex) or no longer bridge ports: detached and removed.
+    /// ifindex) or no longer pod interfaces: detached and removed.
     fn remove_stale_pins(&self, current: &[Iface]) -> usize {
         let Some(pin_dir) = &self.pin_dir else {
             return 0;
@@ -188,7 +193,7 @@ impl Attachments {
                 Ok(()) => {
                     n += 1;
                     info!(
-                        "removed stale link pin {} (interface {} ifindex {} is not a bridge port now)",
+                        "removed stale link pin {} (interface {} ifindex {} is not a pod interface now)",
                         e.path.display(),
                         e.ifname,
                         e.ifindex
@@ -228,7 +233,7 @@ impl Attachments {
         Ok((pins, outcomes))
     }
 
-    /// Attaches (or adopts and replaces) one tc hook of a bridge port.
+    /// Attaches (or adopts and replaces) one tc hook of a pod interface.
     fn attach_one(
         &mut self,
         dp: &mut Datapath,

@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod layout;
 pub mod links;
 pub mod netlink;
+pub mod pods;
 pub mod service_maps;
 pub mod sockhooks;
 pub mod sys;

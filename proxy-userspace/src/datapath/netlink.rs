@@ -1,15 +1,17 @@
-//! Interface discovery over rtnetlink: the pod bridge's ports and addresses, and link
-//! events so ports that appear later get attached.
+//! Interface discovery over rtnetlink: interfaces with the facts pod selection reads, addresses,
+//! and link events so pod interfaces that appear later get attached.
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context as _, Result, anyhow};
 use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
 use netlink_packet_route::{
     address::AddressAttribute,
-    link::{LinkAttribute, LinkMessage},
+    link::{LinkAttribute, LinkInfo, LinkMessage},
 };
 use netlink_sys::AsyncSocket as _;
 use rtnetlink::Handle;
+
+use super::pods::LinkFacts;
 
 /// A network interface by index and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -65,21 +67,34 @@ impl Netlink {
         }
     }
 
-    /// Every interface enslaved to the bridge with index `bridge`.
-    pub async fn bridge_ports(&self, bridge: u32) -> Result<Vec<Iface>> {
+    /// Every interface with what pod selection needs to know of it
+    /// ([`crate::datapath::pods`]).
+    pub async fn link_facts(&self) -> Result<Vec<LinkFacts>> {
         let mut s = self.handle.link().get().execute();
         let mut out = Vec::new();
         while let Some(m) = s.try_next().await.context("listing interfaces")? {
-            if link_controller(&m) == Some(bridge)
-                && let Some(name) = link_name(&m)
-            {
-                out.push(Iface {
+            let Some(name) = link_name(&m) else { continue };
+            let kind = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                    LinkInfo::Kind(k) => Some(k.to_string()),
+                    _ => None,
+                }),
+                _ => None,
+            });
+            let peer_netns = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::LinkNetNsId(id) => Some(*id),
+                _ => None,
+            });
+            out.push(LinkFacts {
+                iface: Iface {
                     index: m.header.index,
                     name,
-                });
-            }
+                },
+                controller: link_controller(&m),
+                kind,
+                peer_netns,
+            });
         }
-        out.sort();
         Ok(out)
     }
 
