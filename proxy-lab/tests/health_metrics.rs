@@ -158,7 +158,6 @@ fn inspect_json(c: &Cluster, args: &[&str]) -> serde_json::Value {
 /// `inspect` of node1 with its filters and `inspect status`, against the running agent: the
 /// demo service `default/hostnames` and `default/extra` are programmed, 70 connections made.
 fn inspect_filters(c: &Cluster) {
-    let all = inspect_json(c, &[]);
     let entries = |v: &serde_json::Value| v["services"].as_array().expect("services").clone();
     let names = |v: &serde_json::Value| -> Vec<String> {
         entries(v)
@@ -171,6 +170,16 @@ fn inspect_filters(c: &Cluster) {
                 )
             })
             .collect()
+    };
+    // The status file follows the last sync within a second (MIN_WRITE_INTERVAL).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let all = loop {
+        let all = inspect_json(c, &[]);
+        if names(&all).contains(&"default/extra".to_owned()) || std::time::Instant::now() > deadline
+        {
+            break all;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     };
     assert!(
         names(&all).contains(&"default/hostnames".to_owned()),

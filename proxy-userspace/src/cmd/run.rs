@@ -324,12 +324,8 @@ impl Agent {
         };
         match result {
             Ok(s) => {
-                let st = self
-                    .status
-                    .synced(&snapshot.objects, &s.service_ids, &self.health);
-                if let Err(e) = st {
-                    warn!("status file for `inspect` not written: {e:#}");
-                }
+                let (objects, ids) = (&snapshot.objects, &s.service_ids);
+                self.status.synced(objects, ids, &self.health);
                 self.synced(&s, started, (node_ips, local), source).await
             }
             Err(e) => {

@@ -1,7 +1,8 @@
 //! The agent's status file: what `ebpf-proxy inspect` shows that the pinned maps do not hold
 //! (service names and types, endpoint states, the agent's version, configuration, last sync
-//! and health). The agent rewrites it after every successful sync; `inspect` reads it and
-//! joins it with the maps by service ID.
+//! and health). The agent rewrites it after successful syncs (the latest one's, at most once
+//! a second, from a thread of its own); `inspect` reads it and joins it with the maps by
+//! service ID.
 //!
 //! Where: `/run/ebpf-proxy/<bpffs path, '/' as '-'>.json` (`sys-fs-bpf.json` for the default
 //! `--bpffs`), so `inspect --bpffs DIR` finds the agent of that pin directory (the BPF
@@ -10,15 +11,21 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    time::SystemTime,
+    sync::mpsc,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    serve::{health::ProxyHealth, metrics::ServiceIds, process},
+    serve::{
+        health::{HealthStatus, ProxyHealth},
+        metrics::ServiceIds,
+        process,
+    },
     source::manifests::Objects,
 };
 
@@ -205,10 +212,24 @@ pub fn catalogue(objects: &Objects) -> Vec<ServiceInfo> {
     out
 }
 
-/// Keeps the status file of one agent current.
+/// Shortest time between two writes: a sync loop under churn is not slowed by status files;
+/// the last sync's status is always written, at most this much later.
+pub const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What one sync leaves for the status file.
+struct Update {
+    objects: Objects,
+    ids: ServiceIds,
+    health: HealthStatus,
+    at: SystemTime,
+}
+
+/// Keeps the status file of one agent current: a thread of its own renders and writes it
+/// (serializing every Service costs time on a large cluster), the latest sync's status at
+/// most every [`MIN_WRITE_INTERVAL`].
 pub struct StatusWriter {
     path: PathBuf,
-    base: AgentStatus,
+    tx: mpsc::Sender<Update>,
 }
 
 impl StatusWriter {
@@ -224,19 +245,50 @@ impl StatusWriter {
             .iter()
             .map(|l| (l.name.to_owned(), l.max_entries))
             .collect();
-        Self {
-            path: status_path(bpffs),
-            base: AgentStatus {
-                version: process::VERSION.to_owned(),
-                git_revision: process::GIT_REVISION.to_owned(),
-                rustc: process::RUSTC.to_owned(),
-                pid: std::process::id(),
-                node_name: node_name.to_owned(),
-                config,
-                maps,
-                ..Default::default()
-            },
+        let base = AgentStatus {
+            version: process::VERSION.to_owned(),
+            git_revision: process::GIT_REVISION.to_owned(),
+            rustc: process::RUSTC.to_owned(),
+            pid: std::process::id(),
+            node_name: node_name.to_owned(),
+            config,
+            maps,
+            ..Default::default()
+        };
+        Self::at(status_path(bpffs), base, MIN_WRITE_INTERVAL)
+    }
+
+    fn at(path: PathBuf, base: AgentStatus, interval: Duration) -> Self {
+        let (tx, rx) = mpsc::channel::<Update>();
+        let p = path.clone();
+        let spawned = std::thread::Builder::new()
+            .name("status-file".into())
+            .spawn(move || {
+                let mut failing = false;
+                // Ends when the agent drops its writer.
+                while let Ok(mut u) = rx.recv() {
+                    while let Ok(newer) = rx.try_recv() {
+                        u = newer;
+                    }
+                    match write_atomically(&p, &render(&base, u)) {
+                        Ok(()) if failing => {
+                            info!("status file {} written again", p.display());
+                            failing = false;
+                        }
+                        Ok(()) => {}
+                        Err(e) if !failing => {
+                            warn!("status file for `inspect` not written: {e:#}");
+                            failing = true;
+                        }
+                        Err(_) => {}
+                    }
+                    std::thread::sleep(interval);
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("no status file for `inspect`: starting its thread: {e}");
         }
+        Self { path, tx }
     }
 
     pub fn path(&self) -> &Path {
@@ -244,25 +296,17 @@ impl StatusWriter {
     }
 
     /// After a successful sync: the objects it programmed, the service IDs and health.
-    /// A failure to write is returned (the caller logs it; `inspect` then shows less).
-    pub fn synced(&self, objects: &Objects, ids: &ServiceIds, health: &ProxyHealth) -> Result<()> {
-        let now = SystemTime::now();
-        let h = health.status();
-        let status = AgentStatus {
-            last_sync: super::health::rfc3339(now),
-            last_sync_unix: now
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
-            health: Health {
-                healthy: h.healthy,
-                reason: h.reason,
-                node_eligible: h.node_eligible,
+    pub fn synced(&self, objects: &Objects, ids: &ServiceIds, health: &ProxyHealth) {
+        let _ = self.tx.send(Update {
+            objects: Objects {
+                services: objects.services.clone(),
+                slices: objects.slices.clone(),
+                nodes: Vec::new(),
             },
-            services: catalogue(objects),
-            service_ids: ids.iter().map(|(id, l)| (*id, l.entry_name())).collect(),
-            ..self.base.clone()
-        };
-        write_atomically(&self.path, &serde_json::to_vec(&status)?)
+            ids: ids.clone(),
+            health: health.status(),
+            at: SystemTime::now(),
+        });
     }
 
     /// Removes the file (`cleanup`).
@@ -273,6 +317,26 @@ impl StatusWriter {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The file's JSON for one sync. Pure.
+fn render(base: &AgentStatus, u: Update) -> Vec<u8> {
+    let status = AgentStatus {
+        last_sync: super::health::rfc3339(u.at),
+        last_sync_unix: u
+            .at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        health: Health {
+            healthy: u.health.healthy,
+            reason: u.health.reason,
+            node_eligible: u.health.node_eligible,
+        },
+        services: catalogue(&u.objects),
+        service_ids: u.ids.iter().map(|(id, l)| (*id, l.entry_name())).collect(),
+        ..base.clone()
+    };
+    serde_json::to_vec(&status).unwrap_or_default()
 }
 
 fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
@@ -365,6 +429,40 @@ mod tests {
         assert_eq!(web.endpoints[0].node, "node1");
         assert_eq!(c[0].type_, "ClusterIP");
         assert!(c[0].endpoints.is_empty());
+    }
+
+    #[test]
+    fn the_writer_thread_writes_the_latest_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s/status.json");
+        let base = AgentStatus {
+            node_name: "n1".into(),
+            ..Default::default()
+        };
+        let w = StatusWriter::at(path.clone(), base, Duration::from_millis(50));
+        let health = ProxyHealth::new(Duration::from_secs(60));
+        let web = crate::serve::metrics::ServiceLabels::from_entry(
+            "default/web:http",
+            crate::abi::Protocol::Tcp,
+        );
+        for id in 1..=3u32 {
+            w.synced(&Objects::default(), &[(id, web.clone())].into(), &health);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let st: Option<AgentStatus> = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(st) = st.filter(|s| s.service_ids.contains_key(&3)) {
+                assert_eq!(st.node_name, "n1");
+                assert_eq!(st.service_ids[&3], "default/web:http");
+                assert!(!st.health.healthy, "not attached: {:?}", st.health);
+                assert!(st.last_sync_unix > 1.7e9);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "status never written");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
