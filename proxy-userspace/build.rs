@@ -40,6 +40,16 @@ fn git_revision() {
         .filter(|r| !r.is_empty())
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=EBPF_PROXY_GIT_REVISION={rev}");
+    // The compiler, for the build-info metric and `inspect status` (cargo sets RUSTC).
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let rustc_version = std::process::Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=EBPF_PROXY_RUSTC={rustc_version}");
     // Rebuilt when HEAD moves: a checkout changes .git/HEAD, a commit the branch's ref.
     let git = std::path::Path::new("../.git");
     if let Ok(head) = std::fs::read_to_string(git.join("HEAD")) {

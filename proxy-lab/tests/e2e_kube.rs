@@ -50,6 +50,34 @@ fn up() -> (Cluster, Vec<Endpoint>) {
     (c, eps)
 }
 
+/// `ebpf-proxy trace --kubeconfig` from node1's namespace (where the lab API server is
+/// reachable): TCP from the `client` pod to the ClusterIP, JSON.
+fn trace_live(c: &Cluster, timeout_s: u32) -> std::process::Output {
+    let client = c.lab.pod_ip("client").expect("client pod").to_string();
+    let argv: Vec<String> = vec![
+        c.bins.agent.display().to_string(),
+        "trace".into(),
+        "--kubeconfig".into(),
+        c.kubeconfig().expect("kube mode").display().to_string(),
+        "--timeout".into(),
+        timeout_s.to_string(),
+        "--node-name".into(),
+        "node1".into(),
+        "--node-ip".into(),
+        proxy_lab::lab::node_ip(1).to_string(),
+        "--cluster-cidr".into(),
+        "10.76.0.0/16".into(),
+        "--protocol".into(),
+        "tcp".into(),
+        "--source".into(),
+        client,
+        "--destination".into(),
+        vip(),
+        "--json".into(),
+    ];
+    c.lab.exec(&c.lab.node_ns(1), &argv).expect("trace")
+}
+
 fn vip() -> String {
     format!("{CLUSTER_IP}:{SERVICE_PORT}")
 }
@@ -143,8 +171,42 @@ fn cluster_ip_and_endpoint_changes_through_the_api_server() {
         );
     }
 
+    // `trace --kubeconfig` reads the same live objects: the kept endpoints only, and it
+    // names the Service; with the API server down it says so instead of tracing nothing.
+    let t = trace_live(&c, 30);
+    assert!(
+        t.status.success(),
+        "trace: {}",
+        String::from_utf8_lossy(&t.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&t.stdout).expect("trace JSON");
+    let mut want: Vec<String> = kept.iter().map(|e| format!("{}:9376", e.ip)).collect();
+    want.sort();
+    assert_eq!(r["verdict"], "forward", "{r}");
+    assert_eq!(
+        r["endpoints"],
+        serde_json::json!(want),
+        "the live endpoints: {r}"
+    );
+    assert_eq!(r["service"], "default/hostnames:tcp", "{r}");
+    assert_eq!(r["service_address"], "ClusterIP", "{r}");
+    println!("trace --kubeconfig: {r}");
+    // Per-service series are opt-in (--metrics-per-service, not given here).
+    let (_, text) = c
+        .http_get(1, "http://127.0.0.1:10249/metrics")
+        .expect("metrics");
+    assert!(
+        text.contains("ebpf_proxy_datapath_verdicts_total")
+            && !text.contains("ebpf_proxy_service_packets_total"),
+        "no per-service series by default: {text}"
+    );
+
     // API server down: a manifest edit reaches nobody.
     c.kill_apiserver().expect("kill the API server");
+    let t = trace_live(&c, 3);
+    let err = String::from_utf8_lossy(&t.stderr);
+    assert!(!t.status.success(), "trace without an API server fails");
+    assert!(err.contains("--kubeconfig"), "says why: {err}");
     c.set_endpoints(&eps).expect("restore the EndpointSlice");
     std::thread::sleep(Duration::from_millis(1500));
     for n in NODES {

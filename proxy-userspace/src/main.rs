@@ -62,9 +62,9 @@ fn real_main(parsed: cli::Parsed) -> Result<ExitCode> {
             }
             rt.block_on(run::run(*args))?
         }
-        Command::Inspect { bpffs, json } => {
+        Command::Inspect(args) => {
             logging::init(None, LogFormat::Text);
-            inspect::inspect(&datapath::pin_dir(&bpffs), json)?
+            inspect::run(&args)?
         }
         Command::Cleanup { bpffs } => {
             logging::init(None, LogFormat::Text);
@@ -81,6 +81,10 @@ fn real_main(parsed: cli::Parsed) -> Result<ExitCode> {
 fn cleanup_pins(bpffs: &std::path::Path) -> Result<()> {
     let dir = datapath::pin_dir(bpffs);
     let n = cleanup::cleanup(&dir)?;
+    // The status file `inspect` reads (not on the bpffs).
+    if let Err(e) = proxy_userspace::serve::status::StatusWriter::remove(bpffs) {
+        eprintln!("could not remove the status file: {e}");
+    }
     println!(
         "detached and unpinned {} program links, removed {} pinned maps from {}",
         n.links,

@@ -376,6 +376,7 @@ fn summarize(
             })
             .collect(),
         service_ids: crate::serve::metrics::service_ids(&t.desired, state),
+        no_local_endpoints: crate::serve::metrics::no_local_endpoints(&t.desired),
         stages,
     }
 }
@@ -405,6 +406,8 @@ pub struct SyncSummary {
     pub health_checks: Vec<(u16, String, String, usize)>,
     /// Service ID -> service port, for the per-service packet counters.
     pub service_ids: crate::serve::metrics::ServiceIds,
+    /// Service ports with a Local policy and no endpoint on this node: (internal, external).
+    pub no_local_endpoints: (usize, usize),
     pub stages: SyncStages,
 }
 

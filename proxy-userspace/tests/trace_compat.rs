@@ -79,7 +79,9 @@ fn kube_proxy_compatibility_table() {
     let mut failures = Vec::new();
     for c in CASES {
         let args = TraceArgs {
-            manifests: dir.clone(),
+            manifests: Some(dir.clone()),
+            kubeconfig: None,
+            timeout: 30,
             node_name: "node1".into(),
             node_ips: vec![NODE.parse().expect("ip")],
             cluster_cidr: "10.76.0.0/16".parse().expect("cidr"),
@@ -107,6 +109,13 @@ fn kube_proxy_compatibility_table() {
                     .map(|s| s.to_string())
                     .collect::<Vec<_>>()
         };
+        // A forwarded packet matched a service, and the trace names it.
+        if c.verdict == "forward" && !r.service.as_deref().is_some_and(|s| s.contains('/')) {
+            failures.push(format!(
+                "{}: forwarded, but no service named: {r:?}",
+                c.name
+            ));
+        }
         if r.verdict != c.verdict
             || !endpoints_ok
             || r.masquerade != c.masquerade

@@ -144,7 +144,7 @@ impl Harness {
             maps: initial,
             ..Default::default()
         }));
-        let metrics = Metrics::new(None, MapSizes::default());
+        let metrics = Metrics::new(None, MapSizes::default(), false);
         let task = tokio::spawn(run_loop(
             Source::Kube(Box::new(source)),
             Context::new(node),

@@ -535,6 +535,11 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// The lab API server's kubeconfig (Kubernetes mode only).
+    pub fn kubeconfig(&self) -> Option<&Path> {
+        self.kube.as_ref().map(|k| k.kubeconfig.as_path())
+    }
+
     /// `ebpf-proxy inspect --json` against node `node`'s pins.
     pub fn inspect(&self, node: u8) -> Result<serde_json::Value> {
         let out = std::process::Command::new(self.node_agent_binary(node))

@@ -4,7 +4,7 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
-use crate::cmd::{config, kpflags, trace};
+use crate::cmd::{config, inspect, kpflags, trace};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,15 +41,10 @@ pub enum Command {
     /// command line starts with a flag (kube-proxy's command line).
     // Boxed: the largest variant by far (clippy::large_enum_variant).
     Run(Box<config::RunArgs>),
-    /// Show the programmed services, their endpoints and the datapath counters.
-    Inspect {
-        /// The bpffs directory the agent was started with.
-        #[arg(long, default_value = "/sys/fs/bpf")]
-        bpffs: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Show the programmed services (names, types, endpoints and their states), the
+    /// connections in conntrack, the pinned links and the datapath counters; `inspect status`
+    /// shows the agent: version, map ABI versions, configuration, last sync, health.
+    Inspect(inspect::InspectArgs),
     /// Detach the programs and remove every link and map the agent pinned (drops connection
     /// state): how ebpf-proxy is removed from a node. Stopping the agent (SIGTERM, SIGKILL)
     /// deliberately leaves the programs attached, so restarts and upgrades drop nothing; run
@@ -61,8 +56,9 @@ pub enum Command {
         bpffs: PathBuf,
     },
     /// Where does this packet go? Runs the real programs on synthesized packets against
-    /// private maps programmed from the manifests; prints the verdict, the endpoints reached,
-    /// and whether the backend sees the client's address. Exit 0 whatever the verdict.
+    /// private maps programmed from manifests or from the live API server (--kubeconfig);
+    /// prints the Service matched, the verdict, the endpoints reached, and whether the backend
+    /// sees the client's address. Exit 0 whatever the verdict.
     Trace(trace::TraceArgs),
 }
 
@@ -270,7 +266,22 @@ mod tests {
         assert!(matches!(p.cli.command, Command::Run(_)));
         assert!(p.run_matches.is_some());
         let p = try_parse_from(["ebpf-proxy", "inspect", "--json"]).unwrap();
-        assert!(matches!(p.cli.command, Command::Inspect { json: true, .. }));
+        assert!(matches!(p.cli.command, Command::Inspect(ref a) if a.json && a.view.is_none()));
+        let p = try_parse_from([
+            "ebpf-proxy",
+            "inspect",
+            "status",
+            "--bpffs=/b",
+            "--service=default/web",
+            "--address=10.0.0.1",
+        ])
+        .unwrap();
+        let Command::Inspect(a) = p.cli.command else {
+            panic!("not inspect");
+        };
+        assert_eq!(a.view, Some(inspect::View::Status));
+        assert_eq!(a.service.as_deref(), Some("default/web"));
+        assert_eq!(a.address, Some(std::net::Ipv4Addr::new(10, 0, 0, 1)));
         let p = try_parse_from(["ebpf-proxy", "cleanup"]).unwrap();
         assert!(matches!(p.cli.command, Command::Cleanup { .. }));
         let kind = |argv: &[&str]| try_parse_from(argv).unwrap_err().kind();

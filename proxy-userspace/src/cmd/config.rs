@@ -98,6 +98,12 @@ pub struct RunArgs {
     /// nothing: the kernel's own tunnel device decapsulates after netfilter.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = ForeignTunnels::Drop)]
     pub foreign_tunnels: ForeignTunnels,
+    /// Also export per-service packet and byte counters on /metrics
+    /// (`ebpf_proxy_service_{packets,bytes}_total{namespace,service,port,protocol}`): one
+    /// series per service port, many on a large cluster, so off by default. `inspect` shows
+    /// the same counters either way.
+    #[arg(long)]
+    pub metrics_per_service: bool,
     /// A BPF filesystem directory; maps are pinned under DIR/ebpf-proxy. Mounted if missing.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
@@ -731,6 +737,83 @@ fn apply_conntrack(
 }
 
 /// Local traffic detection as the resolved flags configure it.
+/// The effective configuration as `inspect status` shows it (flags and config file merged).
+pub fn summary(args: &RunArgs) -> std::collections::BTreeMap<String, String> {
+    let list = |v: &[String]| v.join(",");
+    let opt = |v: Option<String>| v.unwrap_or_default();
+    let source = match (&args.manifests, &args.kubeconfig, &args.kp.master) {
+        (Some(d), _, _) => format!("manifests {}", d.display()),
+        (None, Some(k), _) => format!("kubeconfig {}", k.display()),
+        (None, None, Some(m)) => format!("master {m}"),
+        (None, None, None) => "in-cluster".to_owned(),
+    };
+    let m = &args.map_sizes;
+    [
+        ("source", source),
+        (
+            "config",
+            opt(args.kp.config.as_ref().map(|p| p.display().to_string())),
+        ),
+        ("hostname-override", args.node_name.clone()),
+        (
+            "node-ip",
+            list(
+                &args
+                    .node_ips
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            ),
+        ),
+        ("cluster-cidr", args.cluster_cidr.clone()),
+        (
+            "detect-local-mode",
+            format!("{:?}", local_detection(args).mode),
+        ),
+        ("pod-bridge-interface", args.pod_bridge.clone()),
+        (
+            "pod-interface-name-prefix",
+            args.kp.pod_interface_name_prefix.clone(),
+        ),
+        ("uplink", list(&args.uplinks)),
+        ("xdp-mode", format!("{:?}", args.xdp_mode).to_lowercase()),
+        ("masquerade-all", args.kp.masquerade_all.to_string()),
+        ("nodeport-addresses", list(&args.kp.nodeport_addresses)),
+        (
+            "decap-allowed-sources",
+            list(
+                &args
+                    .decap_allowed_sources
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            ),
+        ),
+        ("healthz-bind-address", args.kp.healthz_bind_address.clone()),
+        ("metrics-bind-address", args.kp.metrics_bind_address.clone()),
+        ("metrics-per-service", args.metrics_per_service.to_string()),
+        ("bpffs", args.bpffs.display().to_string()),
+        (
+            "cgroup-path",
+            opt(args.cgroup_path.as_ref().map(|p| p.display().to_string())),
+        ),
+        ("max-services", m.max_services.to_string()),
+        ("service-map-entries", m.service_map_entries.to_string()),
+        ("max-backends", m.max_backends.to_string()),
+        ("conntrack-max", m.conntrack_max.to_string()),
+        ("max-cluster-ips", m.max_cluster_ips.to_string()),
+        ("max-source-ranges", m.max_source_ranges.to_string()),
+        ("affinity-max", m.affinity_max.to_string()),
+        (
+            "conntrack-timeouts",
+            format!("{:?}", args.conntrack.timeouts()),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 pub fn local_detection(args: &RunArgs) -> LocalDetection {
     LocalDetection {
         mode: args.kp.detect_local_mode.unwrap_or_default(),

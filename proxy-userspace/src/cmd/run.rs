@@ -30,6 +30,7 @@ use crate::{
     serve::{
         health::{self, HealthCheckResponders, ProxyHealth},
         metrics::Metrics,
+        status::StatusWriter,
     },
     source::{Snapshot, Source, triggers::TriggerTimes},
     sync::{Context, Reconciler, RejectionLog, SyncSummary},
@@ -161,6 +162,8 @@ struct Agent {
     attachments: Attachments,
     health: ProxyHealth,
     metrics: Metrics,
+    /// What `inspect` reads (names, endpoint states, config, last sync, health).
+    status: StatusWriter,
     responders: HealthCheckResponders,
     /// kubeproxy_network_programming_duration_seconds, from EndpointSlice trigger times.
     triggers: TriggerTimes,
@@ -283,6 +286,8 @@ impl Agent {
             .attached_links
             .set(2 * attachments.ports().count() as i64);
         let local_logged = ctx.cluster_cidr;
+        let summary = crate::cmd::config::summary(args);
+        let status = StatusWriter::new(&args.bpffs, &args.node_name, summary, &ctx.map_sizes);
         let known_local = ctx.cluster_cidr;
         let mut agent = Self {
             ctx,
@@ -309,6 +314,7 @@ impl Agent {
             attachments,
             health,
             metrics,
+            status,
             responders,
             triggers: TriggerTimes::new(SystemTime::now()),
             node_logged: false,
@@ -332,7 +338,7 @@ impl Agent {
     /// logged and the source asked for the snapshot again; other errors end the agent.
     async fn sync(&mut self, snapshot: &Snapshot, source: &mut Source) -> Result<()> {
         self.health.queued_update();
-        self.metrics.queued();
+        self.metrics.queued(&snapshot.objects);
         let started = Instant::now();
         let node_ips = self.ctx.node_addresses(snapshot);
         let node = snapshot
@@ -359,7 +365,11 @@ impl Agent {
                 .reconcile(snapshot, &self.ctx, &mut self.state, &mut maps)
         };
         match result {
-            Ok(s) => self.synced(&s, started, (node_ips, local), source).await,
+            Ok(s) => {
+                let (objects, ids) = (&snapshot.objects, &s.service_ids);
+                self.status.synced(objects, ids, &self.health);
+                self.synced(&s, started, (node_ips, local), source).await
+            }
             Err(e) => {
                 self.metrics.synced(started.elapsed(), Err(&e));
                 warn!("sync failed (will retry): {e:#}");
@@ -379,7 +389,7 @@ impl Agent {
         source: &Source,
     ) -> Result<()> {
         self.health.updated();
-        self.metrics.synced(started.elapsed(), Ok(()));
+        self.metrics.synced(started.elapsed(), Ok(s));
         for t in self.triggers.programmed() {
             self.metrics.observe_network_programming(t);
         }
@@ -848,8 +858,9 @@ async fn start_telemetry(
     pins: &Path,
     sizes: &MapSizes,
 ) -> Result<(ProxyHealth, Metrics)> {
-    let h = ProxyHealth::new(health::DEFAULT_HEALTH_TIMEOUT);
-    let m = Metrics::new(Some(pins), *sizes);
+    let mut h = ProxyHealth::new(health::DEFAULT_HEALTH_TIMEOUT);
+    let m = Metrics::new(Some(pins), *sizes, args.metrics_per_service);
+    h.count_probes(m.healthz_total.clone(), m.livez_total.clone());
     if let Some(addr) = parse_bind_address(
         &args.kp.healthz_bind_address,
         10256,

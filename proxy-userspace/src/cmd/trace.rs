@@ -1,7 +1,8 @@
 //! `ebpf-proxy trace`: "where does this packet go?", answered by the real programs.
 //!
 //! The eBPF object is loaded with private, unpinned maps; the maps are programmed from the
-//! manifests by the production reconcile path (translate -> plan -> writer); then synthesized
+//! manifests, or from the live objects of an API server (`--kubeconfig`), by the production
+//! reconcile path (translate -> plan -> writer); then synthesized
 //! packets (one per sample, each with its own source port) run through the program of the hook
 //! the source implies, with BPF_PROG_TEST_RUN. The verdict, the rewritten headers and the
 //! counters the run moved say what happened.
@@ -9,6 +10,7 @@ use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -21,8 +23,9 @@ use crate::{
     datapath::{self, Datapath, LoadOptions},
     packet::{self, Ipv4, tcp_flags},
     plan::MapState,
-    source,
+    source::{self, Snapshot},
     sync::{self, Cidr, Context},
+    translate::ServiceKey,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -34,8 +37,20 @@ const XDP_PASS: u32 = 2;
 #[derive(clap::Args, Debug, Clone)]
 pub struct TraceArgs {
     /// Directory of Service, EndpointSlice and Node manifests.
-    #[arg(long, value_name = "DIR")]
-    pub manifests: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "kubeconfig",
+        conflicts_with = "kubeconfig"
+    )]
+    pub manifests: Option<PathBuf>,
+    /// Read the Services, EndpointSlices and this node's Node object from the API server this
+    /// kubeconfig names (one list of each, as the agent does at start), instead of manifests.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With --kubeconfig: give up when the API server has not answered every list by then.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub timeout: u64,
     /// The node whose view to trace (local endpoints, traffic policies).
     #[arg(long, value_name = "NAME")]
     pub node_name: String,
@@ -81,6 +96,11 @@ pub struct TraceResult {
     pub endpoints: Vec<String>,
     pub masquerade: bool,
     pub origin: &'static str,
+    /// The service port the destination matched (`namespace/name:port`, or `namespace/name`
+    /// for an unnamed port); `None`: no service has that address, port and protocol.
+    pub service: Option<String>,
+    /// Which of its addresses matched: ClusterIP, NodePort, LoadBalancer or externalIP.
+    pub service_address: Option<&'static str>,
     #[serde(skip)]
     pub explanation: Vec<String>,
 }
@@ -116,6 +136,64 @@ fn packet(proto: Protocol, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8
     packet::ethernet([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], &ip.packet(&l4))
 }
 
+/// The objects to trace against: the manifests, or one list of each kind from the API server.
+fn read_snapshot(args: &TraceArgs) -> Result<Snapshot> {
+    if let Some(dir) = &args.manifests {
+        return source::load_manifests(dir);
+    }
+    let kubeconfig = args.kubeconfig.as_deref();
+    let timeout = Duration::from_secs(args.timeout.max(1));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut src = source::Source::select(
+            None,
+            kubeconfig,
+            None,
+            &args.node_name,
+            Duration::from_millis(100),
+        )
+        .await?;
+        tokio::time::timeout(timeout, src.next_snapshot())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "--kubeconfig: the API server did not list Services, EndpointSlices and \
+                     Node {} within {timeout:?} (--timeout)",
+                    args.node_name
+                )
+            })
+    })
+}
+
+/// The service entry a packet to `dst` meets, as the datapath looks it up: pods and host
+/// processes meet the internal-scope twin first. Returns (name, which address). Pure.
+fn matched_service(
+    state: &MapState,
+    ids: &crate::serve::metrics::ServiceIds,
+    dst: (Ipv4Addr, u16),
+    protocol: Protocol,
+    inside: bool,
+) -> Option<(String, &'static str)> {
+    use proxy_common::svc_flags;
+    let key = ServiceKey::external(dst.0, dst.1, protocol);
+    let ps = inside
+        .then(|| state.services().get(&key.internal()))
+        .flatten()
+        .or_else(|| state.services().get(&key))?;
+    let kind = [
+        (svc_flags::CLUSTER_IP, "ClusterIP"),
+        (svc_flags::NODE_PORT, "NodePort"),
+        (svc_flags::LOAD_BALANCER, "LoadBalancer"),
+        (svc_flags::EXTERNAL_IP, "externalIP"),
+    ]
+    .into_iter()
+    .find(|(f, _)| ps.flags & f != 0)
+    .map_or("?", |(_, k)| k);
+    Some((ids.get(&ps.svc_id)?.entry_name(), kind))
+}
+
 pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
     let (src_ip, src_port) = parse_source(&args.source)?;
     if args.samples == 0 {
@@ -126,7 +204,7 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
     ctx.cluster_cidr = args.cluster_cidr;
     ctx.masquerade_all = args.masquerade_all;
     ctx.nodeport_addresses = args.nodeport_addresses.clone();
-    let snapshot = source::load_manifests(&args.manifests)?;
+    let snapshot = read_snapshot(args)?;
     let mut dp = Datapath::load(&LoadOptions::default())?;
     let mut state = MapState::default();
     let summary = {
@@ -160,6 +238,14 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
     // From outside, packets meet the XDP fast path first and tc gets what XDP passes on.
     let xdp_first = origin == Origin::External;
     let (mut by_xdp, mut by_tc) = (0u32, 0u32);
+    let dst = (*args.destination.ip(), args.destination.port());
+    let matched = matched_service(
+        &state,
+        &summary.service_ids,
+        dst,
+        args.protocol,
+        origin != Origin::External,
+    );
     let mut explanation = vec![
         format!("objects skipped as invalid: {}", summary.rejected.len()),
         format!("origin: {origin:?} ({src_ip}), hook: {hook}"),
@@ -168,7 +254,6 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
     let node_ips: BTreeSet<Ipv4Addr> = args.node_ips.iter().copied().collect();
     let mut endpoints = BTreeSet::new();
     let (mut fwd, mut rej, mut drop, mut pass, mut masq) = (0u32, 0u32, 0u32, 0u32, false);
-    let dst = (*args.destination.ip(), args.destination.port());
     for i in 0..args.samples {
         let sport = match src_port {
             Some(p) if i == 0 => p,
@@ -264,6 +349,8 @@ pub fn trace(args: &TraceArgs) -> Result<TraceResult> {
             Origin::Host => "host",
             Origin::External => "external",
         },
+        service_address: matched.as_ref().map(|m| m.1),
+        service: matched.map(|m| m.0),
         explanation,
     })
 }
@@ -281,6 +368,10 @@ pub fn run(args: &TraceArgs) -> Result<()> {
         args.destination,
         r.verdict.to_uppercase()
     );
+    match (&r.service, r.service_address) {
+        (Some(s), Some(a)) => println!("  service: {s} (its {a} address)"),
+        _ => println!("  service: none has this address, port and protocol"),
+    }
     if !r.endpoints.is_empty() {
         println!(
             "  endpoints reached over {} samples: {}",

@@ -22,6 +22,13 @@ use tokio::task::JoinHandle;
 
 use super::http::{self, Response};
 
+/// `kubeproxy_proxy_healthz_total{code}` / `kubeproxy_proxy_livez_total{code}`: answers by
+/// HTTP status.
+pub type ProbeCounter = prometheus_client::metrics::family::Family<
+    Vec<(String, String)>,
+    prometheus_client::metrics::counter::Counter,
+>;
+
 /// kube-proxy's default: twice the default sync period (30 s).
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -38,6 +45,8 @@ struct State {
 pub struct ProxyHealth {
     state: Arc<Mutex<State>>,
     timeout: Duration,
+    /// Counts `/healthz` and `/livez` answers by status (set by [`Self::count_probes`]).
+    probes: Option<(ProbeCounter, ProbeCounter)>,
 }
 
 /// A health verdict and what it is based on.
@@ -50,7 +59,7 @@ pub struct HealthStatus {
     pub node_eligible: bool,
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub fn rfc3339(t: SystemTime) -> String {
     // Seconds precision, UTC, without a date library: days since the epoch to a civil date.
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -85,7 +94,13 @@ impl ProxyHealth {
                 node_eligible: true,
             })),
             timeout,
+            probes: None,
         }
+    }
+
+    /// Counts every `/healthz` and `/livez` answer by status code in these families.
+    pub fn count_probes(&mut self, healthz: ProbeCounter, livez: ProbeCounter) {
+        self.probes = Some((healthz, livez));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -154,13 +169,24 @@ impl ProxyHealth {
             body["reason"] = serde_json::Value::String(st.reason.clone());
         }
         let ok = st.healthy && (!with_node_eligibility || st.node_eligible);
-        Response::json(if ok { 200 } else { 503 }, body.to_string())
+        let code = if ok { 200 } else { 503 };
+        if let Some((healthz, livez)) = &self.probes {
+            let family = if with_node_eligibility {
+                healthz
+            } else {
+                livez
+            };
+            family
+                .get_or_create(&vec![("code".to_owned(), code.to_string())])
+                .inc();
+        }
+        Response::json(code, body.to_string())
     }
 
     /// The HTTP handler: `/healthz`, `/livez`, else 404.
     pub fn handler(&self) -> http::Handler {
         let h = self.clone();
-        Arc::new(move |path| match path {
+        Arc::new(move |r| match r.path.as_str() {
             "/healthz" => h.response(true),
             "/livez" => h.response(false),
             _ => Response::text(404, "404 page not found\n"),
@@ -346,7 +372,9 @@ mod tests {
 
     #[tokio::test]
     async fn healthz_and_livez_over_http() {
-        let h = ProxyHealth::new(Duration::from_millis(50));
+        let mut h = ProxyHealth::new(Duration::from_millis(50));
+        let (healthz, livez) = (ProbeCounter::default(), ProbeCounter::default());
+        h.count_probes(healthz.clone(), livez.clone());
         let l = http::bind((Ipv4Addr::LOCALHOST, 0).into(), "test")
             .await
             .unwrap();
@@ -374,6 +402,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(http::get(addr, "/livez").await.unwrap().0, 503);
         assert_eq!(http::get(addr, "/nope").await.unwrap().0, 404);
+        let n = |f: &ProbeCounter, code: &str| {
+            f.get_or_create(&vec![("code".to_owned(), code.to_owned())])
+                .get()
+        };
+        // /healthz: 503 (not attached), 200 twice (plain and ?verbose), 503 (node not eligible).
+        assert_eq!((n(&healthz, "200"), n(&healthz, "503")), (2, 2));
+        assert_eq!((n(&livez, "200"), n(&livez, "503")), (2, 1));
         task.abort();
     }
 

@@ -1,16 +1,27 @@
 //! Prometheus metrics on `--metrics-bind-address` (default 127.0.0.1:10249, like kube-proxy),
-//! path `/metrics`, OpenMetrics text.
+//! path `/metrics`: OpenMetrics text 1.0.0 or Prometheus text 0.0.4 by the `Accept` header
+//! ([`negotiate`]), gzipped when `Accept-Encoding` allows it.
 //!
-//! kube-proxy's names where they mean the same thing:
-//! - `kubeproxy_sync_proxy_rules_duration_seconds` (histogram): one reconcile, plan + map writes.
+//! kube-proxy's `kubeproxy_*` set (pkg/proxy/metrics), same names, types, help and buckets,
+//! where it applies (docs/operations.md lists those that do not: iptables/nftables/ipvs rule
+//! counts and restore failures):
+//! - `kubeproxy_sync_proxy_rules_duration_seconds` (histogram): one reconcile, plan + map
+//!   writes; `..._sync_full_proxy_rules_duration_seconds` when every service group was
+//!   translated (the first sync after a start), `..._sync_partial_...` when some were reused.
 //! - `kubeproxy_network_programming_duration_seconds` (histogram): from the change's trigger
-//!   time (EndpointSlice `endpoints.kubernetes.io/last-change-trigger-time`) to programmed;
-//!   observed when the source provides trigger times ([`Metrics::observe_network_programming`]).
+//!   time (EndpointSlice `endpoints.kubernetes.io/last-change-trigger-time`) to programmed.
 //! - `kubeproxy_sync_proxy_rules_last_timestamp_seconds`, `..._last_queued_timestamp_seconds`.
+//! - `kubeproxy_sync_proxy_rules_{service,endpoint}_changes_{pending,total}`: Service and
+//!   EndpointSlice objects added, changed or deleted between snapshots ([`count_changes`]).
+//! - `kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy}` (gauge): service
+//!   ports with a Local policy, endpoints elsewhere, none on this node.
+//! - `kubeproxy_proxy_healthz_total{code}`, `kubeproxy_proxy_livez_total{code}`.
 //!
 //! Ours (`ebpf_proxy_*`), read from the pinned maps at scrape time:
 //! - `ebpf_proxy_datapath_packets_total{reason}`: the per-CPU verdict counters summed
-//!   (names from `proxy_common::counter::NAMES`).
+//!   (names from `proxy_common::counter::NAMES`), and
+//!   `ebpf_proxy_datapath_verdicts_total{verdict}`: the same folded into forward, drop, pass and
+//!   reject ([`verdict`]; events that are not verdicts, e.g. masquerade, are left out).
 //! - `ebpf_proxy_map_entries{map}` / `ebpf_proxy_map_capacity{map}`: occupancy of each hash map
 //!   (conntrack included; counted at most every [`OCCUPANCY_CACHE`]).
 //! - `ebpf_proxy_map_write_failures_total{map,op}`, `ebpf_proxy_sync_failures_total`,
@@ -22,9 +33,10 @@
 //!   unanswered table's LRU) the sweeper found and removed.
 //!
 //! - `process_*` (CPU, memory, file descriptors, start time) and
-//!   `ebpf_proxy_build_info{version,git_revision}`: see [`super::process`].
+//!   `ebpf_proxy_build_info{version,git_revision,rustc}`: see [`super::process`].
 //!
-//! - `ebpf_proxy_service_packets_total{namespace,service,port,protocol}` and
+//! - With `--metrics-per-service` only (one series per service port: many on a large
+//!   cluster): `ebpf_proxy_service_packets_total{namespace,service,port,protocol}` and
 //!   `ebpf_proxy_service_bytes_total{...}`: the per-service counter map (`LB4_SCNT_V1`) summed
 //!   over CPUs and over the service IDs of one service port (ClusterIP, NodePort, LB IP, ...
 //!   entries each have their own ID), labelled from the last sync's ID -> service mapping
@@ -58,7 +70,11 @@ use tokio::task::JoinHandle;
 
 use crate::{
     datapath::{MapSizes, WriteError},
-    serve::http::{self, Response},
+    serve::{
+        health::ProbeCounter,
+        http::{self, Response},
+    },
+    source::manifests::Objects,
 };
 
 /// Conntrack can hold hundreds of thousands of entries; counting them costs a syscall each.
@@ -79,13 +95,21 @@ pub struct ServiceLabels {
 impl ServiceLabels {
     /// From a desired entry's name (`namespace/name:port` or `namespace/name`).
     pub fn from_entry(name: &str, protocol: crate::abi::Protocol) -> Self {
-        let (ns_name, port) = name.split_once(':').unwrap_or((name, ""));
-        let (namespace, service) = ns_name.split_once('/').unwrap_or(("", ns_name));
+        let (namespace, service, port) = split_entry_name(name);
         Self {
             namespace: namespace.to_owned(),
             service: service.to_owned(),
             port: port.to_owned(),
             protocol: protocol.as_str().to_owned(),
+        }
+    }
+
+    /// The desired entry's name again (`namespace/name:port`, or `namespace/name`).
+    pub fn entry_name(&self) -> String {
+        if self.port.is_empty() {
+            format!("{}/{}", self.namespace, self.service)
+        } else {
+            format!("{}/{}:{}", self.namespace, self.service, self.port)
         }
     }
 
@@ -97,6 +121,14 @@ impl ServiceLabels {
             ("protocol".to_owned(), self.protocol.clone()),
         ]
     }
+}
+
+/// A desired entry's name (`namespace/name:port` or `namespace/name`) as (namespace, name,
+/// port). Pure.
+pub fn split_entry_name(name: &str) -> (&str, &str, &str) {
+    let (ns_name, port) = name.split_once(':').unwrap_or((name, ""));
+    let (namespace, service) = ns_name.split_once('/').unwrap_or(("", ns_name));
+    (namespace, service, port)
 }
 
 /// Service ID -> labels, as programmed by the last sync.
@@ -142,6 +174,15 @@ type Occupancy = Vec<(&'static str, u64)>;
 pub struct Metrics {
     registry: Arc<Registry>,
     pub sync_duration: Histogram,
+    pub sync_full: Histogram,
+    pub sync_partial: Histogram,
+    pub endpoint_changes_pending: Gauge,
+    pub endpoint_changes_total: Counter,
+    pub service_changes_pending: Gauge,
+    pub service_changes_total: Counter,
+    pub no_local_endpoints: Family<Labels, Gauge>,
+    pub healthz_total: ProbeCounter,
+    pub livez_total: ProbeCounter,
     pub network_programming: Histogram,
     pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub last_queued: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -155,6 +196,189 @@ pub struct Metrics {
     pub ct_migrated: Counter,
     pub ct_orphans: Counter,
     service_ids: Arc<Mutex<ServiceIds>>,
+    /// The objects of the last snapshot, to count what the next one changes.
+    last_objects: Arc<Mutex<Objects>>,
+}
+
+/// kube-proxy's buckets for the sync latencies: 1 ms to 16 s, doubling.
+pub fn sync_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 15)
+}
+
+/// kube-proxy's network programming buckets: 0, 0.25 s, 0.5 s, 1-59 s by 1 s, 60-115 s by
+/// 5 s, 120-300 s by 30 s (component-base's MergeBuckets starts with a 0 bucket).
+pub fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.0, 0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    b
+}
+
+/// Service and EndpointSlice objects added, changed or deleted between two snapshots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub services: u64,
+    pub endpoints: u64,
+}
+
+/// What `next` changes relative to `prev`, by namespace/name. An object the source shares
+/// between snapshots (same `Arc`) is unchanged without being compared. Pure.
+pub fn count_changes(prev: &Objects, next: &Objects) -> Changes {
+    fn diff<T: PartialEq>(
+        prev: &[Arc<T>],
+        next: &[Arc<T>],
+        meta: impl Fn(&T) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> u64 {
+        let key = |o: &Arc<T>| {
+            let m = meta(o);
+            (
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            )
+        };
+        let before: std::collections::HashMap<_, &Arc<T>> =
+            prev.iter().map(|o| (key(o), o)).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut n = 0;
+        for o in next {
+            let k = key(o);
+            match before.get(&k) {
+                Some(p) if crate::translate::same(p, o) => {}
+                _ => n += 1,
+            }
+            seen.insert(k);
+        }
+        n + before.keys().filter(|k| !seen.contains(*k)).count() as u64
+    }
+    Changes {
+        services: diff(&prev.services, &next.services, |s| &s.metadata),
+        endpoints: diff(&prev.slices, &next.slices, |s| &s.metadata),
+    }
+}
+
+/// Service ports with a Local traffic policy whose endpoints are all on other nodes (the
+/// entries a Local policy emptied: `DROP_IF_EMPTY`), as (internal, external). Pure.
+pub fn no_local_endpoints(desired: &crate::translate::Desired) -> (usize, usize) {
+    use proxy_common::svc_flags;
+    let mut internal = std::collections::BTreeSet::new();
+    let mut external = std::collections::BTreeSet::new();
+    for d in desired.values() {
+        if d.flags & svc_flags::DROP_IF_EMPTY == 0 || !d.backends.is_empty() {
+            continue;
+        }
+        if d.flags & svc_flags::ITP_LOCAL != 0 {
+            internal.insert(d.name.as_str());
+        }
+        if d.flags & svc_flags::ETP_LOCAL != 0 {
+            external.insert(d.name.as_str());
+        }
+    }
+    (internal.len(), external.len())
+}
+
+/// Which verdict a datapath counter counts (`None`: an event beside the verdict, e.g.
+/// masquerade, or a packet another counter already gave its verdict). Pure.
+pub fn verdict(counter_name: &str) -> Option<&'static str> {
+    match counter_name {
+        "forward_new"
+        | "forward_established"
+        | "reply_reverse_nat"
+        | "icmp_error_translated"
+        | "socket_translated"
+        | "xdp_forward_established"
+        | "fragment_translated" => Some("forward"),
+        "pass_malformed" | "pass_fragment" => Some("pass"),
+        "reject" => Some("reject"),
+        n if n.starts_with("drop_") => Some("drop"),
+        _ => None,
+    }
+}
+
+/// The exposition formats of `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    OpenMetrics,
+    /// Prometheus text 0.0.4: what a client that names no format gets.
+    Text,
+}
+
+impl Format {
+    pub const fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// The format an `Accept` header asks for: OpenMetrics when it is accepted at least as much
+/// as text/plain, else Prometheus text 0.0.4 (also without a header, like Go's client). Pure.
+pub fn negotiate(accept: Option<&str>) -> Format {
+    let q = accept.map(http::qualities).unwrap_or_default();
+    let best = |name: &str| {
+        q.iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, q)| *q)
+            .fold(None, |a: Option<f32>, q| Some(a.map_or(q, |a| a.max(q))))
+    };
+    match best("application/openmetrics-text") {
+        Some(om) if om > 0.0 && om >= best("text/plain").unwrap_or(0.0) => Format::OpenMetrics,
+        _ => Format::Text,
+    }
+}
+
+/// OpenMetrics text (as prometheus-client writes it) as Prometheus text 0.0.4: counter
+/// families named by their `_total` samples, no `# UNIT`/`# EOF` lines, no `_created`
+/// samples, no exemplars, `unknown` as `untyped`. Pure.
+pub fn to_prometheus_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line
+            .strip_prefix("# HELP ")
+            .or(line.strip_prefix("# TYPE "))
+        {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            let kind = &line[..7];
+            let name = if counters.contains(name) && !name.ends_with("_total") {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            let tail = if kind == "# TYPE " && tail == "unknown" {
+                "untyped"
+            } else {
+                tail
+            };
+            out.push_str(&format!("{kind}{name} {tail}\n"));
+            continue;
+        }
+        if !line.starts_with('#') {
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            if name
+                .strip_suffix("_created")
+                .is_some_and(|f| counters.contains(f))
+            {
+                continue;
+            }
+            // An exemplar follows the value after " # ".
+            let line = line.split(" # ").next().unwrap_or(line);
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 fn unix_now() -> f64 {
@@ -167,21 +391,75 @@ fn unix_now() -> f64 {
 impl Metrics {
     /// Metrics whose datapath part reads the maps pinned under `pin_dir` (`None`: no
     /// datapath metrics, e.g. in tests).
-    pub fn new(pin_dir: Option<&Path>, sizes: MapSizes) -> Self {
+    /// `per_service`: also the per-service packet and byte counters
+    /// (`--metrics-per-service`).
+    pub fn new(pin_dir: Option<&Path>, sizes: MapSizes, per_service: bool) -> Self {
         let mut root = Registry::default();
         super::process::register(&mut root);
-        let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
-        let network_programming = Histogram::new([
-            0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
-        ]);
+        let sync_duration = Histogram::new(sync_buckets());
+        let sync_full = Histogram::new(sync_buckets());
+        let sync_partial = Histogram::new(sync_buckets());
+        let network_programming = Histogram::new(network_programming_buckets());
         let last_sync = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let last_queued = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let (endpoint_changes_pending, service_changes_pending): (Gauge, Gauge) =
+            Default::default();
+        let (endpoint_changes_total, service_changes_total): (Counter, Counter) =
+            Default::default();
+        let no_local_endpoints = Family::<Labels, Gauge>::default();
+        let (healthz_total, livez_total): (ProbeCounter, ProbeCounter) = Default::default();
         {
             let kp = root.sub_registry_with_prefix("kubeproxy");
             kp.register(
                 "sync_proxy_rules_duration_seconds",
-                "SyncProxyRules latency in seconds (one reconcile: plan and map writes)",
+                "SyncProxyRules latency in seconds",
                 sync_duration.clone(),
+            );
+            kp.register(
+                "sync_full_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for full resyncs",
+                sync_full.clone(),
+            );
+            kp.register(
+                "sync_partial_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for partial resyncs",
+                sync_partial.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_endpoint_changes_pending",
+                "Pending proxy rules Endpoint changes",
+                endpoint_changes_pending.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_endpoint_changes",
+                "Cumulative proxy rules Endpoint changes",
+                endpoint_changes_total.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_service_changes_pending",
+                "Pending proxy rules Service changes",
+                service_changes_pending.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_service_changes",
+                "Cumulative proxy rules Service changes",
+                service_changes_total.clone(),
+            );
+            // A gauge despite its name, as in kube-proxy.
+            kp.register(
+                "sync_proxy_rules_no_local_endpoints_total",
+                "Number of services with a Local traffic policy and no endpoints",
+                no_local_endpoints.clone(),
+            );
+            kp.register(
+                "proxy_healthz",
+                "Cumulative proxy healthz HTTP status",
+                healthz_total.clone(),
+            );
+            kp.register(
+                "proxy_livez",
+                "Cumulative proxy livez HTTP status",
+                livez_total.clone(),
             );
             kp.register(
                 "network_programming_duration_seconds",
@@ -264,13 +542,22 @@ impl Metrics {
                 ep.register_collector(Box::new(DatapathCollector::new(
                     dir,
                     sizes,
-                    service_ids.clone(),
+                    per_service.then(|| service_ids.clone()),
                 )));
             }
         }
         Self {
             registry: Arc::new(root),
             sync_duration,
+            sync_full,
+            sync_partial,
+            endpoint_changes_pending,
+            endpoint_changes_total,
+            service_changes_pending,
+            service_changes_total,
+            no_local_endpoints,
+            healthz_total,
+            livez_total,
             network_programming,
             last_sync,
             last_queued,
@@ -284,6 +571,7 @@ impl Metrics {
             ct_migrated,
             ct_orphans,
             service_ids,
+            last_objects: Arc::default(),
         }
     }
 
@@ -305,18 +593,50 @@ impl Metrics {
         }
     }
 
-    /// A change was queued (kube-proxy sets `last_queued_timestamp` here).
-    pub fn queued(&self) {
+    /// A snapshot was queued for programming (kube-proxy sets `last_queued_timestamp` here):
+    /// counts the Service and EndpointSlice changes it brings, pending until a sync succeeds.
+    pub fn queued(&self, objects: &Objects) {
         self.last_queued.set(unix_now());
+        let mut last = self.last_objects.lock().unwrap_or_else(|e| e.into_inner());
+        let c = count_changes(&last, objects);
+        *last = Objects {
+            services: objects.services.clone(),
+            slices: objects.slices.clone(),
+            nodes: Vec::new(),
+        };
+        self.service_changes_total.inc_by(c.services);
+        self.endpoint_changes_total.inc_by(c.endpoints);
+        self.service_changes_pending.inc_by(c.services as i64);
+        self.endpoint_changes_pending.inc_by(c.endpoints as i64);
     }
 
-    /// A reconcile finished: its duration, and whether it wrote everything. A failure's error
-    /// chain is searched for the map write that failed (by type, not by message).
-    pub fn synced(&self, took: Duration, result: Result<(), &anyhow::Error>) {
+    /// A reconcile finished: its duration, and what it programmed or why it failed. A
+    /// failure's error chain is searched for the map write that failed (by type, not by
+    /// message); its changes stay pending.
+    pub fn synced(
+        &self,
+        took: Duration,
+        result: Result<&crate::sync::SyncSummary, &anyhow::Error>,
+    ) {
         self.sync_duration.observe(took.as_secs_f64());
         match result {
-            Ok(()) => {
+            Ok(s) => {
+                // Full: every service group translated anew (the first sync after a start);
+                // partial: the unchanged ones reused.
+                if s.stages.reused == 0 {
+                    self.sync_full.observe(took.as_secs_f64());
+                } else {
+                    self.sync_partial.observe(took.as_secs_f64());
+                }
                 self.last_sync.set(unix_now());
+                self.service_changes_pending.set(0);
+                self.endpoint_changes_pending.set(0);
+                let (internal, external) = s.no_local_endpoints;
+                for (policy, n) in [("internal", internal), ("external", external)] {
+                    self.no_local_endpoints
+                        .get_or_create(&vec![("traffic_policy".to_owned(), policy.to_owned())])
+                        .set(n as i64);
+                }
             }
             Err(e) => {
                 self.sync_failures.inc();
@@ -348,14 +668,21 @@ impl Metrics {
         out
     }
 
+    /// The exposition text in `format`.
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::OpenMetrics => self.encode(),
+            Format::Text => to_prometheus_text(&self.encode()),
+        }
+    }
+
     pub fn handler(&self) -> http::Handler {
         let m = self.clone();
-        Arc::new(move |path| match path {
-            "/metrics" => Response::new(
-                200,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                m.encode(),
-            ),
+        Arc::new(move |r| match r.path.as_str() {
+            "/metrics" => {
+                let f = negotiate(r.accept.as_deref());
+                Response::new(200, f.content_type(), m.render(f)).compressible()
+            }
             _ => Response::text(404, "404 page not found\n"),
         })
     }
@@ -375,11 +702,12 @@ struct DatapathCollector {
     /// (map name, capacity) of every hash-type map to report occupancy for.
     hash_maps: Vec<(&'static str, u32, u32)>,
     cache: Mutex<Option<(Instant, Occupancy)>>,
-    service_ids: Arc<Mutex<ServiceIds>>,
+    /// `None`: no per-service series (`--metrics-per-service` not given).
+    service_ids: Option<Arc<Mutex<ServiceIds>>>,
 }
 
 impl DatapathCollector {
-    fn new(pin_dir: &Path, sizes: MapSizes, service_ids: Arc<Mutex<ServiceIds>>) -> Self {
+    fn new(pin_dir: &Path, sizes: MapSizes, service_ids: Option<Arc<Mutex<ServiceIds>>>) -> Self {
         let hash_maps = sizes
             .layouts()
             .into_iter()
@@ -405,6 +733,7 @@ impl DatapathCollector {
     ) -> Option<std::collections::BTreeMap<ServiceLabels, proxy_common::SvcCounter>> {
         let ids = self
             .service_ids
+            .as_ref()?
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
@@ -467,8 +796,26 @@ impl Collector for DatapathCollector {
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
-            for (name, v) in counter::NAMES.iter().zip(values) {
+            for (name, v) in counter::NAMES.iter().zip(&values) {
                 let labels: Labels = vec![("reason".to_owned(), (*name).to_owned())];
+                ConstCounter::new(*v).encode(e.encode_family(&labels)?)?;
+            }
+            let mut e = encoder.encode_descriptor(
+                "datapath_verdicts",
+                "Packets by datapath verdict (forward, drop, pass, reject): the reasons of \
+                 ebpf_proxy_datapath_packets_total folded",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            let mut by_verdict: std::collections::BTreeMap<&str, u64> =
+                ["drop", "forward", "pass", "reject"].map(|v| (v, 0)).into();
+            for (name, v) in counter::NAMES.iter().zip(&values) {
+                if let Some(verdict) = verdict(name) {
+                    *by_verdict.entry(verdict).or_default() += v;
+                }
+            }
+            for (verdict, v) in by_verdict {
+                let labels: Labels = vec![("verdict".to_owned(), verdict.to_owned())];
                 ConstCounter::new(v).encode(e.encode_family(&labels)?)?;
             }
         }
@@ -542,6 +889,8 @@ mod tests {
         );
         let dns = ServiceLabels::from_entry("kube-system/dns", Protocol::Udp);
         assert_eq!((dns.service.as_str(), dns.port.as_str()), ("dns", ""));
+        assert_eq!(web.entry_name(), "default/web:http");
+        assert_eq!(dns.entry_name(), "kube-system/dns");
         // IDs 1 (ClusterIP) and 7 (NodePort) are one service port; 9 is not programmed.
         let ids: ServiceIds = [(1, web.clone()), (7, web.clone()), (3, dns.clone())].into();
         let c = |packets, bytes| SvcCounter { packets, bytes };
@@ -554,11 +903,66 @@ mod tests {
         assert_eq!(sums.len(), 2);
     }
 
+    fn summary(reused: usize, no_local: (usize, usize)) -> crate::sync::SyncSummary {
+        crate::sync::SyncSummary {
+            services: 0,
+            backends: 0,
+            ops: 0,
+            invalid: 0,
+            rejected: Default::default(),
+            node: None,
+            health_checks: Vec::new(),
+            service_ids: Default::default(),
+            no_local_endpoints: no_local,
+            stages: crate::sync::SyncStages {
+                reused,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn objects(services: &[(&str, &str)], slices: &[(&str, &str)]) -> Objects {
+        use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+        let meta = |ns: &str, n: &str| k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(n.into()),
+            ..Default::default()
+        };
+        Objects {
+            services: services
+                .iter()
+                .map(|(ns, n)| {
+                    Arc::new(Service {
+                        metadata: meta(ns, n),
+                        ..Default::default()
+                    })
+                })
+                .collect(),
+            slices: slices
+                .iter()
+                .map(|(ns, n)| {
+                    Arc::new(EndpointSlice {
+                        metadata: meta(ns, n),
+                        address_type: "IPv4".into(),
+                        endpoints: Vec::new(),
+                        ports: None,
+                    })
+                })
+                .collect(),
+            nodes: Vec::new(),
+        }
+    }
+
     #[test]
     fn kube_proxy_names_and_sync_accounting() {
-        let m = Metrics::new(None, MapSizes::default());
-        m.queued();
-        m.synced(Duration::from_millis(3), Ok(()));
+        let m = Metrics::new(None, MapSizes::default(), false);
+        let first = objects(&[("d", "web"), ("d", "db")], &[("d", "web-1")]);
+        m.queued(&first);
+        m.synced(Duration::from_millis(3), Ok(&summary(0, (1, 2))));
+        // A new slice and a changed (re-created, equal) service object: one change.
+        let mut second = objects(&[("d", "web")], &[("d", "web-1"), ("d", "web-2")]);
+        second.services[0] = first.services[0].clone();
+        m.queued(&second);
         let err = anyhow::Error::new(WriteError {
             op: "insert",
             map: maps::SVC4,
@@ -571,12 +975,28 @@ mod tests {
         for want in [
             "# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram",
             "kubeproxy_sync_proxy_rules_duration_seconds_count 2",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"} 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 2",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"16.384\"} 2",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count 1",
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count 0",
             "kubeproxy_network_programming_duration_seconds_count 1",
             "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\"} 0",
             "kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\"} 1",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"} 1",
             "# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
+            // 2 services + 1 slice, then the deleted db and the new web-2.
+            "kubeproxy_sync_proxy_rules_service_changes_total 3",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 2",
+            // The failed sync leaves its changes pending.
+            "kubeproxy_sync_proxy_rules_service_changes_pending 1",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 2",
             "ebpf_proxy_sync_failures_total 1",
             "ebpf_proxy_map_write_failures_total{map=\"LB4_SVC_V2\",op=\"insert\"} 1",
+            "ebpf_proxy_build_info{",
+            "process_cpu_seconds_total ",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
@@ -588,5 +1008,148 @@ mod tests {
             .and_then(|v| v.parse().ok())
             .unwrap();
         assert!(last > 1.7e9, "{last}");
+        m.synced(Duration::from_millis(1), Ok(&summary(5, (0, 0))));
+        let text = m.encode();
+        for want in [
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count 1",
+            "kubeproxy_sync_proxy_rules_service_changes_pending 0",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 0",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn kube_proxy_buckets() {
+        let b = network_programming_buckets();
+        assert_eq!(b.len(), 1 + 2 + 59 + 12 + 7);
+        assert_eq!(&b[..5], [0.0, 0.25, 0.5, 1.0, 2.0]);
+        assert_eq!(b[61], 59.0);
+        assert_eq!(&b[62..64], [60.0, 65.0]);
+        assert_eq!(b[73], 115.0);
+        assert_eq!(&b[74..], [120.0, 150.0, 180.0, 210.0, 240.0, 270.0, 300.0]);
+        let s: Vec<f64> = sync_buckets().collect();
+        assert_eq!(s.len(), 15);
+        assert_eq!((s[0], s[14]), (0.001, 16.384));
+    }
+
+    #[test]
+    fn every_counter_has_its_verdict() {
+        let of = |v| {
+            counter::NAMES
+                .iter()
+                .filter(|n| verdict(n) == Some(v))
+                .count()
+        };
+        // Every drop_* reason is a drop; exactly the two pass_* reasons pass.
+        assert_eq!(
+            of("drop"),
+            counter::NAMES
+                .iter()
+                .filter(|n| n.starts_with("drop_"))
+                .count()
+        );
+        assert_eq!(of("pass"), 2);
+        assert_eq!(of("reject"), 1);
+        assert_eq!(of("forward"), 7);
+        for annotation in [
+            "masquerade",
+            "hairpin",
+            "rebalanced_stale_flow",
+            "decapsulated",
+            "tc_pass_xdp_translated",
+            "xdp_pass_partial_checksum",
+        ] {
+            assert_eq!(verdict(annotation), None, "{annotation}");
+        }
+    }
+
+    #[test]
+    fn content_negotiation() {
+        // What Prometheus 2.x/3.x sends by default.
+        let prom = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+        assert_eq!(negotiate(Some(prom)), Format::OpenMetrics);
+        assert_eq!(negotiate(Some("text/plain;version=0.0.4")), Format::Text);
+        assert_eq!(
+            negotiate(Some("text/plain;q=0.9, application/openmetrics-text;q=0.5")),
+            Format::Text
+        );
+        assert_eq!(
+            negotiate(Some("application/openmetrics-text")),
+            Format::OpenMetrics
+        );
+        assert_eq!(
+            negotiate(Some("application/openmetrics-text;q=0")),
+            Format::Text
+        );
+        assert_eq!(negotiate(Some("*/*")), Format::Text);
+        assert_eq!(negotiate(None), Format::Text);
+    }
+
+    #[test]
+    fn prometheus_text_from_openmetrics() {
+        let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{code=\"200\"} 3\na_requests_created{code=\"200\"} 1.7e9\n# HELP b Thing.\n# TYPE b gauge\n# UNIT b seconds\nb 1.5\n# TYPE c unknown\nc 2 # {trace_id=\"x\"} 1.0\n# TYPE d histogram\nd_bucket{le=\"1.0\"} 1\nd_bucket{le=\"+Inf\"} 1\nd_sum 0.5\nd_count 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{code=\"200\"} 3\n# HELP b Thing.\n# TYPE b gauge\nb 1.5\n# TYPE c untyped\nc 2\n# TYPE d histogram\nd_bucket{le=\"1.0\"} 1\nd_bucket{le=\"+Inf\"} 1\nd_sum 0.5\nd_count 1\n"
+        );
+        // The agent's own output: every sample's family is declared under its sample name.
+        let m = Metrics::new(None, MapSizes::default(), false);
+        let text = m.render(Format::Text);
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.contains("# TYPE kubeproxy_sync_proxy_rules_endpoint_changes_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 0"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_over_http_negotiated_and_gzipped() {
+        use std::io::Read as _;
+        let m = Metrics::new(None, MapSizes::default(), false);
+        let l = http::bind((std::net::Ipv4Addr::LOCALHOST, 0).into(), "test")
+            .await
+            .unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(http::serve(l, m.handler()));
+        let (code, head, body) = http::get_raw(addr, "/metrics", &[]).await.unwrap();
+        assert_eq!(code, 200);
+        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 0"));
+        assert!(!text.contains("# EOF"));
+        let (_, head, body) = http::get_raw(
+            addr,
+            "/metrics",
+            &[
+                ("Accept", "application/openmetrics-text;version=1.0.0"),
+                ("Accept-Encoding", "gzip"),
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(
+            head.contains("application/openmetrics-text; version=1.0.0"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase().contains("content-encoding: gzip"),
+            "{head}"
+        );
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_string(&mut text)
+            .unwrap();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert_eq!(http::get(addr, "/other").await.unwrap().0, 404);
+        task.abort();
     }
 }

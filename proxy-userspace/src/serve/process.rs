@@ -15,6 +15,8 @@ use prometheus_client::{
 /// The agent's version and the git revision it was built from (`unknown` outside a checkout).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const GIT_REVISION: &str = env!("EBPF_PROXY_GIT_REVISION");
+/// `rustc --version` of the compiler that built the agent.
+pub const RUSTC: &str = env!("EBPF_PROXY_RUSTC");
 
 /// What /proc/self/stat tells, in the units the metrics use.
 #[derive(Debug, PartialEq)]
@@ -135,7 +137,7 @@ impl Collector for ProcessCollector {
     }
 }
 
-/// Registers the process collector and `ebpf_proxy_build_info{version,git_revision} 1`.
+/// Registers the process collector and `ebpf_proxy_build_info{version,git_revision,rustc} 1`.
 pub fn register(root: &mut Registry) {
     root.register_collector(Box::new(ProcessCollector));
     let info =
@@ -143,11 +145,12 @@ pub fn register(root: &mut Registry) {
     info.get_or_create(&vec![
         ("version".to_owned(), VERSION.to_owned()),
         ("git_revision".to_owned(), GIT_REVISION.to_owned()),
+        ("rustc".to_owned(), RUSTC.to_owned()),
     ])
     .set(1);
     root.register(
         "ebpf_proxy_build_info",
-        "The agent's version and the git revision it was built from; always 1",
+        "The agent's version, the git revision and the compiler it was built from; always 1",
         info,
     );
 }
@@ -198,7 +201,10 @@ mod tests {
             "process_resident_memory_bytes ",
             "process_open_fds ",
             "process_start_time_seconds ",
+            "process_virtual_memory_bytes ",
+            "process_max_fds ",
             "ebpf_proxy_build_info{version=\"",
+            ",rustc=\"rustc ",
         ] {
             assert!(out.contains(name), "{name} missing:\n{out}");
         }

@@ -330,7 +330,7 @@ pub struct TranslatorStats {
 }
 
 /// The same object: the same allocation, or equal.
-pub(super) fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+pub fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
     Arc::ptr_eq(a, b) || **a == **b
 }
 
