@@ -23,7 +23,7 @@ use crate::{
         node_config, reject_allowed, source_allowed,
     },
     nat,
-    parse::{ETH_HLEN, Packet, Skip, parse, tcp},
+    parse::{ETH_HLEN, Packet, Skip, TcHeaders, parse, tcp},
     reject,
 };
 
@@ -39,7 +39,7 @@ pub enum Origin {
 /// Runs the pipeline. `balance` is false on hooks that only translate tracked flows.
 #[inline(always)]
 pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i32> {
-    let p = match parse(ctx) {
+    let p = match parse(&TcHeaders::new(ctx)) {
         Ok(p) => p,
         // Not TCP/UDP: maybe an ICMP error about one of our flows.
         Err(Skip::NotOurs) => return Ok(icmp::translate_error(ctx).unwrap_or(TC_ACT_OK)),
@@ -175,12 +175,13 @@ pub enum Table {
 /// stamps it with the time of this packet.
 #[inline(always)]
 pub fn ct_lookup(key: &Ct4Key) -> Option<(Ct4Value, Table)> {
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     let (ptr, table) = match CT4_V3.get_ptr_mut(key) {
         Some(p) => (p, Table::Answered),
         None => (CT4N_V1.get_ptr_mut(key)?, Table::New),
     };
+    // Read after the lookup: a miss (most non-service packets) needs no clock.
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a valid map value pointer; a racing writer can at worst leave a stale
     // timestamp, which only matters for idle expiry.
     unsafe {
