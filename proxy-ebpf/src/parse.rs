@@ -39,36 +39,34 @@ pub const TC_WINDOW: usize = 54;
 /// options) go to the skb as before, so every read returns what `TcContext` would.
 pub struct TcHeaders<'a> {
     ctx: &'a TcContext,
-    buf: MaybeUninit<[u8; TC_WINDOW]>,
+    /// The caller's buffer (kept out of this struct: next to `len` the compiler merged its
+    /// uninitialised bytes into a memset call, a byte loop on BPF).
+    buf: &'a MaybeUninit<[u8; TC_WINDOW]>,
     /// Bytes of `buf` filled: `min(frame length, TC_WINDOW)`.
     len: usize,
 }
 
 impl<'a> TcHeaders<'a> {
     #[inline(always)]
-    pub fn new(ctx: &'a TcContext) -> Self {
+    pub fn new(ctx: &'a TcContext, buf: &'a mut MaybeUninit<[u8; TC_WINDOW]>) -> Self {
         let frame = ctx.len() as usize;
         let n = if frame < TC_WINDOW { frame } else { TC_WINDOW };
-        let mut h = TcHeaders {
-            ctx,
-            buf: MaybeUninit::uninit(),
-            len: 0,
-        };
         // SAFETY: `n` bytes fit in `buf`; the helper writes them or fails (then nothing is
         // readable, as a read of bytes the frame does not have fails).
-        if n > 0
+        let ok = n > 0
             && unsafe {
                 bpf_skb_load_bytes(
                     ctx.skb.skb as *const _,
                     0,
-                    h.buf.as_mut_ptr() as *mut c_void,
+                    buf.as_mut_ptr() as *mut c_void,
                     n as u32,
                 )
-            } == 0
-        {
-            h.len = n;
+            } == 0;
+        TcHeaders {
+            ctx,
+            buf,
+            len: if ok { n } else { 0 },
         }
-        h
     }
 }
 
