@@ -6,6 +6,8 @@
 //! and carrying the rewrite to apply: the forward entry (client -> service) and the reply entry
 //! (backend -> client, or to the SNAT address when masqueraded). Whichever hook sees a packet
 //! first translates it; a translated packet no longer matches, so later hooks leave it alone.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
@@ -23,7 +25,7 @@ use crate::{
         node_config, reject_allowed, source_allowed,
     },
     nat,
-    parse::{ETH_HLEN, Packet, Skip, parse, tcp},
+    parse::{ETH_HLEN, Packet, Skip, TcHeaders, parse, tcp},
     reject,
 };
 
@@ -39,7 +41,12 @@ pub enum Origin {
 /// Runs the pipeline. `balance` is false on hooks that only translate tracked flows.
 #[inline(always)]
 pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i32> {
-    let p = match parse(ctx) {
+    // The header window's stack slot is free again once parsed (the stack is nearly full).
+    let parsed = {
+        let mut window = MaybeUninit::uninit();
+        parse(&TcHeaders::new(ctx, &mut window))
+    };
+    let p = match parsed {
         Ok(p) => p,
         // Not TCP/UDP: maybe an ICMP error about one of our flows.
         Err(Skip::NotOurs) => return Ok(icmp::translate_error(ctx).unwrap_or(TC_ACT_OK)),
@@ -175,12 +182,13 @@ pub enum Table {
 /// stamps it with the time of this packet.
 #[inline(always)]
 pub fn ct_lookup(key: &Ct4Key) -> Option<(Ct4Value, Table)> {
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     let (ptr, table) = match CT4_V3.get_ptr_mut(key) {
         Some(p) => (p, Table::Answered),
         None => (CT4N_V1.get_ptr_mut(key)?, Table::New),
     };
+    // Read after the lookup: a miss (most non-service packets) needs no clock.
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a valid map value pointer; a racing writer can at worst leave a stale
     // timestamp, which only matters for idle expiry.
     unsafe {

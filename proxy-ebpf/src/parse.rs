@@ -1,7 +1,9 @@
 //! The one IPv4/L4 parse of the datapath, for every hook (tc through `bpf_skb_load_bytes`,
 //! XDP through direct packet access, both behind [`PacketRead`]), so tc and XDP validate a
 //! header by the same rules and only differ in what they then do with it.
-use aya_ebpf::programs::TcContext;
+use core::{ffi::c_void, mem::MaybeUninit, mem::size_of};
+
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use proxy_common::proto;
 pub use proxy_common::wire::{
     ETH_HLEN, ETH_P_IP_BE, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IP_TTL_OFF,
@@ -24,6 +26,72 @@ impl PacketRead for TcContext {
     #[inline(always)]
     fn frame_len(&self) -> usize {
         self.len() as usize
+    }
+}
+
+/// Bytes [`TcHeaders`] copies: Ethernet + an IPv4 header without options + a TCP header
+/// without options, all that [`parse`] reads of such a packet.
+pub const TC_WINDOW: usize = 54;
+
+/// A tc packet's first [`TC_WINDOW`] bytes (fewer if the frame is shorter), copied with one
+/// `bpf_skb_load_bytes`: [`parse`] reads about ten fields, and a helper call per field was
+/// a large part of a short path's cost (docs/performance.md). Reads past the window (IPv4
+/// options) go to the skb as before, so every read returns what `TcContext` would.
+pub struct TcHeaders<'a> {
+    ctx: &'a TcContext,
+    /// The caller's buffer (kept out of this struct: next to `len` the compiler merged its
+    /// uninitialised bytes into a memset call, a byte loop on BPF).
+    buf: &'a MaybeUninit<[u8; TC_WINDOW]>,
+    /// Bytes of `buf` filled: `min(frame length, TC_WINDOW)`.
+    len: usize,
+}
+
+impl<'a> TcHeaders<'a> {
+    #[inline(always)]
+    pub fn new(ctx: &'a TcContext, buf: &'a mut MaybeUninit<[u8; TC_WINDOW]>) -> Self {
+        let frame = ctx.len() as usize;
+        let n = if frame < TC_WINDOW { frame } else { TC_WINDOW };
+        // SAFETY: `n` bytes fit in `buf`; the helper writes them or fails (then nothing is
+        // readable, as a read of bytes the frame does not have fails).
+        let ok = n > 0
+            && unsafe {
+                bpf_skb_load_bytes(
+                    ctx.skb.skb as *const _,
+                    0,
+                    buf.as_mut_ptr() as *mut c_void,
+                    n as u32,
+                )
+            } == 0;
+        TcHeaders {
+            ctx,
+            buf,
+            len: if ok { n } else { 0 },
+        }
+    }
+}
+
+impl PacketRead for TcHeaders<'_> {
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
+        if off <= TC_WINDOW - size_of::<T>() {
+            // Inside the window: there, or past the end of a shorter frame.
+            if off + size_of::<T>() > self.len {
+                return None;
+            }
+            // SAFETY: the first `len` bytes of `buf` were written by the helper.
+            return Some(unsafe {
+                (self.buf.as_ptr() as *const u8)
+                    .add(off)
+                    .cast::<T>()
+                    .read_unaligned()
+            });
+        }
+        self.ctx.load(off).ok()
+    }
+
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.ctx.len() as usize
     }
 }
 

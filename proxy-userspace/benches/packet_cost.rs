@@ -52,7 +52,9 @@
 //! includes the test-run harness (bh disable/enable, one clock read), which the `floor` case,
 //! measured the same way, shows; `net = case - floor`. For the two cases that leave the packet
 //! unchanged (`floor`, `non_service`) we also report `repeat = 1000` amortized figures as a
-//! cross-check of the harness overhead (and `xdp_floor` likewise).
+//! cross-check of the harness overhead (and `xdp_floor` likewise), and `non_service` on one
+//! fixed packet at `repeat = 1` (`repeat_1_same_packet`): the single-run harness with warm
+//! map buckets, which tells the harness's share from the cold-cache share.
 use std::{
     collections::BTreeMap,
     fs,
@@ -200,6 +202,21 @@ fn print_table(r: &Value) {
             ("nodeport", "nodeport"),
         ],
     );
+    println!();
+    println!(
+        "{:>8} {:>12} {:>12} {:>12}",
+        "services", "floor r1000", "non-svc r1000", "non-svc same"
+    );
+    for s in r["sizes"].as_array().into_iter().flatten() {
+        let f = |v: &Value| v.as_f64().map_or("n/a".into(), |v| format!("{v:.0}"));
+        println!(
+            "{:>8} {:>12} {:>12} {:>12}",
+            s["services"].to_string(),
+            f(&s["repeat_1000"]["floor_ns"]),
+            f(&s["repeat_1000"]["non_service_ns"]),
+            f(&s["repeat_1_same_packet"]["non_service_ns"])
+        );
+    }
     println!();
     print_cases(
         r,
@@ -987,6 +1004,18 @@ fn measure_size(n: u32, args: &Args) -> Result<Value, String> {
     for _ in 0..args.rounds {
         xdp_floor_rep.push(f64::from(empty_xdp.run(&pkt, &mut out, 1000)?.1));
     }
+    // The same non-service packet at repeat = 1, one syscall per run like the cases above:
+    // against `non_service` (keys rotated per run) it separates what the single-run harness
+    // costs from what cold conntrack and service buckets cost (docs/performance.md).
+    let mut pass_same = Vec::new();
+    let mut durations = Vec::with_capacity(args.batch);
+    for _ in 0..args.rounds {
+        durations.clear();
+        for _ in 0..args.batch {
+            durations.push(run(ingress, &pkt, &mut out, 1)?.duration.as_nanos() as u32);
+        }
+        pass_same.push(median_u32(&mut durations));
+    }
 
     // Every XDP-case run translated (checked per run above); the program's own counters must
     // agree.
@@ -1056,6 +1085,9 @@ fn measure_size(n: u32, args: &Args) -> Result<Value, String> {
             "floor_ns": stats(floor_rep)["median_ns"],
             "non_service_ns": stats(pass_rep)["median_ns"],
             "xdp_floor_ns": stats(xdp_floor_rep)["median_ns"],
+        },
+        "repeat_1_same_packet": {
+            "non_service_ns": stats(pass_same)["median_ns"],
         },
         "counters": {
             "forward_new": counters[counter::FWD_NEW as usize],
