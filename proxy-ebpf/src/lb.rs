@@ -158,8 +158,8 @@ fn reject_now(ctx: &TcContext, p: &Packet) -> Result<i32, i32> {
         count(counter::DROP_REJECT_RATE_LIMITED);
         return Err(TC_ACT_SHOT);
     }
-    // `reject` counts replies sent: a packet we do not answer (a RST, a datagram too short to
-    // quote) is dropped uncounted there.
+    // `reject` counts replies sent: a packet we do not answer (a RST, a UDP datagram with IP
+    // options) is dropped uncounted there.
     match reject::reply(ctx, p) {
         Ok(rc) => {
             count(counter::REJECT);
@@ -361,15 +361,18 @@ pub fn select_backend(svc: &Service, client_be: u32) -> Option<(u32, Backend4)> 
 /// kube-proxy's masquerade rules (docs/semantics.md, S8-S10), given the flow's origin.
 #[inline(always)]
 fn must_masquerade(p: &Packet, svc: &Service, origin: Origin, cfg: &NodeConfig) -> bool {
-    if svc.flags & svc_flags::EXTERNAL_KINDS != 0 {
-        // externalTrafficPolicy Cluster: always. Local: never from pods (short-circuit) or
-        // from external clients (client address preserved), `--masquerade-all` or not: both
-        // kube-proxy proxiers apply masqueradeAll to traffic addressed to a ClusterIP only.
-        let _ = origin;
-        return svc.flags & svc_flags::ETP_LOCAL == 0;
-    }
+    // externalTrafficPolicy Local: never from pods (short-circuit) or from external clients
+    // (client address preserved), `--masquerade-all` or not: kube-proxy's iptables and
+    // nftables proxiers apply masqueradeAll to traffic addressed to a ClusterIP only.
+    let external = svc.flags & svc_flags::EXTERNAL_KINDS != 0;
+    let etp_local = svc.flags & svc_flags::ETP_LOCAL != 0;
     if cfg.flags & cfg_flags::MASQUERADE_ALL != 0 {
-        return true;
+        return !(external & etp_local);
+    }
+    if external {
+        // externalTrafficPolicy Cluster: always.
+        let _ = origin;
+        return !etp_local;
     }
     // ClusterIP: traffic from outside the cluster CIDR. Without a cluster CIDR (mask 0) local
     // traffic cannot be told apart, and kube-proxy then masquerades nothing by its source.

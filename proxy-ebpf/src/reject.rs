@@ -4,6 +4,7 @@
 //! The reply frame is built in a stack buffer (headers only, so it is small), the skb is
 //! resized with `bpf_skb_change_tail`, and the buffer is stored over it in one go.
 use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
@@ -12,8 +13,8 @@ use proxy_common::{csum, proto, wire::write_ipv4_header};
 use crate::parse::{ETH_HLEN, Packet};
 
 const TCP_RST_LEN: usize = ETH_HLEN + 20 + 20;
-/// Ethernet + IPv4 + ICMP header, before the quote.
-const ICMP_HDRS: usize = ETH_HLEN + 20 + 8;
+/// Ethernet + IPv4 + ICMP + the offending IPv4 header (no options) + 8 bytes of it.
+const ICMP_UNREACH_LEN: usize = ETH_HLEN + 20 + 8 + 20 + 8;
 
 /// The complemented checksum of `len` bytes of `buf` from `start`, added to `acc`.
 #[inline(always)]
@@ -50,17 +51,13 @@ fn macs(ctx: &TcContext, buf: &mut [u8]) -> Result<(), ()> {
     Ok(())
 }
 
-/// Sends the first `len` bytes of `buf` (at most its length) back out.
 #[inline(always)]
-fn send(ctx: &TcContext, buf: &[u8], len: usize) -> Result<i32, ()> {
-    if len > buf.len() {
-        return Err(());
-    }
+fn send(ctx: &TcContext, buf: &[u8]) -> Result<i32, ()> {
     // SAFETY: resizing our own skb; pointers are not reused after this.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) } != 0 {
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, buf.len() as u32, 0) } != 0 {
         return Err(());
     }
-    // SAFETY: `buf` is a valid stack buffer of at least `len` bytes. BPF_F_RECOMPUTE_CSUM keeps
+    // SAFETY: `buf` is a valid stack buffer of `buf.len()` bytes. BPF_F_RECOMPUTE_CSUM keeps
     // `skb->csum` right for a CHECKSUM_COMPLETE skb of the same length (a length change drops
     // the skb to CHECKSUM_NONE in bpf_skb_change_tail).
     let rc = unsafe {
@@ -68,7 +65,7 @@ fn send(ctx: &TcContext, buf: &[u8], len: usize) -> Result<i32, ()> {
             ctx.skb.skb as *mut _,
             0,
             buf.as_ptr() as *const _,
-            len as u32,
+            buf.len() as u32,
             aya_ebpf::bindings::BPF_F_RECOMPUTE_CSUM as u64,
         )
     };
@@ -119,40 +116,25 @@ fn tcp_rst(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     acc += proto::TCP as u32 + 20;
     let c = checksum(&buf, t, 20, acc);
     buf[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
-    send(ctx, &buf, TCP_RST_LEN)
+    send(ctx, &buf)
 }
 
-/// The longest quote: a 60-byte IPv4 header and 8 bytes of what follows.
-const MAX_QUOTE: usize = 60 + 8;
-
-/// An ICMP port unreachable quoting the offending datagram's whole IPv4 header, options
-/// included, and the 8 bytes after it (RFC 792): the client's stack finds its socket by the
-/// quoted ports, which sit after the options. One stack buffer for the longest reply; each
-/// header length loads a constant size, so the verifier sees constant bounds on every path.
 #[inline(always)]
 fn icmp_unreach(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
-    let mut buf = [0u8; ICMP_HDRS + MAX_QUOTE];
+    if p.l4_off != ETH_HLEN + 20 {
+        // Quoting IP options is not supported: drop instead.
+        return Err(());
+    }
+    let mut buf = [0u8; ICMP_UNREACH_LEN];
     macs(ctx, &mut buf)?;
-    let q = match p.ihl() {
-        20 => quote::<28>(ctx, &mut buf)?,
-        24 => quote::<32>(ctx, &mut buf)?,
-        28 => quote::<36>(ctx, &mut buf)?,
-        32 => quote::<40>(ctx, &mut buf)?,
-        36 => quote::<44>(ctx, &mut buf)?,
-        40 => quote::<48>(ctx, &mut buf)?,
-        44 => quote::<52>(ctx, &mut buf)?,
-        48 => quote::<56>(ctx, &mut buf)?,
-        52 => quote::<60>(ctx, &mut buf)?,
-        56 => quote::<64>(ctx, &mut buf)?,
-        60 => quote::<68>(ctx, &mut buf)?,
-        _ => return Err(()),
-    };
+    // The offending datagram's IPv4 header and first 8 bytes, quoted.
+    let quoted: [u8; 28] = ctx.load(ETH_HLEN).map_err(|_| ())?;
     let src = p.daddr_be.to_ne_bytes();
     let dst = p.saddr_be.to_ne_bytes();
     write_ipv4_header(
         &mut buf,
         ETH_HLEN,
-        (20 + 8 + q) as u16,
+        (20 + 8 + 28) as u16,
         true,
         proto::ICMP,
         src,
@@ -161,31 +143,9 @@ fn icmp_unreach(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     let i = ETH_HLEN + 20;
     buf[i] = 3; // destination unreachable
     buf[i + 1] = 3; // port unreachable
-    // The ICMP checksum over the header and the quote (bytes past it are zero: no effect).
-    let c = checksum(&buf, i, 8 + MAX_QUOTE, 0);
+    buf[i + 8..i + 36].copy_from_slice(&quoted);
+    let c = checksum(&buf, i, 36, 0);
     buf[i + 2..i + 4].copy_from_slice(&c.to_be_bytes());
-    send(ctx, &buf, ICMP_HDRS + q)
-}
-
-/// Loads the first `Q` bytes of the IPv4 packet into the quote's place in `buf`.
-#[inline(always)]
-fn quote<const Q: usize>(
-    ctx: &TcContext,
-    buf: &mut [u8; ICMP_HDRS + MAX_QUOTE],
-) -> Result<usize, ()> {
-    const { assert!(Q <= MAX_QUOTE) };
-    let dst = &mut buf[ICMP_HDRS..ICMP_HDRS + Q];
-    // SAFETY: `dst` is `Q` writable bytes of our stack buffer.
-    let rc = unsafe {
-        aya_ebpf::helpers::bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            ETH_HLEN as u32,
-            dst.as_mut_ptr() as *mut _,
-            Q as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(());
-    }
-    Ok(Q)
+    let _ = TC_ACT_SHOT;
+    send(ctx, &buf)
 }
