@@ -105,6 +105,8 @@ pub mod programs {
     /// XDP on the node's uplink(s), before `lb_up_in`: IPIP/GUE decapsulation and the
     /// established-flow DNAT fast path; everything else passes to tc untouched.
     pub const UPLINK_XDP: &str = "lb_up_xdp";
+    /// The tc programs (what `cleanup` looks for in netlink tc filters).
+    pub const TC: [&str; 3] = [POD_INGRESS, POD_EGRESS, UPLINK_INGRESS];
 }
 
 /// GUE (Katran style) UDP destination port of encapsulated service traffic.

@@ -39,10 +39,12 @@ pub const UPGRADE_TESTED: &[&str] = &["v0.1.0"];
 /// (release, [(flag, takes a value)]). v0.1.0 knows every flag the lab passes (`--manifests`,
 /// `--kubeconfig`, `--node-name`, `--bpffs`, `--cgroup-path`, `--cluster-cidr`, `--xdp-mode`)
 /// but `--pod-bridge-interface` (it called it `--pod-bridge`, default `cbr0`, which is the
-/// bridge lab's bridge anyway): the upgrade test checks this against the release's own
-/// `run --help`.
-pub const UNKNOWN_RUN_FLAGS: &[(&str, &[(&str, bool)])] =
-    &[("v0.1.0", &[("--pod-bridge-interface", true)])];
+/// bridge lab's bridge anyway) and `--tc-attach` (passed with `EBPF_PROXY_LAB_TC_ATTACH`; it
+/// had TCX only): the upgrade test checks this against the release's own `run --help`.
+pub const UNKNOWN_RUN_FLAGS: &[(&str, &[(&str, bool)])] = &[(
+    "v0.1.0",
+    &[("--pod-bridge-interface", true), ("--tc-attach", true)],
+)];
 
 /// What the agent binary is called in a release's `bin/` directory.
 pub const AGENT_BIN: &str = "ebpf-proxy";

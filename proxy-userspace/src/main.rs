@@ -86,8 +86,10 @@ fn cleanup_pins(bpffs: &std::path::Path) -> Result<()> {
         eprintln!("could not remove the status file: {e}");
     }
     println!(
-        "detached and unpinned {} program links, removed {} pinned maps from {}",
+        "detached and unpinned {} program links, removed {} netlink tc filters and {} pinned \
+         maps from {}",
         n.links,
+        n.filters,
         n.maps,
         dir.display()
     );

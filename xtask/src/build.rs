@@ -5,7 +5,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use proxy_lab::{cluster::Binaries, lab::TOPOLOGY_ENV, releases};
+use proxy_lab::{
+    cluster::Binaries,
+    lab::{TC_ATTACH_ENV, TOPOLOGY_ENV},
+    releases,
+};
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -256,8 +260,11 @@ pub fn test(extra: &[String]) -> Result<()> {
     for name in releases::UPGRADE_TESTED {
         release_env.push((releases::bin_env_var(name), build_release(name)?));
     }
-    let cargo_test = |args: &[String], topology: &str| {
+    let cargo_test = |args: &[String], topology: &str, tc_attach: Option<&str>| {
         let mut cmd = Command::new("cargo");
+        if let Some(m) = tc_attach {
+            cmd.env(TC_ATTACH_ENV, m);
+        }
         cmd.current_dir(&root)
             .args(["test", "--release", "--no-fail-fast"])
             .args(args)
@@ -275,7 +282,7 @@ pub fn test(extra: &[String]) -> Result<()> {
             "test: cargo test --release (unit, packet fixtures, lab end-to-end on the {t} \
              topology, from {TOPOLOGY_ENV})"
         );
-        let took = cargo_test(extra, &t)?;
+        let took = cargo_test(extra, &t, None)?;
         eprintln!(
             "test: all passed ({t} topology, {:.0} s)",
             took.as_secs_f64()
@@ -285,7 +292,7 @@ pub fn test(extra: &[String]) -> Result<()> {
     eprintln!(
         "test: cargo test --release (unit, packet fixtures, lab end-to-end) [bridge topology]"
     );
-    let bridge = cargo_test(extra, "bridge")?;
+    let bridge = cargo_test(extra, "bridge", None)?;
     eprintln!("test: bridge pass passed in {:.0} s", bridge.as_secs_f64());
     match routed_pass_args(extra) {
         Some(args) => {
@@ -294,7 +301,7 @@ pub fn test(extra: &[String]) -> Result<()> {
                  the upgrade test is bridge-only]: cargo test --release {}",
                 args.join(" ")
             );
-            let routed = cargo_test(&args, "routed")?;
+            let routed = cargo_test(&args, "routed", None)?;
             eprintln!(
                 "test: routed pass passed in {:.0} s (bridge pass {:.0} s)",
                 routed.as_secs_f64(),
@@ -302,6 +309,20 @@ pub fn test(extra: &[String]) -> Result<()> {
             );
         }
         None => eprintln!("test: no proxy-lab test selected: no routed pass"),
+    }
+    // Kernels without TCX (< 6.6): the same lab tests, upgrade included, with every agent on
+    // netlink cls_bpf filters (--tc-attach=netlink), on the bridge topology.
+    if let Some(args) = lab_pass_args(extra, false) {
+        eprintln!(
+            "test: the lab end-to-end tests again [bridge topology, {TC_ATTACH_ENV}=netlink: tc \
+             programs as netlink cls_bpf filters]: cargo test --release {}",
+            args.join(" ")
+        );
+        let netlink = cargo_test(&args, "bridge", Some("netlink"))?;
+        eprintln!(
+            "test: netlink pass passed in {:.0} s",
+            netlink.as_secs_f64()
+        );
     }
     eprintln!("test: all passed");
     Ok(())
@@ -312,6 +333,12 @@ pub fn test(extra: &[String]) -> Result<()> {
 /// knows only bridges; it pins the bridge topology and already ran). `None` when `extra`
 /// selects packages without proxy-lab. Pure.
 pub fn routed_pass_args(extra: &[String]) -> Option<Vec<String>> {
+    lab_pass_args(extra, true)
+}
+
+/// The `cargo test` arguments of a lab-only pass (see [`routed_pass_args`]), keeping the
+/// upgrade test unless `skip_upgrade`.
+pub fn lab_pass_args(extra: &[String], skip_upgrade: bool) -> Option<Vec<String>> {
     let split = extra.iter().position(|a| a == "--").unwrap_or(extra.len());
     let (cargo, harness) = extra.split_at(split);
     let mut packages = Vec::new();
@@ -334,13 +361,15 @@ pub fn routed_pass_args(extra: &[String]) -> Option<Vec<String>> {
     }
     out.push("--".to_owned());
     out.extend(harness.iter().skip(1).cloned());
-    out.extend(["--skip".to_owned(), "upgrade_from_".to_owned()]);
+    if skip_upgrade {
+        out.extend(["--skip".to_owned(), "upgrade_from_".to_owned()]);
+    }
     Some(out)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::routed_pass_args;
+    use super::{lab_pass_args, routed_pass_args};
 
     fn v(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| (*s).to_owned()).collect()
@@ -373,6 +402,11 @@ mod tests {
             ]))
         );
         assert_eq!(routed_pass_args(&v(&["-p", "proxy-userspace"])), None);
+        // The netlink pass keeps the upgrade test (bridge topology).
+        assert_eq!(
+            lab_pass_args(&[], false),
+            Some(v(&["-p", "proxy-lab", "--"]))
+        );
         assert_eq!(routed_pass_args(&v(&["--package=proxy-userspace"])), None);
         assert_eq!(
             routed_pass_args(&v(&["--workspace"])),

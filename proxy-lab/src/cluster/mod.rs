@@ -314,8 +314,14 @@ impl Cluster {
             Topology::Bridge => vec!["--pod-bridge-interface".into(), BRIDGE_IF.into()],
             Topology::Routed => Vec::new(),
         };
+        // A test's own --tc-attach wins over the environment's.
+        let tc: Vec<String> = crate::lab::tc_attach_from_env()
+            .filter(|_| !self.agent_args.iter().any(|a| a == "--tc-attach"))
+            .map(|m| vec!["--tc-attach".into(), m])
+            .unwrap_or_default();
         args.into_iter()
             .chain(pods)
+            .chain(tc)
             .chain(self.agent_args.clone())
             .collect()
     }

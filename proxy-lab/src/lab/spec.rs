@@ -62,6 +62,18 @@ pub fn node_pod_cidr(node: u8) -> String {
 /// The environment variable that picks the topology of [`LabSpec::default_demo`] (what the
 /// e2e tests build): `bridge` (default) or `routed`.
 pub const TOPOLOGY_ENV: &str = "EBPF_PROXY_LAB_TOPOLOGY";
+/// The environment variable that makes every lab agent run with `--tc-attach <value>`
+/// (`netlink` forces the cls_bpf fallback of kernels without TCX); unset: the agent's default.
+pub const TC_ATTACH_ENV: &str = "EBPF_PROXY_LAB_TC_ATTACH";
+
+/// `--tc-attach` for the lab's agents, from [`TC_ATTACH_ENV`] (`None`: unset or empty).
+pub fn tc_attach_from_env() -> Option<String> {
+    std::env::var(TC_ATTACH_ENV)
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
 /// The routed topology's pod gateway: link-local, answered by proxy ARP on the host-side
 /// veth (as Calico does).
 pub const ROUTED_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);

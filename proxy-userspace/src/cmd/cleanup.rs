@@ -4,12 +4,16 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 
-use crate::datapath::{links, sockhooks};
+use proxy_common::programs;
+
+use crate::datapath::{links, sockhooks, tcfilter};
 
 /// What `cleanup` removed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Cleanup {
     pub links: usize,
+    /// Netlink cls_bpf filters of ours (`--tc-attach=netlink`, or kernels without TCX).
+    pub filters: usize,
     pub maps: usize,
 }
 
@@ -19,7 +23,12 @@ pub struct Cleanup {
 /// `sock-links/`, and those of other hooks such as `uplinks/`) are detached explicitly
 /// (`BPF_LINK_DETACH`) before being removed; files at the top are maps, those of older
 /// versions (`proxy_common::maps::RETIRED`) included.
+///
+/// Our netlink tc filters (they have no pins) go first: found on every interface by our
+/// priority/handle and program names.
 pub fn cleanup(pin_dir: &Path) -> Result<Cleanup> {
+    let filters = tcfilter::cleanup_all(&programs::TC)
+        .context("removing the netlink tc filters of ebpf-proxy")?;
     let mut links = links::cleanup(pin_dir).with_context(|| {
         format!(
             "detaching the program links pinned under {}",
@@ -60,5 +69,9 @@ pub fn cleanup(pin_dir: &Path) -> Result<Cleanup> {
         }
         _ => {}
     }
-    Ok(Cleanup { links, maps })
+    Ok(Cleanup {
+        links,
+        filters,
+        maps,
+    })
 }

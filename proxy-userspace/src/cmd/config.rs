@@ -85,6 +85,11 @@ pub struct RunArgs {
     /// front of tc: auto (native, else generic with a warning), native, generic, or off.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = uplinks::XdpModeArg::Auto)]
     pub xdp_mode: uplinks::XdpModeArg,
+    /// How the tc programs attach: auto (TCX links where the kernel has TCX, Linux >= 6.6,
+    /// else netlink cls_bpf filters), tcx, or netlink. Both outlive the agent and are swapped
+    /// atomically on restart; see docs/kernels.md.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = crate::datapath::attach::TcAttachArg::Auto)]
+    pub tc_attach: crate::datapath::attach::TcAttachArg,
     /// Outer source addresses (CIDRs, comma-separated) that IPIP/GUE-wrapped traffic is
     /// decapsulated from: the site's load balancers. Default: any source. Whatever the
     /// source, only packets for a LoadBalancer IP or externalIP service port this node serves
@@ -777,6 +782,7 @@ pub fn summary(args: &RunArgs) -> std::collections::BTreeMap<String, String> {
         ),
         ("uplink", list(&args.uplinks)),
         ("xdp-mode", format!("{:?}", args.xdp_mode).to_lowercase()),
+        ("tc-attach", format!("{:?}", args.tc_attach).to_lowercase()),
         ("masquerade-all", args.kp.masquerade_all.to_string()),
         ("nodeport-addresses", list(&args.kp.nodeport_addresses)),
         (

@@ -11,11 +11,11 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use proxy_common::{Backend4, Ct4Key, Svc4Key, Svc4Value, counter, ct_flags, maps};
+use proxy_common::{Backend4, Ct4Key, Svc4Key, Svc4Value, counter, ct_flags, maps, programs};
 
 use crate::{
     abi,
-    datapath::conntrack::CtEntry,
+    datapath::{attach::Hook, conntrack::CtEntry, links::Direction, tcfilter},
     serve::{
         process,
         status::{self, AgentStatus, ServiceInfo},
@@ -595,7 +595,38 @@ fn pinned_links(pin_dir: &Path) -> Result<Vec<serde_json::Value>> {
             let role = ("direction", Some(l.dir.suffix().to_owned()));
             link_json(&l.path, &l.ifname, l.ifindex, role, l.is_live(), l.info)
         })
+        .chain(netlink_filters(&[programs::POD_INGRESS, programs::POD_EGRESS], |d| {
+            ("direction", Some(d.suffix().to_owned()))
+        }))
         .collect())
+}
+
+/// Our netlink tc filters (`--tc-attach=netlink`), listed with the pinned links: no pin and
+/// no link id (`link_id` null, `tc_filter` says where it sits), always attached.
+fn netlink_filters(
+    names: &[&str],
+    role: impl Fn(Direction) -> (&'static str, Option<String>),
+) -> Vec<serde_json::Value> {
+    let Ok(found) = tcfilter::list_all_ours(names) else {
+        return Vec::new();
+    };
+    found
+        .into_iter()
+        .map(|(ifindex, ifname, d, f)| {
+            let mut v = serde_json::json!({
+                "pin": null,
+                "interface": ifname,
+                "ifindex": ifindex,
+                "attached": true,
+                "link_id": null,
+                "prog_id": f.prog_id,
+                "tc_filter": format!("prio {} handle {:#x} bpf {}", f.prio, f.handle, f.name),
+            });
+            let (k, val) = role(d);
+            v[k] = serde_json::json!(val);
+            v
+        })
+        .collect()
 }
 
 /// The uplink hooks (tc ingress and the XDP fast path): bpftool shows neither TCX links
@@ -613,6 +644,9 @@ fn pinned_uplinks(pin_dir: &Path) -> Result<Vec<serde_json::Value>> {
             let role = ("hook", l.hook.map(|h| h.to_string()));
             link_json(&l.path, &l.ifname, l.ifindex, role, l.is_live(), l.info)
         })
+        .chain(netlink_filters(&[programs::UPLINK_INGRESS], |d| {
+            ("hook", Some(Hook::Tc(d).to_string()))
+        }))
         .collect())
 }
 

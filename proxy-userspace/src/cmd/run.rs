@@ -19,7 +19,7 @@ use crate::{
     },
     datapath::{
         self, Datapath, LoadOptions, MapSizes,
-        attach::Attachments,
+        attach::{Attachments, TcMode},
         bpffs,
         netlink::{Iface, LinkEvents, Netlink},
         pods::PodSelector,
@@ -226,7 +226,23 @@ impl Agent {
                 }
             ),
         }
-        let uplink_hooks = Uplinks::new(Some(&pins), args.xdp_mode);
+        let features = crate::datapath::features::probe();
+        for line in features.missing() {
+            warn!("{line}");
+        }
+        let tc_mode = args.tc_attach.resolve(features.has("tcx"));
+        info!(
+            "kernel {}.{}.{}: tc programs attached as {} (--tc-attach {:?})",
+            features.kernel.0,
+            features.kernel.1,
+            features.kernel.2,
+            match tc_mode {
+                TcMode::Tcx => "pinned TCX links",
+                TcMode::Netlink => "netlink cls_bpf filters",
+            },
+            args.tc_attach
+        );
+        let uplink_hooks = Uplinks::new(Some(&pins), args.xdp_mode, tc_mode);
         info!("pod interfaces: {pods}");
         match (args.hairpin_ip, hairpin) {
             (Some(ip), _) => info!("hairpin source {ip} (--hairpin-ip)"),
@@ -243,7 +259,7 @@ impl Agent {
 
         // Links are pinned under <pins>/links: adopting them swaps this agent's programs in
         // atomically (a restart or an upgrade), and they stay attached after this process exits.
-        let mut attachments = Attachments::new(Some(&pins));
+        let mut attachments = Attachments::new(Some(&pins), tc_mode);
         let link_events = LinkEvents::subscribe()?;
         let ports = pods.select(&nl.link_facts().await?, bridge_index, &uplink_names);
         let unprefixed = local.ports_without_prefix(ports.iter().map(|p| p.name.as_str()));

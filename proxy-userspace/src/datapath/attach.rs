@@ -8,8 +8,14 @@
 //! - otherwise attaches a new TCX link and pins it;
 //! - removes pins whose device is gone or is no longer a pod interface.
 //!
-//! Pinned links need TCX (Linux >= 6.6); on older kernels aya falls back to netlink tc filters,
-//! which cannot be pinned, and attaching fails with a message saying so.
+//! Pinned links need TCX (Linux >= 6.6). Without it (or with `--tc-attach=netlink`) the tc
+//! hooks get netlink `cls_bpf` filters instead ([`TcMode::Netlink`], see
+//! [`crate::datapath::tcfilter`]): they outlive the agent as well, and a restart swaps their
+//! program with one `tc filter replace`.
+//!
+//! Switching modes on a node never runs a packet through both: a TCX program's verdict ends
+//! the hook before any cls_bpf filter (our programs never return `TCX_NEXT`), so the new
+//! attachment is made first and the old one removed after, and until then exactly one runs.
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
@@ -29,7 +35,50 @@ use super::{
     Datapath,
     links::{self, Direction},
     netlink::Iface,
+    tcfilter::Tc,
 };
+
+/// `--tc-attach`: how the tc programs are attached.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcAttachArg {
+    /// TCX links when the kernel has TCX (Linux >= 6.6), else netlink cls_bpf filters.
+    #[default]
+    Auto,
+    /// TCX links only (fails on kernels without TCX).
+    Tcx,
+    /// Netlink cls_bpf filters (clsact qdisc, direct action), even where TCX exists.
+    Netlink,
+}
+
+/// The tc attachment mode in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcMode {
+    /// Pinned TCX links (`BPF_LINK_UPDATE` on restart).
+    Tcx,
+    /// Netlink cls_bpf filters at our priority/handle (`tc filter replace` on restart).
+    Netlink,
+}
+
+impl TcAttachArg {
+    /// The mode for a kernel that has TCX or not.
+    pub fn resolve(self, has_tcx: bool) -> TcMode {
+        match self {
+            Self::Tcx => TcMode::Tcx,
+            Self::Netlink => TcMode::Netlink,
+            Self::Auto if has_tcx => TcMode::Tcx,
+            Self::Auto => TcMode::Netlink,
+        }
+    }
+}
+
+impl std::fmt::Display for TcMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcx => "tcx",
+            Self::Netlink => "netlink",
+        })
+    }
+}
 
 /// How one hook got its program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +104,7 @@ pub struct SyncStats {
 /// The ports we have attached to, with their link pins.
 pub struct Attachments {
     pin_dir: Option<PathBuf>,
+    mode: TcMode,
     ports: BTreeMap<Iface, [PathBuf; 2]>,
     /// Links of unpinned mode, owned here; dropping them detaches.
     owned: Vec<FdLink>,
@@ -72,9 +122,10 @@ fn program_for(dir: Direction) -> &'static str {
 
 impl Attachments {
     /// Attachments pinned under `<pin_dir>/links` (`None`: unpinned, owned by this process).
-    pub fn new(pin_dir: Option<&Path>) -> Self {
+    pub fn new(pin_dir: Option<&Path>, mode: TcMode) -> Self {
         Self {
             pin_dir: pin_dir.map(Path::to_owned),
+            mode,
             ports: BTreeMap::new(),
             owned: Vec::new(),
             first_sync_done: false,
@@ -107,6 +158,17 @@ impl Attachments {
                 for pin in &pins {
                     if let Err(e) = links::detach_and_unpin(pin) {
                         warn!("removing link pin {}: {e}", pin.display());
+                    }
+                }
+                if self.mode == TcMode::Netlink {
+                    for d in Direction::BOTH {
+                        // A device that is gone took its filters with it.
+                        if let Err(e) =
+                            Tc::open().and_then(|mut t| t.remove_ours(p.index, d, &[program_for(d)]))
+                            && e.raw_os_error() != Some(libc::ENODEV)
+                        {
+                            warn!("removing the tc filter of {}: {e}", p.name);
+                        }
                     }
                 }
                 info!(
@@ -250,6 +312,7 @@ impl Attachments {
             Hook::Tc(d),
             pin.map(PathBuf::as_path),
             &mut self.owned,
+            self.mode,
         )
     }
 }
@@ -293,6 +356,10 @@ pub trait PinnableProgram {
     fn attach_link(&mut self, iface: &Iface, hook: Hook) -> Result<FdLink>;
     /// Swaps this program into the live link pinned at `pin` (`BPF_LINK_UPDATE`).
     fn replace_in(&mut self, pin: &Path) -> Result<()>;
+    /// Creates our netlink cls_bpf filter on `dir` of `iface`, or swaps its program atomically.
+    fn replace_filter(&mut self, _iface: &Iface, _dir: Direction, _name: &str) -> Result<()> {
+        bail!("only tc programs attach as netlink filters")
+    }
 }
 
 impl PinnableProgram for SchedClassifier {
@@ -320,6 +387,13 @@ impl PinnableProgram for SchedClassifier {
         // The pin keeps the link (and now our program) attached; release our handle so
         // exiting does not touch it.
         drop(self.take_link(id)?);
+        Ok(())
+    }
+
+    fn replace_filter(&mut self, iface: &Iface, dir: Direction, name: &str) -> Result<()> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = self.fd()?;
+        Tc::open()?.replace(iface.index, dir, fd.as_fd().as_raw_fd(), name)?;
         Ok(())
     }
 }
@@ -358,7 +432,80 @@ impl PinnableProgram for Xdp {
 ///   detached and removed first, so two of our links never sit on one hook;
 /// - otherwise a new link is attached and pinned at `pin`, or kept in `owned` (unpinned mode:
 ///   detached when this process drops it).
+///
+/// With [`TcMode::Netlink`], a tc hook gets our cls_bpf filter instead (see [`attach_filter`]);
+/// with [`TcMode::Tcx`], a filter of ours left on the hook by a netlink-mode agent is removed
+/// once the TCX link runs.
 pub fn attach_pinned<P: PinnableProgram>(
+    prog: &mut P,
+    name: &str,
+    iface: &Iface,
+    hook: Hook,
+    pin: Option<&Path>,
+    owned: &mut Vec<FdLink>,
+    mode: TcMode,
+) -> Result<AttachOutcome> {
+    if let (Hook::Tc(dir), TcMode::Netlink) = (hook, mode) {
+        return attach_filter(prog, name, iface, dir, pin);
+    }
+    let outcome = attach_link(prog, name, iface, hook, pin, owned)?;
+    if let Hook::Tc(dir) = hook {
+        // The TCX link now decides every packet; the old filter no longer runs.
+        match Tc::open().and_then(|mut t| t.remove_ours(iface.index, dir, &[name])) {
+            Ok(true) => info!(
+                "removed the netlink tc filter of {name} on {hook} of {} (TCX link in place)",
+                iface.name
+            ),
+            Ok(false) => {}
+            Err(e) => warn!("removing the netlink tc filter of {name} on {}: {e}", iface.name),
+        }
+    }
+    Ok(outcome)
+}
+
+/// The netlink mode of a tc hook: `tc filter replace` of our filter (program swapped
+/// atomically when it exists), then a TCX link pinned at `pin` by a TCX-mode agent, which
+/// shadowed the filter until now, is detached and unpinned.
+fn attach_filter<P: PinnableProgram>(
+    prog: &mut P,
+    name: &str,
+    iface: &Iface,
+    dir: Direction,
+    pin: Option<&Path>,
+) -> Result<AttachOutcome> {
+    let hook = Hook::Tc(dir);
+    let before = Tc::open()
+        .and_then(|mut t| t.ours(iface.index, dir, &[name]))
+        .with_context(|| format!("listing the tc filters on {hook} of {}", iface.name))?;
+    prog.replace_filter(iface, dir, name).with_context(|| {
+        format!(
+            "attaching {name} as a netlink tc filter on {hook} of {}",
+            iface.name
+        )
+    })?;
+    if let Some(pin) = pin
+        && pin.exists()
+    {
+        links::detach_and_unpin(pin)
+            .with_context(|| format!("removing TCX link pin {}", pin.display()))?;
+        info!(
+            "{}: TCX link detached, the netlink filter runs {name} now",
+            pin.display()
+        );
+    }
+    Ok(match before {
+        Some(f) => {
+            debug!(
+                "{hook} of {}: filter program {} replaced atomically",
+                iface.name, f.prog_id
+            );
+            AttachOutcome::Replaced
+        }
+        None => AttachOutcome::Created,
+    })
+}
+
+fn attach_link<P: PinnableProgram>(
     prog: &mut P,
     name: &str,
     iface: &Iface,

@@ -7,6 +7,7 @@
 pub mod attach;
 pub mod bpffs;
 pub mod conntrack;
+pub mod features;
 pub mod layout;
 pub mod links;
 pub mod netlink;
@@ -14,6 +15,7 @@ pub mod pods;
 pub mod service_maps;
 pub mod sockhooks;
 pub mod sys;
+pub mod tcfilter;
 pub mod uplinks;
 
 // The load options name these, and the tests, the bench and `trace` use them with `Datapath`.

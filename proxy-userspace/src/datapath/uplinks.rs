@@ -20,7 +20,7 @@ use proxy_common::programs;
 
 use super::{
     Datapath,
-    attach::{AttachOutcome, Hook, attach_pinned},
+    attach::{AttachOutcome, Hook, TcMode, attach_pinned},
     links::{self, Direction},
     netlink::{Iface, Netlink},
 };
@@ -224,16 +224,18 @@ pub struct UplinkHooks {
 pub struct Uplinks {
     pin_dir: Option<PathBuf>,
     xdp_mode: XdpModeArg,
+    tc_mode: TcMode,
     attached: BTreeMap<Iface, UplinkHooks>,
     /// Links of unpinned mode, owned here; dropping them detaches.
     owned: Vec<FdLink>,
 }
 
 impl Uplinks {
-    pub fn new(pin_dir: Option<&Path>, xdp_mode: XdpModeArg) -> Self {
+    pub fn new(pin_dir: Option<&Path>, xdp_mode: XdpModeArg, tc_mode: TcMode) -> Self {
         Self {
             pin_dir: pin_dir.map(uplinks_dir),
             xdp_mode,
+            tc_mode,
             attached: BTreeMap::new(),
             owned: Vec::new(),
         }
@@ -286,6 +288,7 @@ impl Uplinks {
             hook,
             pin.as_deref(),
             &mut self.owned,
+            self.tc_mode,
         )?;
         info!(
             "{} {} on {hook} of uplink {} (ifindex {})",
@@ -344,6 +347,7 @@ impl Uplinks {
                 hook,
                 pin.as_deref(),
                 &mut self.owned,
+                self.tc_mode,
             ) {
                 Ok(o) => {
                     info!(
