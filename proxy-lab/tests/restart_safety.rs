@@ -133,7 +133,7 @@ fn sigkill_and_restart_agents_drops_no_connection() {
             }
             assert!(
                 c.agent_log(n)
-                    .contains("links adopted with their programs replaced"),
+                    .contains("adopted with their programs replaced"),
                 "{}",
                 c.agent_log(n)
             );
@@ -190,10 +190,19 @@ fn sigterm_keeps_forwarding_and_cleanup_removes_the_datapath() {
     check_report(&r, 50, 10, "across SIGTERM of both agents");
 
     for n in NODES {
-        let out = std::process::Command::new(&c.bins.agent)
-            .args(["cleanup", "--bpffs"])
-            .arg(c.lab.bpffs(n))
-            .output()
+        // In the node's network namespace, as on a node: netlink tc filters
+        // (EBPF_PROXY_LAB_TC_ATTACH=netlink) are per namespace, unlike pins.
+        let out = c
+            .lab
+            .exec(
+                &c.lab.node_ns(n),
+                &[
+                    c.bins.agent.display().to_string(),
+                    "cleanup".into(),
+                    "--bpffs".into(),
+                    c.lab.bpffs(n).display().to_string(),
+                ],
+            )
             .expect("cleanup");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -203,15 +212,17 @@ fn sigterm_keeps_forwarding_and_cleanup_removes_the_datapath() {
         );
         eprintln!("node{n}: {}", text.trim());
         let ports = spec.pods.iter().filter(|p| p.node == n).count();
-        let unpinned: usize = text
-            .split("unpinned ")
-            .nth(1)
-            .and_then(|t| t.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        // Two tc links per pod interface (bridge port or routed veth), plus any cgroup
-        // (socket) links.
-        assert!(unpinned >= 2 * ports, "{text}");
+        let count = |after: &str| -> usize {
+            text.split(after)
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        // Two tc links (or netlink tc filters) per pod interface (bridge port or routed veth),
+        // plus any cgroup (socket) links.
+        let removed = count("unpinned ") + count("removed ");
+        assert!(removed >= 2 * ports, "{text}");
         let pin_dir = c.lab.bpffs(n).join("ebpf-proxy");
         assert!(!pin_dir.exists(), "{} removed", pin_dir.display());
     }

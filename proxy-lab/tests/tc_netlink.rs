@@ -10,8 +10,12 @@ use proxy_lab::{
     lab::{LabSpec, NODES},
 };
 
-/// (interface, direction) -> (link id, prog id) of node `n`'s pod hooks (`inspect --json`).
-fn hooks(c: &Cluster, n: u8) -> Vec<(String, String, Option<u64>, u64, Option<String>)> {
+/// A pod hook as `inspect --json` lists it: interface, direction, link id (TCX), program id,
+/// where the netlink filter sits (netlink).
+type HookRow = (String, String, Option<u64>, u64, Option<String>);
+
+/// Node `n`'s pod hooks.
+fn hooks(c: &Cluster, n: u8) -> Vec<HookRow> {
     let v = c.inspect(n).expect("inspect");
     v["links"]
         .as_array()
@@ -98,7 +102,8 @@ fn netlink_filters_swap_atomically_switch_modes_and_clean_up() {
         .collect();
     for n in NODES {
         assert!(
-            c.agent_log(n).contains("tc programs attached as netlink cls_bpf filters"),
+            c.agent_log(n)
+                .contains("tc programs attached as netlink cls_bpf filters"),
             "{}",
             c.agent_log(n)
         );
@@ -121,7 +126,10 @@ fn netlink_filters_swap_atomically_switch_modes_and_clean_up() {
             let after = assert_netlink(&c, n, "restarted");
             for (a, b) in after.iter().zip(&before[i]) {
                 assert_eq!((&a.0, &a.1), (&b.0, &b.1));
-                assert_ne!(a.2, b.2, "cycle {cycle}: {a:?}: program swapped in the filter");
+                assert_ne!(
+                    a.2, b.2,
+                    "cycle {cycle}: {a:?}: program swapped in the filter"
+                );
             }
             before[i] = after;
         }
@@ -136,7 +144,10 @@ fn netlink_filters_swap_atomically_switch_modes_and_clean_up() {
         let h = hooks(&c, n);
         assert_eq!(h.len(), 2 * pods_on(&c, n), "tcx: node{n}: {h:?}");
         for (iface, dir, link, _, filter) in &h {
-            assert!(link.is_some() && filter.is_none(), "tcx: {iface} {dir}: {h:?}");
+            assert!(
+                link.is_some() && filter.is_none(),
+                "tcx: {iface} {dir}: {h:?}"
+            );
             let tcdir = if dir == "in" { "ingress" } else { "egress" };
             let shown = tc_show(&c, n, iface, tcdir);
             assert!(!shown.contains("lb_pod_"), "tcx: filter left: {shown}");
@@ -185,6 +196,9 @@ fn netlink_filters_swap_atomically_switch_modes_and_clean_up() {
             assert!(!shown.contains("lb_pod_"), "after cleanup: {shown}");
         }
         let up = tc_show(&c, n, "eth0", "ingress");
-        assert!(!up.contains("lb_up_in"), "uplink filter after cleanup: {up}");
+        assert!(
+            !up.contains("lb_up_in"),
+            "uplink filter after cleanup: {up}"
+        );
     }
 }

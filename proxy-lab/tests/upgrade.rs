@@ -43,24 +43,43 @@ fn upgrade_from_v0_1_0_under_a_canary_loses_no_connection() {
     upgrade_from("v0.1.0");
 }
 
-/// One pinned link as `inspect --json` lists it: (list, pin name) -> (link id, prog id,
-/// attached).
-type LinkView = BTreeMap<(String, String), (u64, u64, bool)>;
+/// One hook as `inspect --json` lists it: (list, pin name) -> (link id, prog id, attached,
+/// netlink tc filter). A netlink filter (the tree's agent on `EBPF_PROXY_LAB_TC_ATTACH=netlink`)
+/// has no pin: it is keyed by the pin name its TCX link had (`<ifindex>-<ifname>-<in|out>`
+/// for pod interfaces, `<ifname>-<ifindex>` for an uplink's tc ingress).
+type LinkView = BTreeMap<(String, String), (u64, u64, bool, bool)>;
 
 fn links(c: &Cluster, node: u8) -> LinkView {
     let v = c.inspect(node).expect("inspect");
     let mut out = LinkView::new();
     for list in ["links", "uplinks"] {
         for l in v[list].as_array().into_iter().flatten() {
+            let filter = l["tc_filter"].is_string();
+            let pin = match l["pin"].as_str() {
+                Some(p) => p.to_owned(),
+                None => {
+                    let (ifname, ifindex) = (
+                        l["interface"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .replace('.', "_"),
+                        l["ifindex"].as_u64().unwrap_or(0),
+                    );
+                    if list == "links" {
+                        let dir = l["direction"].as_str().unwrap_or_default();
+                        format!("{ifindex}-{ifname}-{dir}")
+                    } else {
+                        format!("{ifname}-{ifindex}")
+                    }
+                }
+            };
             out.insert(
-                (
-                    list.to_owned(),
-                    l["pin"].as_str().unwrap_or_default().to_owned(),
-                ),
+                (list.to_owned(), pin),
                 (
                     l["link_id"].as_u64().unwrap_or(0),
                     l["prog_id"].as_u64().unwrap_or(0),
                     l["attached"].as_bool().unwrap_or(false),
+                    filter,
                 ),
             );
         }
@@ -336,21 +355,31 @@ fn upgrade_from(name: &str) {
             let after = links(&c, n);
             let all_replaced = before[&n]
                 .iter()
-                .all(|(k, (_, prog, _))| after.get(k).is_some_and(|a| a.1 != *prog));
+                .all(|(k, (_, prog, _, _))| after.get(k).is_some_and(|a| a.1 != *prog));
             if all_replaced || Instant::now() > deadline {
                 break after;
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        for (k, (link, prog, attached)) in &before[&n] {
-            let (new_link, new_prog, new_attached) = after
+        for (k, (link, prog, attached, _)) in &before[&n] {
+            let (new_link, new_prog, new_attached, filter) = after
                 .get(k)
                 .unwrap_or_else(|| panic!("node{n}: {k:?} is gone after the upgrade: {after:?}"));
             assert!(*attached && *new_attached, "node{n} {k:?} attached");
+            // On netlink tc filters, the TCX link was replaced by our filter on the same hook
+            // (filter first, then the link detached: docs/kernels.md).
             assert_eq!(
-                new_link, link,
-                "node{n} {k:?}: {name}'s pinned link was adopted"
+                *filter,
+                proxy_lab::lab::tc_attach_from_env().as_deref() == Some("netlink")
+                    && !k.1.contains("-xdp-"),
+                "node{n} {k:?}: the attachment mode asked for: {after:?}"
             );
+            if !filter {
+                assert_eq!(
+                    new_link, link,
+                    "node{n} {k:?}: {name}'s pinned link was adopted"
+                );
+            }
             assert_ne!(
                 new_prog, prog,
                 "node{n} {k:?}: the tree's program replaced {name}'s in the link"

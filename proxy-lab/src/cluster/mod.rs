@@ -548,10 +548,18 @@ impl Cluster {
 
     /// `ebpf-proxy inspect --json` against node `node`'s pins.
     pub fn inspect(&self, node: u8) -> Result<serde_json::Value> {
-        let out = std::process::Command::new(self.node_agent_binary(node))
-            .args(["inspect", "--json", "--bpffs"])
-            .arg(self.lab.bpffs(node))
-            .output()?;
+        // In the node's network namespace: netlink tc filters (--tc-attach=netlink) are per
+        // namespace, unlike pins.
+        let out = self.lab.exec(
+            &self.lab.node_ns(node),
+            &[
+                self.node_agent_binary(node).display().to_string(),
+                "inspect".into(),
+                "--json".into(),
+                "--bpffs".into(),
+                self.lab.bpffs(node).display().to_string(),
+            ],
+        )?;
         if !out.status.success() {
             bail!("inspect failed: {}", String::from_utf8_lossy(&out.stderr));
         }

@@ -595,9 +595,10 @@ fn pinned_links(pin_dir: &Path) -> Result<Vec<serde_json::Value>> {
             let role = ("direction", Some(l.dir.suffix().to_owned()));
             link_json(&l.path, &l.ifname, l.ifindex, role, l.is_live(), l.info)
         })
-        .chain(netlink_filters(&[programs::POD_INGRESS, programs::POD_EGRESS], |d| {
-            ("direction", Some(d.suffix().to_owned()))
-        }))
+        .chain(netlink_filters(
+            &[programs::POD_INGRESS, programs::POD_EGRESS],
+            |d| ("direction", Some(d.suffix().to_owned())),
+        ))
         .collect())
 }
 

@@ -273,13 +273,22 @@ impl Agent {
             );
         }
         let st = attachments.sync(&mut dp, &ports);
+        let what = match tc_mode {
+            TcMode::Tcx => "links",
+            TcMode::Netlink => "tc filters",
+        };
         info!(
-            "datapath on {} pod interfaces ({}): {} links adopted with their programs replaced \
-             atomically, {} attached and pinned, {} stale pins removed, {} failed",
+            "datapath on {} pod interfaces ({}): {} {what} adopted with their programs replaced \
+             atomically, {} attached{}, {} stale pins removed, {} failed",
             ports.len(),
             iface_names(&ports).join(", "),
             st.replaced,
             st.created,
+            if tc_mode == TcMode::Tcx {
+                " and pinned"
+            } else {
+                ""
+            },
             st.removed_stale,
             st.failed
         );

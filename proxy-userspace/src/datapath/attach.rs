@@ -163,8 +163,8 @@ impl Attachments {
                 if self.mode == TcMode::Netlink {
                     for d in Direction::BOTH {
                         // A device that is gone took its filters with it.
-                        if let Err(e) =
-                            Tc::open().and_then(|mut t| t.remove_ours(p.index, d, &[program_for(d)]))
+                        if let Err(e) = Tc::open()
+                            .and_then(|mut t| t.remove_ours(p.index, d, &[program_for(d)]))
                             && e.raw_os_error() != Some(libc::ENODEV)
                         {
                             warn!("removing the tc filter of {}: {e}", p.name);
@@ -457,7 +457,10 @@ pub fn attach_pinned<P: PinnableProgram>(
                 iface.name
             ),
             Ok(false) => {}
-            Err(e) => warn!("removing the netlink tc filter of {name} on {}: {e}", iface.name),
+            Err(e) => warn!(
+                "removing the netlink tc filter of {name} on {}: {e}",
+                iface.name
+            ),
         }
     }
     Ok(outcome)

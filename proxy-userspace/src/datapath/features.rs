@@ -95,7 +95,12 @@ impl Probed {
             .map(|f| {
                 format!(
                     "no {} (kernel {}.{}.{} < {}.{}): {}",
-                    f.name, self.kernel.0, self.kernel.1, self.kernel.2, f.since.0, f.since.1,
+                    f.name,
+                    self.kernel.0,
+                    self.kernel.1,
+                    self.kernel.2,
+                    f.since.0,
+                    f.since.1,
                     f.cost
                 )
             })
@@ -139,7 +144,9 @@ mod tests {
         let m = p.missing();
         assert_eq!(m.len(), 2, "{m:?}");
         assert!(
-            m.iter().any(|l| l.starts_with("no tcx (kernel 5.15.0 < 6.6): tc programs attached as netlink cls_bpf filters")),
+            m.iter().any(|l| l.starts_with(
+                "no tcx (kernel 5.15.0 < 6.6): tc programs attached as netlink cls_bpf filters"
+            )),
             "{m:?}"
         );
         // RHEL 9 (5.14) backports: a probe finding the helper wins over the version.

@@ -147,7 +147,20 @@ impl Datapath {
             let r = match prog {
                 Program::SchedClassifier(p) => p.load(),
                 Program::Xdp(p) => p.load(),
-                Program::CgroupSockAddr(p) => p.load(),
+                // The socket programs need newer helpers (bpf_set_retval: 5.18) than the tc
+                // ones: without them the agent still runs with --socket-lb=off, and attaching
+                // them (any other --socket-lb) fails with the load error.
+                Program::CgroupSockAddr(p) => match p.load() {
+                    Err(e) => {
+                        log::warn!(
+                            "socket program {name} did not load ({e}): socket-level balancing \
+                             is unavailable on this kernel, run with --socket-lb=off \
+                             (docs/kernels.md)"
+                        );
+                        continue;
+                    }
+                    ok => ok,
+                },
                 _ => continue,
             };
             r.map_err(|source| DatapathError::ProgramLoad {

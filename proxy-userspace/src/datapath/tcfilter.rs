@@ -15,8 +15,8 @@
 use std::io;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
-    NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
@@ -198,8 +198,8 @@ pub fn parse_filter(tc: &TcMessage) -> Option<BpfFilter> {
     for (kind, v) in attrs {
         match kind {
             TCA_BPF_NAME => {
-                f.name = String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or(&[]))
-                    .into_owned()
+                f.name =
+                    String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or(&[])).into_owned()
             }
             TCA_BPF_ID if v.len() >= 4 => f.prog_id = u32::from_ne_bytes([v[0], v[1], v[2], v[3]]),
             _ => {}
@@ -332,9 +332,7 @@ impl Tc {
                     l.attributes
                         .iter()
                         .find_map(|a| match a {
-                            netlink_packet_route::link::LinkAttribute::IfName(n) => {
-                                Some(n.clone())
-                            }
+                            netlink_packet_route::link::LinkAttribute::IfName(n) => Some(n.clone()),
                             _ => None,
                         })
                         .unwrap_or_default(),
@@ -346,7 +344,12 @@ impl Tc {
 
     /// Deletes our filter on `dir` of `ifindex` if it runs one of `names`; whether there was
     /// one. Never touches a filter at our priority/handle that runs another program.
-    pub fn remove_ours(&mut self, ifindex: u32, dir: Direction, names: &[&str]) -> io::Result<bool> {
+    pub fn remove_ours(
+        &mut self,
+        ifindex: u32,
+        dir: Direction,
+        names: &[&str],
+    ) -> io::Result<bool> {
         if self.ours(ifindex, dir, names)?.is_none() {
             return Ok(false);
         }
@@ -408,13 +411,21 @@ mod tests {
         let f = m.header.flags;
         assert_ne!(f & NLM_F_CREATE, 0, "creates when missing");
         assert_ne!(f & NLM_F_REPLACE, 0, "replaces when present");
-        assert_eq!(f & NLM_F_EXCL, 0, "EXCL would fail on a filter left by the last agent");
+        assert_eq!(
+            f & NLM_F_EXCL,
+            0,
+            "EXCL would fail on a filter left by the last agent"
+        );
         let tc = tc_of(&m);
         assert_eq!(tc.header.index, 7);
         assert_eq!(u32::from(tc.header.parent), 0xffff_fff2, "clsact ingress");
         assert_eq!(u32::from(tc.header.handle), HANDLE);
         assert_eq!(tc.header.info >> 16, u32::from(PRIO));
-        assert_eq!(tc.header.info & 0xffff, 0x0300, "ETH_P_ALL in network order");
+        assert_eq!(
+            tc.header.info & 0xffff,
+            0x0300,
+            "ETH_P_ALL in network order"
+        );
         let f = parse_filter(&tc).unwrap();
         assert_eq!(f.name, "lb_pod_in");
         assert!(f.is_ours(&["lb_pod_in"]));
@@ -437,7 +448,11 @@ mod tests {
                 .map(|n| n.value().to_vec())
         };
         assert_eq!(get(TCA_BPF_FD).unwrap(), 42i32.to_ne_bytes());
-        assert_eq!(get(TCA_BPF_FLAGS).unwrap(), 1u32.to_ne_bytes(), "direct action");
+        assert_eq!(
+            get(TCA_BPF_FLAGS).unwrap(),
+            1u32.to_ne_bytes(),
+            "direct action"
+        );
         assert_eq!(get(TCA_BPF_NAME).unwrap(), b"lb_pod_in\0");
     }
 

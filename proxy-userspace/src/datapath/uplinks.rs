@@ -292,7 +292,12 @@ impl Uplinks {
         )?;
         info!(
             "{} {} on {hook} of uplink {} (ifindex {})",
-            describe(o),
+            match (self.tc_mode, o) {
+                (TcMode::Netlink, AttachOutcome::Replaced) =>
+                    "swapped atomically into our netlink tc filter:",
+                (TcMode::Netlink, _) => "attached as a netlink tc filter:",
+                _ => describe(o),
+            },
             programs::UPLINK_INGRESS,
             i.name,
             i.index
