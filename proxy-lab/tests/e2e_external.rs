@@ -629,11 +629,7 @@ fn xdp_link_survives_restarts_and_cleanup_removes_it() {
             uplink_ip_link(&c, n).contains("prog/xdp"),
             "XDP stays after SIGTERM"
         );
-        let out = std::process::Command::new(&c.bins.agent)
-            .args(["cleanup", "--bpffs"])
-            .arg(c.lab.bpffs(n))
-            .output()
-            .expect("cleanup");
+        let out = c.cleanup(n).expect("cleanup");
         assert!(
             out.status.success(),
             "{}",

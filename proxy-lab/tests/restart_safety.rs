@@ -190,20 +190,7 @@ fn sigterm_keeps_forwarding_and_cleanup_removes_the_datapath() {
     check_report(&r, 50, 10, "across SIGTERM of both agents");
 
     for n in NODES {
-        // In the node's network namespace, as on a node: netlink tc filters
-        // (EBPF_PROXY_LAB_TC_ATTACH=netlink) are per namespace, unlike pins.
-        let out = c
-            .lab
-            .exec(
-                &c.lab.node_ns(n),
-                &[
-                    c.bins.agent.display().to_string(),
-                    "cleanup".into(),
-                    "--bpffs".into(),
-                    c.lab.bpffs(n).display().to_string(),
-                ],
-            )
-            .expect("cleanup");
+        let out = c.cleanup(n).expect("cleanup");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),

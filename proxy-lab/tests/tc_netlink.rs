@@ -173,18 +173,7 @@ fn netlink_filters_swap_atomically_switch_modes_and_clean_up() {
     for n in NODES {
         c.stop_agent(n).expect("SIGTERM");
         let pods = hooks(&c, n);
-        let out = c
-            .lab
-            .exec(
-                &c.lab.node_ns(n),
-                &[
-                    c.bins.agent.display().to_string(),
-                    "cleanup".into(),
-                    "--bpffs".into(),
-                    c.lab.bpffs(n).display().to_string(),
-                ],
-            )
-            .expect("cleanup");
+        let out = c.cleanup(n).expect("cleanup");
         assert!(
             out.status.success(),
             "{}",

@@ -566,6 +566,20 @@ impl Cluster {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// `ebpf-proxy cleanup` for node `node`, in its network namespace as on a node: netlink tc
+    /// filters (`--tc-attach=netlink`) are per namespace, unlike pins.
+    pub fn cleanup(&self, node: u8) -> Result<std::process::Output> {
+        self.lab.exec(
+            &self.lab.node_ns(node),
+            &[
+                self.bins.agent.display().to_string(),
+                "cleanup".into(),
+                "--bpffs".into(),
+                self.lab.bpffs(node).display().to_string(),
+            ],
+        )
+    }
+
     /// Waits until node `node`'s TCP entry of the service has `want` endpoints.
     pub fn wait_programmed(&self, node: u8, want: usize, timeout: Duration) -> Result<Duration> {
         let start = Instant::now();
