@@ -373,8 +373,8 @@ impl PinnableProgram for SchedClassifier {
         // A netlink filter (kernel < 6.6) does not convert; dropping it detaches it.
         FdLink::try_from(self.take_link(id)?).map_err(|_| {
             anyhow::anyhow!(
-                "the kernel attached a netlink tc filter, which cannot be pinned: ebpf-proxy \
-                 needs TCX (Linux >= 6.6) so programs stay attached across restarts"
+                "no TCX on this kernel (Linux < 6.6): run with --tc-attach=auto or netlink \
+                 (netlink cls_bpf filters, docs/kernels.md)"
             )
         })
     }
