@@ -9,6 +9,8 @@ use anyhow::{Result, bail};
 pub const PROGRAMS: &[(&str, &str)] = &[
     // The lab: namespaces, veths, bridges, routes (`ip netns exec` runs every lab process).
     ("ip", "iproute2"),
+    // tc_netlink lists the netlink tc filters of --tc-attach=netlink (`tc filter show`).
+    ("tc", "iproute2"),
     // Map dumps in the demo, cgroup program checks in e2e_hostnet, `inspect`-style debugging.
     ("bpftool", "bpftool"),
     // e2e_external turns tx checksum offload off on the uplinks (partial-checksum packets).

@@ -39,7 +39,7 @@ fn tc_show(c: &Cluster, n: u8, dev: &str, dir: &str) -> String {
             &c.lab.node_ns(n),
             &["tc", "filter", "show", "dev", dev, dir],
         )
-        .unwrap_or_default()
+        .expect("tc filter show")
 }
 
 fn pods_on(c: &Cluster, n: u8) -> usize {
