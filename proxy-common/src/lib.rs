@@ -47,6 +47,8 @@ pub mod maps {
     pub const SVC_COUNTERS: &str = "LB4_SCNT_V1";
     /// REJECT reply rate limit: a per-CPU token bucket, index 0 -> `RejectBucket`.
     pub const REJECT_BUCKET: &str = "LB4_RJB_V1";
+    /// Per-CPU scratch buffer a port unreachable is built in (`RejectScratch`); never pinned.
+    pub const REJECT_SCRATCH: &str = "LB4_RJS_V1";
     /// Fragments (LRU): `Frag4Key` (addresses, protocol, IP ID before translation) ->
     /// `Frag4Value` (the first fragment's ports), so later fragments get its translation.
     pub const FRAG4: &str = "LB4_FRG_V1";
@@ -295,6 +297,16 @@ pub struct RejectBucket {
     pub last_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<RejectBucket>() == 16);
+
+/// Scratch space for a REJECT reply: Ethernet, IPv4 and ICMP headers (42 bytes), the quoted
+/// IPv4 header with options (up to 60; sized for 80 so every offset the verifier sees from a
+/// masked header length is in bounds) and 8 bytes of its L4 header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RejectScratch {
+    pub bytes: [u8; 136],
+}
+const _: () = assert!(core::mem::size_of::<RejectScratch>() == 136);
 
 /// Service-map key. `slot == 0` addresses the service entry; `1..=count` its backends.
 #[repr(C)]

@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, Frag4Key, Frag4Value, NodeConfig, RejectBucket,
-    SrcRange4Data, Svc4Key, Svc4Value, SvcCounter, VipValue, counter, reject_limit, sizes,
+    RejectScratch, SrcRange4Data, Svc4Key, Svc4Value, SvcCounter, VipValue, counter, reject_limit,
+    sizes,
 };
 
 #[btf_map]
@@ -55,6 +56,16 @@ pub static LB4_SCNT_V1: PerCpuArray<SvcCounter, { sizes::SVC_IDS as usize }> = P
 
 #[btf_map]
 pub static LB4_RJB_V1: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();
+
+/// Where a port unreachable is assembled (not pinned: it holds nothing between packets).
+#[btf_map]
+pub static LB4_RJS_V1: PerCpuArray<RejectScratch, 1> = PerCpuArray::new();
+
+/// This CPU's REJECT scratch buffer.
+#[inline(always)]
+pub fn reject_scratch() -> Option<*mut RejectScratch> {
+    LB4_RJS_V1.get_ptr_mut(0)
+}
 
 /// Takes one REJECT reply from this CPU's token bucket; `false`: over the limit, don't reply.
 /// Per-CPU so it needs no atomics (documented in docs/security.md).

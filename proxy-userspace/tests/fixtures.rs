@@ -463,6 +463,35 @@ fn service_without_endpoints_rejects_udp_with_icmp_port_unreachable() {
     assert_eq!(f.counter(counter::REJECT), 1);
 }
 
+/// With IP options the quote grows with the header: the client's stack finds the ports after
+/// the options (the kernel's icmp_send quotes the same way).
+#[test]
+fn udp_with_ip_options_is_rejected_quoting_the_whole_header() {
+    let f = Fixture::new(&hostnames(&[], "UDP"));
+    for opts in [4, 40] {
+        let pkt = packet(UDP, (CLIENT, 5354), (VIP, 80), opts, false);
+        let (rc, out) = f.run(programs::POD_INGRESS, &pkt);
+        assert_eq!(rc, TC_ACT_REDIRECT, "{opts} bytes of options");
+        let q = 20 + opts + 8;
+        assert_eq!(out.len(), 14 + 20 + 8 + q);
+        let ip = &out[14..34];
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, 20 + 8 + q);
+        assert_eq!(
+            u16::from_be_bytes([ip[10], ip[11]]),
+            packet::ipv4_header_checksum(ip)
+        );
+        let icmp = &out[34..];
+        assert_eq!((icmp[0], icmp[1]), (3, 3));
+        assert_eq!(
+            csum::fold(csum::add_bytes(0, icmp)),
+            0xffff,
+            "ICMP checksum"
+        );
+        assert_eq!(&icmp[8..], &pkt[14..14 + q], "header, options and 8 bytes");
+    }
+    assert_eq!(f.counter(counter::REJECT), 2);
+}
+
 #[test]
 fn hairpin_snats_and_sends_both_directions_back_to_the_pod() {
     let me = Ipv4Addr::new(10, 76, 0, 10);
