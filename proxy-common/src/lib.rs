@@ -47,8 +47,13 @@ pub mod maps {
     pub const SVC_COUNTERS: &str = "LB4_SCNT_V1";
     /// REJECT reply rate limit: a per-CPU token bucket, index 0 -> `RejectBucket`.
     pub const REJECT_BUCKET: &str = "LB4_RJB_V1";
-    /// Per-CPU scratch buffer a port unreachable is built in (`RejectScratch`); never pinned.
-    pub const REJECT_SCRATCH: &str = "LB4_RJS_V1";
+    /// Per-CPU scratch space (`Scratch`): the REJECT reply being built, the reason noted for
+    /// the debug log. Never pinned: it holds nothing between packets.
+    pub const SCRATCH: &str = "SCRATCH_V1";
+    /// Pod interfaces: host-side ifindex (`u32`) -> the network namespace ID (`i32`, as
+    /// IFLA_LINK_NETNSID gives it) of the pod behind it, where a new flow's tuple is looked
+    /// up among the pod's own sockets. Filled by the agent as it attaches; not pinned.
+    pub const POD_NETNS: &str = "PODNS_V1";
     /// Fragments (LRU): `Frag4Key` (addresses, protocol, IP ID before translation) ->
     /// `Frag4Value` (the first fragment's ports), so later fragments get its translation.
     pub const FRAG4: &str = "LB4_FRG_V1";
@@ -124,6 +129,8 @@ pub mod sizes {
     pub const AFFINITY4: u32 = 65_536;
     /// `--decap-allowed-sources` CIDRs.
     pub const DECAP_SRC4: u32 = 1_024;
+    /// Pod interfaces per node whose namespace ID is known (`maps::POD_NETNS`).
+    pub const POD_NETNS: u32 = 16_384;
     /// Entries of the per-service counter map; service IDs stay below it.
     pub const SVC_IDS: u32 = 65_536;
 }
@@ -298,15 +305,26 @@ pub struct RejectBucket {
 }
 const _: () = assert!(core::mem::size_of::<RejectBucket>() == 16);
 
-/// Scratch space for a REJECT reply: Ethernet, IPv4 and ICMP headers (42 bytes), the quoted
-/// IPv4 header with options (up to 60; sized for 80 so every offset the verifier sees from a
-/// masked header length is in bounds) and 8 bytes of its L4 header.
+/// Per-CPU scratch space for the packet being processed; nothing survives between packets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RejectScratch {
-    pub bytes: [u8; 136],
+pub struct Scratch {
+    /// A REJECT reply: Ethernet, IPv4 and ICMP headers (42 bytes), the quoted IPv4 header with
+    /// options (up to 60; sized for 80 so every offset the verifier sees from a masked header
+    /// length is in bounds) and 8 bytes of its L4 header.
+    pub reject: [u8; 136],
+    /// With `cfg_flags::DATAPATH_DEBUG`: the `counter::*` reason the packet was dropped or
+    /// rejected for, plus one (0: none), and its tuple, for the log line the program writes
+    /// once the verdict is known.
+    pub noted_reason: u32,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<RejectScratch>() == 136);
+const _: () = assert!(core::mem::size_of::<Scratch>() == 160);
 
 /// Service-map key. `slot == 0` addresses the service entry; `1..=count` its backends.
 #[repr(C)]
@@ -714,6 +732,11 @@ pub mod cfg_flags {
     /// wrapped, for the node's own tunnel devices (Calico or flannel IPIP), instead of being
     /// dropped.
     pub const FOREIGN_TUNNELS_PASS: u32 = 1 << 3;
+    /// Datapath debug logging (`--datapath-debug`, `ebpf-proxy debug on|off`): the tc programs
+    /// log, through aya-log, why a flow was dropped or rejected. Checked only on those paths,
+    /// so it costs nothing when off. Owned by the operator's switch: the agent's config writes
+    /// keep whatever value the map holds.
+    pub const DATAPATH_DEBUG: u32 = 1 << 4;
 }
 
 /// Per-node configuration, written by the agent at start.

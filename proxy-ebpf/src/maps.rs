@@ -6,8 +6,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, Frag4Key, Frag4Value, NodeConfig, RejectBucket,
-    RejectScratch, SrcRange4Data, Svc4Key, Svc4Value, SvcCounter, VipValue, counter, reject_limit,
-    sizes,
+    Scratch, SrcRange4Data, Svc4Key, Svc4Value, SvcCounter, VipValue, counter, reject_limit, sizes,
 };
 
 #[btf_map]
@@ -57,14 +56,24 @@ pub static LB4_SCNT_V1: PerCpuArray<SvcCounter, { sizes::SVC_IDS as usize }> = P
 #[btf_map]
 pub static LB4_RJB_V1: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();
 
-/// Where a port unreachable is assembled (not pinned: it holds nothing between packets).
+/// Per-CPU scratch space (not pinned: it holds nothing between packets).
 #[btf_map]
-pub static LB4_RJS_V1: PerCpuArray<RejectScratch, 1> = PerCpuArray::new();
+pub static SCRATCH_V1: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
-/// This CPU's REJECT scratch buffer.
+/// Pod interfaces' network namespace IDs (`maps::POD_NETNS`).
+#[btf_map]
+pub static PODNS_V1: HashMap<u32, i32, { sizes::POD_NETNS as usize }> = HashMap::new();
+
+/// This CPU's scratch space.
 #[inline(always)]
-pub fn reject_scratch() -> Option<*mut RejectScratch> {
-    LB4_RJS_V1.get_ptr_mut(0)
+pub fn scratch() -> Option<*mut Scratch> {
+    SCRATCH_V1.get_ptr_mut(0)
+}
+
+/// The node config's flags, read without copying the whole config.
+#[inline(always)]
+pub fn config_flags() -> u32 {
+    CFG_V2.get(0).map_or(0, |c| c.flags)
 }
 
 /// Takes one REJECT reply from this CPU's token bucket; `false`: over the limit, don't reply.

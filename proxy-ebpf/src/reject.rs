@@ -11,7 +11,7 @@ use aya_ebpf::{
 use proxy_common::{csum, proto, wire::write_ipv4_header};
 
 use crate::{
-    maps::reject_scratch,
+    maps::scratch,
     parse::{ETH_HLEN, Packet},
 };
 
@@ -126,9 +126,9 @@ fn tcp_rst(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
 fn icmp_unreach(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     // Built in a per-CPU scratch map, not on the stack: the quote grows with the IP options
     // (up to 60 bytes of header), and the caller's stack is nearly full.
-    let s = reject_scratch().ok_or(())?;
+    let s = scratch().ok_or(())?;
     // SAFETY: this CPU's slot; nothing else runs on it until we return.
-    let buf = unsafe { &mut (*s).bytes };
+    let buf = unsafe { &mut (*s).reject };
     // The IPv4 header length, 20..=80 in steps of 4 whatever `l4_off` holds, so the verifier
     // can bound every access below (parse already checked it against the packet).
     let hl = 20 + (p.l4_off.wrapping_sub(ETH_HLEN + 20) & 0x3c);

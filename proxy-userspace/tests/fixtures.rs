@@ -614,6 +614,82 @@ fn load_balancer_ip_with_local_policy_keeps_the_client_and_drops_without_local_e
     assert_eq!(f.counter(counter::DROP_NO_LOCAL_BACKEND), 1);
 }
 
+/// Captures the programs' aya-log records (what the agent's reader forwards to its log).
+#[derive(Clone, Default)]
+struct Records(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Records {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record) {
+        let line = datapath::debuglog::describe(&r.args().to_string());
+        self.0.lock().expect("records lock").push(line);
+    }
+    fn flush(&self) {}
+}
+
+impl Records {
+    fn take(&self, logger: &mut aya_log::EbpfLogger<Records>) -> Vec<String> {
+        logger.flush();
+        std::mem::take(&mut *self.0.lock().expect("records lock"))
+    }
+}
+
+/// Debug logging: silent while off; when on, one line per drop or reject naming the reason
+/// and the packet; forwarded packets never log; the agent's config writes keep the switch.
+#[test]
+fn datapath_debug_log_says_why_a_flow_was_dropped_or_rejected() {
+    let mut f = Fixture::new(&load_balancer(
+        &[("10.76.0.10", "node1")],
+        false,
+        &["198.51.100.0/24"],
+    ));
+    let records = Records::default();
+    let mut logger = aya_log::EbpfLogger::init_with_logger(&mut f.dp.ebpf, records.clone())
+        .expect("the object carries the aya-log ring buffer");
+    let outside = packet(TCP, (EXT, 50003), (LB_IP, 80), 0, false);
+    let (rc, _) = f.run(programs::UPLINK_INGRESS, &outside);
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(records.take(&mut logger), Vec::<String>::new(), "off");
+
+    f.dp.set_datapath_debug(true).expect("switch on");
+    let (rc, _) = f.run(programs::UPLINK_INGRESS, &outside);
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(
+        records.take(&mut logger),
+        [format!("drop_source_range TCP {EXT}:50003 -> {LB_IP}:80")]
+    );
+    let inside = packet(
+        TCP,
+        (Ipv4Addr::new(198, 51, 100, 7), 50004),
+        (LB_IP, 80),
+        0,
+        false,
+    );
+    f.run(programs::UPLINK_INGRESS, &inside);
+    assert_eq!(records.take(&mut logger), Vec::<String>::new(), "forwarded");
+
+    // The agent rewrites its config (a node address change): the switch stays on.
+    f.dp.set_config(&NodeConfig {
+        node_addr_be: abi::addr_be(NODE),
+        ..Default::default()
+    })
+    .expect("config");
+    // A ClusterIP port no service uses: rejected, and said so.
+    let unused = packet(UDP, (CLIENT, 5353), (VIP, 81), 0, false);
+    let (rc, _) = f.run(programs::POD_INGRESS, &unused);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(
+        records.take(&mut logger),
+        [format!("reject UDP {CLIENT}:5353 -> {VIP}:81")]
+    );
+
+    f.dp.set_datapath_debug(false).expect("switch off");
+    f.run(programs::UPLINK_INGRESS, &outside);
+    assert_eq!(records.take(&mut logger), Vec::<String>::new(), "off again");
+}
+
 #[test]
 fn load_balancer_source_ranges() {
     let f = Fixture::new(&load_balancer(

@@ -22,7 +22,7 @@ use crate::{
         attach::Attachments,
         bpffs,
         netlink::{Iface, LinkEvents, Netlink},
-        pods::PodSelector,
+        pods::{self, PodSelector},
         sockhooks,
         uplinks::{self, Uplinks},
     },
@@ -245,7 +245,9 @@ impl Agent {
         // atomically (a restart or an upgrade), and they stay attached after this process exits.
         let mut attachments = Attachments::new(Some(&pins));
         let link_events = LinkEvents::subscribe()?;
-        let ports = pods.select(&nl.link_facts().await?, bridge_index, &uplink_names);
+        let facts = nl.link_facts().await?;
+        let ports = pods.select(&facts, bridge_index, &uplink_names);
+        dp.set_pod_netns(&pods::pod_netns(&facts, &ports))?;
         let unprefixed = local.ports_without_prefix(ports.iter().map(|p| p.name.as_str()));
         if !unprefixed.is_empty() {
             warn!(
@@ -513,12 +515,15 @@ impl Agent {
         Ok(())
     }
 
-    /// The pod interfaces now, by the selector.
-    async fn pod_interfaces(&self) -> Result<Vec<Iface>> {
+    /// The pod interfaces now, by the selector, with their pods' namespace IDs recorded for
+    /// the datapath.
+    async fn pod_interfaces(&mut self) -> Result<Vec<Iface>> {
         let links = self.nl.link_facts().await?;
-        Ok(self
+        let ports = self
             .pods
-            .select(&links, self.bridge_index, &self.uplink_names))
+            .select(&links, self.bridge_index, &self.uplink_names);
+        self.dp.set_pod_netns(&pods::pod_netns(&links, &ports))?;
+        Ok(ports)
     }
 
     /// A link came, went or changed (rtnetlink event): attach to the new pod interfaces.
@@ -547,6 +552,25 @@ impl Agent {
         );
         Ok(())
     }
+}
+
+/// Datapath debug logging: on with --datapath-debug, else as the pinned config says (an
+/// operator's `ebpf-proxy debug on` survives a restart); its records go to our log either way.
+fn debug_switch(dp: &mut Datapath, flag: bool) -> Result<()> {
+    if flag {
+        dp.set_datapath_debug(true)?;
+    }
+    if dp
+        .config()
+        .is_ok_and(|c| c.flags & proxy_common::cfg_flags::DATAPATH_DEBUG != 0)
+    {
+        info!(
+            "datapath debug logging is on: drops and rejects are logged with their reason \
+             (target {}; `ebpf-proxy debug off` stops it)",
+            datapath::debuglog::TARGET
+        );
+    }
+    datapath::debuglog::spawn_reader(&mut dp.ebpf).context("reading the datapath's log buffer")
 }
 
 /// Mounts the bpffs if needed, loads the programs with maps created or adopted under the pin
@@ -591,6 +615,7 @@ fn load_datapath(
             pins.display()
         );
     }
+    debug_switch(&mut dp, args.datapath_debug)?;
 
     match ctx.host_netns_cookie {
         Some(cookie) => {

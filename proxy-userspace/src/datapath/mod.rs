@@ -7,6 +7,7 @@
 pub mod attach;
 pub mod bpffs;
 pub mod conntrack;
+pub mod debuglog;
 pub mod layout;
 pub mod links;
 pub mod netlink;
@@ -238,7 +239,44 @@ impl Datapath {
         })
     }
 
+    /// Writes the node config. The debug switch is the operator's (`ebpf-proxy debug`):
+    /// whatever the map holds is kept.
     pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), DatapathError> {
+        let cfg = debuglog::keep_switch(cfg, self.config().ok().as_ref());
+        self.write_config(&cfg)
+    }
+
+    /// Makes `maps::POD_NETNS` hold exactly `entries` (ifindex, namespace ID).
+    pub fn set_pod_netns(&mut self, entries: &[(u32, i32)]) -> Result<(), DatapathError> {
+        let name = maps::POD_NETNS;
+        let m = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut h: HashMap<&mut MapData, u32, i32> =
+            HashMap::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
+        let stale: Vec<u32> = h
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !entries.iter().any(|(i, _)| i == k))
+            .collect();
+        for k in stale {
+            let _ = h.remove(&k);
+        }
+        for (i, ns) in entries {
+            h.insert(i, ns, 0)
+                .map_err(|source| DatapathError::Map { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Turns datapath debug logging on or off (`cfg_flags::DATAPATH_DEBUG`).
+    pub fn set_datapath_debug(&mut self, on: bool) -> Result<(), DatapathError> {
+        let cfg = debuglog::with_switch(&self.config()?, on);
+        self.write_config(&cfg)
+    }
+
+    fn write_config(&mut self, cfg: &NodeConfig) -> Result<(), DatapathError> {
         let name = maps::CONFIG;
         let m = self
             .ebpf
