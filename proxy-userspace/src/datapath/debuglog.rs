@@ -84,7 +84,8 @@ impl Log for Forward {
     }
 
     fn log(&self, record: &Record) {
-        log::info!(target: TARGET, "{}", describe(&record.args().to_string()));
+        // "datapath:" because the text log format does not print targets.
+        log::info!(target: TARGET, "datapath: {}", describe(&record.args().to_string()));
     }
 
     fn flush(&self) {}
