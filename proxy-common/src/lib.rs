@@ -54,6 +54,9 @@ pub mod maps {
     /// IFLA_LINK_NETNSID gives it) of the pod behind it, where a new flow's tuple is looked
     /// up among the pod's own sockets. Filled by the agent as it attaches; not pinned.
     pub const POD_NETNS: &str = "PODNS_V1";
+    /// The broadcast addresses of the node's subnets (`u32`, network order) -> `u8` (1): REJECT
+    /// never answers them (a directed broadcast source). Filled by the agent; not pinned.
+    pub const BROADCAST4: &str = "BCAST4_V1";
     /// Fragments (LRU): `Frag4Key` (addresses, protocol, IP ID before translation) ->
     /// `Frag4Value` (the first fragment's ports), so later fragments get its translation.
     pub const FRAG4: &str = "LB4_FRG_V1";
@@ -131,6 +134,8 @@ pub mod sizes {
     pub const DECAP_SRC4: u32 = 1_024;
     /// Pod interfaces per node whose namespace ID is known (`maps::POD_NETNS`).
     pub const POD_NETNS: u32 = 16_384;
+    /// Subnet broadcast addresses of the node (`maps::BROADCAST4`).
+    pub const BROADCAST4: u32 = 256;
     /// Entries of the per-service counter map; service IDs stay below it.
     pub const SVC_IDS: u32 = 65_536;
 }

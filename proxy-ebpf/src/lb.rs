@@ -24,7 +24,7 @@ use crate::{
     debug, fib, frag, icmp,
     maps::{
         CT4_V3, CT4N_V1, LB4_AFF_V2, LB4_BE_V1, LB4_SVC_V2, LB4_VIP_V1, PODNS_V1, count,
-        count_service, node_config, reject_allowed, source_allowed,
+        count_service, is_subnet_broadcast, node_config, reject_allowed, source_allowed,
     },
     nat,
     parse::{ETH_HLEN, Packet, Skip, TcHeaders, parse, tcp},
@@ -171,7 +171,7 @@ fn translate_counted(ctx: &TcContext, p: &Packet, entry: &Ct4Value) -> Result<i3
 fn reject_now(ctx: &TcContext, p: &Packet) -> Result<i32, i32> {
     // A reply to these would go nowhere or to many (a reflection amplifier): drop instead,
     // as the kernel's icmp_send refuses broadcast and multicast.
-    if !reject::answerable(p.saddr_be) {
+    if !reject::answerable(p.saddr_be) || is_subnet_broadcast(p.saddr_be) {
         return Err(debug::drop(counter::DROP_REJECT_BAD_SOURCE));
     }
     // Like the kernel's icmp_msgs_per_sec: a scan of empty service ports must not make the

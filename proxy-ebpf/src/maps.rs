@@ -64,6 +64,17 @@ pub static SCRATCH_V1: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 #[btf_map]
 pub static PODNS_V1: HashMap<u32, i32, { sizes::POD_NETNS as usize }> = HashMap::new();
 
+/// The node's subnet broadcast addresses (`maps::BROADCAST4`).
+#[btf_map]
+pub static BCAST4_V1: HashMap<u32, u8, { sizes::BROADCAST4 as usize }> = HashMap::new();
+
+/// Whether `addr_be` is the broadcast address of one of the node's subnets.
+#[inline(always)]
+pub fn is_subnet_broadcast(addr_be: u32) -> bool {
+    // SAFETY: only presence is read.
+    unsafe { BCAST4_V1.get(addr_be) }.is_some()
+}
+
 /// This CPU's scratch space.
 #[inline(always)]
 pub fn scratch() -> Option<*mut Scratch> {

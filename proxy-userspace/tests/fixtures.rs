@@ -1080,6 +1080,49 @@ fn reject_never_answers_unspecified_loopback_multicast_or_class_e_sources() {
     assert_eq!(f.counter(counter::REJECT), 4);
 }
 
+/// A subnet's directed broadcast address (the agent lists the node's, from its interfaces)
+/// is never answered either; the subnet's other addresses are.
+#[test]
+fn reject_never_answers_a_directed_broadcast_source_of_the_nodes_subnets() {
+    let mut f = Fixture::new(&hostnames(&[], "UDP"));
+    let nets = [(NODE, 24), (HAIRPIN, 24)];
+    f.dp.set_broadcasts(&datapath::netlink::subnet_broadcasts(&nets))
+        .expect("broadcasts");
+    for src in ["10.240.0.255", "10.76.0.255"] {
+        let src: Ipv4Addr = src.parse().expect("address");
+        let pkt = packet(UDP, (src, 40000), (VIP, 80), 0, false);
+        let (rc, out) = f.run(programs::POD_INGRESS, &pkt);
+        assert_eq!(rc, TC_ACT_SHOT, "no reply to {src}");
+        assert_eq!(out, pkt, "the packet is not turned into a reply");
+    }
+    assert_eq!(f.counter(counter::DROP_REJECT_BAD_SOURCE), 2);
+    let (rc, _) = f.run(
+        programs::POD_INGRESS,
+        &packet(
+            UDP,
+            (Ipv4Addr::new(10, 76, 0, 254), 40000),
+            (VIP, 80),
+            0,
+            false,
+        ),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT, "10.76.0.254 gets its port unreachable");
+    // The agent's list follows the node: a subnet gone, its broadcast is answered again.
+    f.dp.set_broadcasts(&[]).expect("broadcasts");
+    let (rc, _) = f.run(
+        programs::POD_INGRESS,
+        &packet(
+            UDP,
+            (Ipv4Addr::new(10, 76, 0, 255), 40001),
+            (VIP, 80),
+            0,
+            false,
+        ),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(f.counter(counter::REJECT), 2);
+}
+
 #[test]
 fn reject_replies_beyond_the_token_bucket_are_suppressed_and_counted() {
     require_root();

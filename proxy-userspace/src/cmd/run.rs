@@ -21,7 +21,7 @@ use crate::{
         self, Datapath, LoadOptions, MapSizes,
         attach::Attachments,
         bpffs,
-        netlink::{Iface, LinkEvents, Netlink},
+        netlink::{self, Iface, LinkEvents, Netlink},
         pods::{self, PodSelector},
         sockhooks,
         uplinks::{self, Uplinks},
@@ -248,6 +248,7 @@ impl Agent {
         let facts = nl.link_facts().await?;
         let ports = pods.select(&facts, bridge_index, &uplink_names);
         dp.set_pod_netns(&pods::pod_netns(&facts, &ports))?;
+        dp.set_broadcasts(&netlink::subnet_broadcasts(&nl.all_ipv4_nets().await?))?;
         let unprefixed = local.ports_without_prefix(ports.iter().map(|p| p.name.as_str()));
         if !unprefixed.is_empty() {
             warn!(
@@ -515,14 +516,18 @@ impl Agent {
         Ok(())
     }
 
-    /// The pod interfaces now, by the selector, with their pods' namespace IDs recorded for
-    /// the datapath.
+    /// The pod interfaces now, by the selector, with their pods' namespace IDs and the node's
+    /// subnet broadcast addresses recorded for the datapath.
     async fn pod_interfaces(&mut self) -> Result<Vec<Iface>> {
         let links = self.nl.link_facts().await?;
         let ports = self
             .pods
             .select(&links, self.bridge_index, &self.uplink_names);
         self.dp.set_pod_netns(&pods::pod_netns(&links, &ports))?;
+        // Addresses change with links (a bridge getting its address): REJECT's list of
+        // broadcast sources follows.
+        let nets = self.nl.all_ipv4_nets().await?;
+        self.dp.set_broadcasts(&netlink::subnet_broadcasts(&nets))?;
         Ok(ports)
     }
 

@@ -23,6 +23,7 @@ pub use layout::{MapLayout, MapSizeArgs, MapSizes, remove_pins, retired_pins};
 pub use service_maps::{LbMaps, WriteError, pinned_service_counters, read_service_counters};
 use std::{
     io,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -248,23 +249,41 @@ impl Datapath {
 
     /// Makes `maps::POD_NETNS` hold exactly `entries` (ifindex, namespace ID).
     pub fn set_pod_netns(&mut self, entries: &[(u32, i32)]) -> Result<(), DatapathError> {
-        let name = maps::POD_NETNS;
+        self.replace_hash(maps::POD_NETNS, entries)
+    }
+
+    /// Makes `maps::BROADCAST4` hold exactly these addresses.
+    pub fn set_broadcasts(&mut self, addrs: &[Ipv4Addr]) -> Result<(), DatapathError> {
+        let entries: Vec<(u32, u8)> = addrs.iter().map(|a| (crate::abi::addr_be(*a), 1)).collect();
+        self.replace_hash(maps::BROADCAST4, &entries)
+    }
+
+    /// Makes the hash map `name` hold exactly `entries`: stale keys removed, the rest written.
+    fn replace_hash<K, V>(
+        &mut self,
+        name: &'static str,
+        entries: &[(K, V)],
+    ) -> Result<(), DatapathError>
+    where
+        K: aya::Pod + PartialEq,
+        V: aya::Pod,
+    {
         let m = self
             .ebpf
             .map_mut(name)
             .ok_or(DatapathError::MissingMap(name))?;
-        let mut h: HashMap<&mut MapData, u32, i32> =
+        let mut h: HashMap<&mut MapData, K, V> =
             HashMap::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
-        let stale: Vec<u32> = h
+        let stale: Vec<K> = h
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !entries.iter().any(|(i, _)| i == k))
+            .filter(|k| !entries.iter().any(|(e, _)| e == k))
             .collect();
         for k in stale {
             let _ = h.remove(&k);
         }
-        for (i, ns) in entries {
-            h.insert(i, ns, 0)
+        for (k, v) in entries {
+            h.insert(k, v, 0)
                 .map_err(|source| DatapathError::Map { name, source })?;
         }
         Ok(())
