@@ -1227,7 +1227,7 @@ mod tests {
         };
         let names: Vec<&str> = core["resources"]
             .as_array()
-            .unwrap()
+            .expect("resources")
             .iter()
             .filter_map(|r| r["name"].as_str())
             .collect();
