@@ -57,14 +57,10 @@ async fn kubectl_lists_and_watches_through_the_lab_api_server() {
     let port = [("http", 80, "TCP")];
     api.apply_raw(Kind::Node, node("node1", "192.0.2.1"));
     api.apply_raw(Kind::Node, node("node2", "192.0.2.2"));
-    api.apply_raw(
-        Kind::Service,
-        service("default", "web", "10.96.0.10", &port),
-    );
-    api.apply_raw(
-        Kind::Service,
-        service("kube-system", "dns", "10.96.0.53", &port),
-    );
+    let add_service =
+        |ns: &str, name: &str, ip: &str| api.apply_raw(Kind::Service, service(ns, name, ip, &port));
+    add_service("default", "web", "10.96.0.10");
+    add_service("kube-system", "dns", "10.96.0.53");
     api.apply_raw(
         Kind::EndpointSlice,
         slice("default", "web-abc", "web", &port, &strs(&["10.76.0.5"])),
@@ -155,15 +151,9 @@ async fn kubectl_lists_and_watches_through_the_lab_api_server() {
             .unwrap_or_else(|e| panic!("kubectl -w: no line for {what} within 10 s: {e}"))
     };
     assert_eq!(next("the initial list"), "ADDED web 10.96.0.10");
-    api.apply_raw(
-        Kind::Service,
-        service("default", "api", "10.96.0.11", &port),
-    );
+    add_service("default", "api", "10.96.0.11");
     // Another namespace's change is not this watch's.
-    api.apply_raw(
-        Kind::Service,
-        service("kube-system", "m", "10.96.0.12", &port),
-    );
+    add_service("kube-system", "m", "10.96.0.12");
     assert_eq!(next("a new Service"), "ADDED api 10.96.0.11");
     api.delete(Kind::Service, "default", "web");
     assert_eq!(next("a deleted Service"), "DELETED web 10.96.0.10");

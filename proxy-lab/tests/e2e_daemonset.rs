@@ -20,7 +20,7 @@ use proxy_lab::{
 };
 
 /// Brings the lab up with agents run as `overlay`'s DaemonSet and checks them.
-fn run_overlay(overlay: &str) -> Cluster {
+fn run_overlay(overlay: &str) {
     let root = ds::repo_root();
     let rendered = ds::render_overlay(&root, overlay).expect("kubectl kustomize");
     let daemonset = ds::daemonset_of(&rendered).expect("the DaemonSet");
@@ -157,6 +157,22 @@ fn run_overlay(overlay: &str) -> Cluster {
         assert_eq!(st["agent_running"], true, "{st:#}");
     }
 
+    // /metrics where the args put it, else kube-proxy's default (the kubeadm config leaves
+    // metricsBindAddress empty).
+    let metrics = manifest_args
+        .iter()
+        .find_map(|a| a.strip_prefix("--metrics-bind-address="))
+        .unwrap_or("127.0.0.1:10249");
+    for n in NODES {
+        let (code, text) = c
+            .http_get(n, &format!("http://{metrics}/metrics"))
+            .expect("metrics");
+        assert_eq!(
+            code, 200,
+            "{overlay}: node{n} /metrics on {metrics}: {text}"
+        );
+    }
+
     // A pod's connections through the ClusterIP, from both nodes.
     let vip = format!("{CLUSTER_IP}:{SERVICE_PORT}");
     for pod in ["client", "hostnames-c"] {
@@ -165,7 +181,6 @@ fn run_overlay(overlay: &str) -> Cluster {
         let u = c.probe(pod, &vip, true, 10).expect("udp probe");
         assert_eq!(u.ok(), 10, "{overlay}: UDP from {pod}: {:?}", u.0);
     }
-    c
 }
 
 /// The process as started: its command line and environment exactly, its capabilities (and
@@ -255,22 +270,12 @@ fn check_process(c: &Cluster, n: u8, pid: u32, run: &ContainerRun, overlay: &str
 
 #[test]
 fn the_replace_kube_proxy_daemonset_runs_in_the_lab() {
-    let c = run_overlay("replace-kube-proxy");
-    // kube-proxy's default metrics address (the kubeadm config leaves it empty).
-    let (code, text) = c
-        .http_get(1, "http://127.0.0.1:10249/metrics")
-        .expect("metrics");
-    assert_eq!(code, 200, "{text}");
+    run_overlay("replace-kube-proxy");
 }
 
 #[test]
 fn the_side_by_side_daemonset_runs_in_the_lab() {
-    let c = run_overlay("side-by-side");
-    // Its args move metrics off kube-proxy's port.
-    let (code, text) = c
-        .http_get(1, "http://127.0.0.1:10259/metrics")
-        .expect("metrics");
-    assert_eq!(code, 200, "{text}");
+    run_overlay("side-by-side");
 }
 
 #[test]
