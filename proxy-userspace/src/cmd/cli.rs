@@ -14,8 +14,8 @@ use crate::cmd::{config, inspect, kpflags, trace};
     long_about = "Kubernetes service load balancing in eBPF, a kube-proxy replacement: ClusterIP, \
                   NodePort, LoadBalancer IPs (plain or IPIP/GUE-wrapped, direct server return) \
                   and externalIPs, with kube-proxy's masquerade, REJECT and traffic-policy rules. \
-                  tc programs on the pod bridge's ports and the uplink, and cgroup socket hooks \
-                  for host processes, read BPF maps that the agent fills from Service, \
+                  tc programs on the pods' interfaces (any CNI) and XDP and tc on the uplinks, \
+                  and cgroup socket hooks for host processes, read BPF maps that the agent fills from Service, \
                   EndpointSlice and Node objects (Kubernetes API or a manifests directory).\n\n\
                   Start with `ebpf-proxy run --help`; `ebpf-proxy trace --help` answers \
                   \"where does this packet go\".\n\n\
