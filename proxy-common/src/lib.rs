@@ -87,6 +87,11 @@ pub mod maps {
     /// into `CT4` before and again after the agent's programs replace the old ones, then the
     /// pin is removed. `CT4_V2` is v0.1.0's.
     pub const CT4_MIGRATE: [&str; 1] = ["CT4_V2"];
+    /// The earlier release's conntrack table as our programs see it during an upgrade: bound
+    /// at load to that release's pin (`CT4_MIGRATE`), and read on a miss while
+    /// `cfg_flags::CT_PREVIOUS` is set, so a flow its programs opened after the agent's last
+    /// copy keeps its translation. Otherwise a private, empty one-entry map. Never pinned.
+    pub const CT4_PREVIOUS: &str = "CT4_PREV";
     /// Names earlier versions pinned (layouts this agent cannot read: `svc_id` was 16-bit;
     /// `CNT_V1` had 32 counter slots, so counters restart at zero on upgrade).
     /// The agent reports them and removes them once its own programs are attached;
@@ -230,11 +235,14 @@ pub mod counter {
     /// An IPIP/GUE packet for this node whose inner packet is not for a LoadBalancer IP or
     /// externalIP service port this node serves: dropped, not decapsulated.
     pub const DROP_DECAP_NOT_SERVED: u32 = 33;
+    /// A flow found only in the earlier release's conntrack table during an upgrade, copied
+    /// into ours by the datapath (`maps::CT4_PREVIOUS`).
+    pub const CT_ADOPTED_PREVIOUS: u32 = 34;
     /// Slots of the counter map (`maps::COUNTERS`); indices above the last name are spare.
     pub const MAX: u32 = 64;
 
     /// Human names for `inspect` and metrics, indexed by counter.
-    pub const NAMES: [&str; 34] = [
+    pub const NAMES: [&str; 35] = [
         "forward_new",
         "forward_established",
         "reply_reverse_nat",
@@ -269,6 +277,7 @@ pub mod counter {
         "fragment_translated",
         "drop_decap_source_not_allowed",
         "drop_decap_inner_not_served",
+        "conntrack_adopted_from_previous_release",
     ];
 }
 
@@ -742,6 +751,10 @@ pub mod cfg_flags {
     /// so it costs nothing when off. Owned by the operator's switch: the agent's config writes
     /// keep whatever value the map holds.
     pub const DATAPATH_DEBUG: u32 = 1 << 4;
+    /// An upgrade is under way: `maps::CT4_PREVIOUS` holds the earlier release's conntrack
+    /// table, read when a packet misses ours. Set by the agent from load until every link runs
+    /// our programs and the table has been copied a last time.
+    pub const CT_PREVIOUS: u32 = 1 << 5;
 }
 
 /// Per-node configuration, written by the agent at start.
@@ -957,7 +970,11 @@ mod tests {
             counter::NAMES[counter::DROP_DECAP_NOT_SERVED as usize],
             "drop_decap_inner_not_served"
         );
-        assert_eq!(counter::NAMES.len(), 34);
+        assert_eq!(
+            counter::NAMES[counter::CT_ADOPTED_PREVIOUS as usize],
+            "conntrack_adopted_from_previous_release"
+        );
+        assert_eq!(counter::NAMES.len(), 35);
     }
 }
 

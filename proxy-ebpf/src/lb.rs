@@ -23,8 +23,8 @@ use proxy_common::{
 use crate::{
     debug, fib, frag, icmp,
     maps::{
-        CT4_V3, CT4N_V1, LB4_AFF_V2, LB4_BE_V1, LB4_SVC_V2, LB4_VIP_V1, PODNS_V1, count,
-        count_service, is_subnet_broadcast, node_config, reject_allowed, source_allowed,
+        CT4_PREV, CT4_V3, CT4N_V1, LB4_AFF_V2, LB4_BE_V1, LB4_SVC_V2, LB4_VIP_V1, PODNS_V1,
+        config_flags, count, count_service, is_subnet_broadcast, node_config, reject_allowed, source_allowed,
     },
     nat,
     parse::{ETH_HLEN, Packet, Skip, TcHeaders, parse, tcp},
@@ -206,7 +206,10 @@ pub enum Table {
 pub fn ct_lookup(key: &Ct4Key) -> Option<(Ct4Value, Table)> {
     let (ptr, table) = match CT4_V3.get_ptr_mut(key) {
         Some(p) => (p, Table::Answered),
-        None => (CT4N_V1.get_ptr_mut(key)?, Table::New),
+        None => match CT4N_V1.get_ptr_mut(key) {
+            Some(p) => (p, Table::New),
+            None => return ct_adopt_previous(key),
+        },
     };
     // Read after the lookup: a miss (most non-service packets) needs no clock.
     // SAFETY: a helper without arguments.
@@ -217,6 +220,26 @@ pub fn ct_lookup(key: &Ct4Key) -> Option<(Ct4Value, Table)> {
         (*ptr).last_seen_ns = now;
         Some((*ptr, table))
     }
+}
+
+/// During an upgrade, a flow the earlier release's programs opened after the agent's last copy
+/// of their table (its reply may reach our programs first): copied into the answered table
+/// as the agent's migration copies it, so it keeps its backend and NAT. Costs nothing but the
+/// config read outside an upgrade.
+#[inline(always)]
+fn ct_adopt_previous(key: &Ct4Key) -> Option<(Ct4Value, Table)> {
+    if config_flags() & cfg_flags::CT_PREVIOUS == 0 {
+        return None;
+    }
+    // SAFETY: copied out immediately.
+    let mut v = unsafe { CT4_PREV.get(key) }.copied()?;
+    v.flags |= ct_flags::MIGRATED | ct_flags::ANSWERED;
+    // SAFETY: a helper without arguments.
+    v.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    // BPF_NOEXIST: an entry our programs or the agent wrote meanwhile wins.
+    let _ = CT4_V3.insert(key, v, BPF_NOEXIST as u64);
+    count(counter::CT_ADOPTED_PREVIOUS);
+    Some((v, Table::Answered))
 }
 
 /// Reads a flow's entry from either table without touching it (ICMP errors, fragments).

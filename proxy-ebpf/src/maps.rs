@@ -24,6 +24,12 @@ pub static CT4_V3: HashMap<Ct4Key, Ct4Value, { sizes::CT4 as usize }> = HashMap:
 #[btf_map]
 pub static CT4N_V1: LruHashMap<Ct4Key, Ct4Value, { sizes::CT4 as usize }> = LruHashMap::new();
 
+/// The earlier release's conntrack table during an upgrade (`maps::CT4_PREVIOUS`): the agent
+/// binds this name to that release's pin at load; read on a miss only while the config says
+/// so. Otherwise a private map of one entry that stays empty.
+#[btf_map]
+pub static CT4_PREV: HashMap<Ct4Key, Ct4Value, 1> = HashMap::new();
+
 /// First fragments' ports, for the fragments that follow (LRU: short-lived by nature).
 #[btf_map]
 pub static LB4_FRG_V1: LruHashMap<Frag4Key, Frag4Value, { sizes::FRAG4 as usize }> =

@@ -500,6 +500,10 @@ impl Agent {
                     "after the uplink programs were replaced",
                 );
                 self.metrics.ct_migrated.inc_by(n.unwrap_or(0));
+                // Every link runs our programs and nothing writes the old table any more.
+                if let Err(e) = self.dp.end_previous_ct() {
+                    warn!("could not tell the programs the upgrade is over: {e}");
+                }
                 match datapath::retire_migrated(&self.pins) {
                     Ok(n) if n > 0 => info!("removed the earlier release's conntrack pin"),
                     Ok(_) => {}

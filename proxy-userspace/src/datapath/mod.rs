@@ -111,6 +111,9 @@ pub struct Datapath {
     pub ebpf: Ebpf,
     /// Names of the maps that were adopted from existing pins (a restart).
     pub adopted: Vec<&'static str>,
+    /// An earlier release's conntrack table is bound to `maps::CT4_PREVIOUS` (an upgrade):
+    /// the config says so to the programs until [`Datapath::end_previous_ct`].
+    previous_ct: bool,
 }
 
 impl Datapath {
@@ -137,6 +140,15 @@ impl Datapath {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // An upgrade: our programs read the earlier release's table on a miss until it is
+        // retired (a pin that exists is opened, never replaced).
+        let previous = opts
+            .pin_dir
+            .as_deref()
+            .and_then(|d| migrate_pins(d).into_iter().next());
+        if let Some(p) = &previous {
+            loader.map_pin_path(maps::CT4_PREVIOUS, p.as_path());
+        }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         // Load every program in the object; attaching is up to the caller.
         let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
@@ -155,7 +167,29 @@ impl Datapath {
                 source,
             })?;
         }
-        Ok(Self { ebpf, adopted })
+        let mut dp = Self {
+            ebpf,
+            adopted,
+            previous_ct: previous.is_some(),
+        };
+        if dp.previous_ct {
+            // Before any program of ours is attached.
+            dp.set_config(&dp.config().unwrap_or_default())?;
+        }
+        Ok(dp)
+    }
+
+    /// Whether our programs read an earlier release's conntrack table on a miss (an upgrade
+    /// under way).
+    pub fn reads_previous_ct(&self) -> bool {
+        self.previous_ct
+    }
+
+    /// The upgrade is over (every link runs our programs, the table was copied a last time):
+    /// the programs stop reading the earlier release's table.
+    pub fn end_previous_ct(&mut self) -> Result<(), DatapathError> {
+        self.previous_ct = false;
+        self.set_config(&self.config()?)
     }
 
     /// A program of the object as its aya type (`SchedClassifier`, `Xdp`, ...).
@@ -243,7 +277,11 @@ impl Datapath {
     /// Writes the node config. The debug switch is the operator's (`ebpf-proxy debug`):
     /// whatever the map holds is kept.
     pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), DatapathError> {
-        let cfg = debuglog::keep_switch(cfg, self.config().ok().as_ref());
+        let mut cfg = debuglog::keep_switch(cfg, self.config().ok().as_ref());
+        cfg.flags &= !proxy_common::cfg_flags::CT_PREVIOUS;
+        if self.previous_ct {
+            cfg.flags |= proxy_common::cfg_flags::CT_PREVIOUS;
+        }
         self.write_config(&cfg)
     }
 
