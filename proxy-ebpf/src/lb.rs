@@ -24,7 +24,8 @@ use crate::{
     debug, fib, frag, icmp,
     maps::{
         CT4_PREV, CT4_V3, CT4N_V1, LB4_AFF_V2, LB4_BE_V1, LB4_SVC_V2, LB4_VIP_V1, PODNS_V1,
-        config_flags, count, count_service, is_subnet_broadcast, node_config, reject_allowed, source_allowed,
+        config_flags, count, count_service, is_subnet_broadcast, node_config, reject_allowed,
+        source_allowed,
     },
     nat,
     parse::{ETH_HLEN, Packet, Skip, TcHeaders, parse, tcp},

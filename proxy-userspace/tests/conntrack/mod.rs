@@ -546,10 +546,7 @@ fn during_an_upgrade_a_flow_only_the_earlier_releases_table_holds_keeps_its_tran
     assert!(f.dp.reads_previous_ct(), "the earlier table is bound");
     assert!(entry(&mut f, &key(backend, one, UDP)).is_none());
     // The reply reaches our programs first: back from the service address.
-    let (_, back) = f.run(
-        programs::POD_EGRESS,
-        &packet(UDP, backend, one, 0, false),
-    );
+    let (_, back) = f.run(programs::POD_EGRESS, &packet(UDP, backend, one, 0, false));
     assert_eq!(parse_checked(&back).src, (VIP, 80));
     assert_eq!(f.counter(counter::CT_ADOPTED_PREVIOUS), 1);
     let (v, answered) = entry(&mut f, &key(backend, one, UDP)).expect("copied into ours");
@@ -564,10 +561,7 @@ fn during_an_upgrade_a_flow_only_the_earlier_releases_table_holds_keeps_its_tran
 
     // The upgrade is over: the earlier table is not read any more (the agent has copied it).
     f.dp.end_previous_ct().expect("end the upgrade");
-    let (_, back) = f.run(
-        programs::POD_EGRESS,
-        &packet(UDP, backend, two, 0, false),
-    );
+    let (_, back) = f.run(programs::POD_EGRESS, &packet(UDP, backend, two, 0, false));
     assert_eq!(parse_checked(&back).src, backend, "untranslated");
     assert_eq!(f.counter(counter::CT_ADOPTED_PREVIOUS), 2);
 }
