@@ -26,6 +26,8 @@ mod decap;
 mod icmp_errors;
 /// Per-service counters and affinity vs terminating endpoints (`tests/lb_svc/mod.rs`).
 mod lb_svc;
+/// Whole-map reads in batches (`tests/map_reads/mod.rs`).
+mod map_reads;
 /// TTL on the redirect paths (`tests/ttl/mod.rs`).
 mod ttl;
 /// The XDP fast path's fixtures (`tests/xdp/mod.rs`), sharing this harness.

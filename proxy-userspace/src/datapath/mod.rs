@@ -5,6 +5,7 @@
 //! This is the only room that talks to the BPF syscall for maps; the planner talks to it
 //! through [`crate::plan::MapWriter`], which [`service_maps::LbMaps`] implements.
 pub mod attach;
+pub mod batch;
 pub mod bpffs;
 pub mod conntrack;
 pub mod debuglog;
@@ -425,10 +426,11 @@ impl Datapath {
         ids: impl IntoIterator<Item = u32>,
     ) -> Result<Vec<(u32, SvcCounter)>, DatapathError> {
         let name = maps::SVC_COUNTERS;
-        let m = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
-        let a: PerCpuArray<&MapData, SvcCounter> =
-            PerCpuArray::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
-        read_service_counters(&a, ids).map_err(|source| DatapathError::Map { name, source })
+        let m = match self.ebpf.map(name) {
+            Some(aya::maps::Map::PerCpuArray(m)) => m,
+            _ => return Err(DatapathError::MissingMap(name)),
+        };
+        read_service_counters(m, ids).map_err(|source| DatapathError::Map { name, source })
     }
 
     /// Both conntrack tables (answered and unanswered flows) of the loaded object.

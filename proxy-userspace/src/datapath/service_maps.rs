@@ -1,6 +1,6 @@
 //! Typed access to the service maps: reading them back at startup, the per-service counters,
 //! and the [`crate::plan::MapWriter`] the planner writes through.
-use std::path::Path;
+use std::{os::fd::AsFd as _, path::Path};
 
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key};
 use proxy_common::{
@@ -9,22 +9,33 @@ use proxy_common::{
 
 use crate::plan::ExtWriteError;
 
-/// Sums the per-CPU counters of each ID in `ids` that the map holds.
-pub fn read_service_counters<T: std::borrow::Borrow<MapData>>(
-    a: &PerCpuArray<T, SvcCounter>,
+/// Sums the per-CPU counters of each ID in `ids` that the map (`maps::SVC_COUNTERS`) holds,
+/// reading the IDs up to the largest asked for in batches (a bounded number of syscalls at
+/// any number of services).
+pub fn read_service_counters(
+    m: &MapData,
     ids: impl IntoIterator<Item = u32>,
 ) -> Result<Vec<(u32, SvcCounter)>, MapError> {
-    let max = a.len();
-    let mut out = Vec::new();
-    for id in ids.into_iter().filter(|id| *id < max) {
-        let v = a.get(&id, 0)?;
-        let sum = v.iter().fold(SvcCounter::default(), |acc, c| SvcCounter {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        });
-        out.push((id, sum));
-    }
-    Ok(out)
+    let max = m.info()?.max_entries();
+    let ids: Vec<u32> = ids.into_iter().filter(|id| *id < max).collect();
+    let Some(top) = ids.iter().max() else {
+        return Ok(Vec::new());
+    };
+    let size = std::mem::size_of::<SvcCounter>();
+    let (sums, _) =
+        super::batch::per_cpu_array_sums::<SvcCounter>(m.fd().as_fd(), size, top + 1, |acc, v| {
+            // SAFETY: `v` is one CPU's value: `size` bytes of a plain-old-data SvcCounter.
+            let c: SvcCounter = unsafe { std::ptr::read_unaligned(v.as_ptr().cast()) };
+            acc.packets += c.packets;
+            acc.bytes += c.bytes;
+        })
+        .map_err(|e| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_batch",
+                io_error: e,
+            })
+        })?;
+    Ok(ids.into_iter().map(|id| (id, sums[id as usize])).collect())
 }
 
 /// Per-service counters of the maps pinned under `pin_dir` (metrics, `inspect`).
@@ -32,10 +43,7 @@ pub fn pinned_service_counters(
     pin_dir: &Path,
     ids: impl IntoIterator<Item = u32>,
 ) -> Result<Vec<(u32, SvcCounter)>, MapError> {
-    let m = MapData::from_pin(pin_dir.join(maps::SVC_COUNTERS))?;
-    let a: PerCpuArray<MapData, SvcCounter> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(m))?;
-    read_service_counters(&a, ids)
+    read_service_counters(&MapData::from_pin(pin_dir.join(maps::SVC_COUNTERS))?, ids)
 }
 
 /// Typed service and backend maps.
