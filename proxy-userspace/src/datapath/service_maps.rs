@@ -2,7 +2,9 @@
 //! and the [`crate::plan::MapWriter`] the planner writes through.
 use std::{os::fd::AsFd as _, path::Path};
 
-use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key};
+use aya::maps::{
+    HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key,
+};
 use proxy_common::{
     Backend4, SrcRange4Data, SrcRange4Key, Svc4Key, Svc4Value, SvcCounter, VipValue, maps,
 };
@@ -98,6 +100,49 @@ pub struct WriteError {
     pub source: MapError,
 }
 
+/// Writes `entries` into the hash map `m` (`name`) with `BPF_MAP_UPDATE_BATCH`, in chunks of
+/// `batch::BATCH`. On failure, how many were written before it.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    m: &MapData,
+    name: &'static str,
+    entries: &[(K, V)],
+) -> Result<(), (usize, WriteError)> {
+    let mut written = 0;
+    for chunk in entries.chunks(super::batch::BATCH as usize) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        super::sys::map_update_batch(
+            m.fd().as_fd(),
+            pod_bytes(&keys),
+            pod_bytes(&values),
+            chunk.len() as u32,
+        )
+        .map_err(|(n, io_error)| {
+            let source = MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error,
+            });
+            (
+                written + n as usize,
+                WriteError {
+                    op: "insert",
+                    map: name,
+                    source,
+                },
+            )
+        })?;
+        written += chunk.len();
+    }
+    Ok(())
+}
+
+/// A slice of plain-old-data map keys or values as the bytes the kernel reads.
+fn pod_bytes<T: aya::Pod>(v: &[T]) -> &[u8] {
+    // SAFETY: `Pod` types are `repr(C)` with no padding the kernel would misread, and the
+    // slice covers exactly their memory.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
 impl crate::plan::MapWriter for LbMaps<'_> {
     type Error = WriteError;
     fn put_backend(&mut self, id: u32, b: &Backend4) -> Result<(), WriteError> {
@@ -113,6 +158,15 @@ impl crate::plan::MapWriter for LbMaps<'_> {
             map: maps::SVC4,
             source,
         })
+    }
+    fn put_backends(&mut self, entries: &[(u32, Backend4)]) -> Result<(), (usize, WriteError)> {
+        update_batch(self.backends.map(), maps::BACKEND4, entries)
+    }
+    fn put_services(
+        &mut self,
+        entries: &[(Svc4Key, Svc4Value)],
+    ) -> Result<(), (usize, WriteError)> {
+        update_batch(self.services.map(), maps::SVC4, entries)
     }
     fn delete_service(&mut self, k: &Svc4Key) -> Result<(), WriteError> {
         match self.services.remove(k) {

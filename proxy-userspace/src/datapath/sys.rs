@@ -3,8 +3,9 @@
 //! (`BPF_LINK_UPDATE`) and detach a link (`BPF_LINK_DETACH`). `links` and `sockhooks` use it.
 //! Also `BPF_MAP_GET_NEXT_KEY` from a given key, which aya's key iterator (always from the
 //! start) cannot do: the conntrack sweeper resumes from where its last batch stopped.
-//! `BPF_MAP_LOOKUP_BATCH`, which aya 0.14 does not wrap: `/metrics` and `inspect` read whole
-//! maps in a few calls instead of one per key (see `batch`).
+//! `BPF_MAP_LOOKUP_BATCH` and `BPF_MAP_UPDATE_BATCH`, which aya 0.14 does not wrap: `/metrics`
+//! reads whole maps, and the planner writes runs of entries, in a few calls instead of one per
+//! key (see `batch`).
 //! And `BPF_PROG_TEST_RUN` with flags, which aya 0.14's `TestRunOptions` cannot pass except
 //! for XDP live frames: the packet fixtures ask the kernel to check `skb->csum`
 //! (`BPF_F_TEST_SKB_CHECKSUM_COMPLETE`).
@@ -32,6 +33,7 @@ enum Cmd {
     ObjGetInfoByFd = 15,
     LinkUpdate = 29,
     MapLookupBatch = 24,
+    MapUpdateBatch = 26,
     LinkDetach = 34,
 }
 
@@ -293,6 +295,30 @@ pub fn map_lookup_batch(
         Ok(_) => Ok((attr.count, false)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((attr.count, true)),
         Err(e) => Err(e),
+    }
+}
+
+/// One `BPF_MAP_UPDATE_BATCH` of `count` entries (`keys` and `values` hold that many, of the
+/// map's sizes), written in order. On failure, how many were written before it.
+pub fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: u32,
+) -> Result<(), (u32, io::Error)> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the kernel only reads `count` keys and values through the pointers (the caller's
+    // contract on their sizes), and writes back `count`.
+    match unsafe { bpf(Cmd::MapUpdateBatch, &mut attr) } {
+        Ok(_) => Ok(()),
+        // A count left as passed means the call failed before writing anything.
+        Err(e) => Err((if attr.count >= count { 0 } else { attr.count }, e)),
     }
 }
 

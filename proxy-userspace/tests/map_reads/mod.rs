@@ -94,3 +94,44 @@ fn batched_counts_match_key_by_key_reads_in_a_bounded_number_of_syscalls() {
     let svc = f.dp.service_counters(0..16).expect("service counters");
     assert!(svc.iter().any(|(_, c)| c.packets >= 5), "{svc:?}");
 }
+
+/// The planner writes runs of entries with `BPF_MAP_UPDATE_BATCH`. When the map fills up
+/// midway, the error names the first entry not written, the state records exactly the
+/// entries the kernel took, and what was written is in the map.
+#[test]
+fn a_batched_write_that_fills_the_map_stops_at_the_first_entry_not_written() {
+    require_root();
+    let mut dp = Datapath::load(&LoadOptions {
+        pin_dir: None,
+        sizes: MapSizes {
+            backends: 8,
+            ..Default::default()
+        },
+    })
+    .expect("load");
+    let eps: Vec<String> = (1..=20).map(|i| format!("10.76.1.{i}")).collect();
+    let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+    let (services, slices) = objects(&hostnames(&eps, "TCP"));
+    let t = translate::translate(&translate::Input {
+        services: &services,
+        slices: &slices,
+        node_name: "node1",
+        node_zone: None,
+        nodeport_addresses: &[NODE],
+        node_ip: Some(NODE),
+    });
+    let mut state = MapState::default();
+    let p = plan::plan(&state, &t.desired, &t.cluster_ips);
+    let first_backend = p
+        .ops
+        .iter()
+        .position(|op| matches!(op, plan::Op::PutBackend { .. }))
+        .expect("backend writes");
+    let mut maps = dp.lb_maps().expect("maps");
+    let err = plan::apply_plan(&mut state, &p, &mut maps).expect_err("the backend map is full");
+    assert_eq!(err.index, first_backend + 8, "{err}");
+    assert_eq!(err.applied.put_backends, 8);
+    assert!(matches!(err.op, plan::Op::PutBackend { .. }));
+    assert_eq!(maps.read_backends().len(), 8);
+    assert_eq!(state.backends().len(), 8);
+}
