@@ -7,7 +7,8 @@
 //! For each N: a full reconciliation from empty maps (the first sync after start), then
 //! `changes` single-object edits, alternating one EndpointSlice (one endpoint replaced) and one
 //! Service (a label added, which changes nothing in the maps, then its port moved), each
-//! followed by one reconciliation of the whole snapshot, timed end to end and by stage
+//! followed by one reconciliation of the whole snapshot (objects in namespace/name order, as
+//! the sources list them), timed end to end and by stage
 //! (`SyncStages`). Prints medians and p99 in ms (JSON with `--json`).
 use std::{sync::Arc, time::Instant};
 
@@ -20,7 +21,7 @@ use proxy_userspace::{
 
 fn service(i: usize) -> Service {
     serde_json::from_value(serde_json::json!({
-        "metadata": {"namespace": "bench", "name": format!("s{i}")},
+        "metadata": {"namespace": "bench", "name": format!("s{i:06}")},
         "spec": {"clusterIP": ip(10 << 24 | 96 << 16, i), "ports": [{"port": 80, "protocol": "TCP"}]}
     }))
     .expect("service")
@@ -34,8 +35,8 @@ fn slice(i: usize, round: usize) -> EndpointSlice {
         })
         .collect();
     serde_json::from_value(serde_json::json!({
-        "metadata": {"namespace": "bench", "name": format!("s{i}-abc"),
-                     "labels": {"kubernetes.io/service-name": format!("s{i}")}},
+        "metadata": {"namespace": "bench", "name": format!("s{i:06}-abc"),
+                     "labels": {"kubernetes.io/service-name": format!("s{i:06}")}},
         "addressType": "IPv4",
         "endpoints": eps,
         "ports": [{"port": 8080, "protocol": "TCP"}]
