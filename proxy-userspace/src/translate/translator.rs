@@ -124,7 +124,7 @@ pub(super) fn group_objects<'a, S: Borrow<Service>, E: Borrow<EndpointSlice>>(
 
 /// The objects by namespace/name (stable). The sources list them sorted already, which one
 /// pass confirms, so the sort is usually skipped.
-fn sorted_by_id<'a, T>(objects: &'a [T], meta: impl Fn(&T) -> &ObjectMeta) -> Vec<&'a T> {
+fn sorted_by_id<T>(objects: &[T], meta: impl Fn(&T) -> &ObjectMeta) -> Vec<&T> {
     let mut sorted: Vec<&T> = objects.iter().collect();
     if !sorted.is_sorted_by(|a, b| object_id(meta(a)) <= object_id(meta(b))) {
         sorted.sort_by(|a, b| object_id(meta(a)).cmp(&object_id(meta(b))));
@@ -310,6 +310,9 @@ pub(super) fn assemble<'a>(groups: impl Iterator<Item = &'a GroupOut> + Clone) -
 /// What of the node a translation depends on: name, zone, NodePort addresses, primary address.
 type NodeInputs = (String, Option<String>, Vec<Ipv4Addr>, Option<Ipv4Addr>);
 
+/// Services and EndpointSlices as handed in.
+type SharedObjects = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
+
 #[derive(Debug, Default)]
 pub struct Translator {
     /// The node the cached results were computed for.
@@ -317,7 +320,7 @@ pub struct Translator {
     /// The last input, when each kind was strictly in namespace/name order (as the sources
     /// list it): the next input is then compared with it side by side, by pointer, and only
     /// the groups of the objects that differ are regrouped and translated.
-    pub(super) last: Option<(Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>)>,
+    pub(super) last: Option<SharedObjects>,
     pub(super) groups: BTreeMap<GroupKey, CachedGroup>,
     pub(super) stats: TranslatorStats,
 }
