@@ -373,14 +373,17 @@ impl Translator {
             ip: input.node_ip,
         };
         let last = self.last.take();
-        self.last = (strictly_sorted(input.services) && strictly_sorted(input.slices))
-            .then(|| (input.services.to_vec(), input.slices.to_vec()));
         if let Some((services, slices)) = &last
             && let Some(changed) = changed_groups(services, slices, input)
         {
+            // `diff_sorted` checked the order around every changed object; the others keep
+            // the strict order they had, so the input is strictly sorted too.
+            self.last = Some((input.services.to_vec(), input.slices.to_vec()));
             self.regroup(&changed, &node, input.nodeport_addresses);
             return assemble(self.groups.values().map(|c| &c.out));
         }
+        self.last = (strictly_sorted(input.services) && strictly_sorted(input.slices))
+            .then(|| (input.services.to_vec(), input.slices.to_vec()));
         let mut stats = TranslatorStats::default();
         // Both in namespace/name order: walked side by side, an unchanged group keeps its key
         // and entry without a lookup or a copy.
