@@ -404,7 +404,7 @@ impl Agent {
         let st = &s.stages;
         debug!(
             "sync stages: read {:?} ({} files parsed, {} unchanged), translate {:?} \
-             ({} services translated, {} unchanged), capacity {:?}, plan {:?}, \
+             ({} services translated, {} unchanged), capacity {:?}, plan {:?} ({}), \
              apply {:?} ({} map writes), total {:?}",
             read.took,
             read.parsed,
@@ -414,6 +414,11 @@ impl Agent {
             st.reused,
             st.capacity,
             st.plan,
+            if st.incremental {
+                "changes only"
+            } else {
+                "full"
+            },
             st.apply,
             s.ops,
             read.took + started.elapsed()

@@ -265,7 +265,6 @@ fn apply_one<W: MapWriter>(w: &mut W, op: &Op) -> Result<(), ExtWriteError<W::Er
 /// The service IDs `plan` publishes that no entry of `state` uses yet (new or reused IDs),
 /// in order: their per-service counters must start from zero.
 pub fn fresh_service_ids(state: &MapState, plan: &Plan) -> Vec<u32> {
-    let in_use: HashSet<u32> = state.service_entries().map(|(_, v)| v.svc_id).collect();
     let mut seen = HashSet::new();
     plan.ops
         .iter()
@@ -273,7 +272,7 @@ pub fn fresh_service_ids(state: &MapState, plan: &Plan) -> Vec<u32> {
             Op::PutService { value, .. } => Some(value.svc_id),
             _ => None,
         })
-        .filter(|id| !in_use.contains(id) && seen.insert(*id))
+        .filter(|id| !state.svc_id_used(*id) && seen.insert(*id))
         .collect()
 }
 
