@@ -47,6 +47,16 @@ pub mod maps {
     pub const SVC_COUNTERS: &str = "LB4_SCNT_V1";
     /// REJECT reply rate limit: a per-CPU token bucket, index 0 -> `RejectBucket`.
     pub const REJECT_BUCKET: &str = "LB4_RJB_V1";
+    /// Per-CPU scratch space (`Scratch`): the REJECT reply being built, the reason noted for
+    /// the debug log. Never pinned: it holds nothing between packets.
+    pub const SCRATCH: &str = "SCRATCH_V1";
+    /// Pod interfaces: host-side ifindex (`u32`) -> the network namespace ID (`i32`, as
+    /// IFLA_LINK_NETNSID gives it) of the pod behind it, where a new flow's tuple is looked
+    /// up among the pod's own sockets. Filled by the agent as it attaches; not pinned.
+    pub const POD_NETNS: &str = "PODNS_V1";
+    /// The broadcast addresses of the node's subnets (`u32`, network order) -> `u8` (1): REJECT
+    /// never answers them (a directed broadcast source). Filled by the agent; not pinned.
+    pub const BROADCAST4: &str = "BCAST4_V1";
     /// Fragments (LRU): `Frag4Key` (addresses, protocol, IP ID before translation) ->
     /// `Frag4Value` (the first fragment's ports), so later fragments get its translation.
     pub const FRAG4: &str = "LB4_FRG_V1";
@@ -77,6 +87,11 @@ pub mod maps {
     /// into `CT4` before and again after the agent's programs replace the old ones, then the
     /// pin is removed. `CT4_V2` is v0.1.0's.
     pub const CT4_MIGRATE: [&str; 1] = ["CT4_V2"];
+    /// The earlier release's conntrack table as our programs see it during an upgrade: bound
+    /// at load to that release's pin (`CT4_MIGRATE`), and read on a miss while
+    /// `cfg_flags::CT_PREVIOUS` is set, so a flow its programs opened after the agent's last
+    /// copy keeps its translation. Otherwise a private, empty one-entry map. Never pinned.
+    pub const CT4_PREVIOUS: &str = "CT4_PREV";
     /// Names earlier versions pinned (layouts this agent cannot read: `svc_id` was 16-bit;
     /// `CNT_V1` had 32 counter slots, so counters restart at zero on upgrade).
     /// The agent reports them and removes them once its own programs are attached;
@@ -124,6 +139,10 @@ pub mod sizes {
     pub const AFFINITY4: u32 = 65_536;
     /// `--decap-allowed-sources` CIDRs.
     pub const DECAP_SRC4: u32 = 1_024;
+    /// Pod interfaces per node whose namespace ID is known (`maps::POD_NETNS`).
+    pub const POD_NETNS: u32 = 16_384;
+    /// Subnet broadcast addresses of the node (`maps::BROADCAST4`).
+    pub const BROADCAST4: u32 = 256;
     /// Entries of the per-service counter map; service IDs stay below it.
     pub const SVC_IDS: u32 = 65_536;
 }
@@ -218,11 +237,14 @@ pub mod counter {
     /// An IPIP/GUE packet for this node whose inner packet is not for a LoadBalancer IP or
     /// externalIP service port this node serves: dropped, not decapsulated.
     pub const DROP_DECAP_NOT_SERVED: u32 = 33;
+    /// A flow found only in the earlier release's conntrack table during an upgrade, copied
+    /// into ours by the datapath (`maps::CT4_PREVIOUS`).
+    pub const CT_ADOPTED_PREVIOUS: u32 = 34;
     /// Slots of the counter map (`maps::COUNTERS`); indices above the last name are spare.
     pub const MAX: u32 = 64;
 
     /// Human names for `inspect` and metrics, indexed by counter.
-    pub const NAMES: [&str; 34] = [
+    pub const NAMES: [&str; 35] = [
         "forward_new",
         "forward_established",
         "reply_reverse_nat",
@@ -257,6 +279,7 @@ pub mod counter {
         "fragment_translated",
         "drop_decap_source_not_allowed",
         "drop_decap_inner_not_served",
+        "conntrack_adopted_from_previous_release",
     ];
 }
 
@@ -297,6 +320,27 @@ pub struct RejectBucket {
     pub last_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<RejectBucket>() == 16);
+
+/// Per-CPU scratch space for the packet being processed; nothing survives between packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scratch {
+    /// A REJECT reply: Ethernet, IPv4 and ICMP headers (42 bytes), the quoted IPv4 header with
+    /// options (up to 60; sized for 80 so every offset the verifier sees from a masked header
+    /// length is in bounds) and 8 bytes of its L4 header.
+    pub reject: [u8; 136],
+    /// With `cfg_flags::DATAPATH_DEBUG`: the `counter::*` reason the packet was dropped or
+    /// rejected for, plus one (0: none), and its tuple, for the log line the program writes
+    /// once the verdict is known.
+    pub noted_reason: u32,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<Scratch>() == 160);
 
 /// Service-map key. `slot == 0` addresses the service entry; `1..=count` its backends.
 #[repr(C)]
@@ -704,6 +748,15 @@ pub mod cfg_flags {
     /// wrapped, for the node's own tunnel devices (Calico or flannel IPIP), instead of being
     /// dropped.
     pub const FOREIGN_TUNNELS_PASS: u32 = 1 << 3;
+    /// Datapath debug logging (`--datapath-debug`, `ebpf-proxy debug on|off`): the tc programs
+    /// log, through aya-log, why a flow was dropped or rejected. Checked only on those paths,
+    /// so it costs nothing when off. Owned by the operator's switch: the agent's config writes
+    /// keep whatever value the map holds.
+    pub const DATAPATH_DEBUG: u32 = 1 << 4;
+    /// An upgrade is under way: `maps::CT4_PREVIOUS` holds the earlier release's conntrack
+    /// table, read when a packet misses ours. Set by the agent from load until every link runs
+    /// our programs and the table has been copied a last time.
+    pub const CT_PREVIOUS: u32 = 1 << 5;
 }
 
 /// Per-node configuration, written by the agent at start.
@@ -919,7 +972,11 @@ mod tests {
             counter::NAMES[counter::DROP_DECAP_NOT_SERVED as usize],
             "drop_decap_inner_not_served"
         );
-        assert_eq!(counter::NAMES.len(), 34);
+        assert_eq!(
+            counter::NAMES[counter::CT_ADOPTED_PREVIOUS as usize],
+            "conntrack_adopted_from_previous_release"
+        );
+        assert_eq!(counter::NAMES.len(), 35);
     }
 }
 

@@ -12,10 +12,7 @@ use aya_ebpf::{
 };
 use proxy_common::counter;
 
-use crate::{
-    maps::count,
-    parse::{IP_CSUM_OFF, IP_TTL_OFF},
-};
+use crate::parse::{IP_CSUM_OFF, IP_TTL_OFF};
 
 const AF_INET: u8 = 2;
 
@@ -74,8 +71,7 @@ pub fn forward_ttl(ctx: &TcContext) -> Result<(), i32> {
     // TTL and protocol form one 16-bit word of the header checksum.
     let old: [u8; 2] = ctx.load(IP_TTL_OFF).map_err(|_| TC_ACT_SHOT)?;
     if old[0] <= 1 {
-        count(counter::DROP_TTL_EXCEEDED);
-        return Err(TC_ACT_SHOT);
+        return Err(crate::debug::drop(counter::DROP_TTL_EXCEEDED));
     }
     let new = [old[0] - 1, old[1]];
     ctx.store(IP_TTL_OFF, &new[0], 0).map_err(|_| TC_ACT_SHOT)?;

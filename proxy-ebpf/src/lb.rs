@@ -10,7 +10,9 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_sk_release, bpf_skc_lookup_tcp,
+    },
     programs::TcContext,
 };
 use proxy_common::{
@@ -19,10 +21,11 @@ use proxy_common::{
 };
 
 use crate::{
-    fib, frag, icmp,
+    debug, fib, frag, icmp,
     maps::{
-        CT4_V3, CT4N_V1, LB4_AFF_V2, LB4_BE_V1, LB4_SVC_V2, LB4_VIP_V1, count, count_service,
-        node_config, reject_allowed, source_allowed,
+        CT4_PREV, CT4_V3, CT4N_V1, LB4_AFF_V2, LB4_BE_V1, LB4_SVC_V2, LB4_VIP_V1, PODNS_V1,
+        config_flags, count, count_service, is_subnet_broadcast, node_config, reject_allowed,
+        source_allowed,
     },
     nat,
     parse::{ETH_HLEN, Packet, Skip, TcHeaders, parse, tcp},
@@ -56,6 +59,31 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
         }
         Err(Skip::Fragment) => return frag::translate(ctx),
     };
+    let verdict = pipeline(ctx, &p, origin, balance);
+    // Drops and rejects (sent by redirect) may have a reason to log; forwarding to the stack
+    // never does.
+    if !matches!(verdict, Ok(TC_ACT_OK)) {
+        debug::capture(&p);
+    }
+    verdict
+}
+
+/// [`process`] for a program's entry point: its verdict, and the debug log line of a drop
+/// or reject (written here, where the verifier has little state left).
+#[inline(always)]
+pub fn run(ctx: &TcContext, origin: Origin, balance: bool) -> i32 {
+    let v = match process(ctx, origin, balance) {
+        Ok(v) | Err(v) => v,
+    };
+    if v != TC_ACT_OK {
+        debug::flush(ctx);
+    }
+    v
+}
+
+/// The pipeline for a parsed TCP/UDP/SCTP packet.
+#[inline(always)]
+fn pipeline(ctx: &TcContext, p: &Packet, origin: Origin, balance: bool) -> Result<i32, i32> {
     let key = Ct4Key::new(p.saddr_be, p.daddr_be, p.sport_be, p.dport_be, p.proto);
     // A tracked flow balanced again (its backend is gone): its next packet may be mid-stream.
     let mut rebalanced = false;
@@ -80,13 +108,13 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
                     ct_promote(&key, &entry);
                 }
                 count(counter::REPLY);
-                frag::remember(&p);
-                return translate(ctx, &p, &entry);
+                frag::remember(p);
+                return translate(ctx, p, &entry);
             }
             if validate_flow(&entry) {
                 count(counter::FWD_ESTABLISHED);
-                frag::remember(&p);
-                return translate_counted(ctx, &p, &entry);
+                frag::remember(p);
+                return translate_counted(ctx, p, &entry);
             }
             // The flow's backend is gone: forget the flow and balance it again below, so a
             // removed endpoint never keeps receiving (UDP flows included).
@@ -102,7 +130,7 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
         // A ClusterIP on a port/protocol no service uses: REJECT like kube-proxy.
         // SAFETY: the value is not kept.
         if unsafe { LB4_VIP_V1.get(p.daddr_be) }.is_some() {
-            return reject_now(ctx, &p);
+            return reject_now(ctx, p);
         }
         return Ok(TC_ACT_OK);
     };
@@ -110,29 +138,25 @@ pub fn process(ctx: &TcContext, origin: Origin, balance: bool) -> Result<i32, i3
         // Only a SYN opens a TCP flow: junk and stray mid-stream packets create no state
         // (they could otherwise claim table space and SNAT ports). A flow whose backend went
         // away is the exception: the new backend's RST tells its client at once.
-        count(counter::DROP_TCP_NO_FLOW);
-        return Err(TC_ACT_SHOT);
+        return Err(debug::drop(counter::DROP_TCP_NO_FLOW));
     }
     if svc.flags & svc_flags::SOURCE_RANGES != 0 && !source_allowed(svc.ranges_id, p.saddr_be) {
-        count(counter::DROP_SOURCE_RANGE);
-        return Err(TC_ACT_SHOT);
+        return Err(debug::drop(counter::DROP_SOURCE_RANGE));
     }
     if svc.count == 0 {
         if svc.flags & svc_flags::DROP_IF_EMPTY != 0 {
-            count(counter::DROP_NO_LOCAL_BACKEND);
-            return Err(TC_ACT_SHOT);
+            return Err(debug::drop(counter::DROP_NO_LOCAL_BACKEND));
         }
-        return reject_now(ctx, &p);
+        return reject_now(ctx, p);
     }
     let Some((backend_id, backend)) = select_backend(&svc, p.saddr_be) else {
-        count(counter::DROP_BACKEND_MISSING);
-        return Err(TC_ACT_SHOT);
+        return Err(debug::drop(counter::DROP_BACKEND_MISSING));
     };
     let cfg = node_config();
-    let entry = ct_create(&p, &key, backend_id, &backend, &svc, origin, &cfg)?;
+    let entry = ct_create(ctx, p, &key, backend_id, &backend, &svc, origin, &cfg)?;
     count(counter::FWD_NEW);
-    frag::remember(&p);
-    translate_counted(ctx, &p, &entry)
+    frag::remember(p);
+    translate_counted(ctx, p, &entry)
 }
 
 /// `translate` for a forward packet, counted for its service when the rewrite succeeded.
@@ -148,21 +172,20 @@ fn translate_counted(ctx: &TcContext, p: &Packet, entry: &Ct4Value) -> Result<i3
 fn reject_now(ctx: &TcContext, p: &Packet) -> Result<i32, i32> {
     // A reply to these would go nowhere or to many (a reflection amplifier): drop instead,
     // as the kernel's icmp_send refuses broadcast and multicast.
-    if !reject::answerable(p.saddr_be) {
-        count(counter::DROP_REJECT_BAD_SOURCE);
-        return Err(TC_ACT_SHOT);
+    if !reject::answerable(p.saddr_be) || is_subnet_broadcast(p.saddr_be) {
+        return Err(debug::drop(counter::DROP_REJECT_BAD_SOURCE));
     }
     // Like the kernel's icmp_msgs_per_sec: a scan of empty service ports must not make the
     // node emit replies at line rate.
     if !reject_allowed() {
-        count(counter::DROP_REJECT_RATE_LIMITED);
-        return Err(TC_ACT_SHOT);
+        return Err(debug::drop(counter::DROP_REJECT_RATE_LIMITED));
     }
     // `reject` counts replies sent: a packet we do not answer (a RST, a UDP datagram with IP
     // options) is dropped uncounted there.
     match reject::reply(ctx, p) {
         Ok(rc) => {
             count(counter::REJECT);
+            debug::note(counter::REJECT);
             Ok(rc)
         }
         Err(()) => Err(TC_ACT_SHOT),
@@ -184,7 +207,10 @@ pub enum Table {
 pub fn ct_lookup(key: &Ct4Key) -> Option<(Ct4Value, Table)> {
     let (ptr, table) = match CT4_V3.get_ptr_mut(key) {
         Some(p) => (p, Table::Answered),
-        None => (CT4N_V1.get_ptr_mut(key)?, Table::New),
+        None => match CT4N_V1.get_ptr_mut(key) {
+            Some(p) => (p, Table::New),
+            None => return ct_adopt_previous(key),
+        },
     };
     // Read after the lookup: a miss (most non-service packets) needs no clock.
     // SAFETY: a helper without arguments.
@@ -195,6 +221,26 @@ pub fn ct_lookup(key: &Ct4Key) -> Option<(Ct4Value, Table)> {
         (*ptr).last_seen_ns = now;
         Some((*ptr, table))
     }
+}
+
+/// During an upgrade, a flow the earlier release's programs opened after the agent's last copy
+/// of their table (its reply may reach our programs first): copied into the answered table
+/// as the agent's migration copies it, so it keeps its backend and NAT. Costs nothing but the
+/// config read outside an upgrade.
+#[inline(always)]
+fn ct_adopt_previous(key: &Ct4Key) -> Option<(Ct4Value, Table)> {
+    if config_flags() & cfg_flags::CT_PREVIOUS == 0 {
+        return None;
+    }
+    // SAFETY: copied out immediately.
+    let mut v = unsafe { CT4_PREV.get(key) }.copied()?;
+    v.flags |= ct_flags::MIGRATED | ct_flags::ANSWERED;
+    // SAFETY: a helper without arguments.
+    v.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    // BPF_NOEXIST: an entry our programs or the agent wrote meanwhile wins.
+    let _ = CT4_V3.insert(key, v, BPF_NOEXIST as u64);
+    count(counter::CT_ADOPTED_PREVIOUS);
+    Some((v, Table::Answered))
 }
 
 /// Reads a flow's entry from either table without touching it (ICMP errors, fragments).
@@ -381,7 +427,9 @@ fn must_masquerade(p: &Packet, svc: &Service, origin: Origin, cfg: &NodeConfig) 
 
 /// Records both directions of a new flow and returns the forward rewrite.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn ct_create(
+    ctx: &TcContext,
     p: &Packet,
     key: &Ct4Key,
     backend_id: u32,
@@ -419,8 +467,7 @@ fn ct_create(
         // directions straight back out of the pod's port (the host stack would drop a packet
         // with its own address as source).
         if cfg.hairpin_addr_be == 0 {
-            count(counter::DROP_REWRITE);
-            return Err(TC_ACT_SHOT);
+            return Err(debug::drop(counter::DROP_REWRITE));
         }
         fwd.src_addr_be = cfg.hairpin_addr_be;
         fwd.src_port_be = p.sport_be;
@@ -429,7 +476,7 @@ fn ct_create(
         rev.dst_port_be = p.sport_be;
         rev.flags |= ct_flags::DNAT | ct_flags::REDIRECT_BACK;
         count(counter::HAIRPIN);
-        return ct_commit(p, key, fwd, rev, cfg, false);
+        return ct_commit(ctx, p, key, fwd, rev, cfg, Commit::Keep);
     }
     if must_masquerade(p, svc, origin, cfg) && cfg.node_addr_be != 0 {
         // SNAT to the node with a port of our own.
@@ -438,11 +485,59 @@ fn ct_create(
         rev.flags |= ct_flags::DNAT | ct_flags::FIB_REDIRECT;
         fwd.src_addr_be = cfg.node_addr_be;
         fwd.flags |= ct_flags::SNAT | ct_flags::FIB_REDIRECT | ct_flags::MASQUERADED;
-        return ct_commit(p, key, fwd, rev, cfg, true);
+        return ct_commit(ctx, p, key, fwd, rev, cfg, Commit::Masquerade);
     }
     fwd.src_addr_be = p.saddr_be;
     fwd.src_port_be = p.sport_be;
-    ct_commit(p, key, fwd, rev, cfg, false)
+    // A pod's TCP flow keeps its port unless one of the pod's own connections, opened
+    // straight to the endpoint, already holds the tuple.
+    let how = if origin == Origin::Pod && p.proto == proto::TCP {
+        Commit::KeepUnlessPodSocket
+    } else {
+        Commit::Keep
+    };
+    ct_commit(ctx, p, key, fwd, rev, cfg, how)
+}
+
+/// How a new flow's source port is chosen.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// The client's port if its reply tuple is free, else one from the SNAT range.
+    Keep,
+    /// As `Keep`, and the tuple also counts as taken when a socket of the client pod holds
+    /// it: a connection opened straight to the endpoint, which our conntrack never saw
+    /// (netfilter's NAT sees it, and picks another port). One socket lookup per new flow.
+    KeepUnlessPodSocket,
+    /// Always a port from the SNAT range (the source becomes the node).
+    Masquerade,
+}
+
+/// Whether a socket in the namespace of the pod behind this packet's interface holds the
+/// tuple `backend -> client` (the connection the backend would answer on).
+#[inline(always)]
+fn pod_socket_holds(ctx: &TcContext, rev_key: &Ct4Key) -> bool {
+    // SAFETY: the skb pointer is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: copied out at once.
+    let Some(netns) = (unsafe { PODNS_V1.get(ifindex) }).copied() else {
+        return false;
+    };
+    // SAFETY: a Ct4Key starts with bpf_sock_tuple's IPv4 member (saddr, daddr, sport, dport,
+    // all in network order), the 12 bytes the lookup reads; the socket is released at once.
+    unsafe {
+        let sk = bpf_skc_lookup_tcp(
+            ctx.skb.skb as *mut _,
+            rev_key as *const Ct4Key as *mut _,
+            12,
+            netns as u32 as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk as *mut _);
+    }
+    true
 }
 
 /// What claiming a reply tuple found.
@@ -511,22 +606,28 @@ fn claim(key: &Ct4Key, rev_key: &Ct4Key, rev: &Ct4Value, take_closed: bool) -> C
 /// gets a port from the SNAT range, as netfilter's NAT does.
 #[inline(always)]
 fn ct_commit(
+    ctx: &TcContext,
     p: &Packet,
     key: &Ct4Key,
     mut fwd: Ct4Value,
     mut rev: Ct4Value,
     cfg: &NodeConfig,
-    masquerade: bool,
+    how: Commit,
 ) -> Result<Ct4Value, i32> {
+    let masquerade = how == Commit::Masquerade;
     let (b_addr, b_port, addr) = (fwd.dst_addr_be, fwd.dst_port_be, fwd.src_addr_be);
     if !masquerade {
         let rev_key = Ct4Key::new(b_addr, addr, b_port, fwd.src_port_be, key.proto);
+        let pod_holds = how == Commit::KeepUnlessPodSocket && pod_socket_holds(ctx, &rev_key);
         // The client reusing its own port after a close: its tuple, taken over.
-        match claim(key, &rev_key, &rev, true) {
+        match if pod_holds {
+            Claim::Taken
+        } else {
+            claim(key, &rev_key, &rev, true)
+        } {
             Claim::Done => return ct_insert_forward(key, &fwd, &rev_key),
             Claim::Full => {
-                count(counter::DROP_CT_FULL);
-                return Err(TC_ACT_SHOT);
+                return Err(debug::drop(counter::DROP_CT_FULL));
             }
             Claim::Taken => {}
         }
@@ -558,18 +659,16 @@ fn ct_commit(
                 return ct_insert_forward(key, &fwd, &rev_key);
             }
             Claim::Full => {
-                count(counter::DROP_CT_FULL);
-                return Err(TC_ACT_SHOT);
+                return Err(debug::drop(counter::DROP_CT_FULL));
             }
             Claim::Taken => {}
         }
     }
-    count(if masquerade {
+    Err(debug::drop(if masquerade {
         counter::DROP_SNAT_EXHAUSTED
     } else {
         counter::DROP_CT_CLASH
-    });
-    Err(TC_ACT_SHOT)
+    }))
 }
 
 /// The forward entry, once the reply tuple is ours; undoes the claim if it fails.
@@ -577,8 +676,7 @@ fn ct_commit(
 fn ct_insert_forward(key: &Ct4Key, fwd: &Ct4Value, rev_key: &Ct4Key) -> Result<Ct4Value, i32> {
     if CT4N_V1.insert(key, fwd, BPF_ANY as u64).is_err() {
         let _ = CT4N_V1.remove(rev_key);
-        count(counter::DROP_CT_FULL);
-        return Err(TC_ACT_SHOT);
+        return Err(debug::drop(counter::DROP_CT_FULL));
     }
     Ok(*fwd)
 }
@@ -587,8 +685,7 @@ fn ct_insert_forward(key: &Ct4Key, fwd: &Ct4Value, rev_key: &Ct4Key) -> Result<C
 #[inline(always)]
 pub fn translate(ctx: &TcContext, p: &Packet, entry: &Ct4Value) -> Result<i32, i32> {
     if nat::apply(ctx, p, entry).is_err() {
-        count(counter::DROP_REWRITE);
-        return Err(TC_ACT_SHOT);
+        return Err(debug::drop(counter::DROP_REWRITE));
     }
     deliver(ctx, p.saddr_be, p.daddr_be, entry)
 }
@@ -606,8 +703,7 @@ pub fn deliver(
         // Hairpin: we route it back ourselves, so we decrement the TTL as the stack would.
         fib::forward_ttl(ctx)?;
         if nat::swap_macs(ctx).is_err() {
-            count(counter::DROP_REWRITE);
-            return Err(TC_ACT_SHOT);
+            return Err(debug::drop(counter::DROP_REWRITE));
         }
         // SAFETY: reading the skb's ingress ifindex; flags 0 = egress of that device.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };

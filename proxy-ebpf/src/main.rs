@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod debug;
 mod fib;
 mod frag;
 mod icmp;

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Aff4Key, Aff4Value, Backend4, Ct4Key, Ct4Value, Frag4Key, Frag4Value, NodeConfig, RejectBucket,
-    SrcRange4Data, Svc4Key, Svc4Value, SvcCounter, VipValue, counter, reject_limit, sizes,
+    Scratch, SrcRange4Data, Svc4Key, Svc4Value, SvcCounter, VipValue, counter, reject_limit, sizes,
 };
 
 #[btf_map]
@@ -23,6 +23,12 @@ pub static CT4_V3: HashMap<Ct4Key, Ct4Value, { sizes::CT4 as usize }> = HashMap:
 /// Flows not answered yet: LRU, so a flood of unanswered packets only evicts its own kind.
 #[btf_map]
 pub static CT4N_V1: LruHashMap<Ct4Key, Ct4Value, { sizes::CT4 as usize }> = LruHashMap::new();
+
+/// The earlier release's conntrack table during an upgrade (`maps::CT4_PREVIOUS`): the agent
+/// binds this name to that release's pin at load; read on a miss only while the config says
+/// so. Otherwise a private map of one entry that stays empty.
+#[btf_map]
+pub static CT4_PREV: HashMap<Ct4Key, Ct4Value, 1> = HashMap::new();
 
 /// First fragments' ports, for the fragments that follow (LRU: short-lived by nature).
 #[btf_map]
@@ -55,6 +61,37 @@ pub static LB4_SCNT_V1: PerCpuArray<SvcCounter, { sizes::SVC_IDS as usize }> = P
 
 #[btf_map]
 pub static LB4_RJB_V1: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();
+
+/// Per-CPU scratch space (not pinned: it holds nothing between packets).
+#[btf_map]
+pub static SCRATCH_V1: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+/// Pod interfaces' network namespace IDs (`maps::POD_NETNS`).
+#[btf_map]
+pub static PODNS_V1: HashMap<u32, i32, { sizes::POD_NETNS as usize }> = HashMap::new();
+
+/// The node's subnet broadcast addresses (`maps::BROADCAST4`).
+#[btf_map]
+pub static BCAST4_V1: HashMap<u32, u8, { sizes::BROADCAST4 as usize }> = HashMap::new();
+
+/// Whether `addr_be` is the broadcast address of one of the node's subnets.
+#[inline(always)]
+pub fn is_subnet_broadcast(addr_be: u32) -> bool {
+    // SAFETY: only presence is read.
+    unsafe { BCAST4_V1.get(addr_be) }.is_some()
+}
+
+/// This CPU's scratch space.
+#[inline(always)]
+pub fn scratch() -> Option<*mut Scratch> {
+    SCRATCH_V1.get_ptr_mut(0)
+}
+
+/// The node config's flags, read without copying the whole config.
+#[inline(always)]
+pub fn config_flags() -> u32 {
+    CFG_V2.get(0).map_or(0, |c| c.flags)
+}
 
 /// Takes one REJECT reply from this CPU's token bucket; `false`: over the limit, don't reply.
 /// Per-CPU so it needs no atomics (documented in docs/security.md).

@@ -1,20 +1,23 @@
 //! REJECT like kube-proxy: a TCP RST for TCP, an ICMP port unreachable for UDP, sent back out
 //! of the interface the packet came in on, from the address the client tried to reach.
 //!
-//! The reply frame is built in a stack buffer (headers only, so it is small), the skb is
-//! resized with `bpf_skb_change_tail`, and the buffer is stored over it in one go.
+//! The reply frame is built in a buffer (the stack for a RST, a per-CPU scratch map for the
+//! port unreachable, whose quote carries the IP options), the skb is resized with
+//! `bpf_skb_change_tail`, and the buffer is stored over it in one go.
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
 use proxy_common::{csum, proto, wire::write_ipv4_header};
 
-use crate::parse::{ETH_HLEN, Packet};
+use crate::{
+    maps::scratch,
+    parse::{ETH_HLEN, Packet},
+};
 
 const TCP_RST_LEN: usize = ETH_HLEN + 20 + 20;
-/// Ethernet + IPv4 + ICMP + the offending IPv4 header (no options) + 8 bytes of it.
-const ICMP_UNREACH_LEN: usize = ETH_HLEN + 20 + 8 + 20 + 8;
+/// Ethernet + IPv4 + ICMP: where the quote of the offending datagram starts.
+const ICMP_HDRS: usize = ETH_HLEN + 20 + 8;
 
 /// The complemented checksum of `len` bytes of `buf` from `start`, added to `acc`.
 #[inline(always)]
@@ -121,31 +124,65 @@ fn tcp_rst(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
 
 #[inline(always)]
 fn icmp_unreach(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
-    if p.l4_off != ETH_HLEN + 20 {
-        // Quoting IP options is not supported: drop instead.
-        return Err(());
-    }
-    let mut buf = [0u8; ICMP_UNREACH_LEN];
-    macs(ctx, &mut buf)?;
-    // The offending datagram's IPv4 header and first 8 bytes, quoted.
-    let quoted: [u8; 28] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    // Built in a per-CPU scratch map, not on the stack: the quote grows with the IP options
+    // (up to 60 bytes of header), and the caller's stack is nearly full.
+    let s = scratch().ok_or(())?;
+    // SAFETY: this CPU's slot; nothing else runs on it until we return.
+    let buf = unsafe { &mut (*s).reject };
+    // The IPv4 header length, 20..=80 in steps of 4 whatever `l4_off` holds, so the verifier
+    // can bound every access below (parse already checked it against the packet).
+    let hl = 20 + (p.l4_off.wrapping_sub(ETH_HLEN + 20) & 0x3c);
+    let quote = ICMP_HDRS + hl;
+    let reply_len = quote + 8;
+    // The offending datagram's IPv4 header (options included) and first 8 bytes of L4, as
+    // the kernel's icmp_send quotes them.
+    load_into(ctx, ETH_HLEN, &mut buf[ICMP_HDRS..], hl)?;
+    load_into(ctx, p.l4_off, &mut buf[quote..], 8)?;
+    macs(ctx, buf)?;
     let src = p.daddr_be.to_ne_bytes();
     let dst = p.saddr_be.to_ne_bytes();
     write_ipv4_header(
-        &mut buf,
+        buf,
         ETH_HLEN,
-        (20 + 8 + 28) as u16,
+        (reply_len - ETH_HLEN) as u16,
         true,
         proto::ICMP,
         src,
         dst,
     );
     let i = ETH_HLEN + 20;
-    buf[i] = 3; // destination unreachable
-    buf[i + 1] = 3; // port unreachable
-    buf[i + 8..i + 36].copy_from_slice(&quoted);
-    let c = checksum(&buf, i, 36, 0);
-    buf[i + 2..i + 4].copy_from_slice(&c.to_be_bytes());
-    let _ = TC_ACT_SHOT;
-    send(ctx, &buf)
+    // Destination unreachable, port unreachable; checksum and the unused word zero.
+    buf[i..i + 8].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+    // bpf_csum_diff sums native-endian words, so its complement is stored native-endian.
+    // SAFETY: `buf[i..]` holds at least `reply_len - i` (<= 96) bytes of the map value.
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            buf[i..].as_mut_ptr() as *mut u32,
+            (reply_len - i) as u32,
+            0,
+        )
+    };
+    if sum < 0 {
+        return Err(());
+    }
+    let c = !csum::fold(sum as u32);
+    buf[i + 2..i + 4].copy_from_slice(&c.to_ne_bytes());
+    send(ctx, &buf[..reply_len])
+}
+
+/// Copies `len` packet bytes from `off` to the start of `dst` (`len` bounded by the caller).
+#[inline(always)]
+fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8], len: usize) -> Result<(), ()> {
+    // SAFETY: `dst` is map or stack memory of at least `len` bytes.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            off as u32,
+            dst.as_mut_ptr() as *mut _,
+            len as u32,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(()) }
 }

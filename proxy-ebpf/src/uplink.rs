@@ -17,7 +17,7 @@ use proxy_common::{
 };
 
 use crate::{
-    lb::{Origin, process},
+    lb::{Origin, run},
     maps::{LB4_FRG_V1, LB4_SVC_V2, count, decap_source_allowed, node_config},
     parse::{ETH_HLEN, ETH_P_IP_BE, IP_DADDR_OFF, IP_SADDR_OFF, PacketRead},
 };
@@ -32,9 +32,7 @@ pub fn lb_up_in(ctx: TcContext) -> i32 {
     if let Err(v) = decapsulate(&ctx) {
         return v;
     }
-    match process(&ctx, Origin::External, true) {
-        Ok(v) | Err(v) => v,
-    }
+    run(&ctx, Origin::External, true)
 }
 
 /// The packet carries the mark `lb_up_xdp` leaves on packets it translated.

@@ -1,8 +1,12 @@
 //! A loopback fake Kubernetes API server for Services, EndpointSlices and Nodes, speaking the
 //! wire protocol kube-rs's client and kube-runtime's watcher use (HTTP/1.1, JSON):
 //!
-//! - `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`, `/api/v1/nodes`:
-//!   a `*List` with `metadata.resourceVersion`, `limit`/`continue` paging, `labelSelector`
+//! - discovery as the real server's legacy (unaggregated) form, enough for kubectl: `/version`,
+//!   `/api` (`APIVersions`), `/apis` (`APIGroupList`), `/api/v1` and `/apis/discovery.k8s.io/v1`
+//!   (`APIResourceList`s naming the three kinds, verbs get/list/watch);
+//! - `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`, `/api/v1/nodes`
+//!   (and the namespaced collections `/api/v1/namespaces/NS/services`, ..., and single objects
+//!   `.../NAME`): a `*List` with `metadata.resourceVersion`, `limit`/`continue` paging, `labelSelector`
 //!   (`key`, `!key`, `key=value`, `key!=value`) and `fieldSelector` (`metadata.name`,
 //!   `metadata.namespace`);
 //! - the same with `watch=true&resourceVersion=RV`: a chunked stream of newline-delimited
@@ -533,22 +537,50 @@ async fn serve_conn(shared: Arc<Shared>, mut stream: TcpStream) {
             .await;
             return;
         };
-        let Some(kind) = Kind::ALL.into_iter().find(|k| k.path() == req.path) else {
-            let msg = format!(
-                "the server could not find the requested resource {}",
-                req.path
-            );
-            respond_json(&mut stream, 404, &status(404, "NotFound", &msg)).await;
-            return;
-        };
-        if req
+        let watch = req
             .query
             .get("watch")
-            .is_some_and(|w| w == "true" || w == "1")
-        {
-            serve_watch(&shared, &mut stream, kind, &req).await;
-        } else {
-            serve_list(&shared, &mut stream, kind, &req).await;
+            .is_some_and(|w| w == "true" || w == "1");
+        match route(&req.path) {
+            Route::Discovery(doc) => respond_json(&mut stream, 200, &doc).await,
+            Route::Collection(kind, ns) => {
+                // A namespaced collection is the cluster-wide one with a namespace selector.
+                let mut req = req;
+                if let Some(ns) = ns {
+                    let sel = req.query.entry("fieldSelector".into()).or_default();
+                    if !sel.is_empty() {
+                        sel.push(',');
+                    }
+                    sel.push_str("metadata.namespace=");
+                    sel.push_str(&ns);
+                }
+                if watch {
+                    serve_watch(&shared, &mut stream, kind, &req).await;
+                } else {
+                    serve_list(&shared, &mut stream, kind, &req).await;
+                }
+            }
+            Route::Object(kind, ns, name) => {
+                let obj = shared.state.lock().expect("lock").kinds[&kind]
+                    .objects
+                    .get(&(ns, name.clone()))
+                    .map(|o| with_type(kind, o.clone()));
+                match obj {
+                    Some(o) => respond_json(&mut stream, 200, &o).await,
+                    None => {
+                        let what = kind.path().rsplit('/').next().unwrap_or_default();
+                        let msg = format!("{what} \"{name}\" not found");
+                        respond_json(&mut stream, 404, &status(404, "NotFound", &msg)).await;
+                    }
+                }
+            }
+            Route::NotFound => {
+                let msg = format!(
+                    "the server could not find the requested resource {}",
+                    req.path
+                );
+                respond_json(&mut stream, 404, &status(404, "NotFound", &msg)).await;
+            }
         }
     };
     tokio::select! {
@@ -561,6 +593,104 @@ async fn serve_conn(shared: Arc<Shared>, mut stream: TcpStream) {
             drop(stream);
         }
     }
+}
+
+// ---- routes and discovery -------------------------------------------------------------------
+
+/// What a request path names.
+#[derive(Debug, PartialEq)]
+enum Route {
+    /// A discovery document (`/version`, `/api`, `/apis`, `/api/v1`,
+    /// `/apis/discovery.k8s.io/v1`), as the real server's legacy (unaggregated) discovery.
+    Discovery(Value),
+    /// A collection: cluster-wide, or in one namespace.
+    Collection(Kind, Option<String>),
+    /// One object: (kind, namespace (`""` for Nodes), name).
+    Object(Kind, String, String),
+    NotFound,
+}
+
+/// Routes `path` (no query) the way the API server does for the three kinds served. Pure.
+fn route(path: &str) -> Route {
+    let path = path.trim_end_matches('/');
+    match path {
+        "/version" => return Route::Discovery(version_doc()),
+        "/api" => {
+            return Route::Discovery(json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": []}));
+        }
+        "/apis" => return Route::Discovery(api_group_list()),
+        "/api/v1" => return Route::Discovery(resource_list("v1")),
+        "/apis/discovery.k8s.io/v1" => {
+            return Route::Discovery(resource_list("discovery.k8s.io/v1"));
+        }
+        _ => {}
+    }
+    for kind in Kind::ALL {
+        // `/api/v1` + `services`, `/apis/discovery.k8s.io/v1` + `endpointslices`, ...
+        let (prefix, plural) = kind.path().rsplit_once('/').unwrap_or_default();
+        let Some(rest) = path.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        let named = match (kind.namespaced(), parts.as_slice()) {
+            (_, [p]) if *p == plural => return Route::Collection(kind, None),
+            (false, [p, name]) if *p == plural => (String::new(), *name),
+            (true, ["namespaces", ns, p]) if *p == plural => {
+                return Route::Collection(kind, Some((*ns).to_owned()));
+            }
+            (true, ["namespaces", ns, p, name]) if *p == plural => ((*ns).to_owned(), *name),
+            _ => continue,
+        };
+        return Route::Object(kind, named.0, named.1.to_owned());
+    }
+    Route::NotFound
+}
+
+/// `/version`.
+fn version_doc() -> Value {
+    json!({
+        "major": "1", "minor": "34", "gitVersion": "v1.34.0-lab", "gitCommit": "",
+        "gitTreeState": "clean", "buildDate": "1970-01-01T00:00:00Z", "goVersion": "",
+        "compiler": "gc", "platform": "linux/amd64"
+    })
+}
+
+/// `/apis`: the groups other than the core group (here: discovery.k8s.io).
+fn api_group_list() -> Value {
+    let gv = json!({"groupVersion": "discovery.k8s.io/v1", "version": "v1"});
+    json!({
+        "kind": "APIGroupList", "apiVersion": "v1",
+        "groups": [{"name": "discovery.k8s.io", "versions": [gv], "preferredVersion": gv}]
+    })
+}
+
+/// The `APIResourceList` of `group_version`: the kinds served there, read-only verbs.
+fn resource_list(group_version: &str) -> Value {
+    let resources: Vec<Value> = Kind::ALL
+        .into_iter()
+        .filter(|k| k.api_version() == group_version)
+        .map(|k| {
+            let plural = k.path().rsplit('/').next().unwrap_or_default();
+            let short: &[&str] = match k {
+                Kind::Service => &["svc"],
+                Kind::Node => &["no"],
+                Kind::EndpointSlice => &[],
+            };
+            json!({
+                "name": plural, "singularName": k.name().to_lowercase(),
+                "namespaced": k.namespaced(), "kind": k.name(),
+                "verbs": ["get", "list", "watch"], "shortNames": short
+            })
+        })
+        .collect();
+    let mut doc = json!({"kind": "APIResourceList", "groupVersion": group_version,
+        "resources": resources});
+    // The core group's list has no apiVersion; the named groups' have "v1".
+    if group_version != "v1" {
+        doc["apiVersion"] = json!("v1");
+    }
+    doc
 }
 
 // ---- selectors ---------------------------------------------------------------------------
@@ -1062,6 +1192,51 @@ mod tests {
                 ((*k, ns, name), v.clone())
             })
             .collect()
+    }
+
+    #[test]
+    fn paths_route_as_on_the_api_server() {
+        let svc = |ns: Option<&str>| Route::Collection(Kind::Service, ns.map(str::to_owned));
+        assert_eq!(route("/api/v1/services"), svc(None));
+        assert_eq!(
+            route("/api/v1/namespaces/default/services"),
+            svc(Some("default"))
+        );
+        assert_eq!(
+            route("/api/v1/namespaces/default/services/web"),
+            Route::Object(Kind::Service, "default".into(), "web".into())
+        );
+        assert_eq!(
+            route("/api/v1/nodes/node1"),
+            Route::Object(Kind::Node, String::new(), "node1".into())
+        );
+        assert_eq!(
+            route("/apis/discovery.k8s.io/v1/namespaces/kube-system/endpointslices"),
+            Route::Collection(Kind::EndpointSlice, Some("kube-system".into()))
+        );
+        for nope in [
+            "/api/v1/namespaces/default/nodes",
+            "/api/v1/pods",
+            "/api/v1/nodes/a/b",
+            "/apis/discovery.k8s.io/v1/services",
+        ] {
+            assert_eq!(route(nope), Route::NotFound, "{nope}");
+        }
+        let Route::Discovery(core) = route("/api/v1") else {
+            panic!("no /api/v1")
+        };
+        let names: Vec<&str> = core["resources"]
+            .as_array()
+            .expect("resources")
+            .iter()
+            .filter_map(|r| r["name"].as_str())
+            .collect();
+        assert_eq!(names, ["services", "nodes"]);
+        assert!(core.get("apiVersion").is_none(), "{core}");
+        let Route::Discovery(groups) = route("/apis/") else {
+            panic!("no /apis")
+        };
+        assert_eq!(groups["groups"][0]["name"], "discovery.k8s.io");
     }
 
     #[test]

@@ -36,12 +36,16 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     // e2e_external's socket scripts; `lint` validates the deploy manifests with a pip package.
     ("python3", "python3"),
     ("pip3", "python3-pip"),
+    // e2e_daemonset: the container's capability set and no_new_privs (util-linux is
+    // essential, named here all the same).
+    ("setpriv", "util-linux"),
 ];
 
 /// Programs of Debian's essential packages (coreutils, dash, util-linux), always installed.
 pub const ESSENTIAL: &[&str] = &[
     "sh", "cat", "sleep", "true", "false", "echo", "env", "timeout", "test", "mkdir", "rm", "ls",
-    "head", "tail", "tee", "stat", "nproc", "mount", "umount", "nsenter", "unshare",
+    "head", "tail", "tee", "stat", "nproc", "mount", "umount", "nsenter", "unshare", "cp", "ln",
+    "touch", "chroot",
 ];
 
 /// Programs the toolchain brings (rustup) or that install the rest (apt-get).

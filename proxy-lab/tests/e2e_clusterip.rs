@@ -59,6 +59,21 @@ fn tcp_connections_to_a_cluster_ip_reach_every_endpoint_on_both_nodes() {
         vec![vip()],
         "the client sees only the VIP as the peer"
     );
+    // The agents' status files (what `inspect` names services from) go with the lab.
+    let prefix = c.lab.prefix().to_owned();
+    let status_dir = std::path::Path::new(proxy_lab::lab::AGENT_STATUS_DIR);
+    let files = proxy_lab::lab::agent_status_files(&prefix, status_dir);
+    assert_eq!(
+        files.len(),
+        2,
+        "one status file per node's agent: {files:?}"
+    );
+    drop(c);
+    let left = proxy_lab::lab::agent_status_files(&prefix, status_dir);
+    assert!(
+        left.is_empty(),
+        "status files left after teardown: {left:?}"
+    );
 }
 
 #[test]

@@ -642,6 +642,68 @@ fn one_client_port_to_two_vips_sharing_an_endpoint() {
     assert_eq!(d("drop_conntrack_clash"), 0);
 }
 
+/// A pod connected straight to an endpoint (no service: our conntrack never sees it, as
+/// after an upgrade from v0.1.0, which balanced pods at the socket) and, from the same port,
+/// to a ClusterIP that lands on that endpoint: the service flow must not reuse the tuple, or
+/// the endpoint takes its SYN for the first connection and one of them is reset. netfilter's
+/// NAT sees both and remaps; we look the tuple up among the pod's sockets.
+#[test]
+fn a_pod_connection_straight_to_an_endpoint_keeps_its_tuple_from_a_service_flow() {
+    let spec = LabSpec::default_demo();
+    let eps = hostnames_endpoints(&spec);
+    let c = Cluster::up(&bins(), &spec, &eps, &say).expect("cluster up");
+    c.start_pod_servers_on(&["hostnames-a", "hostnames-c"], ECHO_PORT, &["--echo"])
+        .expect("echo servers");
+    let client = c.lab.pod_ns("client");
+    for (svc, pod, port) in [
+        (&TWIN_A1, "hostnames-a", 20011u16),
+        (&TWIN_C1, "hostnames-c", 20012),
+    ] {
+        let ep: Vec<Endpoint> = eps.iter().filter(|e| e.pod == pod).cloned().collect();
+        install(&c, svc, &ep, ECHO_PORT);
+        let direct = format!("{}:{ECHO_PORT}", ep[0].ip);
+        let via = format!("{}:80", svc.cluster_ip);
+        let port_s = port.to_string();
+        let r = c
+            .tool_json(
+                &client,
+                &[
+                    "same-port",
+                    &direct,
+                    &via,
+                    "--port",
+                    &port_s,
+                    "--rounds",
+                    "3",
+                ],
+            )
+            .expect("same-port");
+        println!("{pod}: {r}");
+        let flows = r["flows"].as_array().expect("flows");
+        assert_eq!(flows.len(), 2, "{pod}: {r:#}");
+        for f in flows {
+            assert!(f["error"].is_null(), "{pod}: {r:#}");
+            assert_eq!(f["ok_rounds"], 3, "{pod}: {r:#}");
+            assert_eq!(f["backend"], pod, "{pod}: {r:#}");
+        }
+        let seen = |i: usize| {
+            flows[i]["seen_by_server"]
+                .as_str()
+                .unwrap_or_default()
+                .rsplit(':')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(seen(0), port_s, "{pod}: the direct connection is untouched");
+        assert_ne!(
+            seen(1),
+            port_s,
+            "{pod}: the service flow took the direct connection's tuple: {r:#}"
+        );
+    }
+}
+
 // -------------------------------------------------------------------------------------------
 // 5. Fragmented UDP
 

@@ -279,6 +279,47 @@ fn inspect_filters(c: &Cluster) {
     println!("inspect status:\n{text}");
 }
 
+/// `ebpf-proxy debug ARG --bpffs <node1's>`: stdout (fails on a non-zero exit).
+fn debug(c: &Cluster, arg: &str) -> String {
+    let out = std::process::Command::new(c.node_agent_binary(1))
+        .args(["debug", arg, "--bpffs"])
+        .arg(c.lab.bpffs(1))
+        .output()
+        .expect("debug");
+    assert!(
+        out.status.success(),
+        "debug {arg}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Datapath debug logging through the running agent: silent while off; `debug on` and the
+/// agent's log says why the client's connections to `extra` (no endpoints) were rejected.
+fn datapath_debug_log(c: &Cluster) {
+    const LINE: &str = "datapath: reject TCP 10.76.0.20:";
+    assert!(debug(c, "status").starts_with("datapath debug logging off"));
+    let p = c.probe("client", "10.96.0.99:80", false, 3).expect("probe");
+    assert_eq!(p.ok(), 0, "extra has no endpoints: {:?}", p.0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !c.agent_log(1).contains("datapath: reject"),
+        "logged while off:\n{}",
+        c.agent_log(1)
+    );
+    assert!(debug(c, "on").starts_with("datapath debug logging on"));
+    let p = c.probe("client", "10.96.0.99:80", false, 3).expect("probe");
+    assert_eq!(p.ok(), 0, "{:?}", p.0);
+    c.wait_agent_log(1, LINE, Duration::from_secs(5))
+        .expect("the reject, named, in the agent's log");
+    assert!(
+        c.agent_log(1).contains(" -> 10.96.0.99:80"),
+        "{}",
+        c.agent_log(1)
+    );
+    assert!(debug(c, "off").starts_with("datapath debug logging off"));
+}
+
 #[test]
 fn health_and_metrics_endpoints_of_a_running_agent() {
     let spec = LabSpec::default_demo();
@@ -461,6 +502,7 @@ fn health_and_metrics_endpoints_of_a_running_agent() {
         std::thread::sleep(Duration::from_millis(200));
     }
     inspect_filters(&c);
+    datapath_debug_log(&c);
 
     // The source goes away (an unreachable API server): nothing is queued, so still healthy.
     let away = c.lab.state_dir().join("manifests.away");

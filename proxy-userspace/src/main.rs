@@ -74,8 +74,35 @@ fn real_main(parsed: cli::Parsed) -> Result<ExitCode> {
             logging::init(None, LogFormat::Text);
             trace::run(&args)?
         }
+        Command::Debug { switch, bpffs } => {
+            logging::init(None, LogFormat::Text);
+            debug_switch(switch, &bpffs)?
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn debug_switch(switch: cli::DebugSwitch, bpffs: &std::path::Path) -> Result<()> {
+    let set = match switch {
+        cli::DebugSwitch::On => Some(true),
+        cli::DebugSwitch::Off => Some(false),
+        cli::DebugSwitch::Status => None,
+    };
+    let before = datapath::debuglog::pinned_switch(&datapath::pin_dir(bpffs), set)?;
+    let now = set.unwrap_or(before);
+    println!(
+        "datapath debug logging {}{}",
+        if now { "on" } else { "off" },
+        if now {
+            format!(
+                ": the agent logs each drop and reject with its reason (target {})",
+                datapath::debuglog::TARGET
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
 }
 
 fn cleanup_pins(bpffs: &std::path::Path) -> Result<()> {

@@ -26,6 +26,8 @@ mod decap;
 mod icmp_errors;
 /// Per-service counters and affinity vs terminating endpoints (`tests/lb_svc/mod.rs`).
 mod lb_svc;
+/// Whole-map reads in batches (`tests/map_reads/mod.rs`).
+mod map_reads;
 /// TTL on the redirect paths (`tests/ttl/mod.rs`).
 mod ttl;
 /// The XDP fast path's fixtures (`tests/xdp/mod.rs`), sharing this harness.
@@ -463,6 +465,35 @@ fn service_without_endpoints_rejects_udp_with_icmp_port_unreachable() {
     assert_eq!(f.counter(counter::REJECT), 1);
 }
 
+/// With IP options the quote grows with the header: the client's stack finds the ports after
+/// the options (the kernel's icmp_send quotes the same way).
+#[test]
+fn udp_with_ip_options_is_rejected_quoting_the_whole_header() {
+    let f = Fixture::new(&hostnames(&[], "UDP"));
+    for opts in [4, 40] {
+        let pkt = packet(UDP, (CLIENT, 5354), (VIP, 80), opts, false);
+        let (rc, out) = f.run(programs::POD_INGRESS, &pkt);
+        assert_eq!(rc, TC_ACT_REDIRECT, "{opts} bytes of options");
+        let q = 20 + opts + 8;
+        assert_eq!(out.len(), 14 + 20 + 8 + q);
+        let ip = &out[14..34];
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, 20 + 8 + q);
+        assert_eq!(
+            u16::from_be_bytes([ip[10], ip[11]]),
+            packet::ipv4_header_checksum(ip)
+        );
+        let icmp = &out[34..];
+        assert_eq!((icmp[0], icmp[1]), (3, 3));
+        assert_eq!(
+            csum::fold(csum::add_bytes(0, icmp)),
+            0xffff,
+            "ICMP checksum"
+        );
+        assert_eq!(&icmp[8..], &pkt[14..14 + q], "header, options and 8 bytes");
+    }
+    assert_eq!(f.counter(counter::REJECT), 2);
+}
+
 #[test]
 fn hairpin_snats_and_sends_both_directions_back_to_the_pod() {
     let me = Ipv4Addr::new(10, 76, 0, 10);
@@ -583,6 +614,82 @@ fn load_balancer_ip_with_local_policy_keeps_the_client_and_drops_without_local_e
     );
     assert_eq!(rc, TC_ACT_SHOT);
     assert_eq!(f.counter(counter::DROP_NO_LOCAL_BACKEND), 1);
+}
+
+/// Captures the programs' aya-log records (what the agent's reader forwards to its log).
+#[derive(Clone, Default)]
+struct Records(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Records {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record) {
+        let line = datapath::debuglog::describe(&r.args().to_string());
+        self.0.lock().expect("records lock").push(line);
+    }
+    fn flush(&self) {}
+}
+
+impl Records {
+    fn take(&self, logger: &mut aya_log::EbpfLogger<Records>) -> Vec<String> {
+        logger.flush();
+        std::mem::take(&mut *self.0.lock().expect("records lock"))
+    }
+}
+
+/// Debug logging: silent while off; when on, one line per drop or reject naming the reason
+/// and the packet; forwarded packets never log; the agent's config writes keep the switch.
+#[test]
+fn datapath_debug_log_says_why_a_flow_was_dropped_or_rejected() {
+    let mut f = Fixture::new(&load_balancer(
+        &[("10.76.0.10", "node1")],
+        false,
+        &["198.51.100.0/24"],
+    ));
+    let records = Records::default();
+    let mut logger = aya_log::EbpfLogger::init_with_logger(&mut f.dp.ebpf, records.clone())
+        .expect("the object carries the aya-log ring buffer");
+    let outside = packet(TCP, (EXT, 50003), (LB_IP, 80), 0, false);
+    let (rc, _) = f.run(programs::UPLINK_INGRESS, &outside);
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(records.take(&mut logger), Vec::<String>::new(), "off");
+
+    f.dp.set_datapath_debug(true).expect("switch on");
+    let (rc, _) = f.run(programs::UPLINK_INGRESS, &outside);
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(
+        records.take(&mut logger),
+        [format!("drop_source_range TCP {EXT}:50003 -> {LB_IP}:80")]
+    );
+    let inside = packet(
+        TCP,
+        (Ipv4Addr::new(198, 51, 100, 7), 50004),
+        (LB_IP, 80),
+        0,
+        false,
+    );
+    f.run(programs::UPLINK_INGRESS, &inside);
+    assert_eq!(records.take(&mut logger), Vec::<String>::new(), "forwarded");
+
+    // The agent rewrites its config (a node address change): the switch stays on.
+    f.dp.set_config(&NodeConfig {
+        node_addr_be: abi::addr_be(NODE),
+        ..Default::default()
+    })
+    .expect("config");
+    // A ClusterIP port no service uses: rejected, and said so.
+    let unused = packet(UDP, (CLIENT, 5353), (VIP, 81), 0, false);
+    let (rc, _) = f.run(programs::POD_INGRESS, &unused);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(
+        records.take(&mut logger),
+        [format!("reject UDP {CLIENT}:5353 -> {VIP}:81")]
+    );
+
+    f.dp.set_datapath_debug(false).expect("switch off");
+    f.run(programs::UPLINK_INGRESS, &outside);
+    assert_eq!(records.take(&mut logger), Vec::<String>::new(), "off again");
 }
 
 #[test]
@@ -973,6 +1080,49 @@ fn reject_never_answers_unspecified_loopback_multicast_or_class_e_sources() {
         assert_eq!(rc, TC_ACT_REDIRECT, "{src} gets its RST");
     }
     assert_eq!(f.counter(counter::REJECT), 4);
+}
+
+/// A subnet's directed broadcast address (the agent lists the node's, from its interfaces)
+/// is never answered either; the subnet's other addresses are.
+#[test]
+fn reject_never_answers_a_directed_broadcast_source_of_the_nodes_subnets() {
+    let mut f = Fixture::new(&hostnames(&[], "UDP"));
+    let nets = [(NODE, 24), (HAIRPIN, 24)];
+    f.dp.set_broadcasts(&datapath::netlink::subnet_broadcasts(&nets))
+        .expect("broadcasts");
+    for src in ["10.240.0.255", "10.76.0.255"] {
+        let src: Ipv4Addr = src.parse().expect("address");
+        let pkt = packet(UDP, (src, 40000), (VIP, 80), 0, false);
+        let (rc, out) = f.run(programs::POD_INGRESS, &pkt);
+        assert_eq!(rc, TC_ACT_SHOT, "no reply to {src}");
+        assert_eq!(out, pkt, "the packet is not turned into a reply");
+    }
+    assert_eq!(f.counter(counter::DROP_REJECT_BAD_SOURCE), 2);
+    let (rc, _) = f.run(
+        programs::POD_INGRESS,
+        &packet(
+            UDP,
+            (Ipv4Addr::new(10, 76, 0, 254), 40000),
+            (VIP, 80),
+            0,
+            false,
+        ),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT, "10.76.0.254 gets its port unreachable");
+    // The agent's list follows the node: a subnet gone, its broadcast is answered again.
+    f.dp.set_broadcasts(&[]).expect("broadcasts");
+    let (rc, _) = f.run(
+        programs::POD_INGRESS,
+        &packet(
+            UDP,
+            (Ipv4Addr::new(10, 76, 0, 255), 40001),
+            (VIP, 80),
+            0,
+            false,
+        ),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(f.counter(counter::REJECT), 2);
 }
 
 #[test]

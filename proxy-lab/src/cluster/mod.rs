@@ -20,11 +20,13 @@ use crate::lab::{BRIDGE_IF, Lab, LabSpec, NODES, POD_SERVER_PORT, Topology};
 
 mod canary;
 mod conntrack;
+mod daemonset;
 mod kube;
 mod manifests;
 
 pub use canary::*;
 pub use conntrack::*;
+pub use daemonset::*;
 pub use manifests::*;
 
 /// The demo service's ClusterIP and port.
@@ -143,10 +145,22 @@ pub struct Cluster {
     /// Kubernetes mode: the lab API server the agents watch (`None`: agents read
     /// `manifests` directly).
     kube: Option<LabApiServer>,
+    /// Agents started as the rendered DaemonSet's container (Kubernetes mode).
+    daemonset: Option<Box<DaemonSetAgent>>,
     /// Extra `ebpf-proxy run` arguments for agents started from now on (e.g. `--xdp-mode`).
     pub agent_args: Vec<String>,
     /// Nodes whose agent comes from `bins.release` (all of them at first when it is set).
     release_nodes: BTreeSet<u8>,
+}
+
+/// How [`Cluster::up_with`] starts the agents.
+enum Mode {
+    /// `run --manifests`.
+    Manifests,
+    /// `run --kubeconfig`, the lab API server.
+    Kube,
+    /// As the rendered DaemonSet's container, the lab API server.
+    DaemonSet(Box<DaemonSetAgent>),
 }
 
 /// `ebpf-proxy-lab lab-apiserver` serving the manifests directory, in the router namespace (every
@@ -182,7 +196,7 @@ impl Cluster {
         src: Option<&Path>,
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        Self::up_with(bins, spec, endpoints, src, false, &[], say)
+        Self::up_with(bins, spec, endpoints, src, Mode::Manifests, &[], say)
     }
 
     /// Like [`Cluster::up`], with extra `ebpf-proxy run` arguments from the first start on
@@ -194,7 +208,15 @@ impl Cluster {
         agent_args: &[String],
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        Self::up_with(bins, spec, endpoints, None, false, agent_args, say)
+        Self::up_with(
+            bins,
+            spec,
+            endpoints,
+            None,
+            Mode::Manifests,
+            agent_args,
+            say,
+        )
     }
 
     /// Like [`Cluster::up`], in Kubernetes mode: `ebpf-proxy-lab lab-apiserver` serves the
@@ -206,7 +228,22 @@ impl Cluster {
         endpoints: &[Endpoint],
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        Self::up_with(bins, spec, endpoints, None, true, &[], say)
+        Self::up_with(bins, spec, endpoints, None, Mode::Kube, &[], say)
+    }
+
+    /// Like [`Cluster::up_kube`], with every agent started as `ds`'s container would be on
+    /// that node ([`crate::daemonset`]): its command line, environment, volumes (the
+    /// ConfigMaps of `ds`), capabilities and root file system, instead of the lab's command
+    /// line.
+    pub fn up_kube_daemonset(
+        bins: &Binaries,
+        spec: &LabSpec,
+        endpoints: &[Endpoint],
+        ds: DaemonSetAgent,
+        say: &dyn Fn(&str),
+    ) -> Result<Self> {
+        let mode = Mode::DaemonSet(Box::new(ds));
+        Self::up_with(bins, spec, endpoints, None, mode, &[], say)
     }
 
     fn up_with(
@@ -214,10 +251,15 @@ impl Cluster {
         spec: &LabSpec,
         endpoints: &[Endpoint],
         src: Option<&Path>,
-        kube: bool,
+        mode: Mode,
         agent_args: &[String],
         say: &dyn Fn(&str),
     ) -> Result<Self> {
+        let (kube, daemonset) = match mode {
+            Mode::Manifests => (false, None),
+            Mode::Kube => (true, None),
+            Mode::DaemonSet(ds) => (true, Some(ds)),
+        };
         say(&match spec.topology {
             Topology::Bridge => {
                 "creating the lab (bridge topology): router, node1, node2, external client, pods \
@@ -257,6 +299,7 @@ impl Cluster {
             manifests,
             agents: BTreeMap::new(),
             kube: None,
+            daemonset,
             agent_args: agent_args.to_vec(),
             release_nodes: if bins.release.is_some() {
                 NODES.into_iter().collect()
@@ -329,6 +372,12 @@ impl Cluster {
     /// Starts the agent on `node`: the tree's, or the release's while the node runs it
     /// ([`Binaries::release`]), without the flags that release does not know.
     pub fn start_agent(&mut self, node: u8) -> Result<u32> {
+        if self.daemonset.is_some() {
+            let args = self.daemonset_launch(node)?;
+            let pid = self.lab.spawn(&self.lab.node_ns(node), &args)?;
+            self.agents.insert(node, pid);
+            return Ok(pid);
+        }
         let mut args = self.agent_command(node);
         if let Some(r) = self.node_release(node) {
             args[0] = r.agent.display().to_string();

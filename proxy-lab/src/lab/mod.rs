@@ -656,6 +656,24 @@ mod tests {
     }
 
     #[test]
+    fn agent_status_files_of_one_lab_only() {
+        let dir = std::env::temp_dir().join(format!("epl-status-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let names = [
+            "run-ebpf-proxy-lab-epl12-bpffs-node1.json",
+            "run-ebpf-proxy-lab-epl12-bpffs-node2.json.4242",
+            "run-ebpf-proxy-lab-epl123-bpffs-node1.json",
+            "sys-fs-bpf.json",
+        ];
+        for n in names {
+            fs::write(dir.join(n), "{}").unwrap();
+        }
+        let got = agent_status_files("epl12", &dir);
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(got, [dir.join(names[0]), dir.join(names[1])]);
+    }
+
+    #[test]
     fn mountinfo_unescape() {
         assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");

@@ -11,6 +11,40 @@ pub struct TeardownSummary {
     /// The per-node cgroups removed, then the lab's cgroup2 mount (not in `unmounted`).
     pub cgroups_removed: Vec<PathBuf>,
     pub state_dir_removed: bool,
+    /// The agents' status files for this lab's pin directories (see [`agent_status_files`]).
+    pub status_files_removed: Vec<PathBuf>,
+}
+
+/// Where agents write their status files (`proxy-userspace/src/serve/status.rs`: one per pin
+/// directory, named after its path with `/` as `-`).
+pub const AGENT_STATUS_DIR: &str = "/run/ebpf-proxy";
+
+/// The agents' status files of lab `prefix` (agents pinning under its state directory, e.g.
+/// `run-ebpf-proxy-lab-<prefix>-bpffs-node1.json`, and a temporary file a killed writer left).
+/// An agent keeps its file when it exits: it names what the pins still program, for `inspect`
+/// after a crash or a stop. Whoever removes the pins removes it: `ebpf-proxy cleanup`, or the
+/// lab's teardown, which unmounts the lab's bpffs.
+pub fn agent_status_files(prefix: &str, dir: &Path) -> Vec<PathBuf> {
+    let stem = format!(
+        "{}-",
+        state_dir(prefix)
+            .to_string_lossy()
+            .trim_matches('/')
+            .replace('/', "-")
+    );
+    let mut out: Vec<PathBuf> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(&stem) && name.contains(".json")
+        })
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
 }
 
 /// What exists of a lab.
@@ -211,6 +245,14 @@ pub fn down_by_prefix(prefix: &str) -> Result<TeardownSummary> {
         match ip(&["netns", "delete", ns]) {
             Ok(_) => summary.namespaces_deleted.push(ns.clone()),
             Err(e) => errors.push(e),
+        }
+    }
+
+    for f in agent_status_files(prefix, Path::new(AGENT_STATUS_DIR)) {
+        match fs::remove_file(&f) {
+            Ok(()) => summary.status_files_removed.push(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(anyhow!(e).context(format!("removing {}", f.display()))),
         }
     }
 

@@ -14,8 +14,8 @@ use crate::cmd::{config, inspect, kpflags, trace};
     long_about = "Kubernetes service load balancing in eBPF, a kube-proxy replacement: ClusterIP, \
                   NodePort, LoadBalancer IPs (plain or IPIP/GUE-wrapped, direct server return) \
                   and externalIPs, with kube-proxy's masquerade, REJECT and traffic-policy rules. \
-                  tc programs on the pod bridge's ports and the uplink, and cgroup socket hooks \
-                  for host processes, read BPF maps that the agent fills from Service, \
+                  tc programs on the pods' interfaces (any CNI) and XDP and tc on the uplinks, \
+                  and cgroup socket hooks for host processes, read BPF maps that the agent fills from Service, \
                   EndpointSlice and Node objects (Kubernetes API or a manifests directory).\n\n\
                   Start with `ebpf-proxy run --help`; `ebpf-proxy trace --help` answers \
                   \"where does this packet go\".\n\n\
@@ -60,6 +60,25 @@ pub enum Command {
     /// prints the Service matched, the verdict, the endpoints reached, and whether the backend
     /// sees the client's address. Exit 0 whatever the verdict.
     Trace(trace::TraceArgs),
+    /// Datapath debug logging on this node: `on` makes the programs say why each flow is
+    /// dropped or rejected (reason, protocol, addresses) in the running agent's log, at info
+    /// with target ebpf_proxy::datapath; `off` stops it; `status` shows it. Kept in the pinned
+    /// config map, so it takes effect at once and survives agent restarts.
+    Debug {
+        #[arg(value_enum)]
+        switch: DebugSwitch,
+        /// The bpffs directory the agent was started with.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}
+
+/// `ebpf-proxy debug`'s argument.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DebugSwitch {
+    On,
+    Off,
+    Status,
 }
 
 /// A parsed command line, with `run`'s matches (`run --config` needs them to tell flags given

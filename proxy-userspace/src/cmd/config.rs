@@ -109,6 +109,13 @@ pub struct RunArgs {
     /// the same counters either way.
     #[arg(long)]
     pub metrics_per_service: bool,
+    /// Turn datapath debug logging on at start: the tc programs say why each flow is dropped
+    /// or rejected (reason, protocol, addresses), logged at info with target
+    /// ebpf_proxy::datapath. Costs nothing while off. `ebpf-proxy debug on|off` switches it
+    /// while the agent runs, and that choice survives restarts. One line per dropped packet:
+    /// for diagnosis, not for a node under attack.
+    #[arg(long)]
+    pub datapath_debug: bool,
     /// A BPF filesystem directory; maps are pinned under DIR/ebpf-proxy. Mounted if missing.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
@@ -798,6 +805,7 @@ pub fn summary(args: &RunArgs) -> std::collections::BTreeMap<String, String> {
         ("healthz-bind-address", args.kp.healthz_bind_address.clone()),
         ("metrics-bind-address", args.kp.metrics_bind_address.clone()),
         ("metrics-per-service", args.metrics_per_service.to_string()),
+        ("datapath-debug", args.datapath_debug.to_string()),
         ("bpffs", args.bpffs.display().to_string()),
         (
             "cgroup-path",

@@ -55,7 +55,7 @@ const fn ignored(name: &'static str, boolean: bool, why: &'static str) -> Ignore
 
 const IPVS: &str = "IPVS is not used: services are translated by BPF programs";
 const SYNC: &str = "there are no rules to resync: every Service/EndpointSlice change is \
-                    programmed as it arrives, and the pod bridge's ports are re-checked every 5 s";
+                    programmed as it arrives, and the pod interfaces are re-checked every 5 s";
 const LOG_STREAMS: &str = "every log line goes unbuffered to stderr";
 
 /// kube-proxy's flags (`cmd/kube-proxy/app/options.go` and the logging flags of

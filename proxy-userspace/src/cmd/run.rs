@@ -21,8 +21,8 @@ use crate::{
         self, Datapath, LoadOptions, MapSizes,
         attach::{Attachments, TcMode},
         bpffs,
-        netlink::{Iface, LinkEvents, Netlink},
-        pods::PodSelector,
+        netlink::{self, Iface, LinkEvents, Netlink},
+        pods::{self, PodSelector},
         sockhooks,
         uplinks::{self, Uplinks},
     },
@@ -261,7 +261,10 @@ impl Agent {
         // atomically (a restart or an upgrade), and they stay attached after this process exits.
         let mut attachments = Attachments::new(Some(&pins), tc_mode);
         let link_events = LinkEvents::subscribe()?;
-        let ports = pods.select(&nl.link_facts().await?, bridge_index, &uplink_names);
+        let facts = nl.link_facts().await?;
+        let ports = pods.select(&facts, bridge_index, &uplink_names);
+        dp.set_pod_netns(&pods::pod_netns(&facts, &ports))?;
+        dp.set_broadcasts(&netlink::subnet_broadcasts(&nl.all_ipv4_nets().await?))?;
         let unprefixed = local.ports_without_prefix(ports.iter().map(|p| p.name.as_str()));
         if !unprefixed.is_empty() {
             warn!(
@@ -426,7 +429,7 @@ impl Agent {
         let st = &s.stages;
         debug!(
             "sync stages: read {:?} ({} files parsed, {} unchanged), translate {:?} \
-             ({} services translated, {} unchanged), capacity {:?}, plan {:?}, \
+             ({} services translated, {} unchanged), capacity {:?}, plan {:?} ({}), \
              apply {:?} ({} map writes), total {:?}",
             read.took,
             read.parsed,
@@ -436,6 +439,11 @@ impl Agent {
             st.reused,
             st.capacity,
             st.plan,
+            if st.incremental {
+                "changes only"
+            } else {
+                "full"
+            },
             st.apply,
             s.ops,
             read.took + started.elapsed()
@@ -522,6 +530,10 @@ impl Agent {
                     "after the uplink programs were replaced",
                 );
                 self.metrics.ct_migrated.inc_by(n.unwrap_or(0));
+                // Every link runs our programs and nothing writes the old table any more.
+                if let Err(e) = self.dp.end_previous_ct() {
+                    warn!("could not tell the programs the upgrade is over: {e}");
+                }
                 match datapath::retire_migrated(&self.pins) {
                     Ok(n) if n > 0 => info!("removed the earlier release's conntrack pin"),
                     Ok(_) => {}
@@ -538,12 +550,19 @@ impl Agent {
         Ok(())
     }
 
-    /// The pod interfaces now, by the selector.
-    async fn pod_interfaces(&self) -> Result<Vec<Iface>> {
+    /// The pod interfaces now, by the selector, with their pods' namespace IDs and the node's
+    /// subnet broadcast addresses recorded for the datapath.
+    async fn pod_interfaces(&mut self) -> Result<Vec<Iface>> {
         let links = self.nl.link_facts().await?;
-        Ok(self
+        let ports = self
             .pods
-            .select(&links, self.bridge_index, &self.uplink_names))
+            .select(&links, self.bridge_index, &self.uplink_names);
+        self.dp.set_pod_netns(&pods::pod_netns(&links, &ports))?;
+        // Addresses change with links (a bridge getting its address): REJECT's list of
+        // broadcast sources follows.
+        let nets = self.nl.all_ipv4_nets().await?;
+        self.dp.set_broadcasts(&netlink::subnet_broadcasts(&nets))?;
+        Ok(ports)
     }
 
     /// A link came, went or changed (rtnetlink event): attach to the new pod interfaces.
@@ -572,6 +591,25 @@ impl Agent {
         );
         Ok(())
     }
+}
+
+/// Datapath debug logging: on with --datapath-debug, else as the pinned config says (an
+/// operator's `ebpf-proxy debug on` survives a restart); its records go to our log either way.
+fn debug_switch(dp: &mut Datapath, flag: bool) -> Result<()> {
+    if flag {
+        dp.set_datapath_debug(true)?;
+    }
+    if dp
+        .config()
+        .is_ok_and(|c| c.flags & proxy_common::cfg_flags::DATAPATH_DEBUG != 0)
+    {
+        info!(
+            "datapath debug logging is on: drops and rejects are logged with their reason \
+             (target {}; `ebpf-proxy debug off` stops it)",
+            datapath::debuglog::TARGET
+        );
+    }
+    datapath::debuglog::spawn_reader(&mut dp.ebpf).context("reading the datapath's log buffer")
 }
 
 /// Mounts the bpffs if needed, loads the programs with maps created or adopted under the pin
@@ -616,6 +654,7 @@ fn load_datapath(
             pins.display()
         );
     }
+    debug_switch(&mut dp, args.datapath_debug)?;
 
     match ctx.host_netns_cookie {
         Some(cookie) => {

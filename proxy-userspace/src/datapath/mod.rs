@@ -5,8 +5,10 @@
 //! This is the only room that talks to the BPF syscall for maps; the planner talks to it
 //! through [`crate::plan::MapWriter`], which [`service_maps::LbMaps`] implements.
 pub mod attach;
+pub mod batch;
 pub mod bpffs;
 pub mod conntrack;
+pub mod debuglog;
 pub mod features;
 pub mod layout;
 pub mod links;
@@ -24,6 +26,7 @@ pub use layout::{MapLayout, MapSizeArgs, MapSizes, remove_pins, retired_pins};
 pub use service_maps::{LbMaps, WriteError, pinned_service_counters, read_service_counters};
 use std::{
     io,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -111,6 +114,9 @@ pub struct Datapath {
     pub ebpf: Ebpf,
     /// Names of the maps that were adopted from existing pins (a restart).
     pub adopted: Vec<&'static str>,
+    /// An earlier release's conntrack table is bound to `maps::CT4_PREVIOUS` (an upgrade):
+    /// the config says so to the programs until [`Datapath::end_previous_ct`].
+    previous_ct: bool,
 }
 
 impl Datapath {
@@ -136,6 +142,15 @@ impl Datapath {
         }
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
+        }
+        // An upgrade: our programs read the earlier release's table on a miss until it is
+        // retired (a pin that exists is opened, never replaced).
+        let previous = opts
+            .pin_dir
+            .as_deref()
+            .and_then(|d| migrate_pins(d).into_iter().next());
+        if let Some(p) = &previous {
+            loader.map_pin_path(maps::CT4_PREVIOUS, p.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         // Load every program in the object; attaching is up to the caller.
@@ -168,7 +183,29 @@ impl Datapath {
                 source,
             })?;
         }
-        Ok(Self { ebpf, adopted })
+        let mut dp = Self {
+            ebpf,
+            adopted,
+            previous_ct: previous.is_some(),
+        };
+        if dp.previous_ct {
+            // Before any program of ours is attached.
+            dp.set_config(&dp.config().unwrap_or_default())?;
+        }
+        Ok(dp)
+    }
+
+    /// Whether our programs read an earlier release's conntrack table on a miss (an upgrade
+    /// under way).
+    pub fn reads_previous_ct(&self) -> bool {
+        self.previous_ct
+    }
+
+    /// The upgrade is over (every link runs our programs, the table was copied a last time):
+    /// the programs stop reading the earlier release's table.
+    pub fn end_previous_ct(&mut self) -> Result<(), DatapathError> {
+        self.previous_ct = false;
+        self.set_config(&self.config()?)
     }
 
     /// A program of the object as its aya type (`SchedClassifier`, `Xdp`, ...).
@@ -253,7 +290,66 @@ impl Datapath {
         })
     }
 
+    /// Writes the node config. The debug switch is the operator's (`ebpf-proxy debug`):
+    /// whatever the map holds is kept.
     pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), DatapathError> {
+        let mut cfg = debuglog::keep_switch(cfg, self.config().ok().as_ref());
+        cfg.flags &= !proxy_common::cfg_flags::CT_PREVIOUS;
+        if self.previous_ct {
+            cfg.flags |= proxy_common::cfg_flags::CT_PREVIOUS;
+        }
+        self.write_config(&cfg)
+    }
+
+    /// Makes `maps::POD_NETNS` hold exactly `entries` (ifindex, namespace ID).
+    pub fn set_pod_netns(&mut self, entries: &[(u32, i32)]) -> Result<(), DatapathError> {
+        self.replace_hash(maps::POD_NETNS, entries)
+    }
+
+    /// Makes `maps::BROADCAST4` hold exactly these addresses.
+    pub fn set_broadcasts(&mut self, addrs: &[Ipv4Addr]) -> Result<(), DatapathError> {
+        let entries: Vec<(u32, u8)> = addrs.iter().map(|a| (crate::abi::addr_be(*a), 1)).collect();
+        self.replace_hash(maps::BROADCAST4, &entries)
+    }
+
+    /// Makes the hash map `name` hold exactly `entries`: stale keys removed, the rest written.
+    fn replace_hash<K, V>(
+        &mut self,
+        name: &'static str,
+        entries: &[(K, V)],
+    ) -> Result<(), DatapathError>
+    where
+        K: aya::Pod + PartialEq,
+        V: aya::Pod,
+    {
+        let m = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut h: HashMap<&mut MapData, K, V> =
+            HashMap::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
+        let stale: Vec<K> = h
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !entries.iter().any(|(e, _)| e == k))
+            .collect();
+        for k in stale {
+            let _ = h.remove(&k);
+        }
+        for (k, v) in entries {
+            h.insert(k, v, 0)
+                .map_err(|source| DatapathError::Map { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Turns datapath debug logging on or off (`cfg_flags::DATAPATH_DEBUG`).
+    pub fn set_datapath_debug(&mut self, on: bool) -> Result<(), DatapathError> {
+        let cfg = debuglog::with_switch(&self.config()?, on);
+        self.write_config(&cfg)
+    }
+
+    fn write_config(&mut self, cfg: &NodeConfig) -> Result<(), DatapathError> {
         let name = maps::CONFIG;
         let m = self
             .ebpf
@@ -345,10 +441,11 @@ impl Datapath {
         ids: impl IntoIterator<Item = u32>,
     ) -> Result<Vec<(u32, SvcCounter)>, DatapathError> {
         let name = maps::SVC_COUNTERS;
-        let m = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
-        let a: PerCpuArray<&MapData, SvcCounter> =
-            PerCpuArray::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
-        read_service_counters(&a, ids).map_err(|source| DatapathError::Map { name, source })
+        let m = match self.ebpf.map(name) {
+            Some(aya::maps::Map::PerCpuArray(m)) => m,
+            _ => return Err(DatapathError::MissingMap(name)),
+        };
+        read_service_counters(m, ids).map_err(|source| DatapathError::Map { name, source })
     }
 
     /// Both conntrack tables (answered and unanswered flows) of the loaded object.

@@ -116,12 +116,20 @@ impl Netlink {
 
     /// The IPv4 addresses of an interface with their prefix lengths (the subnets it is on).
     pub async fn ipv4_nets(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
-        let mut s = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
+        self.nets(Some(index)).await
+    }
+
+    /// The IPv4 addresses of every interface with their prefix lengths.
+    pub async fn all_ipv4_nets(&self) -> Result<Vec<(Ipv4Addr, u8)>> {
+        self.nets(None).await
+    }
+
+    async fn nets(&self, index: Option<u32>) -> Result<Vec<(Ipv4Addr, u8)>> {
+        let mut req = self.handle.address().get();
+        if let Some(i) = index {
+            req = req.set_link_index_filter(i);
+        }
+        let mut s = req.execute();
         let mut out = Vec::new();
         while let Some(m) = s.try_next().await.context("listing addresses")? {
             let prefix = m.header.prefix_len;
@@ -148,6 +156,19 @@ impl Netlink {
     }
 }
 
+/// The directed broadcast address of each subnet in `nets` (none for /31 and /32, which have
+/// no broadcast address), sorted, without duplicates.
+pub fn subnet_broadcasts(nets: &[(Ipv4Addr, u8)]) -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = nets
+        .iter()
+        .filter(|(_, len)| *len < 31)
+        .map(|(ip, len)| Ipv4Addr::from(u32::from(*ip) | (u32::MAX >> len)))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// A stream that yields whenever a link is added, changed or removed.
 pub struct LinkEvents {
     rx: UnboundedReceiver<(
@@ -172,5 +193,31 @@ impl LinkEvents {
     /// Waits for the next link event; `None` if the socket closed.
     pub async fn next(&mut self) -> Option<()> {
         self.rx.next().await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod broadcast_tests {
+    use super::*;
+
+    #[test]
+    fn broadcasts_of_the_node_subnets() {
+        let nets = [
+            (Ipv4Addr::new(10, 240, 0, 11), 24),
+            (Ipv4Addr::new(10, 76, 0, 1), 24),
+            (Ipv4Addr::new(10, 240, 0, 12), 24),
+            (Ipv4Addr::new(192, 0, 2, 1), 31),
+            (Ipv4Addr::new(127, 0, 0, 1), 8),
+            (Ipv4Addr::new(172, 16, 5, 9), 20),
+        ];
+        assert_eq!(
+            subnet_broadcasts(&nets),
+            [
+                Ipv4Addr::new(10, 76, 0, 255),
+                Ipv4Addr::new(10, 240, 0, 255),
+                Ipv4Addr::new(127, 255, 255, 255),
+                Ipv4Addr::new(172, 16, 15, 255),
+            ]
+        );
     }
 }

@@ -70,6 +70,17 @@ impl PodSelector {
     }
 }
 
+/// The network namespace ID of the pod behind each selected interface (`maps::POD_NETNS`):
+/// where the datapath looks up the pod's own sockets. Interfaces without a peer namespace
+/// (a bridge port of a non-veth kind) are left out.
+pub fn pod_netns(links: &[LinkFacts], ports: &[Iface]) -> Vec<(u32, i32)> {
+    links
+        .iter()
+        .filter(|l| ports.iter().any(|p| p.index == l.iface.index))
+        .filter_map(|l| Some((l.iface.index, l.peer_netns.filter(|n| *n >= 0)?)))
+        .collect()
+}
+
 impl std::fmt::Display for PodSelector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -1,30 +1,43 @@
 //! Typed access to the service maps: reading them back at startup, the per-service counters,
 //! and the [`crate::plan::MapWriter`] the planner writes through.
-use std::path::Path;
+use std::{os::fd::AsFd as _, path::Path};
 
-use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key};
+use aya::maps::{
+    HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key,
+};
 use proxy_common::{
     Backend4, SrcRange4Data, SrcRange4Key, Svc4Key, Svc4Value, SvcCounter, VipValue, maps,
 };
 
 use crate::plan::ExtWriteError;
 
-/// Sums the per-CPU counters of each ID in `ids` that the map holds.
-pub fn read_service_counters<T: std::borrow::Borrow<MapData>>(
-    a: &PerCpuArray<T, SvcCounter>,
+/// Sums the per-CPU counters of each ID in `ids` that the map (`maps::SVC_COUNTERS`) holds,
+/// reading the IDs up to the largest asked for in batches (a bounded number of syscalls at
+/// any number of services).
+pub fn read_service_counters(
+    m: &MapData,
     ids: impl IntoIterator<Item = u32>,
 ) -> Result<Vec<(u32, SvcCounter)>, MapError> {
-    let max = a.len();
-    let mut out = Vec::new();
-    for id in ids.into_iter().filter(|id| *id < max) {
-        let v = a.get(&id, 0)?;
-        let sum = v.iter().fold(SvcCounter::default(), |acc, c| SvcCounter {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        });
-        out.push((id, sum));
-    }
-    Ok(out)
+    let max = m.info()?.max_entries();
+    let ids: Vec<u32> = ids.into_iter().filter(|id| *id < max).collect();
+    let Some(top) = ids.iter().max() else {
+        return Ok(Vec::new());
+    };
+    let size = std::mem::size_of::<SvcCounter>();
+    let (sums, _) =
+        super::batch::per_cpu_array_sums::<SvcCounter>(m.fd().as_fd(), size, top + 1, |acc, v| {
+            // SAFETY: `v` is one CPU's value: `size` bytes of a plain-old-data SvcCounter.
+            let c: SvcCounter = unsafe { std::ptr::read_unaligned(v.as_ptr().cast()) };
+            acc.packets += c.packets;
+            acc.bytes += c.bytes;
+        })
+        .map_err(|e| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_batch",
+                io_error: e,
+            })
+        })?;
+    Ok(ids.into_iter().map(|id| (id, sums[id as usize])).collect())
 }
 
 /// Per-service counters of the maps pinned under `pin_dir` (metrics, `inspect`).
@@ -32,10 +45,7 @@ pub fn pinned_service_counters(
     pin_dir: &Path,
     ids: impl IntoIterator<Item = u32>,
 ) -> Result<Vec<(u32, SvcCounter)>, MapError> {
-    let m = MapData::from_pin(pin_dir.join(maps::SVC_COUNTERS))?;
-    let a: PerCpuArray<MapData, SvcCounter> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(m))?;
-    read_service_counters(&a, ids)
+    read_service_counters(&MapData::from_pin(pin_dir.join(maps::SVC_COUNTERS))?, ids)
 }
 
 /// Typed service and backend maps.
@@ -90,6 +100,49 @@ pub struct WriteError {
     pub source: MapError,
 }
 
+/// Writes `entries` into the hash map `m` (`name`) with `BPF_MAP_UPDATE_BATCH`, in chunks of
+/// `batch::BATCH`. On failure, how many were written before it.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    m: &MapData,
+    name: &'static str,
+    entries: &[(K, V)],
+) -> Result<(), (usize, WriteError)> {
+    let mut written = 0;
+    for chunk in entries.chunks(super::batch::BATCH as usize) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        super::sys::map_update_batch(
+            m.fd().as_fd(),
+            pod_bytes(&keys),
+            pod_bytes(&values),
+            chunk.len() as u32,
+        )
+        .map_err(|(n, io_error)| {
+            let source = MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error,
+            });
+            (
+                written + n as usize,
+                WriteError {
+                    op: "insert",
+                    map: name,
+                    source,
+                },
+            )
+        })?;
+        written += chunk.len();
+    }
+    Ok(())
+}
+
+/// A slice of plain-old-data map keys or values as the bytes the kernel reads.
+fn pod_bytes<T: aya::Pod>(v: &[T]) -> &[u8] {
+    // SAFETY: `Pod` types are `repr(C)` with no padding the kernel would misread, and the
+    // slice covers exactly their memory.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
 impl crate::plan::MapWriter for LbMaps<'_> {
     type Error = WriteError;
     fn put_backend(&mut self, id: u32, b: &Backend4) -> Result<(), WriteError> {
@@ -105,6 +158,15 @@ impl crate::plan::MapWriter for LbMaps<'_> {
             map: maps::SVC4,
             source,
         })
+    }
+    fn put_backends(&mut self, entries: &[(u32, Backend4)]) -> Result<(), (usize, WriteError)> {
+        update_batch(self.backends.map(), maps::BACKEND4, entries)
+    }
+    fn put_services(
+        &mut self,
+        entries: &[(Svc4Key, Svc4Value)],
+    ) -> Result<(), (usize, WriteError)> {
+        update_batch(self.services.map(), maps::SVC4, entries)
     }
     fn delete_service(&mut self, k: &Svc4Key) -> Result<(), WriteError> {
         match self.services.remove(k) {

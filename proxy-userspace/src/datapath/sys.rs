@@ -3,6 +3,9 @@
 //! (`BPF_LINK_UPDATE`) and detach a link (`BPF_LINK_DETACH`). `links` and `sockhooks` use it.
 //! Also `BPF_MAP_GET_NEXT_KEY` from a given key, which aya's key iterator (always from the
 //! start) cannot do: the conntrack sweeper resumes from where its last batch stopped.
+//! `BPF_MAP_LOOKUP_BATCH` and `BPF_MAP_UPDATE_BATCH`, which aya 0.14 does not wrap: `/metrics`
+//! reads whole maps, and the planner writes runs of entries, in a few calls instead of one per
+//! key (see `batch`).
 //! And `BPF_PROG_TEST_RUN` with flags, which aya 0.14's `TestRunOptions` cannot pass except
 //! for XDP live frames: the packet fixtures ask the kernel to check `skb->csum`
 //! (`BPF_F_TEST_SKB_CHECKSUM_COMPLETE`).
@@ -29,6 +32,8 @@ enum Cmd {
     ProgTestRun = 10,
     ObjGetInfoByFd = 15,
     LinkUpdate = 29,
+    MapLookupBatch = 24,
+    MapUpdateBatch = 26,
     LinkDetach = 34,
 }
 
@@ -74,6 +79,22 @@ struct NextKeyAttr {
     _pad: u32,
     key: u64,
     next_key: u64,
+}
+
+/// `bpf_attr` for the `BPF_MAP_*_BATCH` commands: `{ __aligned_u64 in_batch; __aligned_u64
+/// out_batch; __aligned_u64 keys; __aligned_u64 values; __u32 count; __u32 map_fd; __u64
+/// elem_flags; __u64 flags; }`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
 }
 
 /// `bpf_attr` for `BPF_PROG_TEST_RUN`: `{ __u32 prog_fd; __u32 retval; __u32 data_size_in;
@@ -243,6 +264,61 @@ pub fn map_next_key(map: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) ->
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// One `BPF_MAP_LOOKUP_BATCH`: up to `keys.len() / key_size` entries following the position
+/// `token` (`None`: from the start) into `keys` and `values` (`values` sized for as many values,
+/// per CPU for per-CPU maps); the position after them goes to `next` (the key size, at least 4
+/// bytes). Returns how many entries were read and whether the map is exhausted. `EINVAL`
+/// or `ENOTSUPP` for map types without batch lookups (LPM tries).
+pub fn map_lookup_batch(
+    map: BorrowedFd<'_>,
+    token: Option<&[u8]>,
+    next: &mut [u8],
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: u32,
+) -> io::Result<(u32, bool)> {
+    let mut attr = BatchAttr {
+        in_batch: token.map_or(0, |t| t.as_ptr() as u64),
+        out_batch: next.as_mut_ptr() as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the buffers hold `count` keys and values of the map's sizes and a batch token
+    // (the caller's contract), and outlive the call.
+    match unsafe { bpf(Cmd::MapLookupBatch, &mut attr) } {
+        Ok(_) => Ok((attr.count, false)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((attr.count, true)),
+        Err(e) => Err(e),
+    }
+}
+
+/// One `BPF_MAP_UPDATE_BATCH` of `count` entries (`keys` and `values` hold that many, of the
+/// map's sizes), written in order. On failure, how many were written before it.
+pub fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: u32,
+) -> Result<(), (u32, io::Error)> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the kernel only reads `count` keys and values through the pointers (the caller's
+    // contract on their sizes), and writes back `count`.
+    match unsafe { bpf(Cmd::MapUpdateBatch, &mut attr) } {
+        Ok(_) => Ok(()),
+        // A count left as passed means the call failed before writing anything.
+        Err(e) => Err((if attr.count >= count { 0 } else { attr.count }, e)),
     }
 }
 

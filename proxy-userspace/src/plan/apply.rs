@@ -16,6 +16,24 @@ pub trait MapWriter {
     fn put_service(&mut self, k: &Svc4Key, v: &Svc4Value) -> Result<(), Self::Error>;
     fn delete_service(&mut self, k: &Svc4Key) -> Result<(), Self::Error>;
     fn delete_backend(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// `put_backend` for each entry, in order: one batch syscall where the writer has one.
+    /// On failure, how many were written before it.
+    fn put_backends(&mut self, entries: &[(u32, Backend4)]) -> Result<(), (usize, Self::Error)> {
+        for (i, (id, b)) in entries.iter().enumerate() {
+            self.put_backend(*id, b).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+    /// `put_service` for each entry, in order (see `put_backends`).
+    fn put_services(
+        &mut self,
+        entries: &[(Svc4Key, Svc4Value)],
+    ) -> Result<(), (usize, Self::Error)> {
+        for (i, (k, v)) in entries.iter().enumerate() {
+            self.put_service(k, v).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
     /// `LB4_VIP_V1[addr_be] = v`.
     fn put_vip(&mut self, addr_be: u32, v: &VipValue) -> Result<(), ExtWriteError<Self::Error>> {
         let _ = (addr_be, v);
@@ -154,42 +172,99 @@ pub fn apply_plan<W: MapWriter>(
             log::warn!("could not zero the packet counters of service ID {id}: {e}");
         }
     }
-    for (index, op) in plan.ops.iter().enumerate() {
-        let result = match op {
-            Op::PutBackend { id, backend } => {
-                w.put_backend(*id, backend).map_err(ExtWriteError::Map)
-            }
-            Op::PutSlot { key, value } | Op::PutService { key, value } => {
-                w.put_service(key, value).map_err(ExtWriteError::Map)
-            }
-            Op::DeleteSlot { key } | Op::DeleteService { key } => {
-                w.delete_service(key).map_err(ExtWriteError::Map)
-            }
-            Op::DeleteBackend { id } => w.delete_backend(*id).map_err(ExtWriteError::Map),
-            Op::PutVip { addr_be, value } => w.put_vip(*addr_be, value),
-            Op::DeleteVip { addr_be } => w.delete_vip(*addr_be),
-            Op::PutSrcRange { key } => w.put_src_range(key),
-            Op::DeleteSrcRange { key } => w.delete_src_range(key),
+    let ops = &plan.ops;
+    let mut index = 0;
+    while index < ops.len() {
+        // A run of puts into one map goes in one batch, written in the plan's order (what a
+        // reader can observe is the same as one write at a time).
+        let run = put_run(&ops[index..]);
+        let (done, result) = if run > 1 {
+            put_batch(w, &ops[index..index + run])
+        } else {
+            let r = apply_one(w, &ops[index]);
+            (usize::from(r.is_ok()), r)
         };
+        for op in &ops[index..index + done] {
+            state.apply(op);
+            stats.count(op);
+        }
+        index += done;
         if let Err(e) = result {
             return Err(ApplyError {
                 index,
-                total: plan.ops.len(),
-                op: *op,
+                total: ops.len(),
+                op: ops[index],
                 applied: stats,
                 source: e.boxed(),
             });
         }
-        state.apply(op);
-        stats.count(op);
     }
     Ok(stats)
+}
+
+/// How many ops from the start of `ops` are puts into the same map (backends, or service
+/// entries: slots and headers alike). 0 or 1 means no run.
+fn put_run(ops: &[Op]) -> usize {
+    let kind = |op: &Op| match op {
+        Op::PutBackend { .. } => 1,
+        Op::PutSlot { .. } | Op::PutService { .. } => 2,
+        _ => 0,
+    };
+    match ops.first().map(kind) {
+        Some(k) if k != 0 => ops.iter().take_while(|op| kind(op) == k).count(),
+        _ => 0,
+    }
+}
+
+/// Writes a run of puts (see [`put_run`]): how many were written, and the error that stopped
+/// it, if any.
+fn put_batch<W: MapWriter>(w: &mut W, run: &[Op]) -> (usize, Result<(), ExtWriteError<W::Error>>) {
+    let result = if let Op::PutBackend { .. } = run[0] {
+        let entries: Vec<(u32, Backend4)> = run
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutBackend { id, backend } => Some((*id, *backend)),
+                _ => None,
+            })
+            .collect();
+        w.put_backends(&entries)
+    } else {
+        let entries: Vec<(Svc4Key, Svc4Value)> = run
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutSlot { key, value } | Op::PutService { key, value } => Some((*key, *value)),
+                _ => None,
+            })
+            .collect();
+        w.put_services(&entries)
+    };
+    match result {
+        Ok(()) => (run.len(), Ok(())),
+        Err((done, e)) => (done, Err(ExtWriteError::Map(e))),
+    }
+}
+
+/// One op's write.
+fn apply_one<W: MapWriter>(w: &mut W, op: &Op) -> Result<(), ExtWriteError<W::Error>> {
+    match op {
+        Op::PutBackend { id, backend } => w.put_backend(*id, backend).map_err(ExtWriteError::Map),
+        Op::PutSlot { key, value } | Op::PutService { key, value } => {
+            w.put_service(key, value).map_err(ExtWriteError::Map)
+        }
+        Op::DeleteSlot { key } | Op::DeleteService { key } => {
+            w.delete_service(key).map_err(ExtWriteError::Map)
+        }
+        Op::DeleteBackend { id } => w.delete_backend(*id).map_err(ExtWriteError::Map),
+        Op::PutVip { addr_be, value } => w.put_vip(*addr_be, value),
+        Op::DeleteVip { addr_be } => w.delete_vip(*addr_be),
+        Op::PutSrcRange { key } => w.put_src_range(key),
+        Op::DeleteSrcRange { key } => w.delete_src_range(key),
+    }
 }
 
 /// The service IDs `plan` publishes that no entry of `state` uses yet (new or reused IDs),
 /// in order: their per-service counters must start from zero.
 pub fn fresh_service_ids(state: &MapState, plan: &Plan) -> Vec<u32> {
-    let in_use: HashSet<u32> = state.service_entries().map(|(_, v)| v.svc_id).collect();
     let mut seen = HashSet::new();
     plan.ops
         .iter()
@@ -197,7 +272,7 @@ pub fn fresh_service_ids(state: &MapState, plan: &Plan) -> Vec<u32> {
             Op::PutService { value, .. } => Some(value.svc_id),
             _ => None,
         })
-        .filter(|id| !in_use.contains(id) && seen.insert(*id))
+        .filter(|id| !state.svc_id_used(*id) && seen.insert(*id))
         .collect()
 }
 

@@ -34,6 +34,9 @@ pub fn fit_capacity(
     cluster_ips: &mut BTreeSet<Ipv4Addr>,
     cap: &Capacity,
 ) -> Vec<crate::translate::Issue> {
+    if fits_whole(desired, cluster_ips, cap) {
+        return Vec::new();
+    }
     // Object of a desired entry: its name up to the port name (`ns/name:port`).
     let object_of = |d: &DesiredService| -> String {
         let base = d.name.split(':').next().unwrap_or_default();
@@ -161,6 +164,29 @@ pub fn fit_capacity(
     // A ClusterIP shared with an admitted object stays.
     cluster_ips.retain(|ip| !rejected_vips.contains(ip) || used_vips.contains(ip));
     issues
+}
+
+/// Whether everything fits even counted without sharing (every backend and ClusterIP as
+/// often as entries name them): then [`fit_capacity`] would admit every object, and this
+/// answers it with sums instead of per-object sets, so a sync far from the limits does not
+/// pay for the check.
+fn fits_whole(desired: &Desired, cluster_ips: &BTreeSet<Ipv4Addr>, cap: &Capacity) -> bool {
+    let (mut entries, mut backends, mut ranges) = (0usize, 0usize, 0usize);
+    for d in desired.values() {
+        if d.backends.len() > MAX_BACKENDS_PER_SERVICE {
+            return false;
+        }
+        entries += 1 + d.backends.len();
+        backends += d.backends.len() + d.terminating.len();
+        if d.flags & svc_flags::SOURCE_RANGES != 0 {
+            ranges += d.source_ranges.len();
+        }
+    }
+    entries <= cap.service_entries
+        && desired.len() <= cap.service_ids
+        && backends <= cap.backends
+        && cluster_ips.len() <= cap.cluster_ips
+        && ranges <= cap.source_ranges
 }
 
 /// Backends written with `backend_flags::TERMINATING`: serving+terminating endpoints kept only

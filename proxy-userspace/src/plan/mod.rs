@@ -7,6 +7,12 @@
 //! differences, and delete everything else; and lets [`apply_plan`] stop at any error with the
 //! model still describing the maps.
 //!
+//! [`plan_changes`] is the same plan for a model that holds exactly what the last plan
+//! brought it to, given the keys and backends that changed since: it visits only those
+//! (backends shared between services are reference counted in [`BackendRefs`], IDs in use
+//! are answered by `MapState`'s indexes) and writes the same maps as [`plan`], which stays the
+//! reference (`sync::Reconciler` falls back to it, and a test compares the two).
+//!
 //! Besides the service and backend maps it plans the ClusterIP set (`LB4_VIP_V1`: every
 //! ClusterIP, so a hit on an unused port is rejected) and the loadBalancerSourceRanges trie
 //! (`LB4_SRC_V2`, keyed by the service ID of the EXTERNAL entry carrying

@@ -37,6 +37,27 @@ pub struct MapState {
     pub(super) next_svc_id: u32,
     /// Service IDs are `1..svc_id_limit`: they index the per-service counter map.
     pub(super) svc_id_limit: u32,
+    /// Indexes kept in step with the entries, so a plan for a few services never walks all
+    /// of them: how many service-map values carry each service ID and each backend ID, and
+    /// the IDs of each backend address ([`backends`](Self::backends) inverted).
+    pub(super) svc_id_uses: HashMap<u32, u32>,
+    pub(super) backend_id_uses: HashMap<u32, u32>,
+    pub(super) ids_by_addr: HashMap<BackendAddr, BTreeSet<u32>>,
+    /// Bumped by every recorded write: a caller that remembers it knows whether anyone else
+    /// changed the model since (`sync::Reconciler` plans incrementally only then).
+    pub(super) writes: u64,
+}
+
+/// Adds `delta` (+1/-1) to `id`'s count, dropping it at zero.
+fn count_use(uses: &mut HashMap<u32, u32>, id: u32, add: bool) {
+    if add {
+        *uses.entry(id).or_default() += 1;
+    } else if let Some(n) = uses.get_mut(&id) {
+        *n -= 1;
+        if *n == 0 {
+            uses.remove(&id);
+        }
+    }
 }
 
 impl Default for MapState {
@@ -132,6 +153,10 @@ impl MapState {
             next_backend_id: 1,
             next_svc_id: 1,
             svc_id_limit: sizes::SVC_IDS,
+            svc_id_uses: HashMap::new(),
+            backend_id_uses: HashMap::new(),
+            ids_by_addr: HashMap::new(),
+            writes: 0,
         }
     }
 
@@ -195,6 +220,14 @@ impl MapState {
             .filter(|(id, _)| **id != 0)
             .filter_map(|(id, b)| Some((*id, backend_addr(b)?)))
             .collect();
+        let values: Vec<Svc4Value> = state.service_entries().map(|(_, v)| v).collect();
+        for v in values {
+            count_use(&mut state.svc_id_uses, v.svc_id, true);
+            count_use(&mut state.backend_id_uses, v.backend_id, true);
+        }
+        for (id, addr) in &state.backends {
+            state.ids_by_addr.entry(*addr).or_default().insert(*id);
+        }
         let warnings = state.inconsistencies();
         (state, warnings)
     }
@@ -379,20 +412,53 @@ impl MapState {
         out
     }
 
+    /// How many writes were recorded ([`apply`](Self::apply)) since this model was made.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// Whether some service-map value carries service ID `id`.
+    pub(super) fn svc_id_used(&self, id: u32) -> bool {
+        self.svc_id_uses.contains_key(&id)
+    }
+
+    /// Whether backend ID `id` has an entry or some service-map value refers to it.
+    pub(super) fn backend_id_used(&self, id: u32) -> bool {
+        self.raw_backends.contains_key(&id) || self.backend_id_uses.contains_key(&id)
+    }
+
+    /// The backend ID of `addr` a plan uses: the lowest, should the maps hold it twice.
+    pub(super) fn backend_id_of(&self, addr: &BackendAddr) -> Option<u32> {
+        self.ids_by_addr.get(addr)?.first().copied()
+    }
+
+    fn set_backend(&mut self, id: u32, addr: Option<BackendAddr>) {
+        if let Some(old) = self.backends.remove(&id)
+            && let Some(ids) = self.ids_by_addr.get_mut(&old)
+        {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.ids_by_addr.remove(&old);
+            }
+        }
+        if let Some(addr) = addr {
+            self.backends.insert(id, addr);
+            self.ids_by_addr.entry(addr).or_default().insert(id);
+        }
+    }
+
     /// Records a write that succeeded.
     pub fn apply(&mut self, op: &Op) {
+        self.writes += 1;
         match *op {
             Op::PutBackend { id, backend } => {
                 self.raw_backends.insert(id, backend);
-                match backend_addr(&backend).filter(|_| id != 0) {
-                    Some(addr) => self.backends.insert(id, addr),
-                    None => self.backends.remove(&id),
-                };
+                self.set_backend(id, backend_addr(&backend).filter(|_| id != 0));
                 self.bump_backend_id(id);
             }
             Op::DeleteBackend { id } => {
                 self.raw_backends.remove(&id);
-                self.backends.remove(&id);
+                self.set_backend(id, None);
             }
             // The effect of a write depends on the key alone; the variant only says why.
             Op::PutSlot { key, value } | Op::PutService { key, value } => {
@@ -421,6 +487,17 @@ impl MapState {
     pub(super) fn update_group(&mut self, key: &Svc4Key, value: Option<Svc4Value>) {
         let k0 = group_key(key);
         let g = self.groups.entry(k0).or_default();
+        let old = if key.slot == 0 {
+            g.entry
+        } else {
+            g.slots.get(&key.slot).copied()
+        };
+        for (v, add) in [(old, false), (value, true)] {
+            if let Some(v) = v {
+                count_use(&mut self.svc_id_uses, v.svc_id, add);
+                count_use(&mut self.backend_id_uses, v.backend_id, add);
+            }
+        }
         if key.slot == 0 {
             g.entry = value;
             // The entry decides count and svc_id, so every slot's reading may change.

@@ -52,7 +52,7 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{MapData, MapType, PerCpuArray};
+use aya::maps::{MapData, MapType};
 use log::info;
 use prometheus_client::{
     collector::Collector,
@@ -69,7 +69,7 @@ use proxy_common::{counter, maps};
 use tokio::task::JoinHandle;
 
 use crate::{
-    datapath::{MapSizes, WriteError},
+    datapath::{MapSizes, WriteError, batch},
     serve::{
         health::ProbeCounter,
         http::{self, Response},
@@ -77,7 +77,8 @@ use crate::{
     source::manifests::Objects,
 };
 
-/// Conntrack can hold hundreds of thousands of entries; counting them costs a syscall each.
+/// Conntrack can hold hundreds of thousands of entries; counting them costs a batch syscall per
+/// `batch::BATCH` entries (about 64 per full default table), so the counts are cached.
 pub const OCCUPANCY_CACHE: Duration = Duration::from_secs(10);
 
 type Labels = Vec<(String, String)>;
@@ -699,8 +700,8 @@ impl Metrics {
 #[derive(Debug)]
 struct DatapathCollector {
     pin_dir: PathBuf,
-    /// (map name, capacity) of every hash-type map to report occupancy for.
-    hash_maps: Vec<(&'static str, u32, u32)>,
+    /// Every hash-type map to report occupancy for, with its shape for batch reads.
+    hash_maps: Vec<(&'static str, u32, batch::Shape)>,
     cache: Mutex<Option<(Instant, Occupancy)>>,
     /// `None`: no per-service series (`--metrics-per-service` not given).
     service_ids: Option<Arc<Mutex<ServiceIds>>>,
@@ -717,7 +718,14 @@ impl DatapathCollector {
                     MapType::Hash | MapType::LruHash | MapType::LpmTrie
                 )
             })
-            .map(|l| (l.name, l.max_entries, l.key_size))
+            .map(|l| {
+                let shape = batch::Shape {
+                    key_size: l.key_size as usize,
+                    value_size: l.value_size as usize,
+                    per_cpu: false,
+                };
+                (l.name, l.max_entries, shape)
+            })
             .collect();
         Self {
             pin_dir: pin_dir.to_owned(),
@@ -742,13 +750,17 @@ impl DatapathCollector {
         Some(per_service(&ids, &counts))
     }
 
+    /// The verdict counters, summed over CPUs: one batch syscall.
     fn counters(&self) -> Option<Vec<u64>> {
         let m = MapData::from_pin(self.pin_dir.join(maps::COUNTERS)).ok()?;
-        let a: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(m)).ok()?;
-        (0..counter::NAMES.len() as u32)
-            .map(|i| a.get(&i, 0).ok().map(|v| v.iter().sum()))
-            .collect()
+        let (sums, _) = batch::per_cpu_array_sums::<u64>(
+            m.fd().as_fd(),
+            8,
+            counter::NAMES.len() as u32,
+            |acc, v| *acc += u64::from_ne_bytes(v.try_into().unwrap_or([0; 8])),
+        )
+        .ok()?;
+        Some(sums)
     }
 
     fn occupancy(&self) -> Vec<(&'static str, u64)> {
@@ -761,30 +773,16 @@ impl DatapathCollector {
         let v: Vec<(&'static str, u64)> = self
             .hash_maps
             .iter()
-            .filter_map(|&(name, _, key_size)| {
+            .filter_map(|&(name, _, shape)| {
                 let m = MapData::from_pin(self.pin_dir.join(name)).ok()?;
-                count_entries(&m, key_size).ok().map(|n| (name, n))
+                batch::count_entries(m.fd().as_fd(), shape)
+                    .ok()
+                    .map(|c| (name, c.entries))
             })
             .collect();
         *cache = Some((Instant::now(), v.clone()));
         v
     }
-}
-
-/// Counts a hash map's entries with `BPF_MAP_GET_NEXT_KEY` (works for any key type).
-fn count_entries(m: &MapData, key_size: u32) -> std::io::Result<u64> {
-    let fd = m.fd().as_fd();
-    let mut key = vec![0u8; key_size as usize];
-    let mut next = vec![0u8; key_size as usize];
-    let mut n = 0u64;
-    while crate::datapath::sys::map_next_key(fd, (n > 0).then_some(&key[..]), &mut next)? {
-        n += 1;
-        std::mem::swap(&mut key, &mut next);
-        if n > 1 << 26 {
-            break;
-        }
-    }
-    Ok(n)
 }
 
 impl Collector for DatapathCollector {

@@ -14,8 +14,11 @@
 //!   2.0 does not recover from by itself: an HTTP 410 status answering the *watch request* (rather
 //!   than a watch `ERROR` event) makes it re-watch from the same expired resourceVersion for
 //!   ever; we restart the watcher, which relists, as client-go's reflector does.
-//! - **Debounced.** Changes within [`KubeSourceOptions::debounce`] of the first one are
-//!   folded into one snapshot.
+//! - **Rate-limited, not delayed.** A change after a quiet spell is served at once (after the
+//!   events already received are taken in); further changes within
+//!   [`KubeSourceOptions::debounce`] of that snapshot are folded into the next one, as
+//!   kube-proxy's `minSyncPeriod` does. So one edit reaches the maps in milliseconds and a
+//!   burst costs at most one snapshot per interval.
 //! - **An unreadable object is skipped, not fatal.** Objects are decoded one by one
 //!   ([`Lenient`]): one object that does not fit the schema (a missing required field, a string
 //!   where a number belongs) is reported as a rejected object while every other object of the
@@ -293,7 +296,8 @@ impl SourceStats {
 pub struct KubeSourceOptions {
     /// Only this Node object is watched (field selector `metadata.name`).
     pub node_name: String,
-    /// How long changes are collected after the first one before a snapshot is taken.
+    /// The least time between two snapshots: changes within it of the last snapshot are
+    /// folded into the next one.
     pub debounce: Duration,
 }
 
@@ -332,6 +336,8 @@ pub struct KubeSource {
     dirty: bool,
     /// A snapshot is due even without a change (the last one could not be applied).
     retry: bool,
+    /// When the last snapshot was taken.
+    last_snapshot: Option<std::time::Instant>,
     tasks: Vec<JoinHandle<()>>,
     /// The objects handed out by the last snapshot, by store entry: an unchanged object is
     /// handed out again, shared, so the translation recognises it without comparing it.
@@ -414,6 +420,7 @@ impl KubeSource {
             debounce: opts.debounce,
             dirty: false,
             retry: false,
+            last_snapshot: None,
             tasks,
             shared: Default::default(),
         }
@@ -435,8 +442,9 @@ impl KubeSource {
     }
 
     /// Waits until every watch has listed and something changed since the last snapshot (or
-    /// [`retry`](Self::retry) was called), waits the debounce interval, and returns the
-    /// stores' contents. Cancel safe: a change seen by a cancelled call is not lost.
+    /// [`retry`](Self::retry) was called), and until the debounce interval since the last
+    /// snapshot has passed, and returns the stores' contents. Cancel safe: a change seen by a
+    /// cancelled call is not lost.
     pub async fn next_snapshot(&mut self) -> Snapshot {
         loop {
             if self.progress.has_changed().unwrap_or(false) {
@@ -444,7 +452,13 @@ impl KubeSource {
                 self.dirty = true;
             }
             if self.is_synced() && (self.dirty || self.retry) {
-                tokio::time::sleep(self.debounce).await;
+                let due = self.last_snapshot.map(|t| t + self.debounce);
+                match due.filter(|d| *d > std::time::Instant::now()) {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    // Lets the watch tasks store the events that arrived with this one.
+                    None => tokio::task::yield_now().await,
+                }
+                self.last_snapshot = Some(std::time::Instant::now());
                 // Changes made while waiting are in this snapshot.
                 self.progress.borrow_and_update();
                 self.dirty = false;

@@ -19,8 +19,8 @@ pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-
 /// are ignored (a restart would otherwise report hours); a deleted slice drops the pending
 /// times of its service (its annotation dates from its last update, not from the deletion).
 ///
-/// Snapshots fold the changes of one debounce interval, so a slice rewritten twice within it
-/// reports the later trigger time only. Each trigger time is reported once: a slice whose
+/// Snapshots fold the changes of one debounce interval (after a snapshot), so a slice rewritten
+/// twice within it reports the later trigger time only. Each trigger time is reported once: a slice whose
 /// annotation did not change (a relist, a resync, another field changed) adds nothing.
 #[derive(Debug)]
 pub struct TriggerTimes {

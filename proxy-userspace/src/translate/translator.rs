@@ -2,6 +2,7 @@
 //! then the cross-group steps (key claims, health checks, ClusterIP set); and the incremental
 //! [`Translator`] that reuses the groups whose objects did not change.
 use super::*;
+use k8s_openapi::Metadata;
 
 /// The kinds of entries, in the order they claim keys (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -83,10 +84,7 @@ pub(super) fn group_objects<'a, S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     slices: &'a [E],
 ) -> BTreeMap<(&'a str, &'a str), Group<'a, S, E>> {
     let mut groups: BTreeMap<(&str, &str), Group<S, E>> = BTreeMap::new();
-    let mut sorted: Vec<&S> = services.iter().collect();
-    sorted.sort_by(|a, b| {
-        object_id(&(*a).borrow().metadata).cmp(&object_id(&(*b).borrow().metadata))
-    });
+    let sorted = sorted_by_id(services, |s: &S| &s.borrow().metadata);
     for svc in sorted {
         groups
             .entry(object_id(&svc.borrow().metadata))
@@ -97,10 +95,7 @@ pub(super) fn group_objects<'a, S: Borrow<Service>, E: Borrow<EndpointSlice>>(
             .services
             .push(svc);
     }
-    let mut sorted: Vec<&E> = slices.iter().collect();
-    sorted.sort_by(|a, b| {
-        object_id(&(*a).borrow().metadata).cmp(&object_id(&(*b).borrow().metadata))
-    });
+    let sorted = sorted_by_id(slices, |s: &E| &s.borrow().metadata);
     for slice in sorted {
         let s = slice.borrow();
         let Some(service) = s
@@ -125,6 +120,16 @@ pub(super) fn group_objects<'a, S: Borrow<Service>, E: Borrow<EndpointSlice>>(
             .push(slice);
     }
     groups
+}
+
+/// The objects by namespace/name (stable). The sources list them sorted already, which one
+/// pass confirms, so the sort is usually skipped.
+fn sorted_by_id<T>(objects: &[T], meta: impl Fn(&T) -> &ObjectMeta) -> Vec<&T> {
+    let mut sorted: Vec<&T> = objects.iter().collect();
+    if !sorted.is_sorted_by(|a, b| object_id(meta(a)) <= object_id(meta(b))) {
+        sorted.sort_by(|a, b| object_id(meta(a)).cmp(&object_id(meta(b))));
+    }
+    sorted
 }
 
 /// What one service group contributes, before it is related to the other groups.
@@ -305,10 +310,17 @@ pub(super) fn assemble<'a>(groups: impl Iterator<Item = &'a GroupOut> + Clone) -
 /// What of the node a translation depends on: name, zone, NodePort addresses, primary address.
 type NodeInputs = (String, Option<String>, Vec<Ipv4Addr>, Option<Ipv4Addr>);
 
+/// Services and EndpointSlices as handed in.
+type SharedObjects = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
+
 #[derive(Debug, Default)]
 pub struct Translator {
     /// The node the cached results were computed for.
     pub(super) node: Option<NodeInputs>,
+    /// The last input, when each kind was strictly in namespace/name order (as the sources
+    /// list it): the next input is then compared with it side by side, by pointer, and only
+    /// the groups of the objects that differ are regrouped and translated.
+    pub(super) last: Option<SharedObjects>,
     pub(super) groups: BTreeMap<GroupKey, CachedGroup>,
     pub(super) stats: TranslatorStats,
 }
@@ -352,6 +364,7 @@ impl Translator {
         );
         if self.node.as_ref() != Some(&node_inputs) {
             self.groups.clear();
+            self.last = None;
             self.node = Some(node_inputs);
         }
         let node = NodeView {
@@ -359,11 +372,37 @@ impl Translator {
             zone: input.node_zone.filter(|z| !z.is_empty()),
             ip: input.node_ip,
         };
+        let last = self.last.take();
+        if let Some((services, slices)) = &last
+            && let Some(changed) = changed_groups(services, slices, input)
+        {
+            // `diff_sorted` checked the order around every changed object; the others keep
+            // the strict order they had, so the input is strictly sorted too.
+            self.last = Some((input.services.to_vec(), input.slices.to_vec()));
+            self.regroup(&changed, &node, input.nodeport_addresses);
+            return assemble(self.groups.values().map(|c| &c.out));
+        }
+        self.last = (strictly_sorted(input.services) && strictly_sorted(input.slices))
+            .then(|| (input.services.to_vec(), input.slices.to_vec()));
         let mut stats = TranslatorStats::default();
-        let mut old = std::mem::take(&mut self.groups);
+        // Both in namespace/name order: walked side by side, an unchanged group keeps its key
+        // and entry without a lookup or a copy.
+        let mut old = std::mem::take(&mut self.groups).into_iter().peekable();
         for ((ns, name), g) in group_objects(input.services, input.slices) {
-            let key = (ns.to_owned(), name.to_owned());
-            let cached = old.remove(&key).filter(|c| {
+            // Groups before this one in `old` are gone from the input.
+            while old
+                .peek()
+                .is_some_and(|((ons, oname), _)| (ons.as_str(), oname.as_str()) < (ns, name))
+            {
+                old.next();
+            }
+            let (key, cached) = match old
+                .next_if(|((ons, oname), _)| (ons.as_str(), oname.as_str()) == (ns, name))
+            {
+                Some((key, c)) => (key, Some(c)),
+                None => ((ns.to_owned(), name.to_owned()), None),
+            };
+            let cached = cached.filter(|c| {
                 c.services.len() == g.services.len()
                     && c.slices.len() == g.slices.len()
                     && c.services.iter().zip(&g.services).all(|(a, b)| same(a, b))
@@ -393,7 +432,6 @@ impl Translator {
             };
             self.groups.insert(key, entry);
         }
-        // Groups left in `old` are gone from the input.
         self.stats = stats;
         assemble(self.groups.values().map(|c| &c.out))
     }
@@ -401,5 +439,177 @@ impl Translator {
     /// How the last translation went.
     pub fn stats(&self) -> TranslatorStats {
         self.stats
+    }
+
+    /// Rebuilds and translates the groups `changed` names, from their cached members and the
+    /// changed objects; the other groups are kept as they are.
+    fn regroup(&mut self, changed: &Changed, node: &NodeView, nodeport_addresses: &[Ipv4Addr]) {
+        let mut keys: BTreeSet<GroupKey> = BTreeSet::new();
+        keys.extend(
+            changed
+                .services
+                .iter()
+                .flat_map(|(o, n)| [o, n])
+                .flatten()
+                .map(|s| owned(object_id(&s.metadata))),
+        );
+        keys.extend(
+            changed
+                .slices
+                .iter()
+                .flat_map(|(o, n)| [o, n])
+                .flatten()
+                .filter_map(|s| slice_group(s).map(owned)),
+        );
+        for key in &keys {
+            let (mut services, mut slices) = match self.groups.remove(key) {
+                Some(c) => (c.services, c.slices),
+                None => Default::default(),
+            };
+            merge_members(&mut services, &changed.services, |s| {
+                Some(owned(object_id(&s.metadata))) == Some(key.clone())
+            });
+            merge_members(&mut slices, &changed.slices, |s| {
+                slice_group(s).map(owned).as_ref() == Some(key)
+            });
+            if services.is_empty() && slices.is_empty() {
+                continue;
+            }
+            let out = translate_group(
+                &services.iter().collect::<Vec<_>>(),
+                &slices.iter().collect::<Vec<_>>(),
+                node,
+                nodeport_addresses,
+            );
+            self.groups.insert(
+                key.clone(),
+                CachedGroup {
+                    services,
+                    slices,
+                    out,
+                },
+            );
+        }
+        self.stats = TranslatorStats {
+            translated: keys.len(),
+            reused: self.groups.len().saturating_sub(keys.len()),
+        };
+    }
+}
+
+fn owned((ns, name): (&str, &str)) -> GroupKey {
+    (ns.to_owned(), name.to_owned())
+}
+
+/// The group an EndpointSlice belongs to (see [`group_objects`]), if any.
+fn slice_group(s: &EndpointSlice) -> Option<(&str, &str)> {
+    let service = s
+        .metadata
+        .labels
+        .as_ref()?
+        .get(SERVICE_NAME_LABEL)
+        .filter(|n| !n.is_empty())?;
+    (s.address_type == ADDRESS_TYPE_IPV4).then(|| (namespace(&s.metadata), service.as_str()))
+}
+
+/// Whether no two objects share or disorder a namespace/name.
+fn strictly_sorted<T: Metadata<Ty = ObjectMeta>>(objects: &[Arc<T>]) -> bool {
+    objects
+        .windows(2)
+        .all(|w| object_id(w[0].metadata()) < object_id(w[1].metadata()))
+}
+
+/// The objects that differ between two inputs: (old, new) pairs, `None` on the side where the
+/// object is absent.
+type Diff<T> = Vec<(Option<Arc<T>>, Option<Arc<T>>)>;
+
+struct Changed {
+    services: Diff<Service>,
+    slices: Diff<EndpointSlice>,
+}
+
+/// `input` against the last (strictly sorted) input, or `None` when the input is not strictly
+/// sorted where it changed, or changed so much that grouping it all is as cheap.
+fn changed_groups(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    input: &Input<'_, Arc<Service>, Arc<EndpointSlice>>,
+) -> Option<Changed> {
+    let changed = Changed {
+        services: diff_sorted(services, input.services)?,
+        slices: diff_sorted(slices, input.slices)?,
+    };
+    (changed.services.len() + changed.slices.len() <= (services.len() + slices.len()) / 8 + 16)
+        .then_some(changed)
+}
+
+/// Walks two inputs side by side: the same allocation at the same place is unchanged and costs
+/// one pointer comparison; anything else is placed by namespace/name. `None` when `new` is not
+/// strictly sorted around an object that changed (unchanged neighbours keep the order they had).
+fn diff_sorted<T: Metadata<Ty = ObjectMeta> + PartialEq>(
+    old: &[Arc<T>],
+    new: &[Arc<T>],
+) -> Option<Diff<T>> {
+    fn id<T: Metadata<Ty = ObjectMeta>>(o: &Arc<T>) -> (&str, &str) {
+        object_id(o.metadata())
+    }
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    let in_order = |j: usize| {
+        (j == 0 || id(&new[j - 1]) < id(&new[j]))
+            && new.get(j + 1).is_none_or(|n| id(&new[j]) < id(n))
+    };
+    while i < old.len() || j < new.len() {
+        let order = match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) if Arc::ptr_eq(o, n) => {
+                i += 1;
+                j += 1;
+                continue;
+            }
+            (Some(o), Some(n)) => id(o).cmp(&id(n)),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        let o = (order != std::cmp::Ordering::Greater).then(|| {
+            i += 1;
+            old[i - 1].clone()
+        });
+        let n = if order == std::cmp::Ordering::Less {
+            None
+        } else {
+            if !in_order(j) {
+                return None;
+            }
+            j += 1;
+            Some(new[j - 1].clone())
+        };
+        // Equal by value after all (a copy of an unchanged object): nothing to do.
+        if let (Some(a), Some(b)) = (&o, &n)
+            && **a == **b
+        {
+            continue;
+        }
+        out.push((o, n));
+    }
+    Some(out)
+}
+
+/// A group's members after `diff`: the old objects of the group leave, the new ones join,
+/// kept in namespace/name order.
+fn merge_members<T: Metadata<Ty = ObjectMeta>>(
+    members: &mut Vec<Arc<T>>,
+    diff: &Diff<T>,
+    of_group: impl Fn(&T) -> bool,
+) {
+    for (o, n) in diff {
+        if let Some(o) = o {
+            members.retain(|m| {
+                !Arc::ptr_eq(m, o) && object_id(m.metadata()) != object_id(o.metadata())
+            });
+        }
+        if let Some(n) = n.as_ref().filter(|n| of_group(n)) {
+            let at = members.partition_point(|m| object_id(m.metadata()) < object_id(n.metadata()));
+            members.insert(at, n.clone());
+        }
     }
 }

@@ -475,3 +475,93 @@ fn fragments_get_their_first_fragments_translation_both_ways() {
     );
     assert_eq!(f.counter(counter::FRAG_TRANSLATED), 2);
 }
+
+/// A bpffs of the test's own, mounted on a temporary directory and unmounted when dropped
+/// (failed or not), for fixtures that need pins.
+struct OwnBpffs(tempfile::TempDir);
+
+impl OwnBpffs {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ebpf-proxy-fixture-bpffs-")
+            .tempdir()
+            .expect("temporary directory");
+        datapath::bpffs::ensure(dir.path()).expect("mount a bpffs for the fixture's pins");
+        Self(dir)
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for OwnBpffs {
+    fn drop(&mut self) {
+        let c = std::ffi::CString::new(self.0.path().as_os_str().as_encoded_bytes())
+            .expect("path without NUL");
+        // SAFETY: a valid NUL-terminated path. Lazy: a map still open elsewhere is no error.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// An upgrade from a release whose answered and unanswered flows share one table (v0.1.0's
+/// `CT4_V2`, same key and value layout). A flow its programs opened after the agent's last
+/// copy of that table is still translated by ours, both ways, on whichever packet comes first,
+/// and lands in our answered table; once the agent ends the upgrade, that table is no longer
+/// read.
+#[test]
+fn during_an_upgrade_a_flow_only_the_earlier_releases_table_holds_keeps_its_translation() {
+    require_root();
+    let bpffs = OwnBpffs::new();
+    let pins = bpffs.path().join("ebpf-proxy");
+    let opts = LoadOptions {
+        pin_dir: Some(pins.clone()),
+        sizes: MapSizes::default(),
+    };
+    let yaml = hostnames(&EPS[..1], "UDP");
+    let (one, two) = ((CLIENT, 40700), (CLIENT, 40701));
+    // The "earlier release": our own object on these pins, its answered table then renamed to
+    // v0.1.0's name.
+    let backend = {
+        let old = Fixture::with_options(&yaml, &opts);
+        let mut backend = None;
+        for client in [one, two] {
+            let (_, out) = old.run(
+                programs::POD_INGRESS,
+                &packet(UDP, client, (VIP, 80), 0, false),
+            );
+            let b = parse_checked(&out).dst;
+            old.run(programs::POD_EGRESS, &packet(UDP, b, client, 0, false));
+            backend = Some(b);
+        }
+        backend.expect("a backend")
+    };
+    std::fs::rename(
+        pins.join(proxy_common::maps::CT4),
+        pins.join(proxy_common::maps::CT4_MIGRATE[0]),
+    )
+    .expect("rename the answered table's pin");
+
+    let mut f = Fixture::with_options(&yaml, &opts);
+    assert!(f.dp.reads_previous_ct(), "the earlier table is bound");
+    assert!(entry(&mut f, &key(backend, one, UDP)).is_none());
+    // The reply reaches our programs first: back from the service address.
+    let (_, back) = f.run(programs::POD_EGRESS, &packet(UDP, backend, one, 0, false));
+    assert_eq!(parse_checked(&back).src, (VIP, 80));
+    assert_eq!(f.counter(counter::CT_ADOPTED_PREVIOUS), 1);
+    let (v, answered) = entry(&mut f, &key(backend, one, UDP)).expect("copied into ours");
+    assert!(answered && v.flags & ct_flags::MIGRATED != 0, "{v:?}");
+    // The client's side too, to the same backend.
+    let (_, out) = f.run(
+        programs::POD_INGRESS,
+        &packet(UDP, one, (VIP, 80), 0, false),
+    );
+    assert_eq!(parse_checked(&out).dst, backend);
+    assert_eq!(f.counter(counter::CT_ADOPTED_PREVIOUS), 2);
+
+    // The upgrade is over: the earlier table is not read any more (the agent has copied it).
+    f.dp.end_previous_ct().expect("end the upgrade");
+    let (_, back) = f.run(programs::POD_EGRESS, &packet(UDP, backend, two, 0, false));
+    assert_eq!(parse_checked(&back).src, backend, "untranslated");
+    assert_eq!(f.counter(counter::CT_ADOPTED_PREVIOUS), 2);
+}

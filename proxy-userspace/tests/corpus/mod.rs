@@ -1453,8 +1453,8 @@ fn skb_csum_stays_consistent_after_sctp_udp_without_checksum_and_reject_rewrites
 }
 
 /// Found by the corpus: `reject` counted a reply before building it, so packets REJECT does
-/// not answer (a RST, a UDP datagram with IP options, whose quote is not supported) were
-/// dropped with `reject` incremented. It counts replies sent now, as documented.
+/// not answer (a RST) were dropped with `reject` incremented. It counts replies sent now, as
+/// documented. A UDP datagram with IP options is answered (its whole header quoted).
 #[test]
 fn reject_counts_only_the_replies_it_sends() {
     let f = Fixture::new(&services());
@@ -1467,16 +1467,14 @@ fn reject_counts_only_the_replies_it_sends() {
     let (rc, out) = f.run(programs::POD_INGRESS, &rst);
     assert_eq!((rc, out), (TC_ACT_SHOT, rst), "a RST is never answered");
     let opts = packet(UDP, (CLIENT, 42201), (EMPTY, 80), 8, false);
-    let (rc, _) = f.run(programs::POD_INGRESS, &opts);
-    assert_eq!(
-        rc, TC_ACT_SHOT,
-        "UDP with IP options: no port unreachable (not supported)"
-    );
-    assert_eq!(f.counter(counter::REJECT), 0);
+    let (rc, out) = f.run(programs::POD_INGRESS, &opts);
+    assert_eq!(rc, TC_ACT_REDIRECT, "UDP with IP options: port unreachable");
+    check_reply(&opts, &out).expect("a valid port unreachable quoting the options");
+    assert_eq!(f.counter(counter::REJECT), 1);
     let (rc, _) = f.run(
         programs::POD_INGRESS,
         &packet(UDP, (CLIENT, 42202), (EMPTY, 80), 0, false),
     );
     assert_eq!(rc, TC_ACT_REDIRECT);
-    assert_eq!(f.counter(counter::REJECT), 1);
+    assert_eq!(f.counter(counter::REJECT), 2);
 }
