@@ -168,6 +168,10 @@ struct Agent {
     /// kubeproxy_network_programming_duration_seconds, from EndpointSlice trigger times.
     triggers: TriggerTimes,
     node_logged: bool,
+    /// The IPv4 podCIDR of this node's Node object, once read: its broadcast address is a
+    /// directed broadcast REJECT must not answer even where no interface holds an address in
+    /// it (routed pod networks).
+    node_pod_cidr: Option<crate::sync::Cidr>,
 }
 
 impl Agent {
@@ -346,6 +350,7 @@ impl Agent {
             responders,
             triggers: TriggerTimes::new(SystemTime::now()),
             node_logged: false,
+            node_pod_cidr: None,
         };
         if !known_ips.is_empty() {
             // Known already (--node-ip, or remembered): the uplinks get our programs now,
@@ -424,6 +429,16 @@ impl Agent {
         self.responders.sync_counts(&s.health_checks).await;
         self.metrics.set_service_labels(s.service_ids.clone());
         self.program_node(node_ips, local).await?;
+        let pod_cidr = s
+            .node
+            .as_ref()
+            .and_then(crate::cmd::kpflags::node_pod_cidr_v4)
+            .filter(|c| c.is_set());
+        if pod_cidr.is_some() && pod_cidr != self.node_pod_cidr {
+            // Kept while a snapshot has no Node object, like the node's addresses.
+            self.node_pod_cidr = pod_cidr;
+            self.refresh_broadcasts().await?;
+        }
         self.rejection_log.report(&s.rejected);
         let read = source.read_stats();
         let st = &s.stages;
@@ -558,11 +573,17 @@ impl Agent {
             .pods
             .select(&links, self.bridge_index, &self.uplink_names);
         self.dp.set_pod_netns(&pods::pod_netns(&links, &ports))?;
-        // Addresses change with links (a bridge getting its address): REJECT's list of
-        // broadcast sources follows.
-        let nets = self.nl.all_ipv4_nets().await?;
-        self.dp.set_broadcasts(&netlink::subnet_broadcasts(&nets))?;
+        self.refresh_broadcasts().await?;
         Ok(ports)
+    }
+
+    /// REJECT's list of directed-broadcast sources: the node's subnets (addresses change with
+    /// links, e.g. a bridge getting its address) and its podCIDR.
+    async fn refresh_broadcasts(&mut self) -> Result<()> {
+        let mut nets = self.nl.all_ipv4_nets().await?;
+        nets.extend(self.node_pod_cidr.map(|c| (c.addr, c.prefix)));
+        self.dp.set_broadcasts(&netlink::subnet_broadcasts(&nets))?;
+        Ok(())
     }
 
     /// A link came, went or changed (rtnetlink event): attach to the new pod interfaces.
