@@ -3,7 +3,7 @@ use std::{fs, time::Duration};
 
 use proxy_lab::{
     cluster::{Binaries, CLUSTER_IP, Cluster, SERVICE_PORT, hostnames_endpoints},
-    lab::LabSpec,
+    lab::{LabSpec, node_pod_net},
 };
 
 fn bins() -> Binaries {
@@ -320,6 +320,69 @@ fn datapath_debug_log(c: &Cluster) {
     assert!(debug(c, "off").starts_with("datapath debug logging off"));
 }
 
+/// `bpftool -j` with `args`, parsed.
+fn bpftool(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("bpftool (apt-get install bpftool)");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
+/// The addresses in the unpinned map `name` of the process `pid` (found through its file
+/// descriptors: the map IDs in their fdinfo), keys of IPv4 addresses in network order.
+fn address_map_of(pid: u32, name: &str) -> Vec<std::net::Ipv4Addr> {
+    let ids = fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo")
+        .filter_map(|e| fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        });
+    for id in ids {
+        let id = id.to_string();
+        if bpftool(&["map", "show", "id", &id])["name"] != name {
+            continue;
+        }
+        let entries = bpftool(&["map", "dump", "id", &id]);
+        return entries
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| {
+                // Raw bytes ("0x0a", ...) as stored: the address in network order.
+                let b: Vec<u8> = e["key"]
+                    .as_array()
+                    .expect("raw key bytes")
+                    .iter()
+                    .map(|x| {
+                        u8::from_str_radix(x.as_str().unwrap().trim_start_matches("0x"), 16)
+                            .unwrap()
+                    })
+                    .collect();
+                std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3])
+            })
+            .collect();
+    }
+    panic!("no map {name} among the descriptors of process {pid}");
+}
+
+/// REJECT's directed-broadcast sources include the node's pod CIDR broadcast, from the Node
+/// object, whether or not an interface holds an address in it (the routed topology has none).
+fn broadcast_sources(c: &Cluster) {
+    let pid = c.agent_pid(1).expect("node1's agent");
+    let want = std::net::Ipv4Addr::from(u32::from(node_pod_net(1)) | 0xff);
+    let got = address_map_of(pid, "BCAST4_V1");
+    assert!(got.contains(&want), "{want} in {got:?}");
+}
+
 #[test]
 fn health_and_metrics_endpoints_of_a_running_agent() {
     let spec = LabSpec::default_demo();
@@ -337,6 +400,7 @@ fn health_and_metrics_endpoints_of_a_running_agent() {
         .probe("client", &format!("{CLUSTER_IP}:{SERVICE_PORT}"), false, 50)
         .expect("probe");
     assert_eq!(p.ok(), 50, "{:?}", p.0);
+    broadcast_sources(&c);
 
     for path in ["/healthz", "/livez"] {
         let (code, body) = c
