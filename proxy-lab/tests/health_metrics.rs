@@ -363,8 +363,8 @@ fn address_map_of(pid: u32, name: &str) -> Vec<std::net::Ipv4Addr> {
                     .expect("raw key bytes")
                     .iter()
                     .map(|x| {
-                        u8::from_str_radix(x.as_str().unwrap().trim_start_matches("0x"), 16)
-                            .unwrap()
+                        let hex = x.as_str().expect("a hex byte");
+                        u8::from_str_radix(hex.trim_start_matches("0x"), 16).expect("hex")
                     })
                     .collect();
                 std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3])
