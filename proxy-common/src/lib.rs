@@ -49,7 +49,7 @@ pub mod maps {
     pub const REJECT_BUCKET: &str = "LB4_RJB_V1";
     /// Per-CPU scratch space (`Scratch`): the REJECT reply being built, the reason noted for
     /// the debug log. Never pinned: it holds nothing between packets.
-    pub const SCRATCH: &str = "SCRATCH_V1";
+    pub const SCRATCH: &str = "SCRATCH_V2";
     /// Pod interfaces: host-side ifindex (`u32`) -> the network namespace ID (`i32`, as
     /// IFLA_LINK_NETNSID gives it) of the pod behind it, where a new flow's tuple is looked
     /// up among the pod's own sockets. Filled by the agent as it attaches; not pinned.
@@ -339,8 +339,12 @@ pub struct Scratch {
     pub dport_be: u16,
     pub proto: u8,
     pub _pad: [u8; 7],
+    /// The FIB lookup request of a packet we route ourselves (`struct bpf_fib_lookup`, 64
+    /// bytes): here only its input fields need writing, where a stack copy must be zeroed
+    /// whole (a byte loop of ~400 instructions on BPF) before the helper may read it.
+    pub fib: [u32; 16],
 }
-const _: () = assert!(core::mem::size_of::<Scratch>() == 160);
+const _: () = assert!(core::mem::size_of::<Scratch>() == 224);
 
 /// Service-map key. `slot == 0` addresses the service entry; `1..=count` its backends.
 #[repr(C)]

@@ -18,16 +18,26 @@ const AF_INET: u8 = 2;
 
 #[inline(always)]
 pub fn redirect(ctx: &TcContext, src_be: u32, dst_be: u32) -> i32 {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let Some(scratch) = crate::maps::scratch() else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: this CPU's scratch value, 4-byte aligned and 64 bytes long: a bpf_fib_lookup.
+    // Every field an IPv4 lookup without flags reads is written here (the rest are outputs),
+    // as a zeroed request would have them.
+    let params = unsafe { &mut *((*scratch).fib.as_mut_ptr() as *mut bpf_fib_lookup) };
     params.family = AF_INET;
+    params.l4_protocol = 0;
+    params.sport = 0;
+    params.dport = 0;
+    params.__bindgen_anon_1.tot_len = 0;
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_2.rt_metric = 0;
     params.__bindgen_anon_3.ipv4_src = src_be;
     params.__bindgen_anon_4.ipv4_dst = dst_be;
     let rc = unsafe {
         fib_lookup(
             ctx.skb.skb as *mut _,
-            &mut params,
+            params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )

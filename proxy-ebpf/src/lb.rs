@@ -368,7 +368,12 @@ pub fn lookup_service(addr_be: u32, port_be: u16, proto: u8, internal: bool) -> 
 #[inline(always)]
 pub fn select_backend(svc: &Service, client_be: u32) -> Option<(u32, Backend4)> {
     let affinity = svc.flags & svc_flags::AFFINITY != 0;
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The clock only for affinity's timestamps (a helper call per new flow otherwise).
+    let now = if affinity {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     let aff_key = Aff4Key::new(svc.svc_id, client_be);
     // SAFETY: map values are copied out immediately.
     // A terminating backend stays in the backend map for its established flows; affinity must

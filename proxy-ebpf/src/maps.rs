@@ -64,7 +64,7 @@ pub static LB4_RJB_V1: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();
 
 /// Per-CPU scratch space (not pinned: it holds nothing between packets).
 #[btf_map]
-pub static SCRATCH_V1: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+pub static SCRATCH_V2: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
 /// Pod interfaces' network namespace IDs (`maps::POD_NETNS`).
 #[btf_map]
@@ -84,7 +84,7 @@ pub fn is_subnet_broadcast(addr_be: u32) -> bool {
 /// This CPU's scratch space.
 #[inline(always)]
 pub fn scratch() -> Option<*mut Scratch> {
-    SCRATCH_V1.get_ptr_mut(0)
+    SCRATCH_V2.get_ptr_mut(0)
 }
 
 /// The node config's flags, read without copying the whole config.
