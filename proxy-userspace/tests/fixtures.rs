@@ -88,6 +88,25 @@ fn hostnames(endpoints: &[&str], proto: &str) -> String {
     )
 }
 
+/// The plan from `state` to the objects in `yaml`, as node1 (NODE) translates them.
+fn plan_for(state: &MapState, yaml: &str) -> plan::Plan {
+    let (services, slices) = objects(yaml);
+    let t = translate::translate(&translate::Input {
+        services: &services,
+        slices: &slices,
+        node_name: "node1",
+        node_zone: None,
+        nodeport_addresses: &[NODE],
+        node_ip: Some(NODE),
+    });
+    assert!(
+        t.issues.is_empty(),
+        "fixture has issues: {:?}",
+        t.issues.iter().map(|i| i.to_string()).collect::<Vec<_>>()
+    );
+    plan::plan(state, &t.desired, &t.cluster_ips)
+}
+
 struct Fixture {
     dp: Datapath,
     state: MapState,
@@ -120,21 +139,7 @@ impl Fixture {
     }
 
     fn program(&mut self, yaml: &str) {
-        let (services, slices) = objects(yaml);
-        let t = translate::translate(&translate::Input {
-            services: &services,
-            slices: &slices,
-            node_name: "node1",
-            node_zone: None,
-            nodeport_addresses: &[NODE],
-            node_ip: Some(NODE),
-        });
-        assert!(
-            t.issues.is_empty(),
-            "fixture has issues: {:?}",
-            t.issues.iter().map(|i| i.to_string()).collect::<Vec<_>>()
-        );
-        let p = plan::plan(&self.state, &t.desired, &t.cluster_ips);
+        let p = plan_for(&self.state, yaml);
         let mut maps = self.dp.lb_maps().expect("maps");
         plan::apply_plan(&mut self.state, &p, &mut maps).expect("apply plan");
     }

@@ -111,17 +111,8 @@ fn a_batched_write_that_fills_the_map_stops_at_the_first_entry_not_written() {
     .expect("load");
     let eps: Vec<String> = (1..=20).map(|i| format!("10.76.1.{i}")).collect();
     let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
-    let (services, slices) = objects(&hostnames(&eps, "TCP"));
-    let t = translate::translate(&translate::Input {
-        services: &services,
-        slices: &slices,
-        node_name: "node1",
-        node_zone: None,
-        nodeport_addresses: &[NODE],
-        node_ip: Some(NODE),
-    });
     let mut state = MapState::default();
-    let p = plan::plan(&state, &t.desired, &t.cluster_ips);
+    let p = plan_for(&state, &hostnames(&eps, "TCP"));
     let first_backend = p
         .ops
         .iter()
