@@ -11,7 +11,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     // tc_netlink lists the netlink tc filters of --tc-attach=netlink (`tc filter show`).
     ("tc", "iproute2"),
-    // Map dumps in the demo, cgroup program checks in e2e_hostnet, `inspect`-style debugging.
+    // Map dumps in the demo, cgroup program checks in e2e_hostnet, an agent's map contents in
+    // health_metrics (`bpftool_json`), `inspect`-style debugging.
     ("bpftool", "bpftool"),
     // e2e_external turns tx checksum offload off on the uplinks (partial-checksum packets).
     ("ethtool", "ethtool"),
@@ -62,6 +63,23 @@ pub fn ensure_known(program: &OsStr) -> Result<()> {
         "the lab runs `{name}`, which bootstrap does not install: add it with its Debian package \
          to proxy_lab::programs::PROGRAMS (proxy-lab/src/programs.rs)"
     )
+}
+
+/// `bpftool -j ARGS`, parsed. Errors name bpftool's stderr.
+pub fn bpftool_json<S: AsRef<OsStr>>(args: &[S]) -> Result<serde_json::Value> {
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .map_err(|e| anyhow::anyhow!("bpftool (apt-get install bpftool): {e}"))?;
+    if !out.status.success() {
+        bail!(
+            "bpftool {:?}: {}",
+            args.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 fn is_known(name: &str) -> bool {

@@ -257,18 +257,14 @@ fn host_connections_to_a_service_without_endpoints_are_refused() {
 
 /// The programs attached to node `node`'s cgroup, from `bpftool cgroup show` (JSON).
 fn cgroup_programs(c: &Cluster, node: u8) -> Vec<serde_json::Value> {
-    let out = std::process::Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(c.lab.node_cgroup(node))
-        .arg("-j")
-        .output()
-        .expect("bpftool (apt-get install bpftool)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("bpftool JSON")
+    let cgroup = c.lab.node_cgroup(node);
+    let v = proxy_lab::programs::bpftool_json(&[
+        std::ffi::OsStr::new("cgroup"),
+        "show".as_ref(),
+        cgroup.as_os_str(),
+    ])
+    .expect("bpftool cgroup show");
+    serde_json::from_value(v).expect("a JSON list")
 }
 
 /// The cgroup links are pinned: host processes keep reaching the service while the agent is

@@ -320,19 +320,8 @@ fn datapath_debug_log(c: &Cluster) {
     assert!(debug(c, "off").starts_with("datapath debug logging off"));
 }
 
-/// `bpftool -j` with `args`, parsed.
 fn bpftool(args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .expect("bpftool (apt-get install bpftool)");
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+    proxy_lab::programs::bpftool_json(args).expect("bpftool")
 }
 
 /// The addresses in the unpinned map `name` of the process `pid` (found through its file
