@@ -5,5 +5,6 @@ pub mod canary;
 pub mod conntrack;
 pub mod encap;
 pub mod fakeapi;
+pub mod kubebench;
 pub mod serve_probe;
 pub mod udpflow;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use proxy_lab_tools::{canary, conntrack, encap, fakeapi, serve_probe, udpflow};
+use proxy_lab_tools::{canary, conntrack, encap, fakeapi, kubebench, serve_probe, udpflow};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +34,10 @@ enum Command {
     /// A stand-in Kubernetes API server serving a manifests directory (Services,
     /// EndpointSlices, Nodes) over list/watch, for agents run with --kubeconfig.
     LabApiserver(fakeapi::LabApiArgs),
+    /// The control plane's speed through the Kubernetes source: full programming from agent
+    /// start, and watch event -> BPF maps for single changes (needs root; private namespace
+    /// and bpffs).
+    KubeSyncBench(kubebench::KubeBenchArgs),
     /// Sequential short connections (or datagrams), each from a new source port: connect,
     /// read the reply up to the server's close, close. JSON report.
     Churn(conntrack::ChurnArgs),
@@ -84,6 +88,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Command::LabEncap(args) => rt.block_on(encap::run(args))?,
         Command::LabApiserver(args) => rt.block_on(fakeapi::run_lab(args))?,
+        Command::KubeSyncBench(args) => kubebench::run(args)?,
         Command::Churn(args) => return Ok(exit(conntrack::run_churn(args)?)),
         Command::JunkFlood(args) => return Ok(exit(conntrack::run_junk(args)?)),
         Command::IdleHold(args) => return Ok(exit(conntrack::run_idle(args)?)),

@@ -239,11 +239,11 @@ impl std::str::FromStr for Cidr {
 }
 
 /// The one place a `translate::Input` is built.
-fn translate_snapshot(
+fn translate_snapshot<'t>(
     snapshot: &Snapshot,
     ctx: &Context,
-    translator: &mut translate::Translator,
-) -> translate::Translation {
+    translator: &'t mut translate::Translator,
+) -> &'t translate::Translation {
     // Validated at startup; should a bad value get here, serve NodePorts nowhere rather
     // than on addresses the operator excluded.
     let flag = ctx
@@ -294,60 +294,31 @@ pub struct Reconciler {
     last: Option<Programmed>,
 }
 
-/// The desired state a [`MapState`] was brought to, completely, by the last reconciliation.
+/// What the last reconciliation left in the maps: exactly the translator's last result (the
+/// capacity admitted all of it, and every write went through).
 #[derive(Debug)]
 struct Programmed {
-    desired: translate::Desired,
-    cluster_ips: std::collections::BTreeSet<Ipv4Addr>,
     refs: plan::BackendRefs,
     /// `MapState::writes` right after: anything else means another writer.
     writes: u64,
 }
 
 impl Programmed {
-    /// What changed from this to `desired`, `cluster_ips`, with the reference counts moved
-    /// to the new state. Visits every entry, but only compares.
-    fn changes(
-        &mut self,
-        desired: &translate::Desired,
-        cluster_ips: &std::collections::BTreeSet<Ipv4Addr>,
-    ) -> plan::Changes {
+    /// The changes `delta` describes, planned against `desired` (the new state), with the
+    /// reference counts moved to it. Visits only the changed keys.
+    fn changes(&mut self, delta: &translate::Delta, desired: &translate::Desired) -> plan::Changes {
         let mut ch = plan::Changes::default();
-        let mut mark = |ds: &translate::DesiredService, add: bool, ch: &mut plan::Changes| {
-            self.refs.count(ds, add);
-            ch.backends
-                .extend(ds.backends.iter().chain(&ds.terminating));
-        };
-        let (mut old, mut new) = (self.desired.iter().peekable(), desired.iter().peekable());
-        loop {
-            let order = match (old.peek(), new.peek()) {
-                (None, None) => break,
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some((a, _)), Some((b, _))) => a.cmp(b),
-            };
-            let o = (order != std::cmp::Ordering::Greater)
-                .then(|| old.next())
-                .flatten();
-            let n = (order != std::cmp::Ordering::Less)
-                .then(|| new.next())
-                .flatten();
-            if let (Some((_, a)), Some((_, b))) = (o, n)
-                && a == b
-            {
-                continue;
-            }
-            for (key, ds, add) in o
-                .map(|(k, d)| (k, d, false))
-                .into_iter()
-                .chain(n.map(|(k, d)| (k, d, true)))
-            {
-                ch.keys.insert(*key);
-                mark(ds, add, &mut ch);
+        for (key, old) in &delta.old {
+            ch.keys.insert(*key);
+            let new = desired.get(key);
+            for (ds, add) in old.iter().map(|d| (d, false)).chain(new.map(|d| (d, true))) {
+                self.refs.count(ds, add);
+                ch.backends
+                    .extend(ds.backends.iter().chain(&ds.terminating));
             }
         }
-        ch.vips_added = cluster_ips.difference(&self.cluster_ips).copied().collect();
-        ch.vips_removed = self.cluster_ips.difference(cluster_ips).copied().collect();
+        ch.vips_added = delta.vips_added.clone();
+        ch.vips_removed = delta.vips_removed.clone();
         ch
     }
 }
@@ -385,43 +356,52 @@ impl Reconciler {
     ) -> Result<SyncSummary> {
         let mut stages = SyncStages::default();
         let started = Instant::now();
-        let mut t = translate_snapshot(snapshot, ctx, &mut self.translator);
-        let tstats = self.translator.stats();
+        translate_snapshot(snapshot, ctx, &mut self.translator);
+        let translator = &self.translator;
+        let (translated, delta) = translator.output();
+        let tstats = translator.stats();
         (stages.translated, stages.reused) = (tstats.translated, tstats.reused);
         stages.translate = started.elapsed();
         let started = Instant::now();
-        let over = plan::fit_capacity(
-            &mut t.desired,
-            &mut t.cluster_ips,
-            &ctx.map_sizes.capacity(),
-        );
-        t.issues.extend(over);
+        // Usually everything fits and the translation is used as it is; near the limits a
+        // copy of it is cut down to what fits.
+        let cap = ctx.map_sizes.capacity();
+        let cut =
+            (!plan::fits_whole(&translated.desired, &translated.cluster_ips, &cap)).then(|| {
+                let mut t = translated.clone();
+                let over = plan::fit_capacity(&mut t.desired, &mut t.cluster_ips, &cap);
+                t.issues.extend(over);
+                t
+            });
+        let t = cut.as_ref().unwrap_or(translated);
         stages.capacity = started.elapsed();
         let started = Instant::now();
         let last = self.last.take().filter(|l| l.writes == state.writes());
-        let (p, last) = match last {
-            Some(mut l) => {
-                let ch = l.changes(&t.desired, &t.cluster_ips);
+        // Only the changed entries are planned when the maps hold the translator's previous
+        // result, so its delta is what they lack.
+        let delta = delta.filter(|_| cut.is_none());
+        let (p, refs) = match (last, delta) {
+            (Some(mut l), Some(delta)) => {
+                let ch = l.changes(delta, &t.desired);
                 match plan::plan_changes(state, &t.desired, &ch, &l.refs) {
                     Some(p) => (p, Some(l.refs)),
                     None => (plan::plan_full(state, &t.desired, &t.cluster_ips).0, None),
                 }
             }
-            None => {
+            _ => {
                 let (p, complete) = plan::plan_full(state, &t.desired, &t.cluster_ips);
                 (p, complete.then(|| plan::BackendRefs::new(&t.desired)))
             }
         };
         stages.plan = started.elapsed();
-        stages.incremental = last.is_some();
+        stages.incremental = refs.is_some();
         let ops = p.ops.len();
         let started = Instant::now();
         plan::apply_plan(state, &p, writer).context("writing the service maps")?;
         stages.apply = started.elapsed();
-        let summary = summarize(snapshot, ctx, state, &t, ops, stages);
-        self.last = last.map(|refs| Programmed {
-            desired: t.desired,
-            cluster_ips: t.cluster_ips,
+        let summary = summarize(snapshot, ctx, state, t, ops, stages);
+        // A cut-down state is not the translator's result: the next sync plans in full.
+        self.last = refs.filter(|_| cut.is_none()).map(|refs| Programmed {
             refs,
             writes: state.writes(),
         });

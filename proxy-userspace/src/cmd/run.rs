@@ -371,7 +371,7 @@ impl Agent {
     /// logged and the source asked for the snapshot again; other errors end the agent.
     async fn sync(&mut self, snapshot: &Snapshot, source: &mut Source) -> Result<()> {
         self.health.queued_update();
-        self.metrics.queued(&snapshot.objects);
+        self.metrics.queued_now();
         let started = Instant::now();
         let node_ips = self.ctx.node_addresses(snapshot);
         let node = snapshot
@@ -391,17 +391,22 @@ impl Agent {
         };
         self.health
             .set_node_eligible(self.ctx.node_eligible(snapshot));
-        self.triggers.note(&snapshot.objects.slices);
+        let prepared = started.elapsed();
         let result = {
             let mut maps = self.dp.lb_maps()?;
             self.reconciler
                 .reconcile(snapshot, &self.ctx, &mut self.state, &mut maps)
         };
+        // Bookkeeping over every object, after the maps are written: it must not delay a
+        // change on its way to the datapath (issue 16: event -> maps in milliseconds).
+        self.metrics.count_changes(&snapshot.objects);
+        self.triggers.note(&snapshot.objects.slices);
         match result {
             Ok(s) => {
                 let (objects, ids) = (&snapshot.objects, &s.service_ids);
                 self.status.synced(objects, ids, &self.health);
-                self.synced(&s, started, (node_ips, local), source).await
+                self.synced(&s, (started, prepared), (node_ips, local), source)
+                    .await
             }
             Err(e) => {
                 self.metrics.synced(started.elapsed(), Err(&e));
@@ -417,7 +422,7 @@ impl Agent {
     async fn synced(
         &mut self,
         s: &SyncSummary,
-        started: Instant,
+        (started, prepared): (Instant, std::time::Duration),
         (node_ips, local): (Vec<Ipv4Addr>, crate::sync::Cidr),
         source: &Source,
     ) -> Result<()> {
@@ -443,12 +448,13 @@ impl Agent {
         let read = source.read_stats();
         let st = &s.stages;
         debug!(
-            "sync stages: read {:?} ({} files parsed, {} unchanged), translate {:?} \
+            "sync stages: read {:?} ({} files parsed, {} unchanged), prepare {:?}, translate {:?} \
              ({} services translated, {} unchanged), capacity {:?}, plan {:?} ({}), \
              apply {:?} ({} map writes), total {:?}",
             read.took,
             read.parsed,
             read.reused,
+            prepared,
             st.translate,
             st.translated,
             st.reused,

@@ -170,7 +170,7 @@ pub fn fit_capacity(
 /// often as entries name them): then [`fit_capacity`] would admit every object, and this
 /// answers it with sums instead of per-object sets, so a sync far from the limits does not
 /// pay for the check.
-fn fits_whole(desired: &Desired, cluster_ips: &BTreeSet<Ipv4Addr>, cap: &Capacity) -> bool {
+pub fn fits_whole(desired: &Desired, cluster_ips: &BTreeSet<Ipv4Addr>, cap: &Capacity) -> bool {
     let (mut entries, mut backends, mut ranges) = (0usize, 0usize, 0usize);
     for d in desired.values() {
         if d.backends.len() > MAX_BACKENDS_PER_SERVICE {

@@ -597,7 +597,18 @@ impl Metrics {
     /// A snapshot was queued for programming (kube-proxy sets `last_queued_timestamp` here):
     /// counts the Service and EndpointSlice changes it brings, pending until a sync succeeds.
     pub fn queued(&self, objects: &Objects) {
+        self.queued_now();
+        self.count_changes(objects);
+    }
+
+    /// The time of [`queued`](Self::queued) alone: a sync starts now.
+    pub fn queued_now(&self) {
         self.last_queued.set(unix_now());
+    }
+
+    /// The object counts of [`queued`](Self::queued) alone: the Services and EndpointSlices
+    /// that changed since the last call (pending until a sync succeeds).
+    pub fn count_changes(&self, objects: &Objects) {
         let mut last = self.last_objects.lock().unwrap_or_else(|e| e.into_inner());
         let c = count_changes(&last, objects);
         *last = Objects {

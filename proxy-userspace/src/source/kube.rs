@@ -338,15 +338,75 @@ pub struct KubeSource {
     retry: bool,
     /// When the last snapshot was taken.
     last_snapshot: Option<std::time::Instant>,
+    /// How long taking the last snapshot from the stores took.
+    pub(super) snapshot_took: Duration,
     tasks: Vec<JoinHandle<()>>,
-    /// The objects handed out by the last snapshot, by store entry: an unchanged object is
-    /// handed out again, shared, so the translation recognises it without comparing it.
-    shared: std::sync::Mutex<(Shared<Service>, Shared<EndpointSlice>)>,
+    /// The objects handed out by the last snapshot, sorted: an unchanged object is handed
+    /// out again, shared, so the translation recognises it without comparing it.
+    kept: std::sync::Mutex<(Kept<Service>, Kept<EndpointSlice>)>,
+    /// What the watches changed since the last snapshot, per watch.
+    changed: Arc<std::sync::Mutex<[Dirty; 3]>>,
 }
 
-/// Store entry (by allocation, kept alive here so the address is not reused) -> the object
-/// handed out for it. The store replaces an entry's allocation on every change.
-type Shared<K> = HashMap<usize, (Arc<Lenient<K>>, Arc<K>)>;
+/// An object's place in a snapshot: namespace, name.
+type Id = (Option<String>, Option<String>);
+
+fn id_of(m: &ObjectMeta) -> Id {
+    (m.namespace.clone(), m.name.clone())
+}
+
+/// The objects one watch changed (added, modified or deleted) since the last snapshot.
+#[derive(Debug, Default)]
+struct Dirty {
+    /// A (re)list replaced the store: any object may have changed.
+    all: bool,
+    ids: std::collections::BTreeSet<Id>,
+}
+
+/// One kind's objects as the last snapshot handed them out, in namespace/name order, so the
+/// next snapshot only places the objects that changed (one lookup and one binary search each)
+/// instead of sorting the whole store again.
+struct Kept<K> {
+    entries: Vec<KeptEntry<K>>,
+    /// `entries` mirrors the store as of the last snapshot (false before the first).
+    valid: bool,
+}
+
+impl<K> Default for Kept<K> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            valid: false,
+        }
+    }
+}
+
+struct KeptEntry<K> {
+    id: Id,
+    /// The store's entry (kept alive, so its address identifies it: the store replaces an
+    /// entry's allocation on every change).
+    store: Arc<Lenient<K>>,
+    /// The object handed out, or why it cannot be.
+    out: Result<Arc<K>, String>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone> KeptEntry<K> {
+    fn new(store: Arc<Lenient<K>>) -> Self {
+        let out = match &store.object {
+            Ok(k) => Ok(Arc::new(k.clone())),
+            Err(e) => Err(format!(
+                "{} {}: cannot be decoded ({e}); the object is skipped",
+                K::kind(&()),
+                display_name(&store.metadata)
+            )),
+        };
+        Self {
+            id: id_of(&store.metadata),
+            store,
+            out,
+        }
+    }
+}
 
 impl Drop for KubeSource {
     fn drop(&mut self) {
@@ -376,6 +436,7 @@ impl KubeSource {
         let node_cfg =
             watcher::Config::default().fields(&format!("metadata.name={}", opts.node_name));
 
+        let dirty: Arc<std::sync::Mutex<[Dirty; 3]>> = Arc::default();
         let (services, w_services) = reflector::store();
         let (slices, w_slices) = reflector::store();
         let (nodes, w_nodes) = reflector::store();
@@ -387,6 +448,7 @@ impl KubeSource {
                 SERVICES,
                 tx.clone(),
                 stats.clone(),
+                dirty.clone(),
             )),
             tokio::spawn(run_watch(
                 Api::<Lenient<EndpointSlice>>::all(client.clone()),
@@ -395,6 +457,7 @@ impl KubeSource {
                 SLICES,
                 tx.clone(),
                 stats.clone(),
+                dirty.clone(),
             )),
             tokio::spawn(run_watch(
                 Api::<Lenient<Node>>::all(client),
@@ -403,6 +466,7 @@ impl KubeSource {
                 NODES,
                 tx,
                 stats.clone(),
+                dirty.clone(),
             )),
         ];
         // At info: an operator whose agent programs nothing wants to see what it waits for.
@@ -421,8 +485,10 @@ impl KubeSource {
             dirty: false,
             retry: false,
             last_snapshot: None,
+            snapshot_took: Duration::ZERO,
             tasks,
-            shared: Default::default(),
+            kept: Default::default(),
+            changed: dirty,
         }
     }
 
@@ -464,7 +530,10 @@ impl KubeSource {
                 self.dirty = false;
                 self.retry = false;
                 self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
-                return self.snapshot();
+                let started = std::time::Instant::now();
+                let snap = self.snapshot();
+                self.snapshot_took = started.elapsed();
+                return snap;
             }
             // `changed` marks the new value seen, so remember it here.
             match self.progress.changed().await {
@@ -484,19 +553,32 @@ impl KubeSource {
             slices,
             nodes,
         } = &mut snap.objects;
-        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        let (shared_services, shared_slices) = &mut *shared;
+        let [d_services, d_slices, _] = std::mem::take(&mut *lock(&self.changed));
+        let mut kept = lock(&self.kept);
+        let (k_services, k_slices) = &mut *kept;
         collect(
             &self.services,
-            shared_services,
+            k_services,
+            d_services,
             services,
             &mut snap.unreadable,
         );
-        collect(&self.slices, shared_slices, slices, &mut snap.unreadable);
+        collect(
+            &self.slices,
+            k_slices,
+            d_slices,
+            slices,
+            &mut snap.unreadable,
+        );
         let mut node_objects = Vec::new();
+        let all = Dirty {
+            all: true,
+            ..Dirty::default()
+        };
         collect(
             &self.nodes,
-            &mut Shared::new(),
+            &mut Kept::default(),
+            all,
             &mut node_objects,
             &mut snap.unreadable,
         );
@@ -506,40 +588,69 @@ impl KubeSource {
     }
 }
 
-/// The store's objects, sorted by namespace/name; those handed out before (same store entry)
-/// are shared again instead of copied.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The store's objects, sorted by namespace/name, into `out` (and `unreadable`). Only the
+/// objects `dirty` names are looked up again when `kept` is valid; otherwise the whole store is
+/// listed and sorted. Either way an unchanged store entry is handed out as the same object.
 fn collect<K>(
     store: &Store<Lenient<K>>,
-    shared: &mut Shared<K>,
+    kept: &mut Kept<K>,
+    dirty: Dirty,
     out: &mut Vec<Arc<K>>,
     unreadable: &mut Vec<String>,
 ) where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    let mut objs = store.state();
-    objs.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-    let mut next = Shared::with_capacity(objs.len());
-    for o in objs {
-        match &o.object {
-            Ok(k) => {
-                let at = Arc::as_ptr(&o) as usize;
-                let obj = match shared.remove(&at) {
-                    Some((_, obj)) => obj,
-                    None => Arc::new(k.clone()),
-                };
-                out.push(Arc::clone(&obj));
-                next.insert(at, (o, obj));
+    if dirty.all || !kept.valid {
+        let mut objs = store.state();
+        objs.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        // Store entry address -> the kept entry (alive until the matching is done).
+        let mut before: HashMap<usize, KeptEntry<K>> = std::mem::take(&mut kept.entries)
+            .into_iter()
+            .map(|e| (Arc::as_ptr(&e.store) as usize, e))
+            .collect();
+        kept.entries = objs
+            .into_iter()
+            .map(|o| match before.remove(&(Arc::as_ptr(&o) as usize)) {
+                Some(e) => e,
+                None => KeptEntry::new(o),
+            })
+            .collect();
+        kept.valid = true;
+    } else {
+        for id in dirty.ids {
+            let Some(name) = &id.1 else { continue };
+            let mut key = reflector::ObjectRef::<Lenient<K>>::new(name);
+            if let Some(ns) = &id.0 {
+                key = key.within(ns);
             }
-            Err(e) => unreadable.push(format!(
-                "{} {}: cannot be decoded ({e}); the object is skipped",
-                K::kind(&()),
-                display_name(&o.metadata)
-            )),
+            let now = store.get(&key);
+            let at = kept.entries.binary_search_by(|e| e.id.cmp(&id));
+            match (at, now) {
+                (Ok(i), Some(o)) if !Arc::ptr_eq(&kept.entries[i].store, &o) => {
+                    kept.entries[i] = KeptEntry::new(o);
+                }
+                (Ok(i), None) => {
+                    kept.entries.remove(i);
+                }
+                (Err(i), Some(o)) => kept.entries.insert(i, KeptEntry::new(o)),
+                _ => {}
+            }
         }
     }
-    *shared = next;
+    out.reserve(kept.entries.len());
+    for e in &kept.entries {
+        match &e.out {
+            Ok(k) => out.push(Arc::clone(k)),
+            Err(msg) => unreadable.push(msg.clone()),
+        }
+    }
 }
 
 fn display_name(m: &ObjectMeta) -> String {
@@ -569,6 +680,7 @@ async fn run_watch<K>(
     index: usize,
     progress: Arc<watch::Sender<Progress>>,
     stats: Arc<SourceStats>,
+    dirty: Arc<std::sync::Mutex<[Dirty; 3]>>,
 ) where
     K: Resource<DynamicType = ()> + Clone + fmt::Debug + DeserializeOwned + Send + Sync + 'static,
 {
@@ -580,6 +692,15 @@ async fn run_watch<K>(
             match event {
                 Ok(event) => {
                     writer.apply_watcher_event(&event);
+                    // After the store has it, so a snapshot that sees the mark sees the change.
+                    match &event {
+                        watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                            lock(&dirty)[index].ids.insert(id_of(&o.metadata));
+                        }
+                        // The store was swapped for the new list.
+                        watcher::Event::InitDone => lock(&dirty)[index].all = true,
+                        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                    }
                     match event {
                         watcher::Event::Init => {
                             if listed {

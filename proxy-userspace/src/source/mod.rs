@@ -109,12 +109,15 @@ impl Source {
         }
     }
 
-    /// How the read of the last snapshot went (manifests only; zero for the Kubernetes API,
-    /// whose objects arrive parsed).
+    /// How the read of the last snapshot went (for the Kubernetes API, whose objects arrive
+    /// parsed, only the time taken to collect them from the watch stores).
     pub fn read_stats(&self) -> ReadStats {
         match self {
             Self::Manifests { read, .. } => *read,
-            Self::Kube(_) => ReadStats::default(),
+            Self::Kube(k) => ReadStats {
+                took: k.snapshot_took,
+                ..ReadStats::default()
+            },
         }
     }
 

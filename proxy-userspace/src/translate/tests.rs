@@ -1922,6 +1922,7 @@ fn run_cached(
         nodeport_addresses: &npa,
         node_ip: None,
     })
+    .clone()
 }
 
 fn shared<T>(v: Vec<T>) -> Vec<Arc<T>> {
@@ -1967,6 +1968,7 @@ fn translator_recomputes_only_changed_groups() {
     let mut services = vec![Arc::new(a().build()), Arc::new(b().build())];
     let mut slices = vec![a1(&["10.0.0.1"]), Arc::clone(&b1)];
     let mut t = Translator::new();
+    let mut prev: Option<Translation> = None;
     let mut step = |name: &str,
                     services: &[Arc<Service>],
                     slices: &[Arc<EndpointSlice>],
@@ -1976,6 +1978,10 @@ fn translator_recomputes_only_changed_groups() {
         let plain_slices: Vec<EndpointSlice> = slices.iter().map(|s| (**s).clone()).collect();
         assert_eq!(got, run(&plain, &plain_slices), "{name}");
         assert_eq!(t.stats().translated, translated, "{name}: groups computed");
+        // The delta (patched in, or compared) is exactly what changed.
+        if let Some(p) = prev.replace(got.clone()) {
+            assert_eq!(t.output().1, Some(&compare(&p, &got)), "{name}: delta");
+        }
         got
     };
     let backends = |t: &Translation, k: &str| -> Vec<BackendAddr> {

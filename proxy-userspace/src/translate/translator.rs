@@ -323,6 +323,198 @@ pub struct Translator {
     pub(super) last: Option<SharedObjects>,
     pub(super) groups: BTreeMap<GroupKey, CachedGroup>,
     pub(super) stats: TranslatorStats,
+    /// The last result, with what it takes to patch it in place.
+    pub(super) out: Option<Assembled>,
+    /// How the last result differs from the one before (`None` after the first).
+    pub(super) delta: Option<Delta>,
+}
+
+/// A translation and its claim counts, so a change to groups that share no key with any other
+/// group can be patched in without assembling every group again.
+#[derive(Debug, Default)]
+pub(super) struct Assembled {
+    pub(super) t: Translation,
+    /// How many entries (external and internal keys) of all groups want each key: 1 for a
+    /// key nobody else wants.
+    pub(super) wanters: HashMap<ServiceKey, u32>,
+    /// How many services list each ClusterIP.
+    pub(super) vip_refs: HashMap<Ipv4Addr, u32>,
+}
+
+/// What changed between two consecutive results of a [`Translator`]: enough to plan the change
+/// without comparing the two desired states entry by entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// Every key whose entry was added, removed or changed, with the entry it had before
+    /// (`None`: a new key).
+    pub old: BTreeMap<ServiceKey, Option<DesiredService>>,
+    pub vips_added: BTreeSet<Ipv4Addr>,
+    pub vips_removed: BTreeSet<Ipv4Addr>,
+}
+
+impl Assembled {
+    /// A full assembly of `groups`, with its claim counts.
+    fn new<'a>(groups: impl Iterator<Item = &'a GroupOut> + Clone) -> Self {
+        let mut a = Assembled {
+            t: assemble(groups.clone()),
+            ..Default::default()
+        };
+        for svc in groups.flat_map(|g| &g.services) {
+            a.count(svc, true);
+        }
+        a
+    }
+
+    /// Adds (or takes away) one service's claims and ClusterIPs to the counts.
+    fn count(&mut self, svc: &ServiceOut, add: bool) {
+        fn bump<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u32>, k: K, add: bool) {
+            if add {
+                *m.entry(k).or_default() += 1;
+            } else if let Some(n) = m.get_mut(&k) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&k);
+                }
+            }
+        }
+        for w in &svc.wanted {
+            bump(&mut self.wanters, w.key, add);
+            if w.internal.is_some() {
+                bump(&mut self.wanters, w.key.internal(), add);
+            }
+        }
+        for ip in &svc.cluster_ips {
+            bump(&mut self.vip_refs, *ip, add);
+        }
+    }
+
+    /// Replaces the contributions of changed groups (`old` outs by `new` ones) in place, when
+    /// that gives what [`assemble`] would: no issue and no health check in either, and no key
+    /// of theirs wanted by any other entry (so no claim is contested). `None` (nothing
+    /// touched) otherwise.
+    fn patch(&mut self, old: &[GroupOut], new: &[&GroupOut]) -> Option<Delta> {
+        let plain = |g: &GroupOut| {
+            g.slice_issues.is_empty()
+                && g.services
+                    .iter()
+                    .all(|s| s.issues.is_empty() && s.health_check.is_none())
+        };
+        if !old.iter().all(plain) || !new.iter().all(|g| plain(g)) {
+            return None;
+        }
+        let keys = |gs: &mut dyn Iterator<Item = &GroupOut>| -> HashMap<ServiceKey, u32> {
+            let mut m = HashMap::new();
+            for w in gs.flat_map(|g| &g.services).flat_map(|s| &s.wanted) {
+                *m.entry(w.key).or_default() += 1;
+                if w.internal.is_some() {
+                    *m.entry(w.key.internal()).or_default() += 1;
+                }
+            }
+            m
+        };
+        let (was, will) = (keys(&mut old.iter()), keys(&mut new.iter().copied()));
+        let contested = was.keys().chain(will.keys()).any(|k| {
+            let others = (self.wanters.get(k).copied().unwrap_or(0))
+                .saturating_sub(was.get(k).copied().unwrap_or(0));
+            // Contested before (its issue is in the list) or after.
+            others > 0
+                || was.get(k).copied().unwrap_or(0) > 1
+                || will.get(k).copied().unwrap_or(0) > 1
+        });
+        if contested {
+            return None;
+        }
+
+        let mut delta = Delta::default();
+        let vips: BTreeSet<Ipv4Addr> = old
+            .iter()
+            .chain(new.iter().copied())
+            .flat_map(|g| &g.services)
+            .flat_map(|s| s.cluster_ips.iter().copied())
+            .collect();
+        let had: BTreeSet<Ipv4Addr> = vips
+            .iter()
+            .copied()
+            .filter(|ip| self.t.cluster_ips.contains(ip))
+            .collect();
+        for svc in old.iter().flat_map(|g| &g.services) {
+            self.count(svc, false);
+            for w in &svc.wanted {
+                let keys = [Some(w.key), w.internal.as_ref().map(|_| w.key.internal())];
+                for k in keys.into_iter().flatten() {
+                    let v = self.t.desired.remove(&k);
+                    delta.old.entry(k).or_insert(v);
+                }
+            }
+        }
+        for svc in new.iter().flat_map(|g| &g.services) {
+            self.count(svc, true);
+            for w in &svc.wanted {
+                let internal = w.internal.as_ref().map(|i| (w.key.internal(), i));
+                for (k, v) in [(w.key, &w.external)].into_iter().chain(internal) {
+                    delta.old.entry(k).or_insert(None);
+                    self.t.desired.insert(k, v.clone());
+                }
+            }
+        }
+        delta.old.retain(|k, v| v.as_ref() != self.t.desired.get(k));
+        for ip in vips {
+            let has = self.vip_refs.contains_key(&ip);
+            match (had.contains(&ip), has) {
+                (false, true) => {
+                    self.t.cluster_ips.insert(ip);
+                    delta.vips_added.insert(ip);
+                }
+                (true, false) => {
+                    self.t.cluster_ips.remove(&ip);
+                    delta.vips_removed.insert(ip);
+                }
+                _ => {}
+            }
+        }
+        Some(delta)
+    }
+}
+
+/// What changed from `old` to `new`, found by comparing them entry by entry.
+pub(super) fn compare(old: &Translation, new: &Translation) -> Delta {
+    let mut delta = Delta::default();
+    let (mut a, mut b) = (old.desired.iter().peekable(), new.desired.iter().peekable());
+    loop {
+        let order = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((x, _)), Some((y, _))) => x.cmp(y),
+        };
+        let o = (order != std::cmp::Ordering::Greater)
+            .then(|| a.next())
+            .flatten();
+        let n = (order != std::cmp::Ordering::Less)
+            .then(|| b.next())
+            .flatten();
+        match (o, n) {
+            (Some((_, x)), Some((_, y))) if x == y => {}
+            (Some((k, x)), _) => {
+                delta.old.insert(*k, Some(x.clone()));
+            }
+            (None, Some((k, _))) => {
+                delta.old.insert(*k, None);
+            }
+            (None, None) => {}
+        }
+    }
+    delta.vips_added = new
+        .cluster_ips
+        .difference(&old.cluster_ips)
+        .copied()
+        .collect();
+    delta.vips_removed = old
+        .cluster_ips
+        .difference(&new.cluster_ips)
+        .copied()
+        .collect();
+    delta
 }
 
 #[derive(Debug)]
@@ -351,11 +543,38 @@ impl Translator {
         Self::default()
     }
 
-    /// The same result as [`translate`] of `input`.
+    /// The same result as [`translate`] of `input`; [`delta`](Self::delta) tells how it
+    /// differs from the previous one.
     pub fn translate(
         &mut self,
         input: &Input<'_, Arc<Service>, Arc<EndpointSlice>>,
-    ) -> Translation {
+    ) -> &Translation {
+        let previous = self.out.take();
+        let (out, delta) = self.translate_inner(input, previous);
+        self.delta = delta;
+        &self.out.insert(out).t
+    }
+
+    /// The last result (empty before the first), and how it differs from the one before
+    /// (`None` after the first).
+    pub fn output(&self) -> (&Translation, Option<&Delta>) {
+        static EMPTY: Translation = Translation {
+            desired: BTreeMap::new(),
+            issues: Vec::new(),
+            cluster_ips: BTreeSet::new(),
+            health_checks: BTreeMap::new(),
+        };
+        (
+            self.out.as_ref().map_or(&EMPTY, |o| &o.t),
+            self.delta.as_ref(),
+        )
+    }
+
+    fn translate_inner(
+        &mut self,
+        input: &Input<'_, Arc<Service>, Arc<EndpointSlice>>,
+        previous: Option<Assembled>,
+    ) -> (Assembled, Option<Delta>) {
         let node_inputs = (
             input.node_name.to_owned(),
             input.node_zone.map(str::to_owned),
@@ -379,8 +598,19 @@ impl Translator {
             // `diff_sorted` checked the order around every changed object; the others keep
             // the strict order they had, so the input is strictly sorted too.
             self.last = Some((input.services.to_vec(), input.slices.to_vec()));
-            self.regroup(&changed, &node, input.nodeport_addresses);
-            return assemble(self.groups.values().map(|c| &c.out));
+            let (keys, old) = self.regroup(&changed, &node, input.nodeport_addresses);
+            if let Some(mut prev) = previous {
+                let new: Vec<&GroupOut> = keys
+                    .iter()
+                    .filter_map(|k| self.groups.get(k))
+                    .map(|c| &c.out)
+                    .collect();
+                if let Some(delta) = prev.patch(&old, &new) {
+                    return (prev, Some(delta));
+                }
+                return self.assemble_all(Some(prev));
+            }
+            return self.assemble_all(None);
         }
         self.last = (strictly_sorted(input.services) && strictly_sorted(input.slices))
             .then(|| (input.services.to_vec(), input.slices.to_vec()));
@@ -433,7 +663,14 @@ impl Translator {
             self.groups.insert(key, entry);
         }
         self.stats = stats;
-        assemble(self.groups.values().map(|c| &c.out))
+        self.assemble_all(previous)
+    }
+
+    /// Every group assembled afresh, and what changed since `previous`.
+    fn assemble_all(&self, previous: Option<Assembled>) -> (Assembled, Option<Delta>) {
+        let out = Assembled::new(self.groups.values().map(|c| &c.out));
+        let delta = previous.map(|p| compare(&p.t, &out.t));
+        (out, delta)
     }
 
     /// How the last translation went.
@@ -442,8 +679,15 @@ impl Translator {
     }
 
     /// Rebuilds and translates the groups `changed` names, from their cached members and the
-    /// changed objects; the other groups are kept as they are.
-    fn regroup(&mut self, changed: &Changed, node: &NodeView, nodeport_addresses: &[Ipv4Addr]) {
+    /// changed objects; the other groups are kept as they are. Returns the groups' keys and
+    /// their results before.
+    fn regroup(
+        &mut self,
+        changed: &Changed,
+        node: &NodeView,
+        nodeport_addresses: &[Ipv4Addr],
+    ) -> (BTreeSet<GroupKey>, Vec<GroupOut>) {
+        let mut old = Vec::new();
         let mut keys: BTreeSet<GroupKey> = BTreeSet::new();
         keys.extend(
             changed
@@ -463,7 +707,10 @@ impl Translator {
         );
         for key in &keys {
             let (mut services, mut slices) = match self.groups.remove(key) {
-                Some(c) => (c.services, c.slices),
+                Some(c) => {
+                    old.push(c.out);
+                    (c.services, c.slices)
+                }
                 None => Default::default(),
             };
             merge_members(&mut services, &changed.services, |s| {
@@ -494,6 +741,7 @@ impl Translator {
             translated: keys.len(),
             reused: self.groups.len().saturating_sub(keys.len()),
         };
+        (keys, old)
     }
 }
 
