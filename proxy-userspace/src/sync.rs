@@ -294,10 +294,12 @@ pub struct Reconciler {
     last: Option<Programmed>,
 }
 
-/// What the last reconciliation left in the maps: exactly the translator's last result (the
-/// capacity admitted all of it, and every write went through).
+/// What the last reconciliation left in the maps (every write went through).
 #[derive(Debug)]
 struct Programmed {
+    /// `None`: exactly the translator's last result (the capacity admitted all of it);
+    /// otherwise the part of it that fitted.
+    cut: Option<translate::Translation>,
     refs: plan::BackendRefs,
     /// `MapState::writes` right after: anything else means another writer.
     writes: u64,
@@ -377,33 +379,37 @@ impl Reconciler {
         stages.capacity = started.elapsed();
         let started = Instant::now();
         let last = self.last.take().filter(|l| l.writes == state.writes());
-        // Only the changed entries are planned when the maps hold the translator's previous
-        // result, so its delta is what they lack.
-        let delta = delta.filter(|_| cut.is_none());
-        let (p, refs) = match (last, delta) {
-            (Some(mut l), Some(delta)) => {
-                let ch = l.changes(delta, &t.desired);
-                match plan::plan_changes(state, &t.desired, &ch, &l.refs) {
-                    Some(p) => (p, Some(l.refs)),
-                    None => (plan::plan_full(state, &t.desired, &t.cluster_ips).0, None),
+        // Only the changed entries are planned: when the maps hold the translator's previous
+        // result, its delta is what they lack; when they hold a cut-down state (near the
+        // limits), what differs from that.
+        let planned = last.and_then(|mut l| {
+            let compared;
+            let delta = match (&l.cut, &cut, delta) {
+                (None, None, Some(d)) => d,
+                (Some(before), _, _) => {
+                    compared = translate::compare(before, t);
+                    &compared
                 }
-            }
-            _ => {
-                let (p, complete) = plan::plan_full(state, &t.desired, &t.cluster_ips);
-                (p, complete.then(|| plan::BackendRefs::new(&t.desired)))
-            }
-        };
+                _ => return None,
+            };
+            let ch = l.changes(delta, &t.desired);
+            plan::plan_changes(state, &t.desired, &ch, &l.refs).map(|p| (p, Some(l.refs)))
+        });
+        stages.incremental = planned.is_some();
+        let (p, refs) = planned.unwrap_or_else(|| {
+            let (p, complete) = plan::plan_full(state, &t.desired, &t.cluster_ips);
+            (p, complete.then(|| plan::BackendRefs::new(&t.desired)))
+        });
         stages.plan = started.elapsed();
-        stages.incremental = refs.is_some();
         let ops = p.ops.len();
         let started = Instant::now();
         plan::apply_plan(state, &p, writer).context("writing the service maps")?;
         stages.apply = started.elapsed();
         let summary = summarize(snapshot, ctx, state, t, ops, stages);
-        // A cut-down state is not the translator's result: the next sync plans in full.
-        self.last = refs.filter(|_| cut.is_none()).map(|refs| Programmed {
+        self.last = refs.map(|refs| Programmed {
             refs,
             writes: state.writes(),
+            cut,
         });
         Ok(summary)
     }

@@ -180,7 +180,13 @@ impl Agent {
     /// subscribed before the interfaces are listed, so no change falls in between.
     async fn start(args: &RunArgs, mut ctx: Context) -> Result<(Self, LinkEvents)> {
         let rejection_log = RejectionLog::default();
-        let (mut dp, state, pins, retired) = load_datapath(args, &ctx)?;
+        // Off the runtime's one thread: the program verification (about a second) then
+        // overlaps the initial lists the watches are already fetching.
+        let (a, c) = (args.clone(), ctx.clone());
+        let (mut dp, state, pins, retired) =
+            tokio::task::spawn_blocking(move || load_datapath(&a, &c))
+                .await
+                .context("loading the datapath")??;
 
         let nl = Netlink::connect()?;
         let pods = PodSelector::from_flags(&args.pod_bridge, &args.kp.pod_interface_name_prefix);

@@ -28,6 +28,7 @@ use std::{
     io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -153,35 +154,49 @@ impl Datapath {
             loader.map_pin_path(maps::CT4_PREVIOUS, p.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        // Load every program in the object; attaching is up to the caller.
-        let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
-        for name in names {
-            let Some(prog) = ebpf.program_mut(&name) else {
-                continue;
-            };
-            let r = match prog {
-                Program::SchedClassifier(p) => p.load(),
-                Program::Xdp(p) => p.load(),
-                // The socket programs need newer helpers (bpf_set_retval: 5.18) than the tc
-                // ones: without them the agent still runs with --socket-lb=off, and attaching
-                // them (any other --socket-lb) fails with the load error.
-                Program::CgroupSockAddr(p) => match p.load() {
-                    Err(e) => {
+        // Load every program in the object; attaching is up to the caller. Each load is a
+        // verification of its own (most of an agent's start: ~1 s for the four large
+        // programs), and the kernel verifies privileged loads in parallel: one thread each.
+        let results: Vec<(String, Result<(), ProgramError>, Duration)> = std::thread::scope(|s| {
+            let handles: Vec<_> = ebpf
+                .programs_mut()
+                .map(|(name, prog)| {
+                    let name = name.to_owned();
+                    s.spawn(move || {
+                        let t = Instant::now();
+                        let r = match prog {
+                            Program::SchedClassifier(p) => p.load(),
+                            Program::Xdp(p) => p.load(),
+                            Program::CgroupSockAddr(p) => p.load(),
+                            _ => Ok(()),
+                        };
+                        let socket = matches!(prog, Program::CgroupSockAddr(_));
+                        (name, socket, r, t.elapsed())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().ok())
+                .filter_map(|(name, socket, r, took)| match r {
+                    // The socket programs need newer helpers (bpf_set_retval: 5.18) than the
+                    // tc ones: without them the agent still runs with --socket-lb=off, and
+                    // attaching them (any other --socket-lb) fails with the load error.
+                    Err(e) if socket => {
                         log::warn!(
                             "socket program {name} did not load ({e}): socket-level balancing \
                              is unavailable on this kernel, run with --socket-lb=off \
                              (docs/kernels.md)"
                         );
-                        continue;
+                        None
                     }
-                    ok => ok,
-                },
-                _ => continue,
-            };
-            r.map_err(|source| DatapathError::ProgramLoad {
-                name: name.clone(),
-                source,
-            })?;
+                    r => Some((name, r, took)),
+                })
+                .collect()
+        });
+        for (name, r, took) in results {
+            log::debug!("program {name} loaded and verified in {took:?}");
+            r.map_err(|source| DatapathError::ProgramLoad { name, source })?;
         }
         let mut dp = Self {
             ebpf,

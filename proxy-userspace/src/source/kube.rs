@@ -194,7 +194,8 @@ pub async fn client_for(
 #[derive(Clone, Debug)]
 pub struct Lenient<K> {
     pub metadata: ObjectMeta,
-    pub object: Result<K, String>,
+    /// Shared: a snapshot hands the same allocation out (no copy of every object).
+    pub object: Result<Arc<K>, String>,
 }
 
 impl<K> Resource for Lenient<K>
@@ -236,6 +237,7 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
             .map(|m| ObjectMeta::deserialize(m).unwrap_or_else(|_| fallback_meta(m)))
             .unwrap_or_default();
         let object = serde_path_to_error::deserialize::<_, K>(value)
+            .map(Arc::new)
             .map_err(|e| format!("{}: {}", e.path(), e.inner()));
         Ok(Self { metadata, object })
     }
@@ -393,7 +395,7 @@ struct KeptEntry<K> {
 impl<K: Resource<DynamicType = ()> + Clone> KeptEntry<K> {
     fn new(store: Arc<Lenient<K>>) -> Self {
         let out = match &store.object {
-            Ok(k) => Ok(Arc::new(k.clone())),
+            Ok(k) => Ok(Arc::clone(k)),
             Err(e) => Err(format!(
                 "{} {}: cannot be decoded ({e}); the object is skipped",
                 K::kind(&()),

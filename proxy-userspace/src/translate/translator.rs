@@ -477,7 +477,7 @@ impl Assembled {
 }
 
 /// What changed from `old` to `new`, found by comparing them entry by entry.
-pub(super) fn compare(old: &Translation, new: &Translation) -> Delta {
+pub fn compare(old: &Translation, new: &Translation) -> Delta {
     let mut delta = Delta::default();
     let (mut a, mut b) = (old.desired.iter().peekable(), new.desired.iter().peekable());
     loop {
