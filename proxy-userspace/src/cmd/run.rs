@@ -406,7 +406,7 @@ impl Agent {
         // Bookkeeping over every object, after the maps are written: it must not delay a
         // change on its way to the datapath (issue 16: event -> maps in milliseconds).
         self.metrics.count_changes(&snapshot.objects);
-        self.triggers.note(&snapshot.objects.slices);
+        self.triggers.note_shared(&snapshot.objects.slices);
         match result {
             Ok(s) => {
                 let (objects, ids) = (&snapshot.objects, &s.service_ids);

@@ -198,7 +198,8 @@ pub struct Metrics {
     pub ct_orphans: Counter,
     service_ids: Arc<Mutex<ServiceIds>>,
     /// The objects of the last snapshot, to count what the next one changes.
-    last_objects: Arc<Mutex<Objects>>,
+    /// The last objects counted, and whether each kind is strictly in namespace/name order.
+    last_objects: Arc<Mutex<(Objects, bool)>>,
 }
 
 /// kube-proxy's buckets for the sync latencies: 1 ms to 16 s, doubling.
@@ -609,8 +610,24 @@ impl Metrics {
     /// The object counts of [`queued`](Self::queued) alone: the Services and EndpointSlices
     /// that changed since the last call (pending until a sync succeeds).
     pub fn count_changes(&self, objects: &Objects) {
-        let mut last = self.last_objects.lock().unwrap_or_else(|e| e.into_inner());
-        let c = count_changes(&last, objects);
+        use crate::translate::{diff_sorted, strictly_sorted};
+        let mut guard = self.last_objects.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, sorted) = &mut *guard;
+        // Both lists sorted (as the sources give them): a walk side by side where an unchanged
+        // object costs one pointer comparison, instead of keying every object by name.
+        let walked = sorted
+            .then(|| {
+                let s = diff_sorted(&last.services, &objects.services)?;
+                let e = diff_sorted(&last.slices, &objects.slices)?;
+                Some(Changes {
+                    services: s.len() as u64,
+                    endpoints: e.len() as u64,
+                })
+            })
+            .flatten();
+        *sorted = walked.is_some()
+            || (strictly_sorted(&objects.services) && strictly_sorted(&objects.slices));
+        let c = walked.unwrap_or_else(|| count_changes(last, objects));
         *last = Objects {
             services: objects.services.clone(),
             slices: objects.slices.clone(),

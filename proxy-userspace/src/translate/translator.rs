@@ -761,7 +761,7 @@ fn slice_group(s: &EndpointSlice) -> Option<(&str, &str)> {
 }
 
 /// Whether no two objects share or disorder a namespace/name.
-fn strictly_sorted<T: Metadata<Ty = ObjectMeta>>(objects: &[Arc<T>]) -> bool {
+pub(crate) fn strictly_sorted<T: Metadata<Ty = ObjectMeta>>(objects: &[Arc<T>]) -> bool {
     objects
         .windows(2)
         .all(|w| object_id(w[0].metadata()) < object_id(w[1].metadata()))
@@ -769,7 +769,7 @@ fn strictly_sorted<T: Metadata<Ty = ObjectMeta>>(objects: &[Arc<T>]) -> bool {
 
 /// The objects that differ between two inputs: (old, new) pairs, `None` on the side where the
 /// object is absent.
-type Diff<T> = Vec<(Option<Arc<T>>, Option<Arc<T>>)>;
+pub(crate) type Diff<T> = Vec<(Option<Arc<T>>, Option<Arc<T>>)>;
 
 struct Changed {
     services: Diff<Service>,
@@ -794,7 +794,7 @@ fn changed_groups(
 /// Walks two inputs side by side: the same allocation at the same place is unchanged and costs
 /// one pointer comparison; anything else is placed by namespace/name. `None` when `new` is not
 /// strictly sorted around an object that changed (unchanged neighbours keep the order they had).
-fn diff_sorted<T: Metadata<Ty = ObjectMeta> + PartialEq>(
+pub(crate) fn diff_sorted<T: Metadata<Ty = ObjectMeta> + PartialEq>(
     old: &[Arc<T>],
     new: &[Arc<T>],
 ) -> Option<Diff<T>> {
