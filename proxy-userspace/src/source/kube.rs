@@ -236,9 +236,14 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
             .get("metadata")
             .map(|m| ObjectMeta::deserialize(m).unwrap_or_else(|_| fallback_meta(m)))
             .unwrap_or_default();
-        let object = serde_path_to_error::deserialize::<_, K>(value)
-            .map(Arc::new)
-            .map_err(|e| format!("{}: {}", e.path(), e.inner()));
+        // Typed without path tracking first (it costs on every field); the path, for the
+        // message, only for an object that does not decode.
+        let object = match K::deserialize(&value) {
+            Ok(k) => Ok(Arc::new(k)),
+            Err(_) => serde_path_to_error::deserialize::<_, K>(value)
+                .map(Arc::new)
+                .map_err(|e| format!("{}: {}", e.path(), e.inner())),
+        };
         Ok(Self { metadata, object })
     }
 }
