@@ -104,22 +104,6 @@ pub fn endpoints_for(n: usize, sized_maps: bool) -> usize {
     }
 }
 
-/// The agent's map-size flags for `n` services x `e` endpoints (with headroom for the
-/// make-before-break overlap of a plan and the incremental steps).
-fn map_size_flags(n: usize, e: usize) -> Vec<String> {
-    let slack = |x: usize| (x + x / 8 + 1024).to_string();
-    vec![
-        "--max-services".into(),
-        slack(n),
-        "--service-map-entries".into(),
-        slack(n * (e + 1)),
-        "--max-backends".into(),
-        slack(n * e),
-        "--max-cluster-ips".into(),
-        slack(n),
-    ]
-}
-
 /// `n` services; the target (last) one has the ten real server pods (or `e` of them), the
 /// others `e` endpoints at addresses nothing answers on (they only fill the tables).
 fn services(n: usize, e: usize) -> Vec<Svc> {
@@ -329,7 +313,10 @@ impl Bench<'_> {
                     args.push(self.lab.node_cgroup(1).display().to_string());
                 }
                 if self.agent_has_size_flags {
-                    args.extend(map_size_flags(svcs.len(), self.endpoints));
+                    args.extend(proxy_lab::cluster::agent_map_size_flags(
+                        svcs.len(),
+                        self.endpoints,
+                    ));
                 }
                 args.extend(self.agent_args.iter().cloned());
                 self.agent = Some(self.lab.spawn(&self.node(), &args)?);

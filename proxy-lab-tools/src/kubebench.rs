@@ -125,21 +125,6 @@ fn node() -> Value {
     })
 }
 
-/// The agent's map-size flags for `n` x `e`, with headroom for make-before-break.
-fn map_size_flags(n: usize, e: usize) -> Vec<String> {
-    let slack = |x: usize| (x + x / 8 + 1024).to_string();
-    vec![
-        "--max-services".into(),
-        slack(n),
-        "--service-map-entries".into(),
-        slack(n * (e + 1)),
-        "--max-backends".into(),
-        slack(n * e + 1024),
-        "--max-cluster-ips".into(),
-        slack(n),
-    ]
-}
-
 pub fn run(args: KubeBenchArgs) -> Result<()> {
     match args.inside.clone() {
         Some(bpffs) => inside(&args, &bpffs),
@@ -406,7 +391,7 @@ fn inside(args: &KubeBenchArgs, bpffs: &Path) -> Result<()> {
         .arg(bpffs)
         .args(["--socket-lb", "off", "--metrics-bind-address", METRICS])
         .args(["--healthz-bind-address", "127.0.0.1:10256"])
-        .args(map_size_flags(n, e))
+        .args(proxy_lab::cluster::agent_map_size_flags(n, e))
         .args(&args.agent_args)
         .stdin(Stdio::null())
         .stdout(fs::File::create(&log)?)

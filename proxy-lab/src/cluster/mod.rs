@@ -750,6 +750,22 @@ impl Probe {
     }
 }
 
+/// The agent's map-size flags for `services` x `endpoints` (benches at 10^4-10^5 services),
+/// with headroom for a plan's make-before-break overlap and the benches' changes.
+pub fn agent_map_size_flags(services: usize, endpoints: usize) -> Vec<String> {
+    let slack = |x: usize| (x + x / 8 + 1024).to_string();
+    vec![
+        "--max-services".into(),
+        slack(services),
+        "--service-map-entries".into(),
+        slack(services * (endpoints + 1)),
+        "--max-backends".into(),
+        slack(services * endpoints),
+        "--max-cluster-ips".into(),
+        slack(services),
+    ]
+}
+
 /// For lab tests: the binaries under test, `EBPF_PROXY_BIN` (the agent) and
 /// `EBPF_PROXY_LAB_BIN` (the lab tools) as `cargo xtask test` sets them, else
 /// `target/release/ebpf-proxy` and `ebpf-proxy-lab` beside it. Panics with the fix when not
