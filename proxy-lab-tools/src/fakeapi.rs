@@ -776,8 +776,13 @@ async fn serve_list(shared: &Shared, stream: &mut TcpStream, kind: Kind, req: &R
             let ks = &st.kinds[&kind];
             let mut items = Vec::new();
             let mut next = None;
-            for (key, obj) in &ks.objects {
-                if after.as_ref().is_some_and(|a| key <= a) || !selected(obj, req) {
+            // From just after the continue token's item: no page walks the pages before it.
+            let from = match &after {
+                Some(a) => std::ops::Bound::Excluded(a.clone()),
+                None => std::ops::Bound::Unbounded,
+            };
+            for (key, obj) in ks.objects.range((from, std::ops::Bound::Unbounded)) {
+                if !selected(obj, req) {
                     continue;
                 }
                 if items.len() == limit {
