@@ -303,3 +303,122 @@ fn host_processes_keep_working_across_an_agent_restart() {
         assert_eq!(keys(p.reply_sources()), vec![vip()], "udp={udp}");
     }
 }
+
+/// Counters of node1 around a probe from the `client` pod (on node1): (socket translations,
+/// tc new flows, the probe).
+fn pod_probe_counted(c: &Cluster, target: &str, udp: bool, n: u32) -> (u64, u64, Probe) {
+    let (sock, fwd) = (sock_xlated(c, 1), counter(c, 1, "forward_new"));
+    let p = c.probe("client", target, udp, n).expect("probe");
+    assert_eq!(p.ok(), n as u64, "{target} udp={udp}: {:?}", p.0);
+    (
+        sock_xlated(c, 1) - sock,
+        counter(c, 1, "forward_new") - fwd,
+        p,
+    )
+}
+
+/// `--socket-lb=all`: a pod's TCP connect() to a ClusterIP is balanced at the socket (one
+/// socket translation per connection, no tc new flow, so no NAT and no conntrack entry),
+/// `getpeername` in the pod shows the ClusterIP, and the backend sees the pod's own address
+/// (kube-proxy does not masquerade pod -> ClusterIP either). Everything a per-packet rule could
+/// apply to stays on tc: the same pod's UDP, a service with sessionAffinity, one with
+/// loadBalancerSourceRanges, and an externalTrafficPolicy Cluster LB IP (masqueraded). An
+/// externalTrafficPolicy Local LB IP, not masqueraded from pods, is balanced at the socket.
+/// Run with `--socket-lb=host`, the first assertion fails (no socket translation).
+#[test]
+fn socket_lb_all_balances_pods_tcp_at_the_socket_and_leaves_the_rest_to_tc() {
+    use proxy_lab::services::{self, Svc, WEB};
+    use std::net::Ipv4Addr;
+    let spec = LabSpec::default_demo();
+    let eps = proxy_lab::cluster::hostnames_endpoints(&spec);
+    let args = ["--socket-lb".to_owned(), "all".to_owned()];
+    let c = Cluster::up_with_agent_args(&bins(), &spec, &eps, &args, &|m| eprintln!("{m}"))
+        .expect("cluster up");
+    let client = c.lab.pod_ip("client").expect("client pod").to_string();
+
+    let n = 60;
+    let (sock, fwd, p) = pod_probe_counted(&c, &vip(), false, n);
+    assert_eq!(
+        (sock, fwd),
+        (n as u64, 0),
+        "each TCP connect translated at the socket, none by tc: {:?}",
+        p.0
+    );
+    assert_eq!(
+        keys(p.reply_sources()),
+        vec![vip()],
+        "getpeername in the pod shows the ClusterIP"
+    );
+    assert!(
+        p.answers().len() >= 2,
+        "balanced over the endpoints: {:?}",
+        p.answers()
+    );
+    assert_eq!(
+        keys(p.seen_by_server()),
+        vec![client.clone()],
+        "backends see the pod's own address"
+    );
+    let (sock, fwd, p) = pod_probe_counted(&c, &vip(), true, 30);
+    assert_eq!(sock, 0, "the pod's UDP is left to tc");
+    assert!(fwd >= 30, "tc translated each datagram's flow ({fwd})");
+    assert_eq!(
+        keys(p.reply_sources()),
+        vec![vip()],
+        "UDP replies from the VIP"
+    );
+
+    // Services a per-packet rule applies to.
+    let sticky = Svc::cluster_ip_only("sticky", Ipv4Addr::new(10, 96, 0, 61));
+    let yaml = sticky
+        .yaml(&eps)
+        .replacen("spec:\n", "spec:\n  sessionAffinity: ClientIP\n", 1);
+    fs::write(c.manifests.join("sticky.yaml"), yaml).expect("write manifest");
+    let ranges = Svc {
+        name: "rlocal",
+        cluster_ip: Ipv4Addr::new(10, 96, 0, 62),
+        lb_ip: Some(Ipv4Addr::new(203, 0, 113, 62)),
+        node_port_tcp: Some(30120),
+        node_port_udp: Some(30121),
+        local: true,
+        // The pods' CIDR: allowed, but checked per packet.
+        source_ranges: &["10.76.0.0/16"],
+        health_check_node_port: Some(32062),
+    };
+    let local = Svc {
+        name: "elocal",
+        cluster_ip: Ipv4Addr::new(10, 96, 0, 63),
+        lb_ip: Some(Ipv4Addr::new(203, 0, 113, 63)),
+        node_port_tcp: Some(30130),
+        node_port_udp: Some(30131),
+        local: true,
+        source_ranges: &[],
+        health_check_node_port: Some(32063),
+    };
+    for s in [&ranges, &local, &WEB] {
+        services::install(&c, s, &eps).expect("install");
+    }
+    for s in [&sticky, &ranges, &local, &WEB] {
+        services::wait_entry(&c, 1, s.cluster_ip, 80, Duration::from_secs(10)).expect("entry");
+    }
+    let lb = |s: &Svc| format!("{}:80", s.lb_ip.expect("LB IP"));
+    let (sock, fwd, p) = pod_probe_counted(&c, &format!("{}:80", sticky.cluster_ip), false, 30);
+    assert_eq!(sock, 0, "sessionAffinity: left to tc");
+    assert!(fwd >= 30, "sessionAffinity: tc translated ({fwd})");
+    assert_eq!(p.answers().len(), 1, "affinity held: {:?}", p.answers());
+    for (what, target) in [
+        ("loadBalancerSourceRanges", lb(&ranges)),
+        ("externalTrafficPolicy Cluster LB IP", lb(&WEB)),
+    ] {
+        let (sock, fwd, _) = pod_probe_counted(&c, &target, false, 20);
+        assert_eq!(sock, 0, "{what}: left to tc");
+        assert!(fwd >= 20, "{what}: tc translated ({fwd})");
+    }
+    let (sock, fwd, p) = pod_probe_counted(&c, &lb(&local), false, 20);
+    assert_eq!(
+        (sock, fwd),
+        (20, 0),
+        "externalTrafficPolicy Local LB IP: at the socket"
+    );
+    assert_eq!(keys(p.reply_sources()), vec![lb(&local)]);
+}
