@@ -422,3 +422,84 @@ fn socket_lb_all_balances_pods_tcp_at_the_socket_and_leaves_the_rest_to_tc() {
     );
     assert_eq!(keys(p.reply_sources()), vec![lb(&local)]);
 }
+
+/// `probe --source-port` from the `client` pod: one TCP request from that port.
+fn pod_probe_from_port(c: &Cluster, target: &str, port: u16) -> Probe {
+    let args: Vec<String> = vec![
+        c.bins.tools.display().to_string(),
+        "probe".into(),
+        target.into(),
+        "--source-port".into(),
+        port.to_string(),
+        "--timeout-ms".into(),
+        "2000".into(),
+        "--json".into(),
+    ];
+    let out = c
+        .lab
+        .exec(&c.lab.pod_ns("client"), &args)
+        .expect("exec probe");
+    Probe(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "probe output ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }))
+}
+
+/// `--socket-lb=all`: a pod reaches one endpoint both through tc (a sessionAffinity service)
+/// and at the socket (a plain one), from the same source port, one after the other. The
+/// socket path connects straight to the endpoint, so if the tc flow had kept the pod's port
+/// both would be the same connection to the endpoint (and tc would rewrite the second one's
+/// replies as the first's). tc's flows therefore take a port out of the pod's ephemeral
+/// range (the SNAT range), and every request is answered.
+#[test]
+fn socket_lb_all_tc_and_socket_flows_of_a_pod_never_share_a_tuple() {
+    use proxy_lab::services::{self, Svc};
+    use std::net::Ipv4Addr;
+    let spec = LabSpec::default_demo();
+    let eps = proxy_lab::cluster::hostnames_endpoints(&spec);
+    let args = ["--socket-lb".to_owned(), "all".to_owned()];
+    let c = Cluster::up_with_agent_args(&bins(), &spec, &eps, &args, &|m| eprintln!("{m}"))
+        .expect("cluster up");
+    let one = &eps[..1];
+    let sticky = Svc::cluster_ip_only("sticky1", Ipv4Addr::new(10, 96, 0, 64));
+    let yaml = sticky
+        .yaml(one)
+        .replacen("spec:\n", "spec:\n  sessionAffinity: ClientIP\n", 1);
+    fs::write(c.manifests.join("sticky1.yaml"), yaml).expect("write manifest");
+    let solo = Svc::cluster_ip_only("solo", Ipv4Addr::new(10, 96, 0, 65));
+    services::install(&c, &solo, one).expect("install");
+    for s in [&sticky, &solo] {
+        services::wait_entry(&c, 1, s.cluster_ip, 80, Duration::from_secs(10)).expect("entry");
+    }
+    let port = 40_123;
+    for round in 0..3 {
+        let (sock, fwd) = (sock_xlated(&c, 1), counter(&c, 1, "forward_new"));
+        let p = pod_probe_from_port(&c, &format!("{}:80", sticky.cluster_ip), port);
+        assert_eq!(p.ok(), 1, "round {round}, via tc: {:?}", p.0);
+        assert_eq!(
+            p.0["source_port_preserved"].as_u64(),
+            Some(0),
+            "round {round}: tc gave the flow a port of its own: {:?}",
+            p.0
+        );
+        let p = pod_probe_from_port(&c, &format!("{}:80", solo.cluster_ip), port);
+        assert_eq!(p.ok(), 1, "round {round}, at the socket: {:?}", p.0);
+        assert_eq!(
+            p.0["source_port_preserved"].as_u64(),
+            Some(1),
+            "round {round}: straight to the endpoint from the pod's port: {:?}",
+            p.0
+        );
+        assert_eq!(
+            (
+                sock_xlated(&c, 1) - sock,
+                counter(&c, 1, "forward_new") - fwd
+            ),
+            (1, 1),
+            "round {round}: one flow by tc, one at the socket"
+        );
+    }
+}
