@@ -304,6 +304,44 @@ fn host_processes_keep_working_across_an_agent_restart() {
     }
 }
 
+/// The demo lab with every agent run with `--socket-lb=all`.
+fn up_socket_lb_all() -> (Cluster, Vec<Endpoint>) {
+    let spec = LabSpec::default_demo();
+    let eps = proxy_lab::cluster::hostnames_endpoints(&spec);
+    let args = ["--socket-lb".to_owned(), "all".to_owned()];
+    let c = Cluster::up_with_agent_args(&bins(), &spec, &eps, &args, &|m| eprintln!("{m}"))
+        .expect("cluster up");
+    (c, eps)
+}
+
+/// `svc` with sessionAffinity ClientIP, written into the manifests directory.
+fn install_with_affinity(c: &Cluster, svc: &proxy_lab::services::Svc, eps: &[Endpoint]) {
+    let yaml = svc
+        .yaml(eps)
+        .replacen("spec:\n", "spec:\n  sessionAffinity: ClientIP\n", 1);
+    fs::write(c.manifests.join(format!("{}.yaml", svc.name)), yaml).expect("write manifest");
+}
+
+/// A LoadBalancer with externalTrafficPolicy Local: ClusterIP 10.96.0.`n`, LB IP
+/// 203.0.113.`n`, node ports 30000 + 10`n` and the next.
+fn local_lb(
+    name: &'static str,
+    n: u8,
+    source_ranges: &'static [&'static str],
+) -> proxy_lab::services::Svc {
+    let np = 30_000 + 10 * u16::from(n);
+    proxy_lab::services::Svc {
+        name,
+        cluster_ip: std::net::Ipv4Addr::new(10, 96, 0, n),
+        lb_ip: Some(std::net::Ipv4Addr::new(203, 0, 113, n)),
+        node_port_tcp: Some(np),
+        node_port_udp: Some(np + 1),
+        local: true,
+        source_ranges,
+        health_check_node_port: Some(32_000 + u16::from(n)),
+    }
+}
+
 /// Counters of node1 around a probe from the `client` pod (on node1): (socket translations,
 /// tc new flows, the probe).
 fn pod_probe_counted(c: &Cluster, target: &str, udp: bool, n: u32) -> (u64, u64, Probe) {
@@ -329,11 +367,7 @@ fn pod_probe_counted(c: &Cluster, target: &str, udp: bool, n: u32) -> (u64, u64,
 fn socket_lb_all_balances_pods_tcp_at_the_socket_and_leaves_the_rest_to_tc() {
     use proxy_lab::services::{self, Svc, WEB};
     use std::net::Ipv4Addr;
-    let spec = LabSpec::default_demo();
-    let eps = proxy_lab::cluster::hostnames_endpoints(&spec);
-    let args = ["--socket-lb".to_owned(), "all".to_owned()];
-    let c = Cluster::up_with_agent_args(&bins(), &spec, &eps, &args, &|m| eprintln!("{m}"))
-        .expect("cluster up");
+    let (c, eps) = up_socket_lb_all();
     let client = c.lab.pod_ip("client").expect("client pod").to_string();
 
     let n = 60;
@@ -370,31 +404,10 @@ fn socket_lb_all_balances_pods_tcp_at_the_socket_and_leaves_the_rest_to_tc() {
 
     // Services a per-packet rule applies to.
     let sticky = Svc::cluster_ip_only("sticky", Ipv4Addr::new(10, 96, 0, 61));
-    let yaml = sticky
-        .yaml(&eps)
-        .replacen("spec:\n", "spec:\n  sessionAffinity: ClientIP\n", 1);
-    fs::write(c.manifests.join("sticky.yaml"), yaml).expect("write manifest");
-    let ranges = Svc {
-        name: "rlocal",
-        cluster_ip: Ipv4Addr::new(10, 96, 0, 62),
-        lb_ip: Some(Ipv4Addr::new(203, 0, 113, 62)),
-        node_port_tcp: Some(30120),
-        node_port_udp: Some(30121),
-        local: true,
-        // The pods' CIDR: allowed, but checked per packet.
-        source_ranges: &["10.76.0.0/16"],
-        health_check_node_port: Some(32062),
-    };
-    let local = Svc {
-        name: "elocal",
-        cluster_ip: Ipv4Addr::new(10, 96, 0, 63),
-        lb_ip: Some(Ipv4Addr::new(203, 0, 113, 63)),
-        node_port_tcp: Some(30130),
-        node_port_udp: Some(30131),
-        local: true,
-        source_ranges: &[],
-        health_check_node_port: Some(32063),
-    };
+    install_with_affinity(&c, &sticky, &eps);
+    // The pods' CIDR: allowed, but checked per packet.
+    let ranges = local_lb("rlocal", 62, &["10.76.0.0/16"]);
+    let local = local_lb("elocal", 63, &[]);
     for s in [&ranges, &local, &WEB] {
         services::install(&c, s, &eps).expect("install");
     }
@@ -458,17 +471,10 @@ fn pod_probe_from_port(c: &Cluster, target: &str, port: u16) -> Probe {
 fn socket_lb_all_tc_and_socket_flows_of_a_pod_never_share_a_tuple() {
     use proxy_lab::services::{self, Svc};
     use std::net::Ipv4Addr;
-    let spec = LabSpec::default_demo();
-    let eps = proxy_lab::cluster::hostnames_endpoints(&spec);
-    let args = ["--socket-lb".to_owned(), "all".to_owned()];
-    let c = Cluster::up_with_agent_args(&bins(), &spec, &eps, &args, &|m| eprintln!("{m}"))
-        .expect("cluster up");
+    let (c, eps) = up_socket_lb_all();
     let one = &eps[..1];
     let sticky = Svc::cluster_ip_only("sticky1", Ipv4Addr::new(10, 96, 0, 64));
-    let yaml = sticky
-        .yaml(one)
-        .replacen("spec:\n", "spec:\n  sessionAffinity: ClientIP\n", 1);
-    fs::write(c.manifests.join("sticky1.yaml"), yaml).expect("write manifest");
+    install_with_affinity(&c, &sticky, one);
     let solo = Svc::cluster_ip_only("solo", Ipv4Addr::new(10, 96, 0, 65));
     services::install(&c, &solo, one).expect("install");
     for s in [&sticky, &solo] {
@@ -477,22 +483,17 @@ fn socket_lb_all_tc_and_socket_flows_of_a_pod_never_share_a_tuple() {
     let port = 40_123;
     for round in 0..3 {
         let (sock, fwd) = (sock_xlated(&c, 1), counter(&c, 1, "forward_new"));
-        let p = pod_probe_from_port(&c, &format!("{}:80", sticky.cluster_ip), port);
-        assert_eq!(p.ok(), 1, "round {round}, via tc: {:?}", p.0);
-        assert_eq!(
-            p.0["source_port_preserved"].as_u64(),
-            Some(0),
-            "round {round}: tc gave the flow a port of its own: {:?}",
-            p.0
-        );
-        let p = pod_probe_from_port(&c, &format!("{}:80", solo.cluster_ip), port);
-        assert_eq!(p.ok(), 1, "round {round}, at the socket: {:?}", p.0);
-        assert_eq!(
-            p.0["source_port_preserved"].as_u64(),
-            Some(1),
-            "round {round}: straight to the endpoint from the pod's port: {:?}",
-            p.0
-        );
+        // Via tc from another port; at the socket from the pod's own.
+        for (svc, how, preserved) in [(&sticky, "via tc", 0), (&solo, "at the socket", 1)] {
+            let p = pod_probe_from_port(&c, &format!("{}:80", svc.cluster_ip), port);
+            assert_eq!(p.ok(), 1, "round {round}, {how}: {:?}", p.0);
+            assert_eq!(
+                p.0["source_port_preserved"].as_u64(),
+                Some(preserved),
+                "round {round}, {how}: the source port the endpoint saw: {:?}",
+                p.0
+            );
+        }
         assert_eq!(
             (
                 sock_xlated(&c, 1) - sock,
