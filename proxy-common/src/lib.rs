@@ -761,6 +761,11 @@ pub mod cfg_flags {
     /// table, read when a packet misses ours. Set by the agent from load until every link runs
     /// our programs and the table has been copied a last time.
     pub const CT_PREVIOUS: u32 = 1 << 5;
+    /// `--socket-lb=all` (always with `SOCK_LB_HOST_ONLY`): a pod's TCP `connect()` to a
+    /// service without loadBalancerSourceRanges or sessionAffinity, that kube-proxy would not
+    /// masquerade, is translated at the socket too; every other pod socket is left to tc. An
+    /// older program that does not know this bit still sees `SOCK_LB_HOST_ONLY`.
+    pub const SOCK_LB_PODS_TCP: u32 = 1 << 6;
 }
 
 /// Per-node configuration, written by the agent at start.

@@ -495,9 +495,15 @@ fn ct_create(
     fwd.src_addr_be = p.saddr_be;
     fwd.src_port_be = p.sport_be;
     // A pod's TCP flow keeps its port unless one of the pod's own connections, opened
-    // straight to the endpoint, already holds the tuple.
+    // straight to the endpoint, already holds the tuple. With `--socket-lb=all` most of a
+    // pod's connections are opened straight to endpoints, after or before ours: ours take a
+    // port from the SNAT range, out of the pod's ephemeral range, so neither meets the other.
     let how = if origin == Origin::Pod && p.proto == proto::TCP {
-        Commit::KeepUnlessPodSocket
+        if cfg.flags & cfg_flags::SOCK_LB_PODS_TCP != 0 {
+            Commit::Remap
+        } else {
+            Commit::KeepUnlessPodSocket
+        }
     } else {
         Commit::Keep
     };
@@ -513,6 +519,8 @@ enum Commit {
     /// it: a connection opened straight to the endpoint, which our conntrack never saw
     /// (netfilter's NAT sees it, and picks another port). One socket lookup per new flow.
     KeepUnlessPodSocket,
+    /// The client's address with a port from the SNAT range (`--socket-lb=all`, pods' TCP).
+    Remap,
     /// Always a port from the SNAT range (the source becomes the node).
     Masquerade,
 }
@@ -608,7 +616,8 @@ fn claim(key: &Ct4Key, rev_key: &Ct4Key, rev: &Ct4Value, take_closed: bool) -> C
 /// tuple is the backend answering to (`fwd.src_addr_be`, source port). A flow keeps its
 /// client's port when that tuple is free; a masqueraded flow, or one whose tuple a live
 /// flow holds (a client reusing its port towards two services that share an endpoint),
-/// gets a port from the SNAT range, as netfilter's NAT does.
+/// gets a port from the SNAT range, as netfilter's NAT does; so does a pod's TCP flow under
+/// `--socket-lb=all` ([`Commit::Remap`]).
 #[inline(always)]
 fn ct_commit(
     ctx: &TcContext,
@@ -623,7 +632,8 @@ fn ct_commit(
     let (b_addr, b_port, addr) = (fwd.dst_addr_be, fwd.dst_port_be, fwd.src_addr_be);
     if !masquerade {
         let rev_key = Ct4Key::new(b_addr, addr, b_port, fwd.src_port_be, key.proto);
-        let pod_holds = how == Commit::KeepUnlessPodSocket && pod_socket_holds(ctx, &rev_key);
+        let pod_holds = how == Commit::Remap
+            || how == Commit::KeepUnlessPodSocket && pod_socket_holds(ctx, &rev_key);
         // The client reusing its own port after a close: its tuple, taken over.
         match if pod_holds {
             Claim::Taken
@@ -656,11 +666,14 @@ fn ct_commit(
         match claim(key, &rev_key, &rev, i >= FREE_PROBES) {
             Claim::Done => {
                 fwd.src_port_be = port;
-                count(if masquerade {
-                    counter::MASQUERADE
-                } else {
-                    counter::CT_CLASH_REMAPPED
-                });
+                // A remap by policy is no clash.
+                if how != Commit::Remap {
+                    count(if masquerade {
+                        counter::MASQUERADE
+                    } else {
+                        counter::CT_CLASH_REMAPPED
+                    });
+                }
                 return ct_insert_forward(key, &fwd, &rev_key);
             }
             Claim::Full => {

@@ -1,4 +1,5 @@
-//! Socket-level load balancing for host processes (cgroup v2 sock_addr hooks).
+//! Socket-level load balancing for host processes, and with `--socket-lb=all` for pods' TCP
+//! connections (cgroup v2 sock_addr hooks).
 //!
 //! Host-network processes (kubelet, hostNetwork pods) never cross a pod veth, so the tc
 //! programs never see their traffic. Instead, four programs attached to a cgroup v2 directory
@@ -21,6 +22,9 @@
 //! The hooks sit on the cgroup root, which holds every pod's processes too; a pod's socket is
 //! left untouched (its cookie differs from `NodeConfig::host_netns_cookie`) and the tc
 //! programs on its veth translate its packets, with every per-packet rule kube-proxy has.
+//! `--socket-lb=all` (`cfg_flags::SOCK_LB_PODS_TCP`) also translates a pod's TCP `connect()`
+//! when no per-packet rule could apply (see [`pod_at_socket`]): no NAT and no conntrack for
+//! that connection. Anything else a pod does is still left to tc, verdicts included.
 //!
 //! Verdicts: a service with no usable endpoint fails the syscall with ECONNREFUSED (what a
 //! kube-proxy REJECT gives a TCP client; a UDP client sees it at `sendto` instead of on a later
@@ -106,13 +110,17 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         return ALLOW;
     }
     let cfg = node_config();
-    // `--socket-lb=host`: a pod's socket (another network namespace) is left alone, so its
-    // packets meet the tc programs, which apply every per-packet rule (source ranges,
-    // affinity by pod address, a connected UDP socket moved off a removed endpoint).
+    // `--socket-lb=host|all`: a pod's socket (another network namespace).
     // SAFETY: the helper only reads the context's socket.
-    if cfg.flags & cfg_flags::SOCK_LB_HOST_ONLY != 0
-        && unsafe { bpf_get_netns_cookie(sa.cast()) } != cfg.host_netns_cookie
-    {
+    let pod = cfg.flags & cfg_flags::SOCK_LB_HOST_ONLY != 0
+        && unsafe { bpf_get_netns_cookie(sa.cast()) } != cfg.host_netns_cookie;
+    // Left alone unless `all` and a TCP connect(), so its packets meet the tc programs, which
+    // apply every per-packet rule (source ranges, affinity by pod address, a connected UDP
+    // socket moved off a removed endpoint). `--masquerade-all` SNATs every ClusterIP flow,
+    // which a socket cannot do.
+    let pods_tcp = cfg.flags & (cfg_flags::SOCK_LB_PODS_TCP | cfg_flags::MASQUERADE_ALL)
+        == cfg_flags::SOCK_LB_PODS_TCP;
+    if pod && !(pods_tcp && !sendmsg && proto == proto::TCP) {
         // Except an unconnected UDP socket that an earlier release balanced here: it keeps
         // its backend while that exists, so an upgrade moves no live flow.
         if sendmsg {
@@ -129,8 +137,12 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         }
         return ALLOW;
     }
-    // Host traffic is internal: externalTrafficPolicy Local short-circuits to every endpoint.
+    // Host and pod traffic is internal: internalTrafficPolicy applies, and
+    // externalTrafficPolicy Local short-circuits to every endpoint.
     let Some(svc) = lookup_service(addr_be, port_be, proto, true) else {
+        if pod {
+            return ALLOW;
+        }
         // A ClusterIP on a port/protocol no service uses: REJECT like kube-proxy.
         // SAFETY: the value is not kept.
         if unsafe { LB4_VIP_V1.get(addr_be) }.is_some() {
@@ -139,6 +151,10 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         }
         return ALLOW;
     };
+    // A pod's verdicts (REJECT, DROP) stay tc's, per packet, as with `--socket-lb=host`.
+    if pod && (svc.count == 0 || !pod_at_socket(svc.flags)) {
+        return ALLOW;
+    }
     if svc.count == 0 {
         if svc.flags & svc_flags::DROP_IF_EMPTY != 0 {
             count(counter::DROP_NO_LOCAL_BACKEND);
@@ -152,9 +168,11 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let fwd_key = SockKey4::new(cookie, addr_be, port_be);
     let (backend_id, b) = match sticky_backend(sendmsg, &fwd_key) {
         Some(x) => x,
-        // Every host process has the node's address as its client (sessionAffinity).
+        // Every host process has the node's address as its client (sessionAffinity; a pod
+        // gets here only without it).
         None => match select_backend(&svc, cfg.node_addr_be) {
             Some(x) => x,
+            None if pod => return ALLOW,
             None => {
                 count(counter::DROP_BACKEND_MISSING);
                 return deny(ECONNREFUSED);
@@ -165,6 +183,9 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let rev_key = SockKey4::new(cookie, b.addr_be, b.port_be);
     let rev = SockXlate4::new(addr_be, port_be, svc.svc_id, backend_id);
     if LB4_RSK_V2.insert(rev_key, rev, BPF_ANY as u64).is_err() {
+        if pod {
+            return ALLOW;
+        }
         count(counter::DROP_CT_FULL);
         return deny(EPERM);
     }
@@ -182,6 +203,19 @@ fn xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     // One per connect/sendmsg: the socket hooks never see the packets (no byte count).
     count_service(svc.svc_id, 0);
     ALLOW
+}
+
+/// `--socket-lb=all`: whether a pod's TCP connection to this service entry may be balanced at
+/// the socket, i.e. no per-packet rule applies to it. Not with loadBalancerSourceRanges (the
+/// source is checked per packet) or sessionAffinity (keyed by the pod's address, unknown
+/// before connect), nor for a NodePort, externalIP or LoadBalancer entry with
+/// externalTrafficPolicy Cluster, which kube-proxy masquerades even from pods. Pods are
+/// assumed to be inside `--cluster-cidr`, so a ClusterIP is never masqueraded for its source.
+#[inline(always)]
+fn pod_at_socket(flags: u32) -> bool {
+    let per_packet = svc_flags::SOURCE_RANGES | svc_flags::AFFINITY;
+    let masqueraded = flags & svc_flags::EXTERNAL_KINDS != 0 && flags & svc_flags::ETP_LOCAL == 0;
+    flags & per_packet == 0 && !masqueraded
 }
 
 /// The backend this UDP socket already uses for this service, while it still exists.

@@ -72,6 +72,10 @@ pub struct ProbeArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// TCP only: bind every request to this source port (SO_REUSEADDR), one at a time, to
+    /// reuse a tuple on purpose.
+    #[arg(long, value_name = "PORT")]
+    pub source_port: Option<u16>,
 }
 
 /// What a probe saw.
@@ -394,8 +398,18 @@ fn failed(e: io::Error, what: &str) -> Outcome {
     }
 }
 
-async fn tcp_request(target: SocketAddrV4) -> Outcome {
-    let mut stream = match TcpStream::connect(target).await {
+async fn tcp_connect(target: SocketAddrV4, source_port: Option<u16>) -> io::Result<TcpStream> {
+    let Some(port) = source_port else {
+        return TcpStream::connect(target).await;
+    };
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.set_reuseaddr(true)?;
+    s.bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
+    s.connect(target.into()).await
+}
+
+async fn tcp_request(target: SocketAddrV4, source_port: Option<u16>) -> Outcome {
+    let mut stream = match tcp_connect(target, source_port).await {
         Ok(s) => s,
         Err(e) => return failed(e, "connect"),
     };
@@ -469,6 +483,17 @@ pub async fn probe(args: ProbeArgs) -> Result<ProbeReport> {
     ensure!(args.count > 0, "--count must be at least 1");
     ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     ensure!(args.timeout_ms > 0, "--timeout-ms must be at least 1");
+    ensure!(
+        !(args.udp && args.source_port.is_some()),
+        "--source-port is for TCP only"
+    );
+    let source_port = args.source_port;
+    // One socket per port at a time.
+    let concurrency = if source_port.is_some() {
+        1
+    } else {
+        args.concurrency
+    };
     let timeout = Duration::from_millis(args.timeout_ms);
     let target = args.target;
     let udp = args.udp;
@@ -480,7 +505,7 @@ pub async fn probe(args: ProbeArgs) -> Result<ProbeReport> {
     let mut in_flight = tokio::task::JoinSet::new();
     let mut remaining = args.count;
     loop {
-        while remaining > 0 && in_flight.len() < args.concurrency {
+        while remaining > 0 && in_flight.len() < concurrency {
             remaining -= 1;
             report.sent += 1;
             in_flight.spawn(async move {
@@ -488,7 +513,7 @@ pub async fn probe(args: ProbeArgs) -> Result<ProbeReport> {
                     if udp {
                         udp_request(target).await
                     } else {
-                        tcp_request(target).await
+                        tcp_request(target, source_port).await
                     }
                 };
                 match tokio::time::timeout(timeout, request).await {
@@ -586,6 +611,7 @@ mod tests {
             timeout_ms: 2000,
             concurrency: 8,
             json: false,
+            source_port: None,
         }
     }
 

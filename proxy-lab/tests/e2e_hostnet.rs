@@ -303,3 +303,204 @@ fn host_processes_keep_working_across_an_agent_restart() {
         assert_eq!(keys(p.reply_sources()), vec![vip()], "udp={udp}");
     }
 }
+
+/// The demo lab with every agent run with `--socket-lb=all`.
+fn up_socket_lb_all() -> (Cluster, Vec<Endpoint>) {
+    let spec = LabSpec::default_demo();
+    let eps = proxy_lab::cluster::hostnames_endpoints(&spec);
+    let args = ["--socket-lb".to_owned(), "all".to_owned()];
+    let c = Cluster::up_with_agent_args(&bins(), &spec, &eps, &args, &|m| eprintln!("{m}"))
+        .expect("cluster up");
+    (c, eps)
+}
+
+/// `svc` with sessionAffinity ClientIP, written into the manifests directory.
+fn install_with_affinity(c: &Cluster, svc: &proxy_lab::services::Svc, eps: &[Endpoint]) {
+    let yaml = svc
+        .yaml(eps)
+        .replacen("spec:\n", "spec:\n  sessionAffinity: ClientIP\n", 1);
+    fs::write(c.manifests.join(format!("{}.yaml", svc.name)), yaml).expect("write manifest");
+}
+
+/// A LoadBalancer with externalTrafficPolicy Local: ClusterIP 10.96.0.`n`, LB IP
+/// 203.0.113.`n`, node ports 30000 + 10`n` and the next.
+fn local_lb(
+    name: &'static str,
+    n: u8,
+    source_ranges: &'static [&'static str],
+) -> proxy_lab::services::Svc {
+    let np = 30_000 + 10 * u16::from(n);
+    proxy_lab::services::Svc {
+        name,
+        cluster_ip: std::net::Ipv4Addr::new(10, 96, 0, n),
+        lb_ip: Some(std::net::Ipv4Addr::new(203, 0, 113, n)),
+        node_port_tcp: Some(np),
+        node_port_udp: Some(np + 1),
+        local: true,
+        source_ranges,
+        health_check_node_port: Some(32_000 + u16::from(n)),
+    }
+}
+
+/// Counters of node1 around a probe from the `client` pod (on node1): (socket translations,
+/// tc new flows, the probe).
+fn pod_probe_counted(c: &Cluster, target: &str, udp: bool, n: u32) -> (u64, u64, Probe) {
+    let (sock, fwd) = (sock_xlated(c, 1), counter(c, 1, "forward_new"));
+    let p = c.probe("client", target, udp, n).expect("probe");
+    assert_eq!(p.ok(), n as u64, "{target} udp={udp}: {:?}", p.0);
+    (
+        sock_xlated(c, 1) - sock,
+        counter(c, 1, "forward_new") - fwd,
+        p,
+    )
+}
+
+/// `--socket-lb=all`: a pod's TCP connect() to a ClusterIP is balanced at the socket (one
+/// socket translation per connection, no tc new flow, so no NAT and no conntrack entry),
+/// `getpeername` in the pod shows the ClusterIP, and the backend sees the pod's own address
+/// (kube-proxy does not masquerade pod -> ClusterIP either). Everything a per-packet rule could
+/// apply to stays on tc: the same pod's UDP, a service with sessionAffinity, one with
+/// loadBalancerSourceRanges, and an externalTrafficPolicy Cluster LB IP (masqueraded). An
+/// externalTrafficPolicy Local LB IP, not masqueraded from pods, is balanced at the socket.
+/// Run with `--socket-lb=host`, the first assertion fails (no socket translation).
+#[test]
+fn socket_lb_all_balances_pods_tcp_at_the_socket_and_leaves_the_rest_to_tc() {
+    use proxy_lab::services::{self, Svc, WEB};
+    use std::net::Ipv4Addr;
+    let (c, eps) = up_socket_lb_all();
+    let client = c.lab.pod_ip("client").expect("client pod").to_string();
+
+    let n = 60;
+    let (sock, fwd, p) = pod_probe_counted(&c, &vip(), false, n);
+    assert_eq!(
+        (sock, fwd),
+        (n as u64, 0),
+        "each TCP connect translated at the socket, none by tc: {:?}",
+        p.0
+    );
+    assert_eq!(
+        keys(p.reply_sources()),
+        vec![vip()],
+        "getpeername in the pod shows the ClusterIP"
+    );
+    assert!(
+        p.answers().len() >= 2,
+        "balanced over the endpoints: {:?}",
+        p.answers()
+    );
+    assert_eq!(
+        keys(p.seen_by_server()),
+        vec![client.clone()],
+        "backends see the pod's own address"
+    );
+    let (sock, fwd, p) = pod_probe_counted(&c, &vip(), true, 30);
+    assert_eq!(sock, 0, "the pod's UDP is left to tc");
+    assert!(fwd >= 30, "tc translated each datagram's flow ({fwd})");
+    assert_eq!(
+        keys(p.reply_sources()),
+        vec![vip()],
+        "UDP replies from the VIP"
+    );
+
+    // Services a per-packet rule applies to.
+    let sticky = Svc::cluster_ip_only("sticky", Ipv4Addr::new(10, 96, 0, 61));
+    install_with_affinity(&c, &sticky, &eps);
+    // The pods' CIDR: allowed, but checked per packet.
+    let ranges = local_lb("rlocal", 62, &["10.76.0.0/16"]);
+    let local = local_lb("elocal", 63, &[]);
+    for s in [&ranges, &local, &WEB] {
+        services::install(&c, s, &eps).expect("install");
+    }
+    for s in [&sticky, &ranges, &local, &WEB] {
+        services::wait_entry(&c, 1, s.cluster_ip, 80, Duration::from_secs(10)).expect("entry");
+    }
+    let lb = |s: &Svc| format!("{}:80", s.lb_ip.expect("LB IP"));
+    let (sock, fwd, p) = pod_probe_counted(&c, &format!("{}:80", sticky.cluster_ip), false, 30);
+    assert_eq!(sock, 0, "sessionAffinity: left to tc");
+    assert!(fwd >= 30, "sessionAffinity: tc translated ({fwd})");
+    assert_eq!(p.answers().len(), 1, "affinity held: {:?}", p.answers());
+    for (what, target) in [
+        ("loadBalancerSourceRanges", lb(&ranges)),
+        ("externalTrafficPolicy Cluster LB IP", lb(&WEB)),
+    ] {
+        let (sock, fwd, _) = pod_probe_counted(&c, &target, false, 20);
+        assert_eq!(sock, 0, "{what}: left to tc");
+        assert!(fwd >= 20, "{what}: tc translated ({fwd})");
+    }
+    let (sock, fwd, p) = pod_probe_counted(&c, &lb(&local), false, 20);
+    assert_eq!(
+        (sock, fwd),
+        (20, 0),
+        "externalTrafficPolicy Local LB IP: at the socket"
+    );
+    assert_eq!(keys(p.reply_sources()), vec![lb(&local)]);
+}
+
+/// `probe --source-port` from the `client` pod: one TCP request from that port.
+fn pod_probe_from_port(c: &Cluster, target: &str, port: u16) -> Probe {
+    let args: Vec<String> = vec![
+        c.bins.tools.display().to_string(),
+        "probe".into(),
+        target.into(),
+        "--source-port".into(),
+        port.to_string(),
+        "--timeout-ms".into(),
+        "2000".into(),
+        "--json".into(),
+    ];
+    let out = c
+        .lab
+        .exec(&c.lab.pod_ns("client"), &args)
+        .expect("exec probe");
+    Probe(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "probe output ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }))
+}
+
+/// `--socket-lb=all`: a pod reaches one endpoint both through tc (a sessionAffinity service)
+/// and at the socket (a plain one), from the same source port, one after the other. The
+/// socket path connects straight to the endpoint, so if the tc flow had kept the pod's port
+/// both would be the same connection to the endpoint (and tc would rewrite the second one's
+/// replies as the first's). tc's flows therefore take a port out of the pod's ephemeral
+/// range (the SNAT range), and every request is answered.
+#[test]
+fn socket_lb_all_tc_and_socket_flows_of_a_pod_never_share_a_tuple() {
+    use proxy_lab::services::{self, Svc};
+    use std::net::Ipv4Addr;
+    let (c, eps) = up_socket_lb_all();
+    let one = &eps[..1];
+    let sticky = Svc::cluster_ip_only("sticky1", Ipv4Addr::new(10, 96, 0, 64));
+    install_with_affinity(&c, &sticky, one);
+    let solo = Svc::cluster_ip_only("solo", Ipv4Addr::new(10, 96, 0, 65));
+    services::install(&c, &solo, one).expect("install");
+    for s in [&sticky, &solo] {
+        services::wait_entry(&c, 1, s.cluster_ip, 80, Duration::from_secs(10)).expect("entry");
+    }
+    let port = 40_123;
+    for round in 0..3 {
+        let (sock, fwd) = (sock_xlated(&c, 1), counter(&c, 1, "forward_new"));
+        // Via tc from another port; at the socket from the pod's own.
+        for (svc, how, preserved) in [(&sticky, "via tc", 0), (&solo, "at the socket", 1)] {
+            let p = pod_probe_from_port(&c, &format!("{}:80", svc.cluster_ip), port);
+            assert_eq!(p.ok(), 1, "round {round}, {how}: {:?}", p.0);
+            assert_eq!(
+                p.0["source_port_preserved"].as_u64(),
+                Some(preserved),
+                "round {round}, {how}: the source port the endpoint saw: {:?}",
+                p.0
+            );
+        }
+        assert_eq!(
+            (
+                sock_xlated(&c, 1) - sock,
+                counter(&c, 1, "forward_new") - fwd
+            ),
+            (1, 1),
+            "round {round}: one flow by tc, one at the socket"
+        );
+    }
+}

@@ -44,6 +44,9 @@ pub struct Context {
     /// `--socket-lb=host`: the host network namespace's cookie; the socket programs leave
     /// sockets of any other namespace (pods) to tc. `None`: no socket hooks.
     pub host_netns_cookie: Option<u64>,
+    /// `--socket-lb=all`: pods' TCP connections are balanced at the socket too, where no
+    /// per-packet rule applies (only with `host_netns_cookie`, which tells pods apart).
+    pub socket_lb_pods_tcp: bool,
     /// `--foreign-tunnels=pass`.
     pub foreign_tunnels_pass: bool,
 }
@@ -59,6 +62,7 @@ impl Context {
             nodeport_addresses: String::new(),
             decap_sources: None,
             host_netns_cookie: None,
+            socket_lb_pods_tcp: false,
             foreign_tunnels_pass: false,
         }
     }
@@ -103,10 +107,10 @@ impl Context {
                 cfg_flags::DECAP_SOURCES_RESTRICTED
             } else {
                 0
-            } | if self.host_netns_cookie.is_some() {
-                cfg_flags::SOCK_LB_HOST_ONLY
-            } else {
-                0
+            } | match (self.host_netns_cookie, self.socket_lb_pods_tcp) {
+                (None, _) => 0,
+                (Some(_), false) => cfg_flags::SOCK_LB_HOST_ONLY,
+                (Some(_), true) => cfg_flags::SOCK_LB_HOST_ONLY | cfg_flags::SOCK_LB_PODS_TCP,
             } | if self.foreign_tunnels_pass {
                 cfg_flags::FOREIGN_TUNNELS_PASS
             } else {
@@ -740,6 +744,28 @@ mod tests {
         assert_eq!(
             (c.flags & cfg_flags::SOCK_LB_HOST_ONLY, c.host_netns_cookie),
             (cfg_flags::SOCK_LB_HOST_ONLY, 4097)
+        );
+        assert_eq!(
+            c.flags & cfg_flags::SOCK_LB_PODS_TCP,
+            0,
+            "host leaves pods to tc"
+        );
+    }
+
+    #[test]
+    fn socket_lb_all_sets_the_pods_flag_with_the_host_one() {
+        let mut ctx = Context::new("n");
+        ctx.socket_lb_pods_tcp = true;
+        // No cookie (off, or a kernel without SO_NETNS_COOKIE): no flag at all.
+        assert_eq!(ctx.node_config(&[], None).flags, 0);
+        ctx.host_netns_cookie = Some(4097);
+        let c = ctx.node_config(&[], None);
+        assert_eq!(
+            (c.flags, c.host_netns_cookie),
+            (
+                cfg_flags::SOCK_LB_HOST_ONLY | cfg_flags::SOCK_LB_PODS_TCP,
+                4097
+            )
         );
     }
 

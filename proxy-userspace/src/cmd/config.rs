@@ -136,6 +136,10 @@ pub struct RunArgs {
     /// Socket-level load balancing (cgroup connect/sendmsg hooks): `host` translates only
     /// sockets of the host network namespace (kubelet, hostNetwork pods) and leaves pods'
     /// sockets to the tc programs on their interfaces, which apply every kube-proxy rule;
+    /// `all` also translates a pod's TCP connect() to a service without
+    /// loadBalancerSourceRanges or sessionAffinity (ClusterIPs, and external addresses with
+    /// externalTrafficPolicy Local), with no per-packet NAT or conntrack, unless
+    /// --masquerade-all; pods' UDP, those services and REJECT/DROP verdicts stay on tc;
     /// `off` attaches no socket hooks (host processes then cannot reach ClusterIPs).
     #[arg(long, value_enum, value_name = "MODE", default_value_t = SocketLb::Host)]
     pub socket_lb: SocketLb,
@@ -1460,6 +1464,8 @@ oomScoreAdj: -999
 pub enum SocketLb {
     /// Host-network sockets only; pods use the tc path.
     Host,
+    /// Host-network sockets, and pods' TCP connections where no per-packet rule applies.
+    All,
     /// No socket hooks.
     Off,
 }

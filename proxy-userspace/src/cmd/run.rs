@@ -97,7 +97,7 @@ fn context(args: &RunArgs) -> Result<Context> {
     ctx.foreign_tunnels_pass = args.foreign_tunnels == ForeignTunnels::Pass;
     ctx.host_netns_cookie = match args.socket_lb {
         SocketLb::Off => None,
-        SocketLb::Host => match sockhooks::netns_cookie() {
+        SocketLb::Host | SocketLb::All => match sockhooks::netns_cookie() {
             Ok(c) => Some(c),
             // Without it the hooks could not tell pods from host processes: none rather
             // than pods losing the per-packet rules.
@@ -109,6 +109,13 @@ fn context(args: &RunArgs) -> Result<Context> {
             }
         },
     };
+    ctx.socket_lb_pods_tcp = args.socket_lb == SocketLb::All && ctx.host_netns_cookie.is_some();
+    if ctx.socket_lb_pods_tcp && ctx.masquerade_all {
+        warn!(
+            "--socket-lb=all with --masquerade-all: pods' connections stay on the tc path \
+             (the socket cannot masquerade); only host processes are balanced at the socket"
+        );
+    }
     if ctx
         .decap_sources
         .as_ref()
@@ -693,8 +700,13 @@ fn load_datapath(
         Some(cookie) => {
             // The host-only filter before the programs that read it: the hooks sit on the
             // cgroup every pod is in, and must never translate a pod's socket.
+            // `--socket-lb=all` sets the pods' TCP flag too; `host` clears one a previous
+            // `all` run left.
             let mut cfg = dp.config().unwrap_or_default();
-            cfg.flags |= proxy_common::cfg_flags::SOCK_LB_HOST_ONLY;
+            let pods = proxy_common::cfg_flags::SOCK_LB_PODS_TCP;
+            cfg.flags = (cfg.flags & !pods)
+                | proxy_common::cfg_flags::SOCK_LB_HOST_ONLY
+                | if ctx.socket_lb_pods_tcp { pods } else { 0 };
             cfg.host_netns_cookie = cookie;
             dp.set_config(&cfg)?;
             sockhooks::attach(&mut dp, args.cgroup_path.as_deref(), Some(&pins))?;
