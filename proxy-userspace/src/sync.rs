@@ -243,11 +243,8 @@ impl std::str::FromStr for Cidr {
 }
 
 /// The one place a `translate::Input` is built.
-fn translate_snapshot<'t>(
-    snapshot: &Snapshot,
-    ctx: &Context,
-    translator: &'t mut translate::Translator,
-) -> &'t translate::Translation {
+/// The result is read from the translator ([`translate::Translator::output`]).
+fn translate_snapshot(snapshot: &Snapshot, ctx: &Context, translator: &mut translate::Translator) {
     // Validated at startup; should a bad value get here, serve NodePorts nowhere rather
     // than on addresses the operator excluded.
     let flag = ctx
@@ -271,7 +268,7 @@ fn translate_snapshot<'t>(
         node_zone: node_zone.as_deref(),
         nodeport_addresses: &nodeport_addresses,
         node_ip: ctx.node_addresses(snapshot).first().copied(),
-    })
+    });
 }
 
 /// One reconciliation with nothing remembered from earlier ones: [`Reconciler::reconcile`]
